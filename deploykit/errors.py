@@ -1,0 +1,43 @@
+"""One error hierarchy. The CLI prints a DeploykitError as one line and exits non-zero."""
+
+from __future__ import annotations
+
+
+class DeploykitError(Exception):
+    """A handled error: the message names the file/target/key and says what to do."""
+
+    exit_code = 2
+
+
+class ModelError(DeploykitError):
+    """The model file is missing, corrupt, or cannot be normalised."""
+
+
+class DataError(DeploykitError):
+    """Calibration or evaluation data does not fit the model."""
+
+
+class ConfigError(DeploykitError):
+    """targets.toml or a command-line option is invalid."""
+
+
+class PluginError(DeploykitError):
+    """A plugin failed to load or registered something invalid."""
+
+
+class LoweringError(DeploykitError):
+    """A backend could not lower the canonical model (names the node and op where it can)."""
+
+
+class BackendUnavailable(DeploykitError):
+    """Raised by a backend when its SDK or hardware is missing; the target is skipped."""
+
+
+class OutputDirError(DeploykitError):
+    """The output folder holds files deploykit did not write."""
+
+
+class CheckFailed(DeploykitError):
+    """At least one check failed its threshold (exit code 1, results are still written)."""
+
+    exit_code = 1

@@ -1,0 +1,205 @@
+"""Small real models for tests, benchmarks and backend conformance (needs torch).
+
+- ``ResNetCNN``: conv-BN-ReLU stem, residual blocks (Conv+Add), global average pool, Linear.
+- ``MobileNetCNN``: depthwise-separable blocks with ReLU6 and hard-swish, concat, max pool.
+- ``TinyEncoder``: token embedding (Gather), attention with a padding mask, LayerNorm, GELU.
+- ``train_digits_cnn``: a ResNetCNN trained for a few seconds on scikit-learn's digits.
+
+Nothing is downloaded: digits ships with scikit-learn.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+def _torch():
+    import torch  # lazy: deploykit itself does not need torch
+
+    return torch
+
+
+def _nn():
+    return _torch().nn
+
+
+def resnet_cnn(in_ch: int = 1, num_classes: int = 10, width: int = 16, blocks: int = 2):
+    nn = _nn()
+
+    class Block(nn.Module):
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.c1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+            self.b1 = nn.BatchNorm2d(c)
+            self.c2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+            self.b2 = nn.BatchNorm2d(c)
+
+        def forward(self, x):
+            y = self.b2(self.c2(nn.functional.relu(self.b1(self.c1(x)))))
+            return nn.functional.relu(x + y)
+
+    class ResNetCNN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(in_ch, width, 3, padding=1, bias=False),
+                                      nn.BatchNorm2d(width), nn.ReLU())
+            self.body = nn.Sequential(*[Block(width) for _ in range(blocks)])
+            self.down = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU())
+            self.fc = nn.Linear(2 * width, num_classes)
+
+        def forward(self, x):
+            x = self.down(self.body(self.stem(x)))
+            return self.fc(x.mean(dim=(2, 3)))
+
+    return ResNetCNN()
+
+
+def mobilenet_cnn(in_ch: int = 3, num_classes: int = 10, width: int = 16):
+    nn = _nn()
+
+    def dw_sep(cin: int, cout: int, stride: int, act) -> "nn.Module":
+        return nn.Sequential(
+            nn.Conv2d(cin, cin, 3, stride=stride, padding=1, groups=cin, bias=False), nn.BatchNorm2d(cin), act(),
+            nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), act())
+
+    class MobileNetCNN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(in_ch, width, 3, stride=1, padding=1, bias=False),
+                                      nn.BatchNorm2d(width), nn.Hardswish())
+            self.b1 = dw_sep(width, width, 1, nn.ReLU6)
+            self.b2 = dw_sep(width, width, 1, nn.Hardswish)
+            self.pool = nn.MaxPool2d(2)
+            self.b3 = dw_sep(2 * width, 2 * width, 1, nn.ReLU6)
+            self.fc = nn.Linear(2 * width, num_classes)
+
+        def forward(self, x):
+            x = self.stem(x)
+            x = self.pool(nn.functional.relu6(self.b1(x) + x).clone())
+            x = self.b3(self._cat(x))
+            return self.fc(nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
+
+        def _cat(self, x):
+            return _torch().cat([x, self.b2[0:3](x)], dim=1)
+
+    return MobileNetCNN()
+
+
+def tiny_encoder(vocab: int = 64, dim: int = 32, heads: int = 2, layers: int = 2, seq: int = 16):
+    torch = _torch()
+    nn = _nn()
+
+    class Layer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = nn.Linear(dim, 3 * dim)
+            self.proj = nn.Linear(dim, dim)
+            self.ln1 = nn.LayerNorm(dim)
+            self.ff1 = nn.Linear(dim, 2 * dim)
+            self.ff2 = nn.Linear(2 * dim, dim)
+            self.ln2 = nn.LayerNorm(dim)
+
+        def forward(self, x, bias):
+            b, t, _ = x.shape
+            q, k, v = self.qkv(x).reshape(b, t, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+            att = (q @ k.transpose(-1, -2)) * (dim // heads) ** -0.5 + bias
+            y = (att.softmax(-1) @ v).transpose(1, 2).reshape(b, t, dim)
+            x = self.ln1(x + self.proj(y))
+            return self.ln2(x + self.ff2(nn.functional.gelu(self.ff1(x))))
+
+    class TinyEncoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tok = nn.Embedding(vocab, dim)
+            self.pos = nn.Parameter(torch.randn(1, seq, dim) * 0.1)
+            self.layers = nn.ModuleList([Layer() for _ in range(layers)])
+
+        def forward(self, input_ids, attention_mask):
+            x = self.tok(input_ids) + self.pos[:, : input_ids.shape[1]]
+            # BERT-style additive mask: the huge negative number is why the mask path stays float
+            bias = torch.where(attention_mask[:, None, None, :] > 0, 0.0, torch.finfo(torch.float32).min)
+            for layer in self.layers:
+                x = layer(x, bias)
+            return x.mean(dim=1)
+
+    return TinyEncoder()
+
+
+def encoder_inputs(n: int, vocab: int = 64, seq: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, size=(n, seq), dtype=np.int64)
+    lengths = rng.integers(seq // 2, seq + 1, size=n)
+    mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def export_onnx(module, example: tuple, path: Path | str, input_names: list[str] | None = None,
+                dynamic_batch: bool = True) -> Path:
+    """Export with the dynamo exporter at opset 18 (FINDINGS.md: the one that works)."""
+    torch = _torch()
+    module = module.eval()
+    dynamic = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        dynamic = tuple({0: batch} for _ in example)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress lines
+        torch.onnx.export(module, example, str(path), dynamo=True, opset_version=18, external_data=False,
+                          input_names=input_names, dynamic_shapes=dynamic, verbose=False)
+    return path
+
+
+@dataclass
+class Digits:
+    x_train: np.ndarray  # float32 [N, 1, 8, 8] in [0, 1]
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def digits(seed: int = 0) -> Digits:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images.astype(np.float32) / 16.0)[:, None]
+    y = d.target.astype(np.int64)
+    idx = np.random.default_rng(seed).permutation(len(x))
+    x, y = x[idx], y[idx]
+    cut = int(0.7 * len(x))
+    return Digits(x[:cut], y[:cut], x[cut:], y[cut:])
+
+
+def train_digits_cnn(seconds: float = 8.0, seed: int = 0, width: int = 16):
+    """Train a ResNetCNN on digits for about ``seconds``; returns (model, Digits, test accuracy)."""
+    torch = _torch()
+    torch.manual_seed(seed)
+    data = digits(seed)
+    model = resnet_cnn(1, 10, width)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    xt, yt = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    start = time.monotonic()
+    epoch = 0
+    while time.monotonic() - start < seconds or epoch < 3:
+        model.train()
+        perm = torch.randperm(len(xt))
+        for i in range(0, len(xt), 64):
+            b = perm[i:i + 64]
+            loss = torch.nn.functional.cross_entropy(model(xt[b]), yt[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        epoch += 1
+        if epoch >= 40:
+            break
+    model.eval()
+    with torch.no_grad():
+        acc = float((model(torch.from_numpy(data.x_test)).argmax(1).numpy() == data.y_test).mean())
+    return model, data, acc
