@@ -20,3 +20,74 @@ def make_target(backend: type[Backend], name: str | None = None, device: str = "
     opts.update(options)
     return Target(name or backend.name, backend.name, Device(device, "cpu"), opts, dict(thresholds or {}),
                   tuple(batch_sizes), warmup, runs)
+
+
+# ---------------------------------------------------------------------------------------
+# small canonical models
+# ---------------------------------------------------------------------------------------
+#: kind -> (builder, example input shapes); "digits" is the trained ResNet-style CNN
+KINDS = ("resnet", "mobilenet", "encoder", "digits")
+
+
+def eval_feeds(kind: str, n: int, seed: int = 1) -> dict:
+    """Inputs for a test model kind (digits: held-out digits images)."""
+    import numpy as np
+
+    from deploykit.testing import models
+
+    if kind == "encoder":
+        return models.encoder_inputs(n, seed=seed)
+    if kind == "digits":
+        return {"x": models.digits().x_test[:n]}
+    rng = np.random.default_rng(seed)
+    shape = (n, 1, 8, 8) if kind == "resnet" else (n, 3, 32, 32)
+    return {"x": rng.random(shape, dtype=np.float32)}
+
+
+def export_kind(kind: str, path, seed: int = 0):
+    """Export a test model kind to ONNX (dynamic batch). Returns (path, torch module)."""
+    import torch
+
+    from deploykit.testing import models
+
+    torch.manual_seed(seed)
+    if kind == "digits":
+        module, _, _ = models.train_digits_cnn(seconds=6.0, seed=seed)
+    elif kind == "resnet":
+        module = models.resnet_cnn()
+    elif kind == "mobilenet":
+        module = models.mobilenet_cnn()
+    elif kind == "encoder":
+        module = models.tiny_encoder()
+    else:
+        raise ValueError(f"unknown kind {kind!r}; one of {KINDS}")
+    module.eval()
+    feeds = eval_feeds(kind, 2, seed=seed)
+    example = tuple(torch.from_numpy(v) for v in feeds.values())
+    models.export_onnx(module, example, path, list(feeds))
+    return path, module
+
+
+def make_canonical(kind: str, workdir, method: str = "minmax", samples: int = 64):
+    """Export a test model, calibrate it on real-looking data and write its canonical model.
+
+    Returns a :class:`deploykit.backend.CanonicalModel` (files under ``workdir``).
+    """
+    from pathlib import Path
+
+    from deploykit import data, model
+    from deploykit.quantize import quantize, write_canonical
+    from deploykit.testing import models
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    src, _ = export_kind(kind, workdir / f"{kind}.onnx")
+    fp32 = model.normalise(model.load_onnx(src), str(src))
+    specs = model.input_specs(fp32)
+    if kind == "digits":
+        calib = {"x": models.digits().x_train[:samples]}
+    else:
+        calib = eval_feeds(kind, samples, seed=0)
+    source = data.open_source(lambda: [calib], specs)
+    result = quantize(fp32, source, method, source_hash=model.model_hash(fp32))
+    return write_canonical(result, fp32, workdir, kind)

@@ -1,0 +1,338 @@
+"""Calibration and evaluation data: .npy/.npz files, an image folder, a Python callable, or
+(with a loud warning) random inputs. Every source streams batches of ``{input_name: array}``
+validated against the model's inputs; labels travel beside them when the source has them."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import itertools
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+
+from deploykit.errors import DataError
+from deploykit.targets import Preprocess
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".gif", ".tif", ".tiff", ".webp"}
+LABEL_KEYS = ("labels", "label", "y")
+
+Specs = Mapping[str, tuple[list, Any]]  # name -> (shape, numpy dtype), from model.input_specs
+
+
+@dataclass
+class Batch:
+    feeds: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+
+
+class DataSource:
+    """Base: subclasses yield samples as (feeds with a leading batch dim, labels or None)."""
+
+    description = ""
+    is_random = False
+
+    def __init__(self, specs: Specs, limit: int | None = None) -> None:
+        self.specs = specs
+        self.limit = limit
+
+    def _chunks(self) -> Iterator[Batch]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def batches(self, batch_size: int) -> Iterator[Batch]:
+        """Re-batch the source's chunks to ``batch_size`` (the last batch may be smaller)."""
+        pending: list[Batch] = []
+        count = 0
+        held = 0
+        for chunk in self._chunks():
+            self._validate(chunk)
+            n = len(next(iter(chunk.feeds.values())))
+            if self.limit is not None and count + n > self.limit:
+                keep = self.limit - count
+                chunk = Batch({k: v[:keep] for k, v in chunk.feeds.items()},
+                              None if chunk.labels is None else chunk.labels[:keep])
+                n = keep
+            if n == 0:
+                break
+            count += n
+            pending.append(chunk)
+            held += n
+            while held >= batch_size:
+                batch, pending, held = _take(pending, batch_size)
+                yield batch
+            if self.limit is not None and count >= self.limit:
+                break
+        if held:
+            yield _concat(pending)
+        if count == 0:
+            raise DataError(f"{self.description}: no samples")
+
+    def _validate(self, chunk: Batch) -> None:
+        feeds = chunk.feeds
+        unknown = set(feeds) - set(self.specs)
+        missing = set(self.specs) - set(feeds)
+        if unknown or missing:
+            raise DataError(
+                f"{self.description}: data has inputs {sorted(feeds)} but the model expects {sorted(self.specs)}"
+                + (f" (rename {sorted(unknown)})" if unknown else "")
+            )
+        sizes = {k: len(v) if np.ndim(v) else 0 for k, v in feeds.items()}
+        if len(set(sizes.values())) != 1:
+            raise DataError(f"{self.description}: inputs have different sample counts {sizes}")
+        for name, arr in feeds.items():
+            shape, dtype = self.specs[name]
+            if arr.ndim != len(shape):
+                raise DataError(f"{self.description}: input '{name}' has shape {list(arr.shape)}, "
+                                f"the model expects rank {len(shape)} {shape}")
+            for axis, (got, want) in enumerate(zip(arr.shape, shape)):
+                if isinstance(want, int) and want > 0 and got != want and not (axis == 0):
+                    raise DataError(f"{self.description}: input '{name}' has shape {list(arr.shape)}, "
+                                    f"the model expects {shape}")
+            if arr.dtype != dtype:
+                same_kind = np.issubdtype(arr.dtype, np.floating) == np.issubdtype(dtype, np.floating)
+                if not same_kind or arr.dtype.kind == "b":
+                    raise DataError(f"{self.description}: input '{name}' is {arr.dtype}, the model expects {np.dtype(dtype)}")
+                feeds[name] = arr.astype(dtype)
+            if np.issubdtype(dtype, np.floating) and not np.all(np.isfinite(feeds[name])):
+                bad = int(np.size(feeds[name]) - np.count_nonzero(np.isfinite(feeds[name])))
+                raise DataError(f"{self.description}: input '{name}' contains {bad} NaN/Inf values; clean the data")
+        if chunk.labels is not None and len(chunk.labels) != next(iter(sizes.values())):
+            raise DataError(f"{self.description}: {len(chunk.labels)} labels for {next(iter(sizes.values()))} samples")
+
+
+def _take(pending: list[Batch], n: int) -> tuple[Batch, list[Batch], int]:
+    whole = _concat(pending)
+    head = Batch({k: v[:n] for k, v in whole.feeds.items()}, None if whole.labels is None else whole.labels[:n])
+    rest = Batch({k: v[n:] for k, v in whole.feeds.items()}, None if whole.labels is None else whole.labels[n:])
+    left = len(next(iter(rest.feeds.values())))
+    return head, ([rest] if left else []), left
+
+
+def _concat(parts: list[Batch]) -> Batch:
+    if len(parts) == 1:
+        return parts[0]
+    feeds = {k: np.concatenate([p.feeds[k] for p in parts]) for k in parts[0].feeds}
+    labels = None if parts[0].labels is None else np.concatenate([p.labels for p in parts])
+    return Batch(feeds, labels)
+
+
+class ArraySource(DataSource):
+    """.npy (one input) or .npz (arrays named after inputs, optional ``labels``)."""
+
+    def __init__(self, path: Path, specs: Specs, limit: int | None = None) -> None:
+        super().__init__(specs, limit)
+        self.path = path
+        self.description = str(path)
+        if not path.exists():
+            raise DataError(f"{path}: data file not found")
+        try:
+            if path.suffix == ".npy":
+                arr = np.load(path, mmap_mode="r")  # mmap: calibration never holds the whole file
+                if len(specs) != 1:
+                    raise DataError(f"{path}: a .npy file feeds one input, the model has {sorted(specs)}; use .npz with named arrays")
+                self.arrays, self.labels = {next(iter(specs)): arr}, None
+            else:
+                npz = np.load(path, allow_pickle=False)
+                keys = list(npz.files)
+                self.labels = next((npz[k] for k in LABEL_KEYS if k in keys), None)
+                data_keys = [k for k in keys if k not in LABEL_KEYS]
+                if len(specs) == 1 and len(data_keys) == 1 and data_keys[0] not in specs:
+                    self.arrays = {next(iter(specs)): npz[data_keys[0]]}  # single unnamed array
+                else:
+                    self.arrays = {k: npz[k] for k in data_keys}
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(f"{path}: cannot read ({type(exc).__name__}: {exc}); expected .npy or .npz") from None
+
+    def _chunks(self) -> Iterator[Batch]:
+        n = min(len(a) for a in self.arrays.values()) if self.arrays else 0
+        step = 256
+        for i in range(0, n, step):
+            labels = None if self.labels is None else np.asarray(self.labels[i:i + step])
+            yield Batch({k: np.ascontiguousarray(v[i:i + step]) for k, v in self.arrays.items()}, labels)
+
+
+class ImageFolderSource(DataSource):
+    """Images under a folder; class sub-folders (sorted) give labels."""
+
+    def __init__(self, path: Path, specs: Specs, preprocess: Preprocess | None, limit: int | None = None) -> None:
+        super().__init__(specs, limit)
+        self.description = str(path)
+        if len(specs) != 1:
+            raise DataError(f"{path}: an image folder feeds one input, the model has {sorted(specs)}")
+        self.input = next(iter(specs))
+        self.files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not self.files:
+            raise DataError(f"{path}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        classes = sorted({p.parent.relative_to(path).parts[0] for p in self.files if p.parent != path})
+        self.classes = classes if classes and all(p.parent != path for p in self.files) else []
+        shape = specs[self.input][0]
+        self.preprocess = preprocess or _default_preprocess(shape)
+
+    def _chunks(self) -> Iterator[Batch]:
+        idx = {c: i for i, c in enumerate(self.classes)}
+        root = Path(self.description)
+        for group in _batched(self.files, 32):
+            images = np.stack([load_image(f, self.preprocess) for f in group])
+            labels = np.array([idx[f.relative_to(root).parts[0]] for f in group]) if self.classes else None
+            yield Batch({self.input: images}, labels)
+
+
+def _default_preprocess(shape: list) -> Preprocess:
+    layout = "NHWC" if len(shape) == 4 and shape[-1] in (1, 3) and shape[1] not in (1, 3) else "NCHW"
+    channels = shape[1] if layout == "NCHW" else shape[-1]
+    h = shape[2] if layout == "NCHW" else shape[1]
+    size = h if isinstance(h, int) and h > 0 else None
+    return Preprocess(resize=size, crop=size, layout=layout, color="L" if channels == 1 else "RGB")
+
+
+def load_image(path: Path, pp: Preprocess) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        img = Image.open(path).convert(pp.color)
+    except Exception as exc:
+        raise DataError(f"{path}: cannot read image ({exc})") from None
+    if pp.resize:
+        w, h = img.size
+        k = pp.resize / min(w, h)
+        img = img.resize((max(1, round(w * k)), max(1, round(h * k))), Image.BILINEAR)
+    if pp.crop:
+        w, h = img.size
+        left, top = (w - pp.crop) // 2, (h - pp.crop) // 2
+        img = img.crop((left, top, left + pp.crop, top + pp.crop))
+    arr = np.asarray(img, dtype=np.float32) / pp.scale
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    arr = (arr - np.asarray(pp.mean, np.float32)) / np.asarray(pp.std, np.float32)
+    return arr.transpose(2, 0, 1) if pp.layout == "NCHW" else arr
+
+
+class CallableSource(DataSource):
+    """``module:function`` (or ``path/to/file.py:function``) returning or yielding feeds.
+
+    The function gets no arguments and returns an iterable of dicts (or arrays for a
+    single-input model), optionally as (feeds, labels) pairs, or one dict of arrays.
+    """
+
+    def __init__(self, spec: str, specs: Specs, limit: int | None = None) -> None:
+        super().__init__(specs, limit)
+        self.description = spec
+        self.fn = _resolve_callable(spec)
+
+    def _chunks(self) -> Iterator[Batch]:
+        try:
+            result = self.fn()
+        except Exception as exc:
+            raise DataError(f"{self.description}: the data function raised {type(exc).__name__}: {exc}") from None
+        if isinstance(result, Mapping):
+            result = [result]
+        for item in result:
+            labels = None
+            if isinstance(item, tuple) and len(item) == 2:
+                item, labels = item
+                labels = np.asarray(labels)
+            feeds = dict(item) if isinstance(item, Mapping) else {next(iter(self.specs)): item}
+            yield Batch({k: np.asarray(v) for k, v in feeds.items()}, labels)
+
+
+def _resolve_callable(spec: str) -> Callable[[], Any]:
+    module_name, _, attr = spec.rpartition(":")
+    if not module_name or not attr:
+        raise DataError(f"'{spec}': a callable source is 'module:function' or 'file.py:function'")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.exists():
+                raise DataError(f"{path}: file not found")
+            spec_ = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(spec_)
+            sys.modules.setdefault(path.stem, module)
+            spec_.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+        fn = getattr(module, attr)
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"'{spec}': cannot import ({type(exc).__name__}: {exc})") from None
+    if not callable(fn):
+        raise DataError(f"'{spec}': {attr} is not callable")
+    return fn
+
+
+class RandomSource(DataSource):
+    """Random inputs: only to get scales at all. Reports say so loudly."""
+
+    is_random = True
+
+    def __init__(self, specs: Specs, samples: int = 64, seed: int = 0) -> None:
+        super().__init__(specs, samples)
+        self.description = "random data"
+        self.seed = seed
+
+    def _chunks(self) -> Iterator[Batch]:
+        rng = np.random.default_rng(self.seed)
+        remaining = self.limit or 64
+        while remaining > 0:
+            n = min(32, remaining)
+            feeds = {}
+            for name, (shape, dtype) in self.specs.items():
+                dims = [n] + [d if isinstance(d, int) and d > 0 else 1 for d in shape[1:]]
+                if np.issubdtype(dtype, np.floating):
+                    feeds[name] = rng.standard_normal(dims).astype(dtype)
+                elif np.issubdtype(dtype, np.bool_):
+                    feeds[name] = rng.integers(0, 2, dims).astype(dtype)
+                else:
+                    feeds[name] = rng.integers(0, 2, dims).astype(dtype)  # ids/masks: small valid values
+            remaining -= n
+            yield Batch(feeds)
+
+
+def open_source(src: str | Path | Callable | None, specs: Specs, preprocess: Preprocess | None = None,
+                limit: int | None = None) -> DataSource | None:
+    """Pick the source for ``src``: a .npy/.npz file, an image folder, or ``module:function``."""
+    if src is None:
+        return None
+    if callable(src):
+        s = CallableSource.__new__(CallableSource)
+        DataSource.__init__(s, specs, limit)
+        s.description, s.fn = getattr(src, "__name__", "callable"), src
+        return s
+    text = str(src)
+    path = Path(text)
+    if path.is_dir():
+        return ImageFolderSource(path, specs, preprocess, limit)
+    if path.suffix in (".npy", ".npz"):
+        return ArraySource(path, specs, limit)
+    if ":" in text and not path.exists():
+        return CallableSource(text, specs, limit)
+    if not path.exists():
+        raise DataError(f"{text}: data not found (give a .npy/.npz file, an image folder, or module:function)")
+    raise DataError(f"{text}: unsupported data ({path.suffix or 'no suffix'}); use .npy/.npz, an image folder, or module:function")
+
+
+class Hasher:
+    """Hash of the data as it streams past (names, dtypes, shapes, bytes)."""
+
+    def __init__(self) -> None:
+        self.h = hashlib.sha256()
+
+    def update(self, feeds: Mapping[str, np.ndarray]) -> None:
+        for k in sorted(feeds):
+            a = np.ascontiguousarray(feeds[k])
+            self.h.update(f"{k}:{a.dtype}:{a.shape[1:]}".encode())
+            self.h.update(a.tobytes())
+
+    def hexdigest(self) -> str:
+        return self.h.hexdigest()
+
+
+def _batched(items: list, n: int) -> Iterator[list]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, n)):
+        yield chunk

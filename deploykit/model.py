@@ -1,0 +1,187 @@
+"""Load, validate and normalise the FP32 model before quantizing.
+
+Normalising means: opset 18, constants folded and BatchNorm folded into Conv (onnxruntime's
+basic graph optimisations, which use only ONNX ops), shapes inferred, node names unique.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnx
+from onnx import external_data_helper
+
+from deploykit.errors import ModelError
+from deploykit.quantize.canonical import OPSET
+
+
+def load_onnx(path: Path | str) -> onnx.ModelProto:
+    """Load an .onnx file with its external data, refusing data paths outside its folder."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: model file not found")
+    if not path.is_file():
+        raise ModelError(f"{path}: not a file; pass an .onnx model file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise ModelError(f"{path}: not a valid ONNX model ({type(exc).__name__}: {exc}); re-export it") from None
+    if not model.graph.node:
+        raise ModelError(f"{path}: the ONNX graph has no nodes; re-export the model")
+    base = path.parent.resolve()
+    for tensor in external_data_helper._get_all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        target = (base / location).resolve()
+        if os.path.isabs(location) or not target.is_relative_to(base):
+            raise ModelError(
+                f"{path}: tensor '{tensor.name}' has external data at '{location}', outside the model's folder; "
+                f"move the data file next to the model"
+            )
+        if not target.is_file():
+            raise ModelError(f"{path}: external data file '{location}' of tensor '{tensor.name}' is missing")
+    try:
+        external_data_helper.load_external_data_for_model(model, str(base))
+    except Exception as exc:
+        raise ModelError(f"{path}: cannot read external data ({exc})") from None
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid"
+        raise ModelError(f"{path}: invalid ONNX model: {first}") from None
+    return model
+
+
+def export_torch(module: Any, example_inputs: tuple, path: Path | str, input_names: list[str] | None = None,
+                 dynamic_batch: bool = True) -> Path:
+    """Export a torch.nn.Module with the dynamo exporter at opset 18."""
+    try:
+        from deploykit.testing.models import export_onnx
+    except ImportError as exc:  # pragma: no cover
+        raise ModelError(f"exporting a torch module needs torch: pip install 'deploykit[torch]' ({exc})") from None
+    try:
+        return export_onnx(module, tuple(example_inputs), path, input_names, dynamic_batch)
+    except Exception as exc:
+        raise ModelError(f"torch export of {type(module).__name__} failed: {type(exc).__name__}: {exc}") from None
+
+
+def model_hash(model: onnx.ModelProto) -> str:
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+
+
+def normalise(model: onnx.ModelProto, source: str = "model") -> onnx.ModelProto:
+    """Opset 18, constant folding, BatchNorm folding, shape inference, unique node names."""
+    model = _to_opset(model, source)
+    model = _ort_basic_optimise(model, source)
+    model = _fold_batchnorm(model)
+    try:
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:
+        raise ModelError(f"{source}: shape inference failed: {exc}") from None
+    unique_node_names(model)
+    return model
+
+
+def _to_opset(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if current is None or current == OPSET:
+        return model
+    try:
+        return onnx.version_converter.convert_version(model, OPSET)
+    except Exception as exc:
+        raise ModelError(f"{source}: cannot convert opset {current} to {OPSET} ({exc}); re-export at opset {OPSET}") from None
+
+
+def _ort_basic_optimise(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
+    """onnxruntime's basic level folds constants and Conv+BatchNorm using ONNX ops only."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="deploykit-norm-") as tmp:
+        src, dst = os.path.join(tmp, "in.onnx"), os.path.join(tmp, "out.onnx")
+        onnx.save(model, src)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        opts.optimized_model_filepath = dst
+        opts.log_severity_level = 3
+        try:
+            ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()[0][:300]
+            raise ModelError(f"{source}: onnxruntime cannot load the model: {msg}") from None
+        out = onnx.load(dst)
+    # keep the original metadata and opset list; the optimiser may drop unused opsets
+    del out.metadata_props[:]
+    out.metadata_props.extend(model.metadata_props)
+    return out
+
+
+def _fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold any Conv -> BatchNormalization the optimiser left (e.g. a Conv with a shared output)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    consumers: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    producer = {o: n for n in g.node for o in n.output}
+    remove = []
+    for bn in g.node:
+        if bn.op_type != "BatchNormalization" or len(bn.output) != 1:
+            continue
+        conv = producer.get(bn.input[0])
+        if conv is None or conv.op_type != "Conv" or consumers.get(bn.input[0], 0) != 1:
+            continue
+        if conv.input[1] not in inits or any(n not in inits for n in bn.input[1:5]):
+            continue
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in bn.input[1:5])
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
+        b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] else 0.0
+        k = gamma / np.sqrt(var + eps)
+        w_new = (w * k.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
+        b_new = ((b - mean) * k + beta).astype(np.float32)
+        w_name, b_name = f"{conv.input[1]}_bnfold", f"{conv.name or conv.output[0]}_bias_bnfold"
+        g.initializer.extend([numpy_helper.from_array(w_new, w_name), numpy_helper.from_array(b_new, b_name)])
+        conv.input[1] = w_name
+        if len(conv.input) > 2:
+            conv.input[2] = b_name
+        else:
+            conv.input.append(b_name)
+        conv.output[0] = bn.output[0]
+        remove.append(bn)
+    for bn in remove:
+        g.node.remove(bn)
+    return model
+
+
+def unique_node_names(model: onnx.ModelProto) -> None:
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        base = node.name or f"{node.op_type}_{i}"
+        name, k = base, 1
+        while name in seen:
+            name, k = f"{base}_{k}", k + 1
+        node.name = name
+        seen.add(name)
+
+
+def input_specs(model: onnx.ModelProto) -> dict[str, tuple[list[int | str], Any]]:
+    """name -> (shape with symbolic dims as strings, numpy dtype) for the real graph inputs."""
+    inits = {i.name for i in model.graph.initializer}
+    specs = {}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        t = inp.type.tensor_type
+        shape: list[int | str] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
+        specs[inp.name] = (shape, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
+    return specs

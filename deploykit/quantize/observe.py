@@ -1,0 +1,210 @@
+"""Streaming range observation and the four calibration methods.
+
+Memory stays flat in the number of samples: each batch's activations are reduced to a running
+min/max (pass 1) and a fixed-range histogram of |x| (pass 2), then dropped. Both passes give
+the same result whatever the batch size: min/max are exact, and pass 2's histogram range is
+fixed by pass 1, so bin counts are exact integers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import onnx
+
+from deploykit.data import Batch
+
+HIST_BINS = 2048  # FINDINGS.md: onnxruntime's 128-bin entropy path collapses to minmax
+QUANT_LEVELS = 128  # |x| maps onto 128 levels of symmetric int8 (0..127)
+
+
+@dataclass
+class TensorStats:
+    min: float = np.inf
+    max: float = -np.inf
+    hist: np.ndarray | None = None
+
+    @property
+    def absmax(self) -> float:
+        if not np.isfinite(self.min) and not np.isfinite(self.max):
+            return 0.0
+        return float(max(abs(self.min), abs(self.max)))
+
+
+def float_tensors(model: onnx.ModelProto) -> list[str]:
+    """Every float32 activation tensor (graph inputs and node outputs) in topological order."""
+    types: dict[str, int] = {}
+    for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
+        types[vi.name] = vi.type.tensor_type.elem_type
+    inits = {i.name for i in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in inits]
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            continue
+        names.extend(o for o in node.output if o)
+    return [n for n in dict.fromkeys(names) if types.get(n) == onnx.TensorProto.FLOAT]
+
+
+class Observer:
+    """Runs the FP32 model in onnxruntime with every float tensor exposed as an output."""
+
+    def __init__(self, model: onnx.ModelProto, tensors: list[str] | None = None) -> None:
+        import onnxruntime as ort
+
+        self.tensors = tensors if tensors is not None else float_tensors(model)
+        augmented = onnx.ModelProto()
+        augmented.CopyFrom(model)
+        existing = {o.name for o in augmented.graph.output}
+        for name in self.tensors:
+            if name not in existing:
+                augmented.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+        opts = ort.SessionOptions()
+        # no fusion: every tensor of the normalised model must still exist
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(augmented.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        self.stats = {name: TensorStats() for name in self.tensors}
+        self.samples = 0
+        self._hashers: dict[str, "hashlib._Hash"] = {}
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.tensors, self.session.run(self.tensors, feeds)))
+
+    def observe_ranges(self, batches: Iterable[Batch], progress: Callable[[int], None] | None = None) -> None:
+        """Pass 1: exact running min/max of every tensor; also hashes the data."""
+        for batch in batches:
+            for k in sorted(batch.feeds):  # one hasher per input: batch size does not change the hash
+                a = np.ascontiguousarray(batch.feeds[k])
+                self._hashers.setdefault(k, hashlib.sha256(f"{k}:{a.dtype}:{a.shape[1:]}".encode())).update(a.tobytes())
+            n = len(next(iter(batch.feeds.values())))
+            for name, value in self._run(batch.feeds).items():
+                finite = value[np.isfinite(value)] if not np.all(np.isfinite(value)) else value
+                if finite.size:
+                    s = self.stats[name]
+                    s.min = min(s.min, float(finite.min()))
+                    s.max = max(s.max, float(finite.max()))
+            self.samples += n
+            if progress:
+                progress(n)
+
+    def observe_histograms(self, batches: Iterable[Batch], progress: Callable[[int], None] | None = None) -> None:
+        """Pass 2: histogram of |x| over [0, absmax from pass 1] with HIST_BINS bins."""
+        for batch in batches:
+            for name, value in self._run(batch.feeds).items():
+                s = self.stats[name]
+                top = s.absmax
+                if s.hist is None:
+                    s.hist = np.zeros(HIST_BINS, np.int64)
+                if top <= 0:
+                    continue
+                mag = np.abs(value[np.isfinite(value)], dtype=np.float64) if value.dtype != np.float64 else np.abs(value)
+                s.hist += np.histogram(mag, bins=HIST_BINS, range=(0.0, top))[0]
+            if progress:
+                progress(len(next(iter(batch.feeds.values()))))
+
+    def data_hash(self) -> str:
+        h = hashlib.sha256()
+        for k in sorted(self._hashers):
+            h.update(self._hashers[k].digest())
+        return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------
+# calibration methods: |x| threshold (amax) from the observed statistics
+# --------------------------------------------------------------------------------------
+def amax_minmax(stats: TensorStats, **_: object) -> float:
+    return stats.absmax
+
+
+def amax_percentile(stats: TensorStats, percentile: float = 99.99, **_: object) -> float:
+    hist, top = stats.hist, stats.absmax
+    if hist is None or top <= 0 or hist.sum() == 0:
+        return top
+    cdf = np.cumsum(hist) / hist.sum()
+    idx = int(np.searchsorted(cdf, percentile / 100.0))
+    return float(min(idx + 1, HIST_BINS) * top / HIST_BINS)
+
+
+def amax_entropy(stats: TensorStats, stride: int = 8, **_: object) -> float:
+    """TensorRT-style KL-divergence threshold search over the 2048-bin |x| histogram.
+
+    For each candidate threshold bin i: P = hist[:i] with the outliers folded into its last
+    bin; Q = hist[:i] merged into 128 levels and spread back over P's non-empty bins.
+    The threshold with the smallest KL(P || Q) wins.
+    """
+    hist, top = stats.hist, stats.absmax
+    if hist is None or top <= 0 or hist.sum() == 0:
+        return top
+    hist = hist.astype(np.float64)
+    total_tail = np.concatenate([np.cumsum(hist[::-1])[::-1], [0.0]])  # total_tail[i] = sum(hist[i:])
+    best_kl, best_i = np.inf, HIST_BINS
+    for i in range(QUANT_LEVELS, HIST_BINS + 1, stride):
+        sliced = hist[:i]
+        p = sliced.copy()
+        p[-1] += total_tail[i]
+        nonzero = p > 0
+        merge = i // QUANT_LEVELS
+        starts = np.arange(QUANT_LEVELS) * merge
+        level = np.minimum(np.arange(i) // merge, QUANT_LEVELS - 1)
+        level_sum = np.add.reduceat(sliced, starts)
+        level_nz = np.add.reduceat(nonzero.astype(np.float64), starts)
+        q = np.where(nonzero, level_sum[level] / np.maximum(level_nz[level], 1.0), 0.0)
+        kl = _kl(p, q)
+        if kl < best_kl:
+            best_kl, best_i = kl, i
+    return float(best_i * top / HIST_BINS)
+
+
+def _kl(p: np.ndarray, q: np.ndarray, eps: float = 1e-4) -> float:
+    """KL(P || Q) of two histograms, smoothed so empty bins of Q do not give infinity."""
+    if q.sum() == 0:
+        return np.inf
+    p, q = _smooth(p / p.sum(), eps), _smooth(q / q.sum(), eps)
+    if p is None or q is None:
+        return np.inf
+    return float(np.sum(p * np.log(p / q)))
+
+
+def _smooth(d: np.ndarray, eps: float) -> np.ndarray | None:
+    zero = d == 0
+    n_zero, n_nonzero = int(zero.sum()), int(d.size - zero.sum())
+    if n_nonzero == 0:
+        return None
+    take = eps * n_zero / n_nonzero
+    if take >= d[~zero].min():
+        take = d[~zero].min() / 2  # keep every bin positive
+    return np.where(zero, eps, d - take)
+
+
+def amax_mse(stats: TensorStats, candidates: int = 256, **_: object) -> float:
+    """Threshold minimising the expected squared quantization error over the histogram."""
+    hist, top = stats.hist, stats.absmax
+    if hist is None or top <= 0 or hist.sum() == 0:
+        return top
+    centres = (np.arange(HIST_BINS) + 0.5) * top / HIST_BINS
+    thresholds = np.linspace(top / candidates, top, candidates)
+    scales = thresholds / 127.0
+    q = np.clip(np.round(centres[None, :] / scales[:, None]), -127, 127) * scales[:, None]
+    err = ((centres[None, :] - q) ** 2 * hist[None, :]).sum(axis=1)
+    return float(thresholds[int(np.argmin(err))])
+
+
+METHODS: dict[str, Callable[..., float]] = {
+    "minmax": amax_minmax,
+    "percentile": amax_percentile,
+    "entropy": amax_entropy,
+    "mse": amax_mse,
+}
+
+
+def needs_histograms(method: str) -> bool:
+    return method != "minmax"
+
+
+def passes(method: str) -> Iterator[str]:
+    yield "ranges"
+    if needs_histograms(method):
+        yield "histograms"

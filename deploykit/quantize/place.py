@@ -1,0 +1,210 @@
+"""Place Q/DQ by the canonical rules (deploykit/quantize/canonical.py) and build the table."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Mapping
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from deploykit.quantize.canonical import (
+    CONCAT, COMPUTE_OPS, INT8_MAX, RESIZE, SCALE_PRESERVING_OPS, CalibrationTable, QdqGraph, TensorRange,
+    activation_scale, attrs, weight_axis,
+)
+from deploykit.quantize.observe import TensorStats
+
+#: Element-wise activations a Conv's output may pass through before a residual Add.
+_CONV_EPILOGUE = frozenset({"Relu", "Clip", "LeakyRelu", "HardSwish", "Sigmoid", "Mul", "BatchNormalization"})
+
+
+def shared_scale_groups(model: onnx.ModelProto, tensors: set[str]) -> list[set[str]]:
+    """Tensors that must share one scale: through scale-preserving ops and Concat."""
+    parent = {t: t for t in tensors}
+
+    def find(t: str) -> str:
+        while parent[t] != t:
+            parent[t] = parent[parent[t]]
+            t = parent[t]
+        return t
+
+    def union(a: str, b: str) -> None:
+        if a in parent and b in parent:
+            parent[find(a)] = find(b)
+
+    for node in model.graph.node:
+        preserving = node.op_type in SCALE_PRESERVING_OPS or (
+            node.op_type == RESIZE and attrs(node).get("mode", b"nearest") in (b"nearest", "nearest"))
+        if preserving and node.input and node.output:
+            union(node.input[0], node.output[0])
+        elif node.op_type == CONCAT:
+            for inp in node.input:
+                union(inp, node.output[0])
+    groups: dict[str, set[str]] = defaultdict(set)
+    for t in tensors:
+        groups[find(t)].add(t)
+    return list(groups.values())
+
+
+def build_table(model: onnx.ModelProto, stats: Mapping[str, TensorStats], amax: Mapping[str, float]) -> CalibrationTable:
+    """Per-tensor thresholds -> table, each shared-scale group taking its largest threshold."""
+    table = CalibrationTable()
+    for group in shared_scale_groups(model, set(amax)):
+        top = max(amax[t] for t in group)
+        scale = activation_scale(top)
+        for t in group:
+            table[t] = TensorRange(top, scale, float(stats[t].min), float(stats[t].max))
+    return table
+
+
+def placement(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Node name -> indices of its activation inputs that read through a Q/DQ pair.
+
+    The canonical placement rules: activation inputs of Conv/ConvTranspose/Gemm/MatMul (both
+    inputs of an activation x activation MatMul); both inputs of a residual Add of two rank-4
+    tensors where one comes from a Conv; every input of a Concat whose output is quantized.
+    Anything else (LayerNorm, Softmax, the attention-mask Add) stays float.
+    """
+    g = QdqGraph(model)
+    ranks = _ranks(model)
+    wrap: dict[str, tuple[int, ...]] = {}
+    for node in model.graph.node:
+        if node.op_type in COMPUTE_OPS:
+            idx = tuple(i for i in (0, 1) if i < len(node.input) and node.input[i] and node.input[i] not in g.initializers)
+            if idx:
+                wrap[node.name] = idx
+        elif node.op_type == "Add" and len(node.input) == 2 and not any(i in g.initializers for i in node.input):
+            if all(ranks.get(i) == 4 for i in node.input) and any(_from_conv(g, i) for i in node.input):
+                wrap[node.name] = (0, 1)  # residual Add: TensorRT fuses Conv+Add with both inputs int8
+    changed = True
+    while changed:  # a quantized Concat output quantizes its inputs too (one shared scale, int8 concat)
+        changed = False
+        quantized = _wrapped_tensors(model, wrap)
+        for node in model.graph.node:
+            if node.op_type == CONCAT and node.output[0] in quantized and node.name not in wrap:
+                wrap[node.name] = tuple(i for i, t in enumerate(node.input) if t not in g.initializers)
+                changed = True
+    return wrap
+
+
+def _wrapped_tensors(model: onnx.ModelProto, wrap: Mapping[str, tuple[int, ...]]) -> set[str]:
+    return {n.input[i] for n in model.graph.node if n.name in wrap for i in wrap[n.name]}
+
+
+def tensors_to_quantize(model: onnx.ModelProto) -> set[str]:
+    """Activation tensors that get a Q/DQ pair."""
+    return _wrapped_tensors(model, placement(model))
+
+
+def _from_conv(g: QdqGraph, tensor: str, depth: int = 2) -> bool:
+    node = g.producer.get(tensor)
+    while node is not None and depth >= 0:
+        if node.op_type in ("Conv", "ConvTranspose"):
+            return True
+        if node.op_type not in _CONV_EPILOGUE:
+            return False
+        node = g.producer.get(node.input[0])
+        depth -= 1
+    return False
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    out = {}
+    for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
+        if vi.type.tensor_type.HasField("shape"):
+            out[vi.name] = len(vi.type.tensor_type.shape.dim)
+    return out
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.:/-]", "_", name)
+
+
+def quantize_weight(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric narrow-range int8 per-channel (or per-tensor) weights: (int8 values, scales)."""
+    w = w.astype(np.float32)
+    if axis is None:
+        amax = np.abs(w).max(initial=0.0)
+        scale = np.float32(amax / INT8_MAX) if amax > 0 else np.float32(1.0)
+        q = np.clip(np.round(w / scale), -INT8_MAX, INT8_MAX).astype(np.int8)
+        return q, np.asarray(scale, np.float32)
+    reduce = tuple(a for a in range(w.ndim) if a != axis)
+    amax = np.abs(w).max(axis=reduce) if reduce else np.abs(w)
+    scale = np.where(amax > 0, amax / INT8_MAX, 1.0).astype(np.float32)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(w / scale.reshape(shape)), -INT8_MAX, INT8_MAX).astype(np.int8)
+    return q, scale
+
+
+def insert_qdq(model: onnx.ModelProto, table: CalibrationTable) -> onnx.ModelProto:
+    """Return a copy of ``model`` with Q/DQ placed by the canonical rules."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = QdqGraph(out)
+    graph = out.graph
+    wrap = placement(out)
+    activations = _wrapped_tensors(out, wrap)
+    missing = [t for t in activations if t not in table]
+    if missing:
+        raise ValueError(f"no calibrated range for tensors {missing[:5]}")
+
+    new_inits: list[onnx.TensorProto] = []
+    head_nodes: list[onnx.NodeProto] = []  # weight DQs and Q/DQ of graph inputs
+    after: dict[str, list[onnx.NodeProto]] = defaultdict(list)  # producer node name -> Q/DQ after it
+    dq_of: dict[str, str] = {}
+    weight_dq: dict[tuple[str, int | None], str] = {}
+    zp = "deploykit_zero_point_int8"
+    new_inits.append(numpy_helper.from_array(np.array(0, np.int8), zp))
+
+    for t in sorted(activations):
+        s = _safe(t)
+        scale_name = f"{s}_scale"
+        new_inits.append(numpy_helper.from_array(np.array(table.scale(t), np.float32), scale_name))
+        q = helper.make_node("QuantizeLinear", [t, scale_name, zp], [f"{s}_quantized"], name=f"{s}_QuantizeLinear")
+        dq = helper.make_node("DequantizeLinear", [f"{s}_quantized", scale_name, zp], [f"{s}_dequantized"],
+                              name=f"{s}_DequantizeLinear")
+        producer = g.producer.get(t)
+        (after[producer.name] if producer is not None else head_nodes).extend([q, dq])
+        dq_of[t] = dq.output[0]
+
+    for node in graph.node:
+        for idx in wrap.get(node.name, ()):
+            node.input[idx] = dq_of[node.input[idx]]
+        if node.op_type not in COMPUTE_OPS:
+            continue
+        for idx in range(min(2, len(node.input))):
+            name = node.input[idx]
+            if name in g.initializers:
+                w = g.const(name)
+                if w is None or w.dtype != np.float32:
+                    continue
+                axis = weight_axis(node.op_type, attrs(node), w.ndim) if idx == 1 and w.ndim > 1 else None
+                key = (name, axis)
+                if key not in weight_dq:
+                    s = _safe(name) + ("" if axis is None else f"_axis{axis}")
+                    q, scale = quantize_weight(w, axis)
+                    new_inits += [numpy_helper.from_array(q, f"{s}_quantized"),
+                                  numpy_helper.from_array(scale, f"{s}_scale"),
+                                  numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{s}_zero_point")]
+                    kwargs = {} if axis is None else {"axis": axis}
+                    head_nodes.append(helper.make_node(
+                        "DequantizeLinear", [f"{s}_quantized", f"{s}_scale", f"{s}_zero_point"], [f"{s}_dequantized"],
+                        name=f"{s}_DequantizeLinear", **kwargs))
+                    weight_dq[key] = f"{s}_dequantized"
+                node.input[idx] = weight_dq[key]
+
+    nodes = list(head_nodes)
+    for node in graph.node:
+        nodes.append(node)
+        nodes.extend(after.get(node.name, []))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    # weights now live as int8 copies; drop float originals nobody reads any more
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + [i for i in new_inits if i.name in used])
+    return out
