@@ -40,3 +40,79 @@ def measure_latency(runner: Runner, feeds: Mapping[str, np.ndarray], warmup: int
     p50 = float(np.percentile(ms, 50))
     return LatencyStats(batch, runs, p50, float(np.percentile(ms, 90)), float(np.percentile(ms, 99)),
                         float(ms.mean()), batch / (p50 / 1e3) if p50 > 0 else 0.0)
+
+
+# ---------------------------------------------------------------------------------------
+# accuracy and fidelity
+# ---------------------------------------------------------------------------------------
+def run_all(runner: Runner, batches: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    """Run every batch, concatenating each output over the batches."""
+    outs: list[list[np.ndarray]] = []
+    for feeds in batches:
+        result = runner.run(feeds)
+        if not outs:
+            outs = [[] for _ in result]
+        for acc, value in zip(outs, result):
+            acc.append(np.asarray(value))
+    return [np.concatenate(o) if o and o[0].ndim else np.asarray(o) for o in outs]
+
+
+def is_classifier(output: np.ndarray) -> bool:
+    return output.ndim == 2 and output.shape[1] > 1
+
+
+def compare(reference: list[np.ndarray], candidate: list[np.ndarray], prefix: str = "") -> dict[str, float]:
+    """Cosine, relative L2 and max abs error over all outputs; top-1/top-5 agreement for a
+    classifier's first output (top-5: the reference's top-1 is among the candidate's top 5)."""
+    if len(reference) != len(candidate):
+        raise ValueError(f"{len(candidate)} outputs, expected {len(reference)}")
+    ref = np.concatenate([r.astype(np.float64).reshape(-1) for r in reference])
+    cand = np.concatenate([c.astype(np.float64).reshape(-1) for c in candidate])
+    if ref.shape != cand.shape:
+        raise ValueError(f"outputs have {cand.size} values, expected {ref.size}")
+    denom = np.linalg.norm(ref) * np.linalg.norm(cand)
+    metrics = {
+        f"{prefix}cosine": float(ref @ cand / denom) if denom > 0 else float(np.array_equal(ref, cand)),
+        f"{prefix}rel_l2": float(np.linalg.norm(ref - cand) / max(np.linalg.norm(ref), 1e-12)),
+        f"{prefix}max_abs" + ("" if prefix else "_error"): float(np.abs(ref - cand).max(initial=0.0)),
+    }
+    if not prefix and is_classifier(reference[0]):
+        r, c = reference[0], candidate[0]
+        top1 = r.argmax(1)
+        metrics["top1_agreement"] = float((c.argmax(1) == top1).mean())
+        k = min(5, c.shape[1])
+        topk = np.argsort(-c, axis=1)[:, :k]
+        metrics["top5_agreement"] = float((topk == top1[:, None]).any(1).mean())
+    return metrics
+
+
+def task_accuracy(output: np.ndarray, labels: np.ndarray) -> float:
+    return float((output.argmax(1) == labels.reshape(-1)).mean())
+
+
+def judge(name: str, value: float | None, thresholds: Mapping[str, float], message: str = "",
+          details: Mapping | None = None) -> "CheckResult":
+    """A CheckResult for ``value``, pass/fail when targets.toml has min_/max_<name>."""
+    from deploykit.backend import CheckResult
+
+    lo, hi = thresholds.get(f"min_{name}"), thresholds.get(f"max_{name}")
+    if value is None:
+        return CheckResult(name, "not_run", None, message=message, details=details or {})
+    if lo is not None:
+        ok = value >= lo
+        return CheckResult(name, "pass" if ok else "fail", value, lo, "min", message, details or {})
+    if hi is not None:
+        ok = value <= hi
+        return CheckResult(name, "pass" if ok else "fail", value, hi, "max", message, details or {})
+    return CheckResult(name, "info", value, message=message, details=details or {})
+
+
+def apply_thresholds(check: "CheckResult", thresholds: Mapping[str, float]) -> "CheckResult":
+    """Judge a backend's own check (e.g. int8_fraction) against the target's thresholds;
+    a backend's "fail" (scales do not match) stays a fail."""
+    if check.status in ("fail", "not_run") or check.value is None:
+        return check
+    judged = judge(check.name, check.value, thresholds, check.message, check.details)
+    if judged.status == "info" and check.status == "pass":
+        return check
+    return judged

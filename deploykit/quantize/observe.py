@@ -128,55 +128,47 @@ def amax_percentile(stats: TensorStats, percentile: float = 99.99, **_: object) 
     return float(min(idx + 1, HIST_BINS) * top / HIST_BINS)
 
 
-def amax_entropy(stats: TensorStats, stride: int = 8, **_: object) -> float:
+def amax_entropy(stats: TensorStats, stride: int = 4, **_: object) -> float:
     """TensorRT-style KL-divergence threshold search over the 2048-bin |x| histogram.
 
     For each candidate threshold bin i: P = hist[:i] with the outliers folded into its last
-    bin; Q = hist[:i] merged into 128 levels and spread back over P's non-empty bins.
-    The threshold with the smallest KL(P || Q) wins.
+    bin; Q = hist[:i] merged into 128 levels and spread back over its non-empty bins. The
+    threshold with the smallest KL(P || Q) wins. As in NVIDIA's pytorch-quantization, the
+    zero bin is flattened to its neighbour first: after a ReLU half the values are exactly 0,
+    and that spike would otherwise drag the threshold far down.
     """
     hist, top = stats.hist, stats.absmax
     if hist is None or top <= 0 or hist.sum() == 0:
         return top
     hist = hist.astype(np.float64)
-    total_tail = np.concatenate([np.cumsum(hist[::-1])[::-1], [0.0]])  # total_tail[i] = sum(hist[i:])
+    hist[0] = hist[1]
+    tail = np.concatenate([np.cumsum(hist[::-1])[::-1], [0.0]])  # tail[i] = sum(hist[i:])
+    total = hist.sum()
     best_kl, best_i = np.inf, HIST_BINS
     for i in range(QUANT_LEVELS, HIST_BINS + 1, stride):
         sliced = hist[:i]
         p = sliced.copy()
-        p[-1] += total_tail[i]
-        nonzero = p > 0
-        merge = i // QUANT_LEVELS
-        starts = np.arange(QUANT_LEVELS) * merge
-        level = np.minimum(np.arange(i) // merge, QUANT_LEVELS - 1)
-        level_sum = np.add.reduceat(sliced, starts)
-        level_nz = np.add.reduceat(nonzero.astype(np.float64), starts)
+        p[-1] += tail[i]
+        nonzero = sliced > 0
+        level = np.minimum((np.arange(i) * QUANT_LEVELS) // i, QUANT_LEVELS - 1)
+        level_sum = np.bincount(level, weights=sliced, minlength=QUANT_LEVELS)
+        level_nz = np.bincount(level, weights=nonzero.astype(np.float64), minlength=QUANT_LEVELS)
         q = np.where(nonzero, level_sum[level] / np.maximum(level_nz[level], 1.0), 0.0)
-        kl = _kl(p, q)
+        kl = _kl(p / total, q)
         if kl < best_kl:
             best_kl, best_i = kl, i
     return float(best_i * top / HIST_BINS)
 
 
-def _kl(p: np.ndarray, q: np.ndarray, eps: float = 1e-4) -> float:
-    """KL(P || Q) of two histograms, smoothed so empty bins of Q do not give infinity."""
-    if q.sum() == 0:
+def _kl(p: np.ndarray, q: np.ndarray) -> float:
+    """KL(P || Q) after normalising both (as scipy.stats.entropy); inf where Q misses P's mass."""
+    if q.sum() == 0 or p.sum() == 0:
         return np.inf
-    p, q = _smooth(p / p.sum(), eps), _smooth(q / q.sum(), eps)
-    if p is None or q is None:
+    p, q = p / p.sum(), q / q.sum()
+    mask = p > 0
+    if np.any(q[mask] == 0):
         return np.inf
-    return float(np.sum(p * np.log(p / q)))
-
-
-def _smooth(d: np.ndarray, eps: float) -> np.ndarray | None:
-    zero = d == 0
-    n_zero, n_nonzero = int(zero.sum()), int(d.size - zero.sum())
-    if n_nonzero == 0:
-        return None
-    take = eps * n_zero / n_nonzero
-    if take >= d[~zero].min():
-        take = d[~zero].min() / 2  # keep every bin positive
-    return np.where(zero, eps, d - take)
+    return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
 
 
 def amax_mse(stats: TensorStats, candidates: int = 256, **_: object) -> float:

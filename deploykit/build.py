@@ -1,0 +1,401 @@
+"""``deploykit build``: FP32 model -> canonical QDQ model -> one artifact per target -> checks.
+
+One failing target never loses the others: each target runs in its own try block and the
+manifest and report are written for all of them.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import time
+import warnings
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+import deploykit
+from deploykit import checks, data, model as modelmod
+from deploykit.backend import Artifact, Availability, CanonicalModel, CheckResult
+from deploykit.errors import DeploykitError, OutputDirError
+from deploykit.fileio import atomic_output, sha256
+from deploykit.plugins import Registry, load_registry
+from deploykit.progress import bar
+from deploykit.quantize import quantize, write_canonical
+from deploykit.quantize.canonical import lint
+from deploykit.targets import Calibration, Preprocess, Target, TargetsFile, load_targets
+
+log = logging.getLogger("deploykit")
+MANIFEST = "manifest.json"
+REPORT = "report.md"
+RANDOM_WARNING = ("calibrated on random data: no --calib data was given, so the scales are NOT meaningful; "
+                  "pass --calib with real samples before shipping")
+
+
+@dataclass
+class BuildOptions:
+    targets: list[str]
+    out_dir: Path = Path("deploykit-out")
+    targets_file: Path | None = None
+    calib: Any = None  # path, module:function, or a callable
+    eval: Any = None
+    method: str | None = None
+    percentile: float | None = None
+    samples: int | None = None  # calibration samples
+    eval_samples: int = 1000
+    batch_size: int | None = None  # calibration batch size
+    preprocess: Preprocess | None = None
+    baseline: bool = True  # measure FP32 onnxruntime latency as the reference row
+    on_event: Callable[[str], None] = field(default=lambda msg: None)
+
+
+@dataclass
+class TargetResult:
+    target: Target
+    status: str = "ok"  # ok | failed (a check failed) | skipped (backend unavailable) | error
+    reason: str = ""
+    availability: Availability | None = None
+    artifact: Artifact | None = None
+    checks: list[CheckResult] = field(default_factory=list)
+    latency: list[dict] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    device_info: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self, out_dir: Path) -> dict[str, Any]:
+        art = None
+        if self.artifact is not None:
+            art = {"path": _rel(self.artifact.path, out_dir), "sha256": sha256(self.artifact.path),
+                   "files": {_rel(f, out_dir): sha256(f) for f in self.artifact.files if f.exists()},
+                   "metadata": _jsonable(self.artifact.metadata)}
+        t = self.target
+        return {
+            "name": t.name, "backend": t.backend, "device": {"name": t.device.name, "kind": t.device.kind,
+                                                             "address": t.device.address},
+            "options": _jsonable(t.options), "thresholds": dict(t.thresholds), "batch_sizes": list(t.batch_sizes),
+            "status": self.status, "reason": self.reason,
+            "availability": None if self.availability is None else {
+                "can_lower": self.availability.can_lower, "can_run": self.availability.can_run,
+                "reason": self.availability.reason, "install_hint": self.availability.install_hint,
+                "versions": dict(self.availability.versions)},
+            "artifact": art, "checks": [c.to_json() for c in self.checks], "latency": self.latency,
+            "preflight": _jsonable(self.metadata), "device_info": _jsonable(self.device_info),
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+        }
+
+
+@dataclass
+class BuildResult:
+    out_dir: Path
+    manifest: dict[str, Any]
+    targets: list[TargetResult]
+    canonical: CanonicalModel
+
+    @property
+    def ok(self) -> bool:
+        return all(t.status in ("ok", "skipped") for t in self.targets)
+
+
+def build(model: Path | str, options: BuildOptions, registry: Registry | None = None) -> BuildResult:
+    registry = registry or load_registry()
+    out_dir = Path(options.out_dir)
+    tf = load_targets(options.targets_file)
+    targets = tf.resolve(options.targets, registry)  # fail fast on an unknown target, before any work
+    calib_cfg = _calibration(tf.calibration, options)
+    preprocess = options.preprocess or tf.preprocess
+    claim_out_dir(out_dir)
+    events = options.on_event
+
+    model = Path(model)
+    started = time.monotonic()
+    raw = modelmod.load_onnx(model)
+    fp32 = modelmod.normalise(raw, str(model))
+    specs = modelmod.input_specs(fp32)
+    source_hash = sha256(model)
+
+    calib_src = data.open_source(calib_cfg.data, specs, preprocess, calib_cfg.samples)
+    if calib_src is None:
+        warnings.warn(RANDOM_WARNING, stacklevel=2)
+        events("WARNING: " + RANDOM_WARNING)
+        calib_src = data.RandomSource(specs, min(calib_cfg.samples, 64), calib_cfg.seed)
+    eval_spec = options.eval if options.eval is not None else calib_cfg.eval
+    eval_src = data.open_source(eval_spec, specs, preprocess, options.eval_samples) if eval_spec is not None else None
+    eval_note = "" if eval_src is not None else (
+        "evaluated on the calibration data (no --eval given)" if not calib_src.is_random else "evaluated on random data")
+    if eval_src is None:
+        eval_src = calib_src
+
+    events(f"calibrating ({calib_cfg.method}) on {calib_src.description}")
+    t0 = time.monotonic()
+    result = quantize(fp32, calib_src, calib_cfg.method, calib_cfg.percentile, calib_cfg.batch_size, source_hash)
+    canonical = write_canonical(result, fp32, out_dir)
+    calibrate_s = time.monotonic() - t0
+    events(f"canonical model: {canonical.path} ({result.samples} samples, {calib_cfg.method})")
+
+    eval_batches, labels = _eval_batches(eval_src, max(min(t.batch_sizes) for t in targets) if targets else 1)
+    reference = _reference_outputs(canonical, eval_batches)
+    fp32_acc = checks.task_accuracy(reference["fp32"][0], labels) if labels is not None and checks.is_classifier(reference["fp32"][0]) else None
+    baseline = _baseline_latency(canonical, targets, eval_batches) if options.baseline and targets else []
+
+    results = []
+    for target in targets:
+        events(f"target {target.name} ({target.backend})")
+        results.append(_build_target(target, registry, canonical, out_dir, eval_batches, labels, reference, fp32_acc))
+
+    manifest = _manifest(model, source_hash, canonical, result, calib_src, eval_src, eval_note, fp32_acc,
+                         baseline, results, out_dir, calibrate_s, time.monotonic() - started, registry)
+    with atomic_output(out_dir / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
+    from deploykit.report import markdown_report
+
+    with atomic_output(out_dir / REPORT) as tmp:
+        tmp.write_text(markdown_report(manifest), encoding="utf-8")
+    return BuildResult(out_dir, manifest, results, canonical)
+
+
+def _calibration(cfg: Calibration, o: BuildOptions) -> Calibration:
+    from dataclasses import replace
+
+    changes = {k: v for k, v in {"method": o.method, "percentile": o.percentile, "samples": o.samples,
+                                 "data": o.calib, "batch_size": o.batch_size}.items() if v is not None}
+    return replace(cfg, **changes)
+
+
+def claim_out_dir(out_dir: Path) -> None:
+    """Refuse an output folder with files deploykit did not write (never delete those)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputDirError(f"{out_dir}: exists and is not a folder; choose another --out")
+    if not out_dir.exists():
+        out_dir.mkdir(parents=True)
+        return
+    ours = {MANIFEST, REPORT}
+    manifest = out_dir / MANIFEST
+    if manifest.is_file():
+        try:
+            previous = json.loads(manifest.read_text(encoding="utf-8"))
+            ours |= set(previous.get("files", []))
+        except (ValueError, OSError):
+            raise OutputDirError(f"{manifest}: not a deploykit manifest; choose an empty --out folder") from None
+    foreign = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*")
+                     if p.is_file() and str(p.relative_to(out_dir)) not in ours)
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise OutputDirError(f"{out_dir}: holds files deploykit did not write ({foreign[0]}{more}); "
+                             f"choose an empty or new --out folder")
+
+
+def _eval_batches(src: data.DataSource, batch_size: int) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None]:
+    feeds, labels = [], []
+    for b in src.batches(batch_size):
+        feeds.append(b.feeds)
+        labels.append(b.labels)
+    has_labels = all(l is not None for l in labels)
+    return feeds, (np.concatenate(labels) if has_labels and labels else None)
+
+
+def _ort_runner(path: Path) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    class _Runner:
+        def run(self, feeds):
+            return session.run(None, dict(feeds))
+
+    return _Runner()
+
+
+def _reference_outputs(canonical: CanonicalModel, batches: list[dict]) -> dict[str, list[np.ndarray]]:
+    """FP32 (accuracy reference) and canonical QDQ (fidelity reference) outputs, in onnxruntime."""
+    with bar(2, "reference outputs", "model") as b:
+        fp32 = checks.run_all(_ort_runner(canonical.fp32_path), batches)
+        b.update()
+        qdq = checks.run_all(_ort_runner(canonical.path), batches)
+        b.update()
+    return {"fp32": fp32, "canonical": qdq}
+
+
+def _latency_feeds(batches: list[dict], batch_size: int) -> dict[str, np.ndarray]:
+    first = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    n = len(next(iter(first.values())))
+    reps = -(-batch_size // n)
+    return {k: np.concatenate([v] * reps)[:batch_size] for k, v in first.items()}
+
+
+def _baseline_latency(canonical: CanonicalModel, targets: list[Target], batches: list[dict]) -> list[dict]:
+    runner = _ort_runner(canonical.fp32_path)
+    sizes = sorted({b for t in targets for b in t.batch_sizes})
+    warmup, runs = max(t.warmup for t in targets), max(t.runs for t in targets)
+    out = []
+    for b in bar_iter(sizes, "FP32 baseline latency"):
+        out.append(checks.measure_latency(runner, _latency_feeds(batches, b), warmup, runs).to_json())
+    return out
+
+
+def bar_iter(items: list, desc: str):
+    with bar(len(items), desc) as b:
+        for item in items:
+            yield item
+            b.update()
+
+
+def _build_target(target: Target, registry: Registry, canonical: CanonicalModel, out_dir: Path,
+                  batches: list[dict], labels: np.ndarray | None, reference: dict, fp32_acc: float | None) -> TargetResult:
+    res = TargetResult(target)
+    try:
+        backend = registry.get(target.backend)
+        res.availability = backend.probe(target)
+        pre_checks, res.metadata = backend.preflight(canonical, target)
+        res.checks.extend(checks.apply_thresholds(c, target.thresholds) for c in pre_checks)
+        if not res.availability.can_lower:
+            res.status, res.reason = "skipped", _missing(res.availability)
+            return res
+        dest = out_dir / target.name / f"{target.name}{backend.artifact_suffix}"
+        t0 = time.monotonic()
+        with bar(1, f"{target.name}: lower", "model") as b:
+            res.artifact = backend.lower(canonical, target, dest)
+            b.update()
+        res.seconds["lower"] = time.monotonic() - t0
+        res.checks.extend(checks.apply_thresholds(c, target.thresholds) for c in res.artifact.checks)
+        if not res.availability.can_run:
+            res.reason = f"checks not run: {res.availability.reason}"
+            for name in ("top1_agreement", "cosine", "fidelity_rel_l2", "latency_p50_ms"):
+                res.checks.append(CheckResult(name, "not_run", message=res.availability.reason))
+        else:
+            _run_checks(res, backend, canonical, batches, labels, reference, fp32_acc)
+        try:
+            res.device_info = backend.device_info(target)
+        except Exception as exc:  # device facts are nice to have, never fatal
+            res.device_info = {"error": f"{type(exc).__name__}: {exc}"}
+    except DeploykitError as exc:
+        res.status, res.reason = "error", str(exc)
+        return res
+    except Exception as exc:  # a plugin bug must not lose the other targets
+        log.debug("target %s failed", target.name, exc_info=True)
+        res.status, res.reason = "error", f"{type(exc).__name__}: {exc}"
+        return res
+    if any(c.status == "fail" for c in res.checks):
+        res.status = "failed"
+        failed = [c.name for c in res.checks if c.status == "fail"]
+        res.reason = "failed checks: " + ", ".join(failed)
+    return res
+
+
+def _missing(av: Availability) -> str:
+    return av.reason + (f" (install: {av.install_hint})" if av.install_hint else "")
+
+
+def _run_checks(res: TargetResult, backend, canonical: CanonicalModel, batches: list[dict],
+                labels: np.ndarray | None, reference: dict, fp32_acc: float | None) -> None:
+    target = res.target
+    th = target.thresholds
+    rss0 = _rss_mb()
+    t0 = time.monotonic()
+    runner = backend.load(res.artifact, target)
+    res.seconds["load"] = time.monotonic() - t0
+    with bar(len(batches), f"{target.name}: accuracy", "batch") as b:
+        outputs = []
+        for feeds in batches:
+            outputs.append(runner.run(feeds))
+            b.update()
+    got = [np.concatenate([o[i] for o in outputs]) for i in range(len(outputs[0]))]
+    for name, value in checks.compare(reference["fp32"], got).items():
+        res.checks.append(checks.judge(name, value, th, "vs FP32 in onnxruntime"))
+    for name, value in checks.compare(reference["canonical"], got, prefix="fidelity_").items():
+        res.checks.append(checks.judge(name, value, th, "vs the canonical QDQ model in onnxruntime"))
+    if labels is not None and checks.is_classifier(got[0]):
+        acc = checks.task_accuracy(got[0], labels)
+        res.checks.append(checks.judge("accuracy", acc, th, f"on {len(labels)} labelled samples"))
+        res.checks.append(checks.judge("accuracy_drop", (fp32_acc or 0.0) - acc, th,
+                                       f"FP32 accuracy {fp32_acc:.4f} minus target accuracy"))
+    for i, b in enumerate(bar_iter(list(target.batch_sizes), f"{target.name}: latency")):
+        stats = checks.measure_latency(runner, _latency_feeds(batches, b), target.warmup, target.runs)
+        res.latency.append(stats.to_json())
+        extra = getattr(runner, "last_gpu_ms", None)
+        if extra is not None:
+            res.latency[-1]["gpu_compute_ms"] = extra
+        if i == 0:  # thresholds apply to the first batch size
+            note = f"batch {b}, {target.runs} runs after {target.warmup} warm-up"
+            res.checks.append(checks.judge("latency_p50_ms", stats.p50_ms, th, note))
+            res.checks.append(checks.judge("latency_p99_ms", stats.p99_ms, th, note))
+            res.checks.append(checks.judge("throughput", stats.throughput, th, f"samples/s at batch {b}"))
+    res.checks.append(checks.judge("memory_mb", max(0.0, _rss_mb() - rss0), th,
+                                   "resident memory added by loading and running the artifact"))
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:  # not Linux
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _versions(registry: Registry) -> dict[str, str]:
+    out = {"deploykit": deploykit.__version__, "python": platform.python_version()}
+    for dist in ("numpy", "onnx", "onnxruntime", "pluggy", "openvino", "tensorflow", "ai-edge-litert",
+                 "coremltools", "tensorrt", "torch"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _manifest(model: Path, source_hash: str, canonical: CanonicalModel, q, calib_src, eval_src, eval_note,
+              fp32_acc, baseline, results: list[TargetResult], out_dir: Path, calibrate_s: float, total_s: float,
+              registry: Registry) -> dict[str, Any]:
+    qdq_nodes = [n for n in canonical.model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    files = [canonical.path, canonical.fp32_path, canonical.path.with_name(canonical.path.name.replace(".qdq.onnx", ".calib.json"))]
+    for r in results:
+        if r.artifact is not None:
+            files.extend(f for f in (r.artifact.files or (r.artifact.path,)))
+            files.append(r.artifact.path)
+    listed: set[str] = set()
+    for f in files:
+        f = Path(f)
+        for p in ([f] if f.is_file() else [p for p in f.rglob("*") if p.is_file()] if f.is_dir() else []):
+            listed.add(_rel(p, out_dir))
+    return {
+        "deploykit": deploykit.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": {"machine": platform.machine(), "system": platform.system(), "node": platform.node()},
+        "versions": _versions(registry),
+        "model": {"path": str(model), "sha256": source_hash},
+        "calibration": {"method": q.method, "samples": q.samples, "data": calib_src.description,
+                        "data_sha256": q.data_hash, "random_data": q.random_data,
+                        "warning": RANDOM_WARNING if q.random_data else "", "seconds": round(calibrate_s, 3)},
+        "evaluation": {"data": eval_src.description, "note": eval_note,
+                       "fp32_accuracy": fp32_acc},
+        "canonical": {"path": _rel(canonical.path, out_dir), "sha256": sha256(canonical.path),
+                      "fp32_path": _rel(canonical.fp32_path, out_dir),
+                      "calibration_table": _rel(files[2], out_dir), "calibration_table_sha256": sha256(files[2]),
+                      "qdq_nodes": len(qdq_nodes), "tensors_in_table": len(canonical.calibration),
+                      "lint_violations": [str(v) for v in lint(canonical.model)]},
+        "baseline": {"backend": "onnxruntime", "precision": "fp32", "latency": baseline},
+        "targets": [r.to_json(out_dir) for r in results],
+        "files": sorted(listed | {MANIFEST, REPORT}),
+        "seconds": round(total_s, 3),
+    }
+
+
+def _rel(path: Path, base: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))

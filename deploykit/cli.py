@@ -1,0 +1,272 @@
+"""The ``deploykit`` command. Handled errors print one line and exit non-zero."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+import deploykit
+from deploykit.errors import CheckFailed, ConfigError, DeploykitError
+
+DEFAULT_TARGETS_FILE = "targets.toml"
+
+
+def _targets_file(value: str | None) -> Path | None:
+    if value:
+        return Path(value)
+    return Path(DEFAULT_TARGETS_FILE) if Path(DEFAULT_TARGETS_FILE).is_file() else None
+
+
+def _echo_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(deploykit.__version__, prog_name="deploykit")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details to stderr.")
+def cli(verbose: bool) -> None:
+    """Ship one FP32 model to many targets: calibrate once into a canonical QDQ INT8 ONNX model,
+    lower it to each target keeping its scales, and check latency and accuracy on target.
+
+    \b
+    Typical use:
+      deploykit build model.onnx --target onnxruntime,openvino --calib calib.npz --eval eval.npz
+      deploykit backends            # what this machine can build and run
+      deploykit targets             # list and validate targets.toml
+      deploykit inspect out/canonical.qdq.onnx --lint
+    """
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-t", "--target", "targets", required=True,
+              help="Comma-separated targets: entries of targets.toml, or bare backend names.")
+@click.option("--calib", metavar="SRC", help="Calibration data: .npy/.npz, an image folder, or module:function. "
+              "Without it deploykit calibrates on random data and says so loudly.")
+@click.option("--eval", "eval_", metavar="SRC", help="Evaluation data (same forms as --calib; an .npz 'labels' "
+              "array or class sub-folders give task accuracy). Default: the calibration data.")
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
+              help="Calibration method [default: entropy, or targets.toml [calibration] method].")
+@click.option("--percentile", type=float, help="Percentile for --method percentile [default: 99.99].")
+@click.option("--samples", type=int, help="Calibration samples to use [default: 512].")
+@click.option("--eval-samples", type=int, default=1000, show_default=True, help="Evaluation samples to use.")
+@click.option("--calib-batch-size", type=int, help="Batch size while calibrating (scales do not depend on it).")
+@click.option("--preprocess", metavar="K=V,...", help="Image preprocessing, e.g. "
+              "'resize=256,crop=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,layout=NCHW'.")
+@click.option("--targets-file", metavar="FILE", help="Targets file [default: ./targets.toml if present].")
+@click.option("-o", "--out", "out_dir", default="deploykit-out", show_default=True, type=click.Path(path_type=Path),
+              help="Output folder (created; refused if it holds files deploykit did not write).")
+@click.option("--no-baseline", is_flag=True, help="Skip the FP32 onnxruntime latency reference row.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout instead of the table.")
+def build(model, targets, calib, eval_, method, percentile, samples, eval_samples, calib_batch_size, preprocess,
+          targets_file, out_dir, no_baseline, as_json) -> None:
+    """Calibrate MODEL once, lower it for every --target, run the checks, write a manifest and report.
+
+    Writes OUT/canonical.qdq.onnx (+ .calib.json, + .fp32.onnx), OUT/<target>/<artifact>,
+    OUT/manifest.json and OUT/report.md. A target whose backend is unavailable here is
+    skipped with the reason; the others still build. Exit code 1 when a check fails its
+    threshold or a target errors, 2 for bad input.
+    """
+    from deploykit import progress
+    from deploykit.build import BuildOptions, build as run_build
+    from deploykit.report import terminal_table
+
+    if as_json:
+        progress.set_enabled(False)
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    if not names:
+        raise ConfigError("--target: give at least one target name")
+    opts = BuildOptions(
+        targets=names, out_dir=out_dir, targets_file=_targets_file(targets_file), calib=calib, eval=eval_,
+        method=method, percentile=percentile, samples=samples, eval_samples=eval_samples,
+        batch_size=calib_batch_size, preprocess=_parse_preprocess(preprocess) if preprocess else None,
+        baseline=not no_baseline,
+        on_event=(lambda msg: None) if as_json else (lambda msg: click.echo(msg, err=True)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = run_build(model, opts)
+    if as_json:
+        _echo_json(result.manifest)
+    else:
+        click.echo(terminal_table(result.manifest))
+        click.echo(f"\nwrote {out_dir / 'manifest.json'} and {out_dir / 'report.md'}")
+    if not result.ok:
+        bad = [t.target.name for t in result.targets if t.status not in ("ok", "skipped")]
+        raise CheckFailed(f"targets with failed checks or errors: {', '.join(bad)} (see {out_dir / 'report.md'})")
+
+
+def _parse_preprocess(text: str):
+    from deploykit.targets import parse_preprocess
+
+    raw = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise ConfigError(f"--preprocess: '{part}' is not key=value")
+        key = key.strip()
+        if key in ("mean", "std"):
+            raw[key] = [float(v) for v in value.split("/")]
+        elif key in ("resize", "crop"):
+            raw[key] = int(value)
+        elif key == "scale":
+            raw[key] = float(value)
+        else:
+            raw[key] = value.strip()
+    return parse_preprocess(raw, "--preprocess")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def backends(as_json: bool) -> None:
+    """List every registered backend: can this machine lower and run it, and if not, why and
+    how to install what is missing."""
+    from deploykit.plugins import load_registry
+    from deploykit.testing import make_target
+
+    registry = load_registry()
+    rows = []
+    for name in registry.names():
+        cls = registry.backends[name]
+        try:
+            av = cls().probe(make_target(cls))
+        except Exception as exc:  # a plugin bug shows up here, named, instead of crashing the list
+            from deploykit.backend import Availability
+
+            av = Availability.missing(f"probe failed: {type(exc).__name__}: {exc}", cls.install_hint)
+        rows.append({"backend": name, "plugin": registry.owner(name), "can_lower": av.can_lower, "can_run": av.can_run,
+                     "reason": av.reason, "install_hint": av.install_hint if not av.can_run else "",
+                     "versions": dict(av.versions), "description": cls.description})
+    if as_json:
+        _echo_json(rows)
+        return
+    for r in rows:
+        state = "ready" if r["can_run"] else ("lower only" if r["can_lower"] else "unavailable")
+        versions = ", ".join(f"{k} {v}" for k, v in r["versions"].items())
+        click.echo(f"{r['backend']:<12} {state:<12} {r['description']}" + (f" [{versions}]" if versions else ""))
+        if r["reason"]:
+            click.echo(f"{'':<12} why: {r['reason']}")
+        if r["install_hint"]:
+            click.echo(f"{'':<12} install: {r['install_hint']}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def plugins(as_json: bool) -> None:
+    """List loaded plugins (entry points of the 'deploykit' group) and the backends each registers."""
+    from deploykit.plugins import load_registry
+
+    registry = load_registry()
+    rows = [{"name": p.name, "module": p.module, "distribution": p.distribution, "version": p.version,
+             "backends": p.backends} for p in registry.plugins.values()]
+    if as_json:
+        _echo_json(rows)
+        return
+    for r in rows:
+        click.echo(f"{r['name']:<12} {r['distribution']} {r['version']}  module {r['module']}  backends: {', '.join(r['backends'])}")
+
+
+@cli.command()
+@click.option("--targets-file", metavar="FILE", help="Targets file [default: ./targets.toml].")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def targets(targets_file: str | None, as_json: bool) -> None:
+    """List and validate the targets in targets.toml (every key is checked)."""
+    from deploykit.plugins import load_registry
+    from deploykit.targets import load_targets
+
+    path = _targets_file(targets_file)
+    if path is None:
+        raise ConfigError(f"no {DEFAULT_TARGETS_FILE} here; pass --targets-file")
+    tf = load_targets(path)
+    registry = load_registry()
+    resolved = tf.all_targets(registry)
+    rows = [{"name": t.name, "backend": t.backend, "device": t.device.name, "device_kind": t.device.kind,
+             "batch_sizes": list(t.batch_sizes), "options": dict(t.options), "thresholds": dict(t.thresholds),
+             "description": t.description} for t in resolved]
+    if as_json:
+        _echo_json({"file": str(path), "targets": rows, "devices": sorted(tf.devices)})
+        return
+    click.echo(f"{path}: {len(rows)} targets, {len(tf.devices)} devices, valid")
+    for r in rows:
+        th = ", ".join(f"{k}={v:g}" for k, v in r["thresholds"].items()) or "no thresholds"
+        click.echo(f"  {r['name']:<20} {r['backend']:<12} on {r['device']:<14} batch {r['batch_sizes']}  {th}")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--lint", "run_lint", is_flag=True, help="Check the canonical-model contract; exit 1 on any violation.")
+@click.option("--tensorrt", is_flag=True, help="With --lint: only the rules TensorRT's parser enforces.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def inspect(model: Path, run_lint: bool, tensorrt: bool, as_json: bool) -> None:
+    """Show a model's inputs, outputs, ops, Q/DQ counts and deploykit metadata; --lint checks the
+    canonical-model contract and names each offending node and rule."""
+    import collections
+
+    import onnx
+
+    from deploykit.model import input_specs
+    from deploykit.quantize.canonical import META_TABLE, lint
+
+    if not model.is_file():
+        raise ConfigError(f"{model}: model file not found")
+    try:
+        m = onnx.load(str(model))
+    except Exception as exc:
+        raise ConfigError(f"{model}: not a valid ONNX model ({type(exc).__name__})") from None
+    ops = collections.Counter(n.op_type for n in m.graph.node)
+    meta = {p.key: p.value for p in m.metadata_props if p.key != META_TABLE}
+    info = {"model": str(model), "opset": {o.domain or "ai.onnx": o.version for o in m.opset_import},
+            "inputs": {k: [list(map(str, s)), str(d)] for k, (s, d) in input_specs(m).items()},
+            "outputs": [o.name for o in m.graph.output], "nodes": len(m.graph.node), "ops": dict(ops.most_common()),
+            "metadata": meta}
+    violations = lint(m, tensorrt_only=tensorrt) if run_lint else []
+    if run_lint:
+        info["lint"] = [{"rule": v.rule, "node": v.node, "message": v.message, "tensorrt": v.tensorrt} for v in violations]
+    if as_json:
+        _echo_json(info)
+    else:
+        click.echo(f"{model}: opset {info['opset']}, {info['nodes']} nodes")
+        for k, (s, d) in info["inputs"].items():
+            click.echo(f"  input  {k}: {d} {s}")
+        for o in info["outputs"]:
+            click.echo(f"  output {o}")
+        click.echo("  ops: " + ", ".join(f"{k} {v}" for k, v in info["ops"].items()))
+        for k, v in meta.items():
+            click.echo(f"  {k}: {v}")
+        if run_lint:
+            if violations:
+                for v in violations:
+                    click.echo(f"  lint: {v}")
+            else:
+                click.echo("  lint: clean (" + ("TensorRT rules" if tensorrt else "every canonical rule") + ")")
+    if violations:
+        raise CheckFailed(f"{model}: {len(violations)} lint violation(s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="deploykit", standalone_mode=False)
+    except DeploykitError as exc:
+        click.echo(f"deploykit: error: {exc}", err=True)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("deploykit: aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("deploykit: interrupted", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

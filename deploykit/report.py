@@ -1,0 +1,116 @@
+"""Human reports from the manifest: a terminal table and a Markdown report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_STATUS = {"pass": "ok", "fail": "FAIL", "info": "", "not_run": "not run"}
+
+
+def _check(target: dict, name: str) -> dict | None:
+    return next((c for c in target["checks"] if c["name"] == name), None)
+
+
+def _fmt(c: dict | None, digits: int = 4, pct: bool = False) -> str:
+    if c is None:
+        return "-"
+    if c["status"] == "not_run" or c["value"] is None:
+        return "not run"
+    v = c["value"] * 100 if pct else c["value"]
+    text = f"{v:.{digits}f}" + ("%" if pct else "")
+    return text + (" FAIL" if c["status"] == "fail" else "")
+
+
+def _latency(target: dict) -> str:
+    if not target["latency"]:
+        c = _check(target, "latency_p50_ms")
+        return "not run" if c is not None and c["status"] == "not_run" else "-"
+    return ", ".join(f"b{l['batch_size']}: {l['p50_ms']:.3f}" for l in target["latency"])
+
+
+def summary_rows(manifest: dict[str, Any]) -> list[list[str]]:
+    base = {l["batch_size"]: l["p50_ms"] for l in manifest.get("baseline", {}).get("latency", [])}
+    rows = []
+    if base:
+        rows.append(["fp32 reference", "onnxruntime", "ref", "-", "-", "-", "-", "-",
+                     ", ".join(f"b{b}: {v:.3f}" for b, v in base.items()), "1.00x"])
+    for t in manifest["targets"]:
+        speed = "-"
+        if t["latency"] and t["latency"][0]["batch_size"] in base and t["latency"][0]["p50_ms"] > 0:
+            speed = f"{base[t['latency'][0]['batch_size']] / t['latency'][0]['p50_ms']:.2f}x"
+        status = t["status"]
+        rows.append([t["name"], t["backend"], status,
+                     _fmt(_check(t, "top1_agreement"), 2, pct=True), _fmt(_check(t, "cosine"), 5),
+                     _fmt(_check(t, "accuracy_drop"), 2, pct=True), _fmt(_check(t, "fidelity_rel_l2"), 4),
+                     _fmt(_check(t, "int8_fraction"), 2, pct=True) if _check(t, "int8_fraction") else
+                     _fmt(_check(t, "scales_match"), 0) if _check(t, "scales_match") else "-",
+                     _latency(t), speed])
+    return rows
+
+
+HEADER = ["target", "backend", "status", "top-1 agr", "cosine", "acc drop", "fid rel-L2", "int8/scales",
+          "p50 ms", "speed-up"]
+
+
+def terminal_table(manifest: dict[str, Any]) -> str:
+    rows = [HEADER] + summary_rows(manifest)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    notes = []
+    cal = manifest["calibration"]
+    if cal.get("random_data"):
+        notes.append("WARNING: " + cal["warning"])
+    for t in manifest["targets"]:
+        if t["reason"]:
+            notes.append(f"{t['name']}: {t['reason']}")
+        for c in t["checks"]:
+            if c["status"] == "fail":
+                bound = "<" if c["bound"] == "min" else ">"
+                value = "n/a" if c["value"] is None else f"{c['value']:.6g}"
+                notes.append(f"{t['name']}: {c['name']} = {value} {bound} threshold {c['threshold']}: {c['message']}")
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def markdown_report(manifest: dict[str, Any]) -> str:
+    cal, ev, can = manifest["calibration"], manifest["evaluation"], manifest["canonical"]
+    out = [f"# deploykit build report", "",
+           f"- model: `{manifest['model']['path']}` (sha256 `{manifest['model']['sha256'][:16]}…`)",
+           f"- canonical model: `{can['path']}` ({can['qdq_nodes']} Q/DQ nodes, {can['tensors_in_table']} tensors "
+           f"in the calibration table, lint: {'clean' if not can['lint_violations'] else 'VIOLATIONS'})",
+           f"- calibration: {cal['method']} on {cal['samples']} samples of `{cal['data']}`",
+           f"- evaluation: `{ev['data']}`" + (f" ({ev['note']})" if ev["note"] else "")
+           + (f"; FP32 accuracy {ev['fp32_accuracy'] * 100:.2f}%" if ev.get("fp32_accuracy") is not None else ""),
+           f"- deploykit {manifest['deploykit']}, {manifest['created']}", ""]
+    if cal.get("random_data"):
+        out += [f"> **WARNING: {cal['warning']}**", ""]
+    rows = [HEADER] + summary_rows(manifest)
+    out.append("| " + " | ".join(rows[0]) + " |")
+    out.append("|" + "---|" * len(HEADER))
+    out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    out.append("")
+    for t in manifest["targets"]:
+        out += [f"## {t['name']} ({t['backend']} on {t['device']['name']})", "", f"status: **{t['status']}**"
+                + (f": {t['reason']}" if t["reason"] else ""), ""]
+        if t["artifact"]:
+            out += [f"artifact: `{t['artifact']['path']}` (sha256 `{t['artifact']['sha256'][:16]}…`)", ""]
+        if t["checks"]:
+            out += ["| check | status | value | threshold | note |", "|---|---|---|---|---|"]
+            for c in t["checks"]:
+                value = "-" if c["value"] is None else f"{c['value']:.6g}"
+                thr = "-" if c["threshold"] is None else f"{c['bound']} {c['threshold']:g}"
+                out.append(f"| {c['name']} | {c['status']} | {value} | {thr} | {c['message']} |")
+            out.append("")
+        if t["latency"]:
+            out += ["| batch | p50 ms | p90 ms | p99 ms | throughput /s |", "|---|---|---|---|---|"]
+            for l in t["latency"]:
+                out.append(f"| {l['batch_size']} | {l['p50_ms']:.3f} | {l['p90_ms']:.3f} | {l['p99_ms']:.3f} | {l['throughput']:.1f} |")
+            out.append("")
+        for key, value in (t.get("preflight") or {}).items():
+            if isinstance(value, str) and ("\n" in value or len(value) > 60):
+                out += [f"{key}:", "", "```", value, "```", ""]
+            else:
+                out += [f"- {key}: `{value}`"]
+        if t.get("preflight"):
+            out.append("")
+    return "\n".join(out)
