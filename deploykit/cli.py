@@ -259,8 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo("deploykit: aborted", err=True)
         return 130
-    except click.ClickException as exc:
-        exc.show()
+    except click.ClickException as exc:  # usage errors too: one line, like every handled error
+        hint = ""
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            hint = f" (see '{exc.ctx.command_path} --help')"
+        click.echo(f"deploykit: error: {exc.format_message()}{hint}", err=True)
         return exc.exit_code
     except KeyboardInterrupt:
         click.echo("deploykit: interrupted", err=True)

@@ -63,8 +63,13 @@ class Registry:
     def add_plugin(self, plugin: Any, info: PluginInfo | None = None) -> None:
         """Register one plugin object (module or instance) and collect its backends."""
         info = info or PluginInfo(getattr(plugin, "__name__", repr(plugin)), getattr(plugin, "__name__", ""))
-        self.pm.register(plugin, name=info.name)
-        self.pm.check_pending()  # a misspelt hook name fails here, not silently
+        try:
+            self.pm.register(plugin, name=info.name)
+            self.pm.check_pending()  # a misspelt hook name fails here, not silently
+        except (pluggy.PluginValidationError, ValueError) as exc:
+            if self.pm.is_registered(plugin):
+                self.pm.unregister(plugin)
+            raise PluginError(f"plugin '{info.name}' is invalid: {exc}") from None
         self.plugins[info.name] = info
         hook = getattr(plugin, "deploykit_register_backends", None)
         if hook is not None:
