@@ -77,7 +77,10 @@ def model_hash(model: onnx.ModelProto) -> str:
 
 def normalise(model: onnx.ModelProto, source: str = "model") -> onnx.ModelProto:
     """Opset 18, constant folding, BatchNorm folding, shape inference, unique node names."""
-    model = _to_opset(model, source)
+    named = onnx.ModelProto()
+    named.CopyFrom(model)
+    unique_node_names(named)  # onnxruntime refuses to load a graph with duplicate node names
+    model = _to_opset(named, source)
     model = _ort_basic_optimise(model, source)
     model = _fold_batchnorm(model)
     try:

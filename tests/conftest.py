@@ -20,11 +20,13 @@ class DigitsFiles:
 @pytest.fixture(scope="session")
 def digits_files(tmp_path_factory) -> DigitsFiles:
     torch = pytest.importorskip("torch", reason="training the test CNN needs torch (pip install torch==2.13.0)")
-    from deploykit.testing import models
+    from deploykit.testing import export_kind, models
 
     root = tmp_path_factory.mktemp("digits")
-    module, data, acc = models.train_digits_cnn(seconds=6.0, seed=0)
-    models.export_onnx(module, (torch.from_numpy(data.x_train[:2]),), root / "digits.onnx", ["x"])
+    _, module = export_kind("digits", root / "digits.onnx")  # trained once per process, shared
+    data = models.digits()
+    with torch.no_grad():
+        acc = float((module(torch.from_numpy(data.x_test)).argmax(1).numpy() == data.y_test).mean())
     np.savez(root / "calib.npz", x=data.x_train[:256])
     np.savez(root / "eval.npz", x=data.x_test, labels=data.y_test)
     return DigitsFiles(root / "digits.onnx", root / "calib.npz", root / "eval.npz", acc)

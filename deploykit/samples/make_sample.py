@@ -20,7 +20,7 @@ HERE = Path(__file__).parent
 def main() -> None:
     import torch
 
-    module, data, acc = models.train_digits_cnn(seconds=10.0, seed=0)
+    module, data, acc = models.train_digits_cnn(seed=0)
     models.export_onnx(module, (torch.from_numpy(data.x_train[:2]),), HERE / "digits_cnn.onnx", ["x"])
     np.savez_compressed(HERE / "digits_calib.npz", x=data.x_train[:256])
     np.savez_compressed(HERE / "digits_eval.npz", x=data.x_test, labels=data.y_test)

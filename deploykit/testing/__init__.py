@@ -44,15 +44,24 @@ def eval_feeds(kind: str, n: int, seed: int = 1) -> dict:
     return {"x": rng.random(shape, dtype=np.float32)}
 
 
+_EXPORTED: dict = {}  # (kind, seed) -> (onnx bytes, module): train and export once per process
+
+
 def export_kind(kind: str, path, seed: int = 0):
     """Export a test model kind to ONNX (dynamic batch). Returns (path, torch module)."""
+    from pathlib import Path
+
+    if (kind, seed) in _EXPORTED:
+        blob, module = _EXPORTED[(kind, seed)]
+        Path(path).write_bytes(blob)
+        return path, module
     import torch
 
     from deploykit.testing import models
 
     torch.manual_seed(seed)
     if kind == "digits":
-        module, _, _ = models.train_digits_cnn(seconds=6.0, seed=seed)
+        module, _, _ = models.train_digits_cnn(seed=seed)
     elif kind == "resnet":
         module = models.resnet_cnn()
     elif kind == "mobilenet":
@@ -65,6 +74,7 @@ def export_kind(kind: str, path, seed: int = 0):
     feeds = eval_feeds(kind, 2, seed=seed)
     example = tuple(torch.from_numpy(v) for v in feeds.values())
     models.export_onnx(module, example, path, list(feeds))
+    _EXPORTED[(kind, seed)] = (Path(path).read_bytes(), module)
     return path, module
 
 

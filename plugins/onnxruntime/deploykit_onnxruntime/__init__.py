@@ -1,9 +1,17 @@
 """onnxruntime backend: the canonical model, made fast for onnxruntime on x86, run on CPU.
 
-Lowering rewrites activation zero points int8 0 -> uint8 128 (scales untouched). That is
-bit-exact, and on x86 it lets onnxruntime fuse the QDQ groups into integer kernels instead of
-running DQ -> float -> Q (FINDINGS.md: 1.30 ms -> 0.55 ms on a ResNet-like CNN). Weights stay
-int8 per-channel. The canonical model itself is never changed.
+Two lossless rewrites, both inside this backend (the canonical model is never changed):
+
+1. Output Q/DQ: onnxruntime only turns ``DQ -> Conv -> Q`` into an integer QLinearConv when a
+   Q follows the op directly. Where the canonical model has ``Conv -> Relu/Clip -> Q(s)``, a
+   Q/DQ pair with the same scale ``s`` is inserted on the Conv output. Relu and Clip commute
+   with rounding to a grid of step ``s``, so the values are unchanged, and the Conv (or the
+   residual Add, or Gemm/MatMul) runs in int8.
+2. Activation zero points int8 0 -> uint8 128 (scales untouched): bit-exact, and on x86
+   onnxruntime's integer kernels want uint8 activations (FINDINGS.md: 1.30 ms -> 0.55 ms).
+3. ``DQ(s) -> Relu/Clip -> Q(s)`` becomes one integer Clip on the quantized tensor (Relu:
+   ``max(q, zero_point)``), exact for the same reason as 1, instead of three float passes.
+Weights stay int8 per-channel.
 """
 
 from __future__ import annotations
@@ -53,12 +61,16 @@ class OnnxRuntimeBackend(Backend):
     def lower(self, canonical: CanonicalModel, target, dest: Path) -> Artifact:
         model = onnx.ModelProto()
         model.CopyFrom(canonical.model)
+        fused = add_output_qdq(model)
         rewritten = to_uint8_activations(model) if target.options["activations"] == "uint8" else 0
+        folded = integer_activations(model)
         with atomic_output(dest) as tmp:
             onnx.save(model, str(tmp))
-        check = verify_scales(canonical.model, model)
+        check = verify_scales(canonical.model, model, set(folded))
         return Artifact(self.name, dest, (dest,), {"activation_type": target.options["activations"],
-                                                    "rewritten_qdq_pairs": rewritten}, (check,))
+                                                    "rewritten_qdq_nodes": rewritten,
+                                                    "output_qdq_added": fused,
+                                                    "integer_relu_clip": len(folded) // 2}, (check,))
 
     def load(self, artifact: Artifact, target) -> "OrtRunner":
         try:
@@ -96,6 +108,109 @@ class OrtRunner:
         return self.session.run(None, {k: feeds[k] for k in self.input_names})
 
 
+_FUSABLE = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Add"})
+_COMMUTES_WITH_ROUNDING = frozenset({"Relu", "Clip"})
+
+
+def add_output_qdq(model: onnx.ModelProto) -> int:
+    """Insert ``Q/DQ(s)`` between a quantized op and a Relu/Clip whose output only feeds Q(s).
+
+    Lossless: Q(relu(DQ(Q(x)))) == Q(relu(x)) for the same scale, as relu and clip are monotone
+    and keep the integer grid. Returns the number of pairs inserted. Edits ``model`` in place.
+    """
+    g = QdqGraph(model)
+    graph_outputs = {o.name for o in model.graph.output}
+    inserted: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        if node.op_type not in _FUSABLE or not all(g.dq_feeding(i) for i in node.input[:2] if i):
+            continue
+        out = node.output[0]
+        users = g.consumers.get(out, [])
+        if out in graph_outputs or len(users) != 1 or users[0].op_type not in _COMMUTES_WITH_ROUNDING:
+            continue
+        act = users[0]
+        quants = g.consumers.get(act.output[0], [])
+        if not quants or act.output[0] in graph_outputs or any(q.op_type != "QuantizeLinear" for q in quants):
+            continue
+        first = quants[0]
+        if any(list(q.input[1:]) != list(first.input[1:]) for q in quants):
+            continue
+        q = onnx.helper.make_node("QuantizeLinear", [out, *first.input[1:]], [f"{out}_ort_q"], name=f"{node.name}_ort_Q")
+        dq = onnx.helper.make_node("DequantizeLinear", [f"{out}_ort_q", *first.input[1:]], [f"{out}_ort_dq"],
+                                   name=f"{node.name}_ort_DQ")
+        act.input[0] = dq.output[0]
+        inserted[node.name] = [q, dq]
+    if inserted:
+        nodes = []
+        for node in model.graph.node:
+            nodes.append(node)
+            nodes.extend(inserted.get(node.name, []))
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return len(inserted)
+
+
+def integer_activations(model: onnx.ModelProto) -> list[str]:
+    """Replace ``DQ(s, zp) -> Relu/Clip -> Q(s, zp)`` by ``Clip`` on the quantized values.
+
+    Q(clip(DQ(q), a, b)) == clip(q, round(a/s) + zp, round(b/s) + zp) for integer q, since
+    rounding is monotone. Returns the names of the Q/DQ nodes folded away. Edits ``model`` in place.
+    """
+    g = QdqGraph(model)
+    graph_outputs = {o.name for o in model.graph.output}
+    drop: set[int] = set()
+    new_inits: list[onnx.TensorProto] = []
+    replace: dict[int, onnx.NodeProto] = {}
+    folded: list[str] = []
+    for act in model.graph.node:
+        if act.op_type not in _COMMUTES_WITH_ROUNDING:
+            continue
+        dq = g.dq_feeding(act.input[0])
+        users = g.consumers.get(act.output[0], [])
+        if dq is None or g.is_weight_dq(dq) or len(users) != 1 or users[0].op_type != "QuantizeLinear":
+            continue
+        q = users[0]
+        if act.output[0] in graph_outputs or len(g.consumers.get(dq.output[0], [])) != 1:
+            continue
+        pq, pdq = g.params(q), g.params(dq)
+        if pq.axis is not None or not (np.array_equal(pq.scale, pdq.scale) and np.array_equal(pq.zero_point, pdq.zero_point)
+                                       and pq.zero_point.dtype == pdq.zero_point.dtype):
+            continue
+        scale, zp, dtype = float(pq.scale.reshape(-1)[0]), int(pq.zero_point.reshape(-1)[0]), pq.zero_point.dtype
+        info = np.iinfo(dtype)
+        try:
+            lo, hi = (0.0, None) if act.op_type == "Relu" else _clip_bounds(g, act)
+        except ValueError:  # bounds computed at run time: leave the float chain
+            continue
+        bound = lambda v, default: default if v is None else int(np.clip(np.round(v / scale) + zp, info.min, info.max))
+        lo_name, hi_name = f"{act.name}_int_lo", f"{act.name}_int_hi"
+        new_inits += [numpy_helper.from_array(np.array(bound(lo, info.min), dtype), lo_name),
+                      numpy_helper.from_array(np.array(bound(hi, info.max), dtype), hi_name)]
+        clip = onnx.helper.make_node("Clip", [dq.input[0], lo_name, hi_name], [q.output[0]], name=f"{act.name}_int")
+        idx = {id(n): i for i, n in enumerate(model.graph.node)}
+        replace[idx[id(act)]] = clip
+        drop.update({idx[id(dq)], idx[id(q)]})
+        folded += [dq.name, q.name]
+    if replace:
+        nodes = [replace.get(i, n) for i, n in enumerate(model.graph.node) if i not in drop]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        model.graph.initializer.extend(new_inits)
+    return folded
+
+
+def _clip_bounds(g: QdqGraph, clip: onnx.NodeProto) -> tuple[float | None, float | None]:
+    def const(i: int) -> float | None:
+        if len(clip.input) <= i or not clip.input[i]:
+            return None
+        value = g.const(clip.input[i])
+        if value is None:
+            raise ValueError("dynamic clip bound")
+        return float(value)
+
+    return const(1), const(2)
+
+
 def to_uint8_activations(model: onnx.ModelProto) -> int:
     """Rewrite activation Q/DQ pairs from int8 zero point 0 to uint8 zero point 128, in place.
 
@@ -126,8 +241,9 @@ def to_uint8_activations(model: onnx.ModelProto) -> int:
     return count
 
 
-def verify_scales(canonical: onnx.ModelProto, lowered: onnx.ModelProto) -> CheckResult:
-    """Every Q/DQ node of the lowered model carries the canonical scale of the same node."""
+def verify_scales(canonical: onnx.ModelProto, lowered: onnx.ModelProto, folded: set[str] = frozenset()) -> CheckResult:
+    """Every canonical Q/DQ node is in the lowered model with the same scale (and the same int8
+    weights), or was folded into an integer Clip (``folded``) that uses that scale."""
     want, got = QdqGraph(canonical), QdqGraph(lowered)
     by_name = {n.name: n for n in lowered.graph.node}
     mismatches = []
@@ -137,7 +253,8 @@ def verify_scales(canonical: onnx.ModelProto, lowered: onnx.ModelProto) -> Check
             continue
         other = by_name.get(node.name)
         if other is None:
-            mismatches.append(f"{node.name}: missing")
+            if node.name not in folded:
+                mismatches.append(f"{node.name}: missing")
             continue
         a, b = want.params(node), got.params(other)
         compared += 1
@@ -146,7 +263,7 @@ def verify_scales(canonical: onnx.ModelProto, lowered: onnx.ModelProto) -> Check
         if got.is_weight_dq(other) and not np.array_equal(want.const(node.input[0]), got.const(other.input[0])):
             mismatches.append(f"{node.name}: int8 weights differ")
     status = "fail" if mismatches or compared == 0 else "pass"
-    msg = f"{compared} Q/DQ scales compared, {len(mismatches)} mismatches"
+    msg = f"{compared} Q/DQ scales compared ({len(folded)} folded into integer Clip), {len(mismatches)} mismatches"
     return CheckResult("scales_match", status, float(len(mismatches)), message=msg,
                        details={"compared": compared, "mismatches": mismatches[:50]})
 
