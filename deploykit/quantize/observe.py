@@ -100,8 +100,12 @@ class Observer:
                     s.hist = np.zeros(HIST_BINS, np.int64)
                 if top <= 0:
                     continue
-                mag = np.abs(value[np.isfinite(value)], dtype=np.float64) if value.dtype != np.float64 else np.abs(value)
-                s.hist += np.histogram(mag, bins=HIST_BINS, range=(0.0, top))[0]
+                mag = np.abs(value, dtype=np.float32).ravel()
+                if not np.all(np.isfinite(mag)):
+                    mag = mag[np.isfinite(mag)]
+                # bincount of bin indices: several times faster than np.histogram, same bins
+                idx = np.minimum((mag * np.float32(HIST_BINS / top)).astype(np.int64), HIST_BINS - 1)
+                s.hist += np.bincount(idx, minlength=HIST_BINS)
             if progress:
                 progress(len(next(iter(batch.feeds.values()))))
 
