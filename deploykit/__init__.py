@@ -3,4 +3,16 @@
 from deploykit.hookspecs import hookimpl
 
 __version__ = "0.1.0"
-__all__ = ["hookimpl", "__version__"]
+__all__ = ["hookimpl", "__version__", "build"]
+
+
+def build(model, targets, **options):
+    """Python API for ``deploykit build``: ``model`` is an .onnx path or a torch.nn.Module
+    (then pass ``example_inputs=(tensor, ...)``); ``options`` are
+    :class:`deploykit.pipeline.BuildOptions` fields (``calib``, ``eval``, ``method``, ``out_dir``, ...).
+    Returns a :class:`deploykit.pipeline.BuildResult` (``.manifest``, ``.targets``, ``.ok``)."""
+    from deploykit.pipeline import BuildOptions, build as _build
+
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    return _build(model, BuildOptions(targets=list(targets), **options))

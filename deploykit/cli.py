@@ -74,7 +74,7 @@ def build(model, targets, calib, eval_, method, percentile, samples, eval_sample
     threshold or a target errors, 2 for bad input.
     """
     from deploykit import progress
-    from deploykit.build import BuildOptions, build as run_build
+    from deploykit.pipeline import BuildOptions, build as run_build
     from deploykit.report import terminal_table
 
     if as_json:

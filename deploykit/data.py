@@ -44,6 +44,10 @@ class DataSource:
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
         """Re-batch the source's chunks to ``batch_size`` (the last batch may be smaller)."""
+        if batch_size < 1:  # 0 would yield empty batches forever
+            raise DataError(f"{self.description}: batch size {batch_size} must be >= 1")
+        if self.limit is not None and self.limit < 0:  # a negative limit would slice from the end
+            raise DataError(f"{self.description}: sample limit {self.limit} must be >= 0")
         pending: list[Batch] = []
         count = 0
         held = 0
@@ -147,6 +151,9 @@ class ArraySource(DataSource):
             raise
         except Exception as exc:
             raise DataError(f"{path}: cannot read ({type(exc).__name__}: {exc}); expected .npy or .npz") from None
+        scalars = [k for k, a in self.arrays.items() if np.ndim(a) == 0]
+        if scalars:
+            raise DataError(f"{path}: array {scalars} is a scalar; arrays need a leading sample axis")
 
     def _chunks(self) -> Iterator[Batch]:
         n = min(len(a) for a in self.arrays.values()) if self.arrays else 0
@@ -177,7 +184,12 @@ class ImageFolderSource(DataSource):
         idx = {c: i for i, c in enumerate(self.classes)}
         root = Path(self.description)
         for group in _batched(self.files, 32):
-            images = np.stack([load_image(f, self.preprocess) for f in group])
+            loaded = [load_image(f, self.preprocess) for f in group]
+            if len({a.shape for a in loaded}) > 1:
+                sizes = {f.name: list(a.shape) for f, a in zip(group, loaded)}
+                raise DataError(f"{self.description}: images differ in size after preprocessing ({sizes}); "
+                                f"set preprocess resize and crop")
+            images = np.stack(loaded)
             labels = np.array([idx[f.relative_to(root).parts[0]] for f in group]) if self.classes else None
             yield Batch({self.input: images}, labels)
 
@@ -231,7 +243,18 @@ class CallableSource(DataSource):
             raise DataError(f"{self.description}: the data function raised {type(exc).__name__}: {exc}") from None
         if isinstance(result, Mapping):
             result = [result]
-        for item in result:
+        try:
+            items = iter(result)
+        except TypeError:
+            raise DataError(f"{self.description}: the data function returned {type(result).__name__}; "
+                            f"return feed dicts (a dict, a list or a generator)") from None
+        while True:
+            try:  # a generator fails while iterated, not when called
+                item = next(items)
+            except StopIteration:
+                break
+            except Exception as exc:
+                raise DataError(f"{self.description}: the data function raised {type(exc).__name__}: {exc}") from None
             labels = None
             if isinstance(item, tuple) and len(item) == 2:
                 item, labels = item

@@ -152,7 +152,8 @@ def _fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
         k = gamma / np.sqrt(var + eps)
         w_new = (w * k.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
         b_new = ((b - mean) * k + beta).astype(np.float32)
-        w_name, b_name = f"{conv.input[1]}_bnfold", f"{conv.name or conv.output[0]}_bias_bnfold"
+        # named after the Conv, not the weight: two Convs may share one weight and fold different BNs
+        w_name, b_name = f"{conv.name or conv.output[0]}_weight_bnfold", f"{conv.name or conv.output[0]}_bias_bnfold"
         g.initializer.extend([numpy_helper.from_array(w_new, w_name), numpy_helper.from_array(b_new, b_name)])
         conv.input[1] = w_name
         if len(conv.input) > 2:

@@ -188,6 +188,9 @@ def load_targets(path: Path | str | None) -> TargetsFile:
             raise ConfigError(f"{tf.where('calibration', 'method')}: '{raw['method']}' is not one of {', '.join(CALIBRATION_METHODS)}")
         if not 0 < raw.get("percentile", 99.99) <= 100:
             raise ConfigError(f"{tf.where('calibration', 'percentile')} must be in (0, 100]")
+        for key in ("samples", "batch_size"):
+            if raw.get(key, 1) < 1:
+                raise ConfigError(f"{tf.where('calibration', key)} must be >= 1")
         tf.calibration = Calibration(**raw)
     if "preprocess" in data:
         tf.preprocess = parse_preprocess(data["preprocess"], tf.where("preprocess"))

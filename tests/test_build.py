@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from deploykit.backend import Artifact, Availability, Backend
-from deploykit.build import BuildOptions, build
+from deploykit.pipeline import BuildOptions, build
 from deploykit.cli import main
 from deploykit.plugins import PluginInfo
 from deploykit.quantize.canonical import lint
@@ -271,3 +271,20 @@ def test_rebuild_into_own_output_and_failed_threshold_exit_code(digits_files, tm
     assert "latency_p50_ms" in manifest["targets"][0]["reason"]
     assert json.loads((out / "manifest.json").read_text())["targets"][0]["status"] == "failed"
     _one_line_error(err, "failed checks")
+
+
+@pytest.mark.slow
+def test_python_api_builds_from_a_torch_module(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    import deploykit
+    from deploykit.testing.models import resnet_cnn
+
+    monkeypatch.setenv("DEPLOYKIT_DISABLE_PLUGINS", "openvino,tflite,coreml,tensorrt")
+    torch.manual_seed(0)
+    calib = np.random.default_rng(0).random((32, 1, 8, 8), dtype=np.float32)
+    result = deploykit.build(resnet_cnn(), "onnxruntime", example_inputs=(torch.from_numpy(calib[:2]),),
+                             input_names=["x"], calib=lambda: [{"x": calib}], method="minmax",
+                             out_dir=tmp_path / "out", baseline=False)
+    assert result.ok and result.targets[0].status == "ok"
+    assert (tmp_path / "out" / "source.onnx").is_file() and "source.onnx" in result.manifest["files"]
+    assert result.manifest["canonical"]["lint_violations"] == []

@@ -53,6 +53,8 @@ class BuildOptions:
     batch_size: int | None = None  # calibration batch size
     preprocess: Preprocess | None = None
     baseline: bool = True  # measure FP32 onnxruntime latency as the reference row
+    example_inputs: tuple | None = None  # with a torch.nn.Module: inputs for the dynamo export
+    input_names: list[str] | None = None  # with a torch.nn.Module: ONNX input names
     on_event: Callable[[str], None] = field(default=lambda msg: None)
 
 
@@ -103,7 +105,9 @@ class BuildResult:
         return all(t.status in ("ok", "skipped") for t in self.targets)
 
 
-def build(model: Path | str, options: BuildOptions, registry: Registry | None = None) -> BuildResult:
+def build(model: Any, options: BuildOptions, registry: Registry | None = None) -> BuildResult:
+    """Build every target of ``options`` from an .onnx path, or a torch.nn.Module plus
+    ``options.example_inputs`` (exported with the dynamo exporter at opset 18, dynamic batch)."""
     registry = registry or load_registry()
     out_dir = Path(options.out_dir)
     tf = load_targets(options.targets_file)
@@ -113,6 +117,10 @@ def build(model: Path | str, options: BuildOptions, registry: Registry | None = 
     claim_out_dir(out_dir)
     events = options.on_event
 
+    if not isinstance(model, (str, os.PathLike)):
+        if options.example_inputs is None:
+            raise DeploykitError("building from a torch module needs BuildOptions.example_inputs (a tuple of tensors)")
+        model = modelmod.export_torch(model, options.example_inputs, out_dir / "source.onnx", options.input_names)
     model = Path(model)
     started = time.monotonic()
     raw = modelmod.load_onnx(model)
@@ -358,6 +366,8 @@ def _manifest(model: Path, source_hash: str, canonical: CanonicalModel, q, calib
               registry: Registry) -> dict[str, Any]:
     qdq_nodes = [n for n in canonical.model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     files = [canonical.path, canonical.fp32_path, canonical.path.with_name(canonical.path.name.replace(".qdq.onnx", ".calib.json"))]
+    if model.parent.resolve() == out_dir.resolve():  # exported from a torch module into the output folder
+        files.append(model)
     for r in results:
         if r.artifact is not None:
             files.extend(f for f in (r.artifact.files or (r.artifact.path,)))
