@@ -86,6 +86,12 @@ def resolve_profiles(model: onnx.ModelProto, target: "Target") -> tuple[Profile,
     for name, shape in shapes.items():
         dynamic = [i for i, d in enumerate(shape) if d < 0]
         if name not in raw:
+            if dynamic == [0]:
+                # only the batch is dynamic: the target's batch_sizes say what the engine must take
+                fill = lambda b: (b, *shape[1:])  # noqa: E731
+                profiles.append(Profile(name, fill(min(target.batch_sizes)), fill(target.batch_sizes[0]),
+                                        fill(max(target.batch_sizes))))
+                continue
             if dynamic:
                 hint = _toml(_suggest(shape, target.batch_sizes))
                 raise LoweringError(

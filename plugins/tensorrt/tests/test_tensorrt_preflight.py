@@ -32,7 +32,7 @@ HAVE_TENSORRT = device.tensorrt_version()[0] is not None
 # a tiny hand-made Q/DQ model (x -> Q -> DQ -> Conv with a per-channel int8 weight) and its breakages
 # ----------------------------------------------------------------------------------------------
 def tiny_qdq(zero_point: int = 0, bias_dq: bool = False, weight_axis: int = 0, opset: int = 18,
-             extra_op: str | None = None) -> onnx.ModelProto:
+             extra_op: str | None = None, input_shape: tuple = ("N", 3, 8, 8)) -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     w = rng.integers(-127, 128, size=(4, 3, 3, 3)).astype(np.int8)
     channels = w.shape[weight_axis]
@@ -62,7 +62,7 @@ def tiny_qdq(zero_point: int = 0, bias_dq: bool = False, weight_axis: int = 0, o
         out = "z"
     graph = helper.make_graph(
         nodes, "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(input_shape))],
         [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
@@ -201,15 +201,21 @@ def test_timing_cache_is_keyed_by_gpu_and_tensorrt(monkeypatch):
     assert device.cache_dir() == Path("/home/u/.cache/deploykit/tensorrt")
 
 
+def test_batch_only_dynamic_input_gets_a_profile_from_batch_sizes():
+    settings = build_settings(tiny_qdq(), make_target(TensorRTBackend, name="gpu", batch_sizes=(2, 1, 8)))
+    (profile,) = settings.profiles
+    assert (profile.min, profile.opt, profile.max) == ((1, 3, 8, 8), (2, 3, 8, 8), (8, 3, 8, 8))
+
+
 def test_missing_profile_error_names_input_and_keys(tmp_path):
-    canonical = canonical_of(tiny_qdq(), tmp_path / "m.onnx")
+    canonical = canonical_of(tiny_qdq(input_shape=("N", 3, "H", 8)), tmp_path / "m.onnx")
     target = make_target(TensorRTBackend, name="gpu", batch_sizes=(1, 8))
     with pytest.raises(LoweringError) as exc:
         TensorRTBackend().lower(canonical, target, tmp_path / "m.engine")
     msg = str(exc.value)
     assert "input 'x'" in msg and "profiles.x.min" in msg and "profiles.x.opt" in msg and "profiles.x.max" in msg
     assert "[targets.gpu.options]" in msg
-    assert "max = [8, 3, 8, 8]" in msg  # a paste-able profile from the target's batch sizes
+    assert "max = [8, 3, N, 8]" in msg  # a profile to paste, batch from the target's batch sizes
     assert not (tmp_path / "m.engine").exists()
     checks, meta = lint_check(canonical)
     assert checks["tensorrt_profiles"].status == "fail" and "profiles.x.min" in checks["tensorrt_profiles"].message
