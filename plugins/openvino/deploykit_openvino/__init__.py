@@ -1,0 +1,18 @@
+"""OpenVINO backend for deploykit: canonical QDQ ONNX -> OpenVINO IR (.xml + .bin), run on
+OpenVINO CPU / GPU / NPU, with a check that the IR keeps the canonical scales and an audit of
+the precision each compute layer really runs in.
+
+Importing this module never imports openvino: the SDK is loaded inside the backend's methods.
+"""
+
+from __future__ import annotations
+
+import deploykit
+from deploykit_openvino.backend import OpenVINOBackend
+
+__all__ = ["OpenVINOBackend"]
+
+
+@deploykit.hookimpl
+def deploykit_register_backends(register) -> None:
+    register(OpenVINOBackend)
