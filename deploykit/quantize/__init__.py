@@ -38,6 +38,11 @@ def quantize(fp32: onnx.ModelProto, calib: DataSource, method: str = "entropy", 
     """Calibrate the normalised FP32 model on ``calib`` and return the canonical QDQ model."""
     if method not in METHODS:
         raise ConfigError(f"unknown calibration method '{method}'; use one of {', '.join(METHODS)}")
+    from deploykit.model import input_specs  # local: deploykit.model imports this package
+
+    fixed = {dims[0] for dims, _ in input_specs(fp32).values() if dims and isinstance(dims[0], int) and dims[0] > 0}
+    if fixed:  # a model exported with a fixed batch (often 1) only runs at that batch size
+        batch_size = min(fixed)
     observer = Observer(fp32)
     with bar(calib.limit, "calibrate: ranges", "sample") as b:
         observer.observe_ranges(calib.batches(batch_size), b.update)
