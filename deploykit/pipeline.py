@@ -6,6 +6,7 @@ manifest and report are written for all of them.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -147,7 +148,11 @@ def build(model: Any, options: BuildOptions, registry: Registry | None = None) -
     calibrate_s = time.monotonic() - t0
     events(f"canonical model: {canonical.path} ({result.samples} samples, {calib_cfg.method})")
 
-    eval_batches, labels = _eval_batches(eval_src, max(min(t.batch_sizes) for t in targets) if targets else 1)
+    fixed_batch = _fixed_batch(specs)
+    if fixed_batch:
+        targets = [_at_batch(t, fixed_batch, events) for t in targets]
+    eval_batch = fixed_batch or (max(t.batch_sizes[0] for t in targets) if targets else 1)
+    eval_batches, labels = _eval_batches(eval_src, eval_batch)
     reference = _reference_outputs(canonical, eval_batches)
     fp32_acc = checks.task_accuracy(reference["fp32"][0], labels) if labels is not None and checks.is_classifier(reference["fp32"][0]) else None
     baseline = _baseline_latency(canonical, targets, eval_batches) if options.baseline and targets else []
@@ -197,6 +202,20 @@ def claim_out_dir(out_dir: Path) -> None:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
         raise OutputDirError(f"{out_dir}: holds files deploykit did not write ({foreign[0]}{more}); "
                              f"choose an empty or new --out folder")
+
+
+def _fixed_batch(specs) -> int | None:
+    """The batch size a model was exported with, when its batch dimension is not dynamic."""
+    fixed = {shape[0] for shape, _ in specs.values() if shape and isinstance(shape[0], int) and shape[0] > 0}
+    return min(fixed) if fixed else None
+
+
+def _at_batch(target: Target, batch: int, events: Callable[[str], None]) -> Target:
+    if target.batch_sizes == (batch,):
+        return target
+    events(f"{target.name}: the model has a fixed batch of {batch}; latency only at that batch "
+           f"(export with a dynamic batch for batch_sizes {list(target.batch_sizes)})")
+    return dataclasses.replace(target, batch_sizes=(batch,))
 
 
 def _eval_batches(src: data.DataSource, batch_size: int) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None]:
