@@ -1,0 +1,191 @@
+"""The Core ML backend: canonical QDQ ONNX -> ML program (.mlpackage) built with the MIL builder.
+
+Lowering and the scale verification work on any OS; prediction needs macOS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from deploykit.backend import Artifact, Availability, Backend, CanonicalModel, CheckResult, Option, Runner
+from deploykit.errors import BackendUnavailable, ConfigError, LoweringError
+from deploykit.fileio import atomic_output, remove
+from deploykit_coreml.lowering import (DEPLOYMENT_TARGETS, REMOVED_PASSES, check_deployment_target)
+from deploykit_coreml.runner import MACOS_ONLY, META_INPUTS, CoreMLRunner
+
+INSTALL_HINT = "pip install 'deploykit[coreml]'"
+COMPUTE_UNITS = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")
+
+
+def _ct():
+    try:
+        import coremltools
+    except ImportError as exc:
+        raise BackendUnavailable(f"coremltools is not importable ({exc}); install it: {INSTALL_HINT}") from None
+    return coremltools
+
+
+def max_batch(target) -> int:
+    """Upper bound of the batch range: the option, else the largest batch the target measures."""
+    configured = int(target.options.get("max_batch", 0) or 0)
+    return max(configured or max(target.batch_sizes or (1,)), int(target.options.get("batch_size", 1)))
+
+
+def _check_options(options) -> None:
+    check_deployment_target(options["minimum_deployment_target"])
+    for key, allowed in (("compute_precision", ("fp16", "fp32")), ("compute_units", COMPUTE_UNITS),
+                         ("batch", ("range", "fixed"))):
+        if options[key] not in allowed:
+            raise ConfigError(f"coreml option {key} = {options[key]!r}: use one of {', '.join(allowed)}")
+    if int(options["batch_size"]) < 1:
+        raise ConfigError(f"coreml option batch_size = {options['batch_size']!r} must be >= 1")
+
+
+class CoreMLBackend(Backend):
+    name = "coreml"
+    description = "Core ML ML program (.mlpackage) built with coremltools' MIL builder; runs on macOS"
+    install_hint = INSTALL_HINT
+    artifact_suffix = ".mlpackage"
+    metrics = ("int8_fraction",)
+    options = {
+        "minimum_deployment_target": Option(
+            str, "iOS17", "iOS17, macOS14, iOS18 or macOS15 (int8 activation quantize/dequantize needs "
+                          "iOS17/macOS14; iOS18/macOS15 store weights with constexpr_blockwise_shift_scale)"),
+        "compute_precision": Option(str, "fp16", "float ops in fp16 (scales stored as fp16; needed for the "
+                                                 "Neural Engine) or fp32 (scales stored exactly)", ("fp16", "fp32")),
+        "compute_units": Option(str, "ALL", "Core ML compute units used when the package is loaded", COMPUTE_UNITS),
+        "batch": Option(str, "range", "dynamic batch as a Core ML RangeDim [1, max_batch], or a fixed batch_size",
+                        ("range", "fixed")),
+        "batch_size": Option(int, 1, "the fixed batch, or the default shape of the batch range"),
+        "max_batch": Option(int, 0, "upper bound of the batch range; 0: the largest of the target's batch_sizes"),
+    }
+
+    def probe(self, target) -> Availability:
+        try:
+            ct = _ct()
+        except BackendUnavailable as exc:
+            return Availability.missing(str(exc), INSTALL_HINT)
+        versions = {"coremltools": ct.__version__}
+        try:  # saving weights and reading them back both need coremltools' native blob storage
+            import coremltools.libmilstoragepython  # noqa: F401
+        except ImportError as exc:
+            return Availability(False, False, f"coremltools {ct.__version__} has no native blob storage library on "
+                                              f"this platform ({exc}); use a macOS or Linux x86_64/arm64 wheel",
+                                INSTALL_HINT, versions)
+        if sys.platform != "darwin":
+            return Availability(True, False, MACOS_ONLY, versions=versions)
+        return Availability.ready(**versions, macos=platform.mac_ver()[0])
+
+    def preflight(self, canonical: CanonicalModel, target) -> tuple[list[CheckResult], dict[str, Any]]:
+        """Option and op-coverage checks that need no coremltools."""
+        from deploykit_coreml.ops import OP_TABLE
+
+        checks = []
+        try:
+            _check_options(target.options)
+            checks.append(CheckResult("coreml_options", "pass", message="options are valid"))
+        except ConfigError as exc:
+            checks.append(CheckResult("coreml_options", "fail", message=str(exc)))
+        fixed = int(target.options.get("batch_size", 1))
+        if target.options.get("batch") == "fixed" and any(b != fixed for b in target.batch_sizes):
+            checks.append(CheckResult(
+                "coreml_batch", "fail", message=f"batch = \"fixed\" with batch_size {fixed}, but the target measures "
+                                                f"batch sizes {list(target.batch_sizes)}: use batch = \"range\""))
+        configured_max = int(target.options.get("max_batch", 0) or 0)
+        ranged = target.options.get("batch", "range") == "range"
+        if ranged and configured_max and max(target.batch_sizes) > configured_max:
+            checks.append(CheckResult(
+                "coreml_batch", "fail", message=f"max_batch {configured_max} is below the target's batch sizes "
+                                                f"{list(target.batch_sizes)}: raise max_batch or set it to 0"))
+        unsupported = sorted({f"{n.op_type} ({n.name})" for n in canonical.model.graph.node
+                              if n.op_type not in OP_TABLE})
+        ops = sorted({n.op_type for n in canonical.model.graph.node})
+        checks.append(CheckResult(
+            "coreml_op_coverage", "fail" if unsupported else "pass", float(len(unsupported)),
+            message=("ops with no Core ML lowering: " + ", ".join(unsupported[:10])) if unsupported
+            else f"all {len(ops)} op types have a Core ML lowering",
+            details={"unsupported": unsupported, "op_types": ops}))
+        metadata = {"lowering": "MIL builder (coremltools.converters.mil), ct.convert(convert_to='mlprogram')",
+                    "minimum_deployment_target": target.options.get("minimum_deployment_target"),
+                    "removed_passes": list(REMOVED_PASSES)}
+        return checks, metadata
+
+    def lower(self, canonical: CanonicalModel, target, dest: Path) -> Artifact:
+        from deploykit_coreml import lowering, verify
+
+        ct = _ct()
+        options = {k: target.options.get(k, o.default) for k, o in self.options.items()}
+        _check_options(options)
+        upper = max_batch(target)
+        start = time.perf_counter()
+        lowered = lowering.build_program(canonical.model, options["minimum_deployment_target"], options["batch"],
+                                         int(options["batch_size"]), options["compute_precision"] == "fp16")
+        try:
+            mlmodel = lowering.convert(lowered, options, upper)
+        except LoweringError:
+            raise
+        except Exception as exc:  # coremltools' own checks: one line, with what to do
+            raise LoweringError(f"coremltools could not convert the lowered program of {canonical.path.name}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        mlmodel.user_defined_metadata[META_INPUTS] = json.dumps(
+            [[i.coreml_name, i.onnx_name, i.dtype] for i in lowered.inputs])
+        mlmodel.user_defined_metadata["deploykit.canonical_model"] = canonical.path.name
+        qdq_ops = {q.onnx_node: q.mil_op for q in lowered.qdq_names}
+        # recorded in the package so it can be verified later against the canonical model alone
+        mlmodel.user_defined_metadata[verify.META_QDQ_OPS] = json.dumps(qdq_ops)
+        mlmodel.user_defined_metadata[verify.META_PRECISION] = options["compute_precision"]
+        mlmodel.short_description = f"deploykit lowering of {canonical.path.name} (canonical QDQ INT8 scales kept)"
+        dest = Path(dest)
+        with atomic_output(dest) as tmp:
+            # MLModel.save insists on the .mlpackage extension: save beside tmp, then move it in
+            staging = tmp.with_name(tmp.name + ".mlpackage")
+            try:
+                mlmodel.save(str(staging))
+                os.replace(staging, tmp)
+            finally:
+                remove(staging)
+        seconds = time.perf_counter() - start
+
+        checks = (verify.verify_package(canonical.model, dest), verify.quantized_compute(verify.read_package(dest)))
+        files = tuple(sorted(p for p in dest.rglob("*") if p.is_file()))
+        metadata = {
+            "coremltools": ct.__version__,
+            "minimum_deployment_target": options["minimum_deployment_target"],
+            "compute_precision": options["compute_precision"],
+            "compute_units": options["compute_units"],
+            "inputs": {i.onnx_name: {"coreml_name": i.coreml_name, "dtype": i.dtype,
+                                     "shape": ["batch" if d is None else d for d in i.shape]} for i in lowered.inputs},
+            "batch": ({"range": [1, upper], "default": min(int(options["batch_size"]), upper)}
+                      if options["batch"] == "range" else {"fixed": int(options["batch_size"])}),
+            "onnx_ops": lowered.op_counts,
+            "removed_passes": list(REMOVED_PASSES),
+            "lowering_seconds": round(seconds, 3),
+        }
+        return Artifact(self.name, dest, files, metadata, checks)
+
+    def load(self, artifact: Artifact, target) -> Runner:
+        if sys.platform != "darwin":
+            raise BackendUnavailable(f"cannot run {artifact.path.name}: {MACOS_ONLY}")
+        return CoreMLRunner(artifact.path, target.options.get("compute_units", "ALL"))
+
+    def device_info(self, target) -> dict[str, Any]:
+        info: dict[str, Any] = {"platform": sys.platform, "machine": platform.machine(),
+                                "compute_units": target.options.get("compute_units", "ALL")}
+        try:
+            info["coremltools"] = _ct().__version__
+        except BackendUnavailable as exc:
+            info["coremltools"] = f"missing ({exc})"
+        if sys.platform == "darwin":
+            info["macos"] = platform.mac_ver()[0]
+        else:
+            info["runtime"] = MACOS_ONLY
+        return info
+
+
+__all__ = ["CoreMLBackend", "DEPLOYMENT_TARGETS"]
