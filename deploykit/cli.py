@@ -41,6 +41,9 @@ def cli(verbose: bool) -> None:
       deploykit inspect out/canonical.qdq.onnx --lint
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s")
+    if not verbose:  # vendor SDKs warn about untested versions of each other on import
+        for name in ("coremltools", "tensorflow", "absl", "openvino"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 @cli.command()

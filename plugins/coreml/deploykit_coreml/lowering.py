@@ -10,6 +10,10 @@ recorded in :class:`Lowered.qdq_names`, which verification uses to find it in th
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -355,6 +359,10 @@ def convert(lowered: Lowered, options: Mapping[str, Any], max_batch: int):
         else:
             shape = tuple(int(options["batch_size"]) if d is None else d for d in spec.shape)
         inputs.append(ct.TensorType(name=spec.coreml_name, shape=shape, dtype=dtype))
-    return ct.convert(lowered.program, convert_to="mlprogram", minimum_deployment_target=target,
-                      compute_precision=precision, compute_units=getattr(ct.ComputeUnit, options["compute_units"]),
-                      pass_pipeline=pass_pipeline(), inputs=inputs, skip_model_load=True)
+    # coremltools draws a tqdm bar per pass pipeline on stderr; deploykit has its own progress
+    quiet = contextlib.redirect_stderr(io.StringIO()) if not logging.getLogger().isEnabledFor(logging.DEBUG) \
+        else contextlib.nullcontext()
+    with quiet:
+        return ct.convert(lowered.program, convert_to="mlprogram", minimum_deployment_target=target,
+                          compute_precision=precision, compute_units=getattr(ct.ComputeUnit, options["compute_units"]),
+                          pass_pipeline=pass_pipeline(), inputs=inputs, skip_model_load=True)
