@@ -293,10 +293,13 @@ def _build_target(target: Target, registry: Registry, canonical: CanonicalModel,
             b.update()
         res.seconds["lower"] = time.monotonic() - t0
         res.checks.extend(checks.apply_thresholds(c, target.thresholds) for c in res.artifact.checks)
-        if not res.availability.can_run:
-            res.reason = f"checks not run: {res.availability.reason}"
+        not_here = res.availability.reason if not res.availability.can_run else (
+            f"device '{target.device.name}' is remote ({target.device.address}) and this version has no remote "
+            f"agent; copy {dest.name} to the device to check it there" if target.device.address else "")
+        if not_here:
+            res.reason = f"checks not run: {not_here}"
             for name in ("top1_agreement", "cosine", "fidelity_rel_l2", "latency_p50_ms"):
-                res.checks.append(CheckResult(name, "not_run", message=res.availability.reason))
+                res.checks.append(CheckResult(name, "not_run", message=not_here))
         else:
             _run_checks(res, backend, canonical, batches, labels, reference, fp32_acc)
         try:

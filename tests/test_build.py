@@ -288,3 +288,17 @@ def test_python_api_builds_from_a_torch_module(tmp_path, monkeypatch):
     assert result.ok and result.targets[0].status == "ok"
     assert (tmp_path / "out" / "source.onnx").is_file() and "source.onnx" in result.manifest["files"]
     assert result.manifest["canonical"]["lint_violations"] == []
+
+
+def test_remote_device_is_lowered_here_and_not_checked_with_fake_numbers(digits_files, ort_registry, tmp_path):
+    toml = tmp_path / "targets.toml"
+    toml.write_text('[devices.edge]\nkind = "cpu"\naddress = "edge-box.local:8765"\n'
+                    '[targets.edge-ort]\nbackend = "onnxruntime"\ndevice = "edge"\n')
+    opts = BuildOptions(targets=["edge-ort"], out_dir=tmp_path / "out", targets_file=toml,
+                        calib=str(digits_files.calib), method="minmax", baseline=False)
+    (t,) = build(digits_files.model, opts, ort_registry).targets
+    assert t.status == "ok" and t.artifact is not None and t.artifact.path.is_file()
+    assert "remote (edge-box.local:8765)" in t.reason
+    assert {c.name: c.status for c in t.checks if c.name != "scales_match"} == {
+        "top1_agreement": "not_run", "cosine": "not_run", "fidelity_rel_l2": "not_run", "latency_p50_ms": "not_run"}
+    assert t.latency == []
