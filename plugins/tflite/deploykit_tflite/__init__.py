@@ -1,0 +1,148 @@
+"""TFLite backend: the canonical QDQ model rebuilt in TensorFlow with its scales as fake-quant
+ranges, converted to a full-integer .tflite, verified tensor by tensor, run with LiteRT.
+
+No public converter keeps QDQ scales (FINDINGS.md); this one does, and checks it did: every
+int8 tensor of the flatbuffer is compared with the canonical model after every build.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import deploykit
+from deploykit.backend import Artifact, Availability, Backend, CanonicalModel, CheckResult, Option
+from deploykit.errors import BackendUnavailable, LoweringError
+from deploykit.fileio import atomic_output
+
+INSTALL_HINT = "pip install 'deploykit[tflite]'"
+
+
+def _version(module: str, dist: str) -> str | None:
+    """The installed version of a module without importing it (TensorFlow takes seconds to
+    import), or None when it is missing. A module set to None in sys.modules counts as missing."""
+    if module in sys.modules and sys.modules[module] is None:
+        return None
+    try:
+        if importlib.util.find_spec(module) is None:
+            return None
+    except (ImportError, ValueError):
+        return None
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def tensorflow_version() -> str | None:
+    return _version("tensorflow", "tensorflow")
+
+
+def litert_version() -> str | None:
+    return _version("ai_edge_litert", "ai-edge-litert")
+
+
+class TFLiteBackend(Backend):
+    name = "tflite"
+    description = "TFLite full-integer INT8 (canonical scales kept), run with the LiteRT interpreter"
+    install_hint = INSTALL_HINT
+    artifact_suffix = ".tflite"
+    metrics = ("int8_fraction",)
+    options = {
+        "input_type": Option(str, "int8", "type of the model's input tensors", ("int8", "float32")),
+        "output_type": Option(str, "int8", "type of the model's output tensors", ("int8", "float32")),
+        "allow_float_fallback": Option(bool, False, "let ops without an int8 TFLite kernel run in float "
+                                       "(listed in the report); false makes them a lowering error"),
+        "threads": Option(int, 0, "LiteRT interpreter threads (0: the runtime's default)"),
+        "input_shapes": Option(dict, {}, "fixed NCHW shape per input for dynamic dims, e.g. "
+                               "{ x = [1, 3, 224, 224] }; default: batch 1, other dims as in the model"),
+    }
+
+    def probe(self, target) -> Availability:
+        tf_version, litert = tensorflow_version(), litert_version()
+        versions = {k: v for k, v in (("tensorflow", tf_version), ("ai_edge_litert", litert)) if v}
+        missing = [name for name, v in (("tensorflow (needed to lower)", tf_version),
+                                        ("ai_edge_litert (needed to run)", litert)) if v is None]
+        if not missing:
+            return Availability(True, True, versions=versions)
+        return Availability(tf_version is not None, litert is not None,
+                            f"{' and '.join(missing)} not installed", INSTALL_HINT, versions)
+
+    def preflight(self, canonical: CanonicalModel, target) -> tuple[list[CheckResult], dict[str, Any]]:
+        from deploykit_tflite.lowering import fixed_input_shapes
+        from deploykit_tflite.ops import FLOAT_OPS, OPS
+
+        skip = {"QuantizeLinear", "DequantizeLinear"}
+        unsupported = sorted({f"{n.name} ({n.op_type})" for n in canonical.model.graph.node
+                              if n.op_type not in skip and n.op_type not in OPS and n.op_type not in FLOAT_OPS})
+        float_only = sorted({f"{n.name} ({n.op_type})" for n in canonical.model.graph.node if n.op_type in FLOAT_OPS})
+        checks = []
+        if unsupported:
+            checks.append(CheckResult("tflite_op_support", "fail", float(len(unsupported)),
+                                      message="no TFLite lowering for " + ", ".join(unsupported[:8]),
+                                      details={"unsupported": unsupported}))
+        meta: dict[str, Any] = {"float_only_ops": float_only}
+        try:
+            meta["input_shapes"] = fixed_input_shapes(canonical.model, target.options.get("input_shapes") or {}, target.name)
+        except LoweringError as exc:
+            checks.append(CheckResult("tflite_input_shapes", "fail", message=str(exc)))
+        return checks, meta
+
+    def lower(self, canonical: CanonicalModel, target, dest: Path) -> Artifact:
+        if tensorflow_version() is None:
+            raise BackendUnavailable(f"target '{target.name}': tensorflow is not importable; it is needed to "
+                                     f"lower to TFLite: {INSTALL_HINT}")
+        from deploykit_tflite.lowering import convert, fixed_input_shapes, lower_graph
+
+        opts = target.options
+        fallback = bool(opts.get("allow_float_fallback", False))
+        shapes = fixed_input_shapes(canonical.model, opts.get("input_shapes") or {}, target.name)
+        started = time.monotonic()
+        lowered = lower_graph(canonical, shapes, fallback, target.name)
+        traced = time.monotonic()
+        flatbuffer = convert(lowered, opts.get("input_type", "int8"), opts.get("output_type", "int8"))
+        converted = time.monotonic()
+        with atomic_output(dest) as tmp:
+            tmp.write_bytes(flatbuffer)
+        checks: list[CheckResult] = []
+        metadata: dict[str, Any] = {
+            "input_shapes": shapes, "inputs": lowered.inputs, "outputs": lowered.outputs,
+            "input_type": opts.get("input_type", "int8"), "output_type": opts.get("output_type", "int8"),
+            "lowered_float_ops": lowered.float_ops, "bytes": len(flatbuffer),
+            "seconds": {"trace": round(traced - started, 3), "convert": round(converted - traced, 3)},
+        }
+        if litert_version() is None:
+            checks.append(CheckResult("scales_match", "not_run", message=f"ai_edge_litert is not importable, the "
+                                      f"flatbuffer cannot be read back: {INSTALL_HINT}"))
+        else:
+            from deploykit_tflite.verify import verify
+
+            checks, facts = verify(flatbuffer, lowered, fallback)
+            metadata.update(facts)
+        metadata["seconds"]["verify"] = round(time.monotonic() - converted, 3)
+        return Artifact(self.name, dest, (dest,), metadata, tuple(checks))
+
+    def load(self, artifact: Artifact, target):
+        from deploykit_tflite.runner import LiteRTRunner, interpreter_class
+
+        interpreter_class()  # BackendUnavailable with the install hint when LiteRT is missing
+        meta = artifact.metadata or {}
+        inputs = [i["name"] for i in meta.get("inputs", [])]
+        outputs = [o["name"] for o in meta.get("outputs", [])]
+        return LiteRTRunner(Path(artifact.path), inputs, outputs, int(target.options.get("threads") or 0))
+
+    def device_info(self, target) -> dict[str, Any]:
+        return {"tensorflow": tensorflow_version(), "ai_edge_litert": litert_version(),
+                "threads": target.options.get("threads") or "default", "cores": os.cpu_count(),
+                "machine": platform.machine(), "device": target.device.description or target.device.name}
+
+
+@deploykit.hookimpl
+def deploykit_register_backends(register) -> None:
+    register(TFLiteBackend)
