@@ -42,13 +42,24 @@ def summary_rows(manifest: dict[str, Any]) -> list[list[str]]:
         rows.append([t["name"], t["backend"], status,
                      _fmt(_check(t, "top1_agreement"), 2, pct=True), _fmt(_check(t, "cosine"), 5),
                      _fmt(_check(t, "accuracy_drop"), 2, pct=True), _fmt(_check(t, "fidelity_rel_l2"), 4),
-                     _fmt(_check(t, "int8_fraction"), 2, pct=True) if _check(t, "int8_fraction") else
-                     _fmt(_check(t, "scales_match"), 0) if _check(t, "scales_match") else "-",
+                     _verification(t),
                      _latency(t), speed])
     return rows
 
 
-HEADER = ["target", "backend", "status", "top-1 agr", "cosine", "acc drop", "fid rel-L2", "int8/scales",
+def _verification(target: dict) -> str:
+    """int8 share of compute layers (where the backend audits it) and the stored-scale check."""
+    parts = []
+    frac = _check(target, "int8_fraction")
+    if frac is not None and frac["value"] is not None:
+        parts.append(f"{frac['value'] * 100:.0f}% int8" + (" FAIL" if frac["status"] == "fail" else ""))
+    scales = _check(target, "scales_match")
+    if scales is not None:
+        parts.append({"pass": "scales ok", "fail": "scales FAIL"}.get(scales["status"], "scales ?"))
+    return ", ".join(parts) or "-"
+
+
+HEADER = ["target", "backend", "status", "top-1 agr", "cosine", "acc drop", "fid rel-L2", "int8 / scales",
           "p50 ms", "speed-up"]
 
 
