@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol, Sequence, ru
 
 import numpy as np
 
+from deploykit.errors import BackendUnavailable
+
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
 
@@ -172,6 +174,16 @@ class Backend:
     def device_info(self, target: "Target") -> dict[str, Any]:
         """Facts about the device for the manifest (versions, full name, capabilities)."""
         return {}
+
+
+def require(module: str, install_hint: str) -> Any:
+    """Import a vendor SDK lazily, or raise BackendUnavailable saying how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise BackendUnavailable(f"{module} is not importable ({exc}); install it: {install_hint}") from None
 
 
 def output_names(model: "onnx.ModelProto") -> list[str]:

@@ -9,7 +9,7 @@ from typing import Mapping
 
 import numpy as np
 
-from deploykit.backend import Runner
+from deploykit.backend import CheckResult, Runner
 
 
 @dataclass(frozen=True)
@@ -91,10 +91,8 @@ def task_accuracy(output: np.ndarray, labels: np.ndarray) -> float:
 
 
 def judge(name: str, value: float | None, thresholds: Mapping[str, float], message: str = "",
-          details: Mapping | None = None) -> "CheckResult":
+          details: Mapping | None = None) -> CheckResult:
     """A CheckResult for ``value``, pass/fail when targets.toml has min_/max_<name>."""
-    from deploykit.backend import CheckResult
-
     lo, hi = thresholds.get(f"min_{name}"), thresholds.get(f"max_{name}")
     if value is None:
         return CheckResult(name, "not_run", None, message=message, details=details or {})
@@ -107,7 +105,7 @@ def judge(name: str, value: float | None, thresholds: Mapping[str, float], messa
     return CheckResult(name, "info", value, message=message, details=details or {})
 
 
-def apply_thresholds(check: "CheckResult", thresholds: Mapping[str, float]) -> "CheckResult":
+def apply_thresholds(check: CheckResult, thresholds: Mapping[str, float]) -> CheckResult:
     """Judge a backend's own check (e.g. int8_fraction) against the target's thresholds;
     a backend's "fail" (scales do not match) stays a fail."""
     if check.status in ("fail", "not_run") or check.value is None:

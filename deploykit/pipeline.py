@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import onnx
 
 import deploykit
 from deploykit import checks, data, model as modelmod
@@ -31,7 +30,7 @@ from deploykit.plugins import Registry, load_registry
 from deploykit.progress import bar
 from deploykit.quantize import quantize, write_canonical
 from deploykit.quantize.canonical import lint
-from deploykit.targets import Calibration, Preprocess, Target, TargetsFile, load_targets
+from deploykit.targets import Calibration, Preprocess, Target, load_targets
 
 log = logging.getLogger("deploykit")
 MANIFEST = "manifest.json"

@@ -85,7 +85,7 @@ def terminal_table(manifest: dict[str, Any]) -> str:
 
 def markdown_report(manifest: dict[str, Any]) -> str:
     cal, ev, can = manifest["calibration"], manifest["evaluation"], manifest["canonical"]
-    out = [f"# deploykit build report", "",
+    out = ["# deploykit build report", "",
            f"- model: `{manifest['model']['path']}` (sha256 `{manifest['model']['sha256'][:16]}…`)",
            f"- canonical model: `{can['path']}` ({can['qdq_nodes']} Q/DQ nodes, {can['tensors_in_table']} tensors "
            f"in the calibration table, lint: {'clean' if not can['lint_violations'] else 'VIOLATIONS'})",

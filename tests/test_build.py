@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from deploykit.backend import Artifact, Availability, Backend
+from deploykit.backend import Availability, Backend
 from deploykit.pipeline import BuildOptions, build
 from deploykit.cli import main
 from deploykit.plugins import PluginInfo

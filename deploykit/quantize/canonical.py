@@ -10,7 +10,7 @@ the same in prose):
   axis (``weight_axis``), narrow range [-127, 127], zero point 0.
 - Biases stay float (TensorRT rejects an int32 bias DequantizeLinear).
 - Q/DQ sit on the inputs of ``COMPUTE_OPS`` (both inputs of an activation x activation
-  MatMul); a residual Add of two rank-4 activations where one comes from a Conv gets both
+  MatMul) and of ``POOLING_OPS`` over rank-4 activations; a residual Add of two rank-4 activations where one comes from a Conv gets both
   inputs quantized (TensorRT fuses Conv+Add); Concat inputs and output share one scale;
   ``SCALE_PRESERVING_OPS`` give their output the scale of their input.
 - Everything else stays float: LayerNorm, Softmax, the attention-mask Add. Softmax and
@@ -42,11 +42,10 @@ SCALE_PRESERVING_OPS = frozenset({
     "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Reshape", "Transpose",
     "Flatten", "Squeeze", "Unsqueeze", "Pad", "Identity",
 })
-#: Resize preserves the scale only in nearest mode.
-RESIZE = "Resize"
 CONCAT = "Concat"
-#: Outputs TFLite quantizes with fixed parameters (scale 1/256, zero point -128).
-TFLITE_FIXED_OUTPUT_OPS = frozenset({"Softmax", "Sigmoid"})
+#: Pooling of a rank-4 activation reads it through Q/DQ, so pooling runs in int8 and the op
+#: before it gets a quantized output (TensorRT and onnxruntime fuse on that).
+POOLING_OPS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean"})
 
 META_TABLE = "deploykit.calibration_table"
 META_VERSION = "deploykit.version"
@@ -201,6 +200,13 @@ def attrs(node: onnx.NodeProto) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
+def preserves_scale(node: onnx.NodeProto) -> bool:
+    """Output scale = input scale: ``SCALE_PRESERVING_OPS``, and Resize in nearest mode only."""
+    if node.op_type == "Resize":
+        return attrs(node).get("mode", b"nearest") in (b"nearest", "nearest")
+    return node.op_type in SCALE_PRESERVING_OPS
+
+
 # --------------------------------------------------------------------------------------
 # lint
 # --------------------------------------------------------------------------------------
@@ -299,9 +305,7 @@ def lint(model: onnx.ModelProto, tensorrt_only: bool = False) -> list[Violation]
                                          f"scale {float(p.scale.reshape(-1)[0]):.6g} != table scale {table.scale(src):.6g} of '{src}'"))
 
         if node.op_type in COMPUTE_OPS:
-            a = attrs(node)
-            n_quant = 2
-            for idx in range(min(n_quant, len(node.input))):
+            for idx in range(min(2, len(node.input))):
                 if not g.dq_feeding(node.input[idx]):
                     out.append(Violation("compute-inputs-quantized", name,
                                          f"input {idx} '{node.input[idx]}' is not produced by DequantizeLinear"))
@@ -309,7 +313,6 @@ def lint(model: onnx.ModelProto, tensorrt_only: bool = False) -> list[Violation]
                 bias_dq = g.dq_feeding(node.input[2])
                 if bias_dq is not None:
                     out.append(Violation("float-bias", name, "bias is dequantized (int32 bias DequantizeLinear)", True))
-            del a
 
         if node.op_type == "Add" and len(node.input) == 2:
             quantized = [g.dq_feeding(i) is not None for i in node.input]
@@ -324,9 +327,7 @@ def lint(model: onnx.ModelProto, tensorrt_only: bool = False) -> list[Violation]
             if len({round(s, 12) for s in scales}) > 1:
                 out.append(Violation("concat-scale", name, f"inputs/output use {len(scales)} different scales"))
 
-        preserving = node.op_type in SCALE_PRESERVING_OPS or (
-            node.op_type == RESIZE and attrs(node).get("mode", b"nearest") in (b"nearest", "nearest"))
-        if preserving and table is not None and node.input[0] in table and node.output[0] in table:
+        if preserves_scale(node) and table is not None and node.input[0] in table and node.output[0] in table:
             if not np.isclose(table.scale(node.input[0]), table.scale(node.output[0]), rtol=1e-6, atol=0):
                 out.append(Violation("scale-preserving", name, "output scale differs from input scale in the calibration table"))
 

@@ -11,8 +11,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from deploykit.quantize.canonical import (
-    CONCAT, COMPUTE_OPS, INT8_MAX, RESIZE, SCALE_PRESERVING_OPS, CalibrationTable, QdqGraph, TensorRange,
-    activation_scale, attrs, weight_axis,
+    CONCAT, COMPUTE_OPS, INT8_MAX, POOLING_OPS, CalibrationTable, QdqGraph, TensorRange, activation_scale, attrs,
+    preserves_scale, weight_axis,
 )
 from deploykit.quantize.observe import TensorStats
 
@@ -35,9 +35,7 @@ def shared_scale_groups(model: onnx.ModelProto, tensors: set[str]) -> list[set[s
             parent[find(a)] = find(b)
 
     for node in model.graph.node:
-        preserving = node.op_type in SCALE_PRESERVING_OPS or (
-            node.op_type == RESIZE and attrs(node).get("mode", b"nearest") in (b"nearest", "nearest"))
-        if preserving and node.input and node.output:
+        if preserves_scale(node) and node.input and node.output:
             union(node.input[0], node.output[0])
         elif node.op_type == CONCAT:
             for inp in node.input:
@@ -63,7 +61,8 @@ def placement(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     """Node name -> indices of its activation inputs that read through a Q/DQ pair.
 
     The canonical placement rules: activation inputs of Conv/ConvTranspose/Gemm/MatMul (both
-    inputs of an activation x activation MatMul); both inputs of a residual Add of two rank-4
+    inputs of an activation x activation MatMul); the input of a pooling op (max, average,
+    global, spatial ReduceMean) over a rank-4 activation; both inputs of a residual Add of two rank-4
     tensors where one comes from a Conv; every input of a Concat whose output is quantized.
     Anything else (LayerNorm, Softmax, the attention-mask Add) stays float.
     """
@@ -75,6 +74,8 @@ def placement(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
             idx = tuple(i for i in (0, 1) if i < len(node.input) and node.input[i] and node.input[i] not in g.initializers)
             if idx:
                 wrap[node.name] = idx
+        elif node.op_type in POOLING_OPS and ranks.get(node.input[0]) == 4 and node.input[0] not in g.initializers:
+            wrap[node.name] = (0,)
         elif node.op_type == "Add" and len(node.input) == 2 and not any(i in g.initializers for i in node.input):
             if all(ranks.get(i) == 4 for i in node.input) and any(_from_conv(g, i) for i in node.input):
                 wrap[node.name] = (0, 1)  # residual Add: TensorRT fuses Conv+Add with both inputs int8

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deploykit.backend import Artifact, Availability, Backend, CanonicalModel, CheckResult, Option, Runner
+from deploykit.backend import Artifact, Availability, Backend, CanonicalModel, CheckResult, Option, Runner, require
 from deploykit.errors import BackendUnavailable, ConfigError, LoweringError
 from deploykit.fileio import atomic_output, remove
 from deploykit_coreml.lowering import (DEPLOYMENT_TARGETS, REMOVED_PASSES, check_deployment_target)
@@ -24,11 +24,7 @@ COMPUTE_UNITS = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")
 
 
 def _ct():
-    try:
-        import coremltools
-    except ImportError as exc:
-        raise BackendUnavailable(f"coremltools is not importable ({exc}); install it: {INSTALL_HINT}") from None
-    return coremltools
+    return require("coremltools", INSTALL_HINT)
 
 
 def max_batch(target) -> int:

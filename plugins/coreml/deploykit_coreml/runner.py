@@ -14,7 +14,7 @@ from typing import Mapping
 
 import numpy as np
 
-from deploykit.backend import check_feeds
+from deploykit.backend import check_feeds, require
 from deploykit.errors import BackendUnavailable
 
 META_INPUTS = "deploykit.inputs"
@@ -27,10 +27,7 @@ class CoreMLRunner:
     def __init__(self, package: Path | str, compute_units: str = "ALL") -> None:
         if sys.platform != "darwin":
             raise BackendUnavailable(f"cannot run {package}: {MACOS_ONLY}")
-        try:
-            import coremltools as ct
-        except ImportError as exc:
-            raise BackendUnavailable(f"coremltools is not importable ({exc}); pip install 'deploykit[coreml]'") from None
+        ct = require("coremltools", "pip install 'deploykit[coreml]'")
         self.model = ct.models.MLModel(str(package), compute_units=getattr(ct.ComputeUnit, compute_units))
         spec = self.model.get_spec()
         meta = dict(spec.description.metadata.userDefined)

@@ -26,8 +26,8 @@ import onnx
 from onnx import numpy_helper
 
 import deploykit
-from deploykit.backend import Artifact, Availability, Backend, CanonicalModel, CheckResult, Option
-from deploykit.errors import BackendUnavailable, LoweringError
+from deploykit.backend import Artifact, Availability, Backend, CanonicalModel, CheckResult, Option, require
+from deploykit.errors import LoweringError
 from deploykit.fileio import atomic_output
 from deploykit.quantize.canonical import QdqGraph
 
@@ -73,11 +73,7 @@ class OnnxRuntimeBackend(Backend):
                                                     "integer_relu_clip": len(folded) // 2}, (check,))
 
     def load(self, artifact: Artifact, target) -> "OrtRunner":
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise BackendUnavailable(f"target '{target.name}': onnxruntime is not importable ({exc}); {self.install_hint}") from None
-        return OrtRunner(artifact.path, target.options, ort)
+        return OrtRunner(artifact.path, target.options, require("onnxruntime", self.install_hint))
 
     def device_info(self, target) -> dict[str, Any]:
         import onnxruntime as ort

@@ -22,16 +22,24 @@ def canonicals(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["resnet", "mobilenet", "encoder"])
 @pytest.mark.parametrize("activations", ["uint8", "int8"])
-def test_lowering_is_bit_exact(kind, activations, canonicals, tmp_path):
+def test_lowering_is_lossless(kind, activations, canonicals, tmp_path):
     canonical = canonicals[kind]
     backend = OnnxRuntimeBackend()
-    target = make_target(OnnxRuntimeBackend, activations=activations, threads=1)
-    artifact = backend.lower(canonical, target, tmp_path / "m.onnx")
-    assert {c.name: c.status for c in artifact.checks} == {"scales_match": "pass"}
     feeds = eval_feeds(kind, 32)
+    # With onnxruntime's fusions off, both models run the plain Q/DQ semantics: the rewrites
+    # themselves must change nothing at all.
+    plain = make_target(OnnxRuntimeBackend, activations=activations, threads=1, graph_optimization_level="disable")
+    artifact = backend.lower(canonical, plain, tmp_path / "m.onnx")
+    assert {c.name: c.status for c in artifact.checks} == {"scales_match": "pass"}
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    want = ort.InferenceSession(str(canonical.path), opts, providers=["CPUExecutionProvider"]).run(None, feeds)
+    assert compare(want, backend.load(artifact, plain).run(feeds))["max_abs_error"] == 0.0
+    # With every fusion on, onnxruntime's integer kernels (e.g. uint8 pooling) round on their
+    # own; stay within a hair of the canonical model.
+    fused = make_target(OnnxRuntimeBackend, activations=activations, threads=1)
     want = ort.InferenceSession(str(canonical.path), providers=["CPUExecutionProvider"]).run(None, feeds)
-    got = backend.load(artifact, target).run(feeds)
-    assert compare(want, got)["max_abs_error"] == 0.0
+    assert compare(want, backend.load(artifact, fused).run(feeds))["rel_l2"] < 1e-3
     lowered = onnx.load(str(artifact.path))
     g = QdqGraph(lowered)
     act_types = {g.params(n).zero_point.dtype for n in lowered.graph.node

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from deploykit.backend import (Artifact, Availability, Backend, CanonicalModel, CheckResult, Option, Runner,
+from deploykit.backend import (Artifact, Availability, Backend, CanonicalModel, CheckResult, Option, Runner, require,
                                check_feeds, precision_audit)
 from deploykit.errors import BackendUnavailable, ConfigError, LoweringError
 from deploykit.fileio import atomic_output, remove
@@ -24,11 +24,7 @@ MAX_COMPILED_SHAPES = 8
 
 
 def _ov():
-    try:
-        import openvino
-    except ImportError as exc:
-        raise BackendUnavailable(f"openvino is not importable ({exc}); install it: {INSTALL_HINT}") from None
-    return openvino
+    return require("openvino", INSTALL_HINT)
 
 
 def device_name(target) -> str:
