@@ -27,15 +27,18 @@ def canonical_from_module(module, example: dict[str, np.ndarray], calib: dict[st
 
 
 def interleaved_medians(runners: Mapping[str, Callable[[], object]], rounds: int = 20, per_round: int = 25,
-                        warmup: int = 20) -> dict[str, float]:
+                        warmup: int = 20, settle: int = 5) -> dict[str, float]:
     """Median latency (ms) of each callable, measured in alternating rounds in one process so
-    that machine noise hits every contender alike."""
+    that machine noise hits every contender alike. The first ``settle`` calls of each round are
+    not timed: the previous contender's thread pool may still be spinning on the cores."""
     for fn in runners.values():
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(rounds):
         for name, fn in runners.items():
+            for _ in range(settle):
+                fn()
             for _ in range(per_round):
                 t0 = time.perf_counter()
                 fn()
