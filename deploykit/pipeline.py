@@ -114,7 +114,7 @@ def build(model: Any, options: BuildOptions, registry: Registry | None = None) -
     targets = tf.resolve(options.targets, registry)  # fail fast on an unknown target, before any work
     calib_cfg = _calibration(tf.calibration, options)
     preprocess = options.preprocess or tf.preprocess
-    claim_out_dir(out_dir)
+    owned = claim_out_dir(out_dir)  # files earlier builds wrote here: ours to overwrite, and to keep listing
     events = options.on_event
 
     if not isinstance(model, (str, os.PathLike)):
@@ -144,6 +144,9 @@ def build(model: Any, options: BuildOptions, registry: Registry | None = None) -
     t0 = time.monotonic()
     result = quantize(fp32, calib_src, calib_cfg.method, calib_cfg.percentile, calib_cfg.batch_size, source_hash)
     canonical = write_canonical(result, fp32, out_dir)
+    # a build that stops after this point must still be able to reuse its own folder
+    owned |= {_rel(p, out_dir) for p in out_dir.iterdir() if p.is_file()}
+    _write_json(out_dir / MANIFEST, {"deploykit": deploykit.__version__, "status": "incomplete", "files": sorted(owned)})
     calibrate_s = time.monotonic() - t0
     events(f"canonical model: {canonical.path} ({result.samples} samples, {calib_cfg.method})")
 
@@ -163,13 +166,19 @@ def build(model: Any, options: BuildOptions, registry: Registry | None = None) -
 
     manifest = _manifest(model, source_hash, canonical, result, calib_src, eval_src, eval_note, fp32_acc,
                          baseline, results, out_dir, calibrate_s, time.monotonic() - started, registry)
-    with atomic_output(out_dir / MANIFEST) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
+    # artifacts of earlier builds into this folder stay deploykit's (listed, never foreign)
+    manifest["files"] = sorted(set(manifest["files"]) | {f for f in owned if (out_dir / f).is_file()})
+    _write_json(out_dir / MANIFEST, manifest)
     from deploykit.report import markdown_report
 
     with atomic_output(out_dir / REPORT) as tmp:
         tmp.write_text(markdown_report(manifest), encoding="utf-8")
     return BuildResult(out_dir, manifest, results, canonical)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
 
 
 def _calibration(cfg: Calibration, o: BuildOptions) -> Calibration:
@@ -180,13 +189,14 @@ def _calibration(cfg: Calibration, o: BuildOptions) -> Calibration:
     return replace(cfg, **changes)
 
 
-def claim_out_dir(out_dir: Path) -> None:
-    """Refuse an output folder with files deploykit did not write (never delete those)."""
+def claim_out_dir(out_dir: Path) -> set[str]:
+    """Refuse an output folder with files deploykit did not write (never delete those).
+
+    Returns the files earlier deploykit builds wrote there (from their manifest)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputDirError(f"{out_dir}: exists and is not a folder; choose another --out")
     if not out_dir.exists():
-        out_dir.mkdir(parents=True)
-        return
+        return set()  # created by the first atomic write, so a failed build leaves no empty folder
     ours = {MANIFEST, REPORT}
     manifest = out_dir / MANIFEST
     if manifest.is_file():
@@ -201,6 +211,7 @@ def claim_out_dir(out_dir: Path) -> None:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
         raise OutputDirError(f"{out_dir}: holds files deploykit did not write ({foreign[0]}{more}); "
                              f"choose an empty or new --out folder")
+    return ours - {MANIFEST, REPORT}
 
 
 def _fixed_batch(specs) -> int | None:

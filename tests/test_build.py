@@ -137,7 +137,7 @@ def _one_line_error(err: str, *needles: str) -> None:
 
 
 def _no_artifacts(out: Path) -> None:
-    assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()], list(out.rglob("*"))
+    assert not out.exists(), list(out.rglob("*"))
 
 
 def _write_bad_data(tmp_path: Path, name: str) -> Path:
@@ -302,3 +302,23 @@ def test_remote_device_is_lowered_here_and_not_checked_with_fake_numbers(digits_
     assert {c.name: c.status for c in t.checks if c.name != "scales_match"} == {
         "top1_agreement": "not_run", "cosine": "not_run", "fidelity_rel_l2": "not_run", "latency_p50_ms": "not_run"}
     assert t.latency == []
+
+
+def test_a_build_that_stops_midway_can_reuse_its_folder(digits_files, ort_registry, tmp_path, monkeypatch):
+    import deploykit.pipeline as pipeline
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("power cut")
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(pipeline, "_reference_outputs", crash)
+    with pytest.raises(RuntimeError, match="power cut"):
+        _build(digits_files, ort_registry, out, method="minmax")
+    assert json.loads((out / "manifest.json").read_text())["status"] == "incomplete"
+    monkeypatch.undo()
+    result = _build(digits_files, ort_registry, out, method="minmax")  # its own files are not "foreign"
+    assert result.ok and "canonical.qdq.onnx" in result.manifest["files"]
+    # a later build with another target keeps listing the earlier target's artifact as deploykit's
+    ort_registry.add_plugin(_TestBackends(), PluginInfo("test-backends", "tests"))
+    result = _build(digits_files, ort_registry, out, method="minmax", targets=["unavailable"])
+    assert "onnxruntime/onnxruntime.onnx" in result.manifest["files"]
