@@ -79,7 +79,7 @@ def main() -> None:
         for check in artifact.checks:
             print(f"INT8 {check.name}: {check.status} {check.message}")
         # the FP32 baseline: the FP32 model, the same properties, INFERENCE_PRECISION_HINT=f32 explicitly
-        runners = {"int8": backend.load(artifact, target), "fp32": backend.fp32_runner(canonical.fp32_path, target)}
+        runners = {"int8": backend.load(artifact, target), "fp32": backend.fp32_runner(canonical, target)}
         config = compile_config(options)
         print(f"\nOpenVINO {ov.get_version()} CPU ({core.get_property('CPU', 'FULL_DEVICE_NAME')}), "
               f"resnet_cnn(in_ch=3, width={args.width}) at 3x{args.size}x{args.size}, config {config}")

@@ -175,6 +175,14 @@ class Backend:
         """Facts about the device for the manifest (versions, full name, capabilities)."""
         return {}
 
+    def fp32_runner(self, canonical: CanonicalModel, target: "Target", workdir: Path) -> Runner | None:
+        """The FP32 model on this same runtime and device, for the INT8 speed-up (optional).
+
+        ``None``: the report compares with FP32 onnxruntime instead. Must be real FP32 (no
+        bf16/fp16 defaults), or the speed-up means nothing. ``workdir`` is a scratch folder.
+        """
+        return None
+
 
 def require(module: str, install_hint: str) -> Any:
     """Import a vendor SDK lazily, or raise BackendUnavailable saying how to install it."""

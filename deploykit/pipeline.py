@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import platform
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -162,7 +163,8 @@ def build(model: Any, options: BuildOptions, registry: Registry | None = None) -
     results = []
     for target in targets:
         events(f"target {target.name} ({target.backend})")
-        results.append(_build_target(target, registry, canonical, out_dir, eval_batches, labels, reference, fp32_acc))
+        results.append(_build_target(target, registry, canonical, out_dir, eval_batches, labels, reference, fp32_acc,
+                                     {l["batch_size"]: l["p50_ms"] for l in baseline}))
 
     manifest = _manifest(model, source_hash, canonical, result, calib_src, eval_src, eval_note, fp32_acc,
                          baseline, results, out_dir, calibrate_s, time.monotonic() - started, registry)
@@ -286,7 +288,8 @@ def bar_iter(items: list, desc: str):
 
 
 def _build_target(target: Target, registry: Registry, canonical: CanonicalModel, out_dir: Path,
-                  batches: list[dict], labels: np.ndarray | None, reference: dict, fp32_acc: float | None) -> TargetResult:
+                  batches: list[dict], labels: np.ndarray | None, reference: dict, fp32_acc: float | None,
+                  ort_fp32_ms: dict[int, float]) -> TargetResult:
     res = TargetResult(target)
     try:
         backend = registry.get(target.backend)
@@ -311,7 +314,7 @@ def _build_target(target: Target, registry: Registry, canonical: CanonicalModel,
             for name in ("top1_agreement", "cosine", "fidelity_rel_l2", "latency_p50_ms"):
                 res.checks.append(CheckResult(name, "not_run", message=not_here))
         else:
-            _run_checks(res, backend, canonical, batches, labels, reference, fp32_acc)
+            _run_checks(res, backend, canonical, batches, labels, reference, fp32_acc, ort_fp32_ms)
         try:
             res.device_info = backend.device_info(target)
         except Exception as exc:  # device facts are nice to have, never fatal
@@ -335,7 +338,8 @@ def _missing(av: Availability) -> str:
 
 
 def _run_checks(res: TargetResult, backend, canonical: CanonicalModel, batches: list[dict],
-                labels: np.ndarray | None, reference: dict, fp32_acc: float | None) -> None:
+                labels: np.ndarray | None, reference: dict, fp32_acc: float | None,
+                ort_fp32_ms: dict[int, float]) -> None:
     target = res.target
     th = target.thresholds
     rss0 = _rss_mb()
@@ -357,19 +361,45 @@ def _run_checks(res: TargetResult, backend, canonical: CanonicalModel, batches: 
         res.checks.append(checks.judge("accuracy", acc, th, f"on {len(labels)} labelled samples"))
         res.checks.append(checks.judge("accuracy_drop", (fp32_acc or 0.0) - acc, th,
                                        f"FP32 accuracy {fp32_acc:.4f} minus target accuracy"))
+    memory_mb = max(0.0, _rss_mb() - rss0)  # before a baseline runner adds its own
+    with tempfile.TemporaryDirectory(prefix="deploykit-fp32-") as scratch:
+        _measure_latency(res, runner, _fp32_runner(res, backend, canonical, Path(scratch)), batches, ort_fp32_ms)
+    res.checks.append(checks.judge("memory_mb", memory_mb, th,
+                                   "resident memory added by loading and running the artifact"))
+
+
+def _measure_latency(res: TargetResult, runner, fp32, batches: list[dict], ort_fp32_ms: dict[int, float]) -> None:
+    target, th = res.target, res.target.thresholds
     for i, b in enumerate(bar_iter(list(target.batch_sizes), f"{target.name}: latency")):
-        stats = checks.measure_latency(runner, _latency_feeds(batches, b), target.warmup, target.runs)
-        res.latency.append(stats.to_json())
+        feeds = _latency_feeds(batches, b)
+        stats = checks.measure_latency(runner, feeds, target.warmup, target.runs)
+        entry = stats.to_json()
         extra = getattr(runner, "last_gpu_ms", None)
         if extra is not None:
-            res.latency[-1]["gpu_compute_ms"] = extra
+            entry["gpu_compute_ms"] = extra
+        if fp32 is not None:  # same runtime, same device, measured right after: the fair ratio
+            base = checks.measure_latency(fp32, feeds, target.warmup, target.runs)
+            entry.update(fp32_p50_ms=base.p50_ms, speedup=base.p50_ms / stats.p50_ms, speedup_vs=f"{target.backend} fp32")
+        elif b in ort_fp32_ms:
+            entry.update(fp32_p50_ms=ort_fp32_ms[b], speedup=ort_fp32_ms[b] / stats.p50_ms, speedup_vs="onnxruntime fp32")
+        res.latency.append(entry)
         if i == 0:  # thresholds apply to the first batch size
             note = f"batch {b}, {target.runs} runs after {target.warmup} warm-up"
             res.checks.append(checks.judge("latency_p50_ms", stats.p50_ms, th, note))
             res.checks.append(checks.judge("latency_p99_ms", stats.p99_ms, th, note))
             res.checks.append(checks.judge("throughput", stats.throughput, th, f"samples/s at batch {b}"))
-    res.checks.append(checks.judge("memory_mb", max(0.0, _rss_mb() - rss0), th,
-                                   "resident memory added by loading and running the artifact"))
+            if "speedup" in entry:
+                res.checks.append(checks.judge("speedup", entry["speedup"], th,
+                                               f"INT8 vs {entry['speedup_vs']} p50 at batch {b}"))
+
+
+def _fp32_runner(res: TargetResult, backend, canonical: CanonicalModel, scratch: Path):
+    """The backend's own FP32 runner, or None (then the onnxruntime FP32 row is the baseline)."""
+    try:
+        return backend.fp32_runner(canonical, res.target, scratch)
+    except Exception as exc:  # a baseline is worth having, never worth failing the target for
+        res.metadata["fp32_baseline_error"] = f"{type(exc).__name__}: {exc}"
+        return None
 
 
 def _rss_mb() -> float:

@@ -35,9 +35,8 @@ def summary_rows(manifest: dict[str, Any]) -> list[list[str]]:
         rows.append(["fp32 reference", "onnxruntime", "ref", "-", "-", "-", "-", "-",
                      ", ".join(f"b{b}: {v:.3f}" for b, v in base.items()), "1.00x"])
     for t in manifest["targets"]:
-        speed = "-"
-        if t["latency"] and t["latency"][0]["batch_size"] in base and t["latency"][0]["p50_ms"] > 0:
-            speed = f"{base[t['latency'][0]['batch_size']] / t['latency'][0]['p50_ms']:.2f}x"
+        first = t["latency"][0] if t["latency"] else {}
+        speed = f"{first['speedup']:.2f}x vs {first['speedup_vs']}" if "speedup" in first else "-"
         status = t["status"]
         rows.append([t["name"], t["backend"], status,
                      _fmt(_check(t, "top1_agreement"), 2, pct=True), _fmt(_check(t, "cosine"), 5),

@@ -322,3 +322,22 @@ def test_a_build_that_stops_midway_can_reuse_its_folder(digits_files, ort_regist
     ort_registry.add_plugin(_TestBackends(), PluginInfo("test-backends", "tests"))
     result = _build(digits_files, ort_registry, out, method="minmax", targets=["unavailable"])
     assert "onnxruntime/onnxruntime.onnx" in result.manifest["files"]
+
+
+@pytest.mark.slow
+def test_speedup_is_against_fp32_on_the_same_runtime(digits_files, tmp_path):
+    pytest.importorskip("openvino", reason="needs openvino: pip install 'deploykit[openvino]'")
+    from deploykit.plugins import load_registry
+
+    toml = tmp_path / "targets.toml"
+    toml.write_text('[defaults]\nruns = 10\nwarmup = 2\n[targets.ov]\nbackend = "openvino"\n'
+                    '[targets.ov.thresholds]\nmin_speedup = 0.000001\n')
+    opts = BuildOptions(targets=["ov", "onnxruntime"], out_dir=tmp_path / "out", targets_file=toml,
+                        calib=str(digits_files.calib), method="minmax")
+    result = build(digits_files.model, opts, load_registry())
+    ov, ort_ = (t.latency[0] for t in result.targets)
+    assert ov["speedup_vs"] == "openvino fp32" and ov["fp32_p50_ms"] > 0
+    assert ov["speedup"] == pytest.approx(ov["fp32_p50_ms"] / ov["p50_ms"])
+    assert ort_["speedup_vs"] == "onnxruntime fp32"  # the reference row is onnxruntime itself
+    speedup = next(c for c in result.targets[0].checks if c.name == "speedup")
+    assert speedup.status == "pass" and speedup.threshold == 0.000001

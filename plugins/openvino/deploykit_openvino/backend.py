@@ -194,14 +194,14 @@ class OpenVINOBackend(Backend):
         config = _supported_config(core, device, compile_config(target.options))
         return OpenVINORunner(core, core.read_model(artifact.path), device, config)
 
-    def fp32_runner(self, fp32_path: Path, target) -> "OpenVINORunner":
+    def fp32_runner(self, canonical: CanonicalModel, target, workdir: Path | None = None) -> "OpenVINORunner":
         """The FP32 model on the same device and options, in real FP32 (INFERENCE_PRECISION_HINT=f32,
         not the CPU's bf16 default): the fair baseline for an OpenVINO speed-up."""
         ov = _ov()
         core = ov.Core()
         device = device_name(target)
         config = _supported_config(core, device, compile_config({**target.options, "inference_precision": "f32"}))
-        return OpenVINORunner(core, read_onnx(core, Path(fp32_path)), device, config)
+        return OpenVINORunner(core, read_onnx(core, Path(canonical.fp32_path)), device, config)
 
 
 def _text(value: Any) -> str:

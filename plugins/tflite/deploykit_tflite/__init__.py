@@ -137,6 +137,19 @@ class TFLiteBackend(Backend):
         outputs = [o["name"] for o in meta.get("outputs", [])]
         return LiteRTRunner(Path(artifact.path), inputs, outputs, int(target.options.get("threads") or 0))
 
+    def fp32_runner(self, canonical: CanonicalModel, target, workdir: Path):
+        """The same NHWC graph without fake-quant, converted to a float TFLite model."""
+        from deploykit_tflite.lowering import convert, fixed_input_shapes, lower_graph
+        from deploykit_tflite.runner import LiteRTRunner
+
+        shapes = fixed_input_shapes(canonical.model, target.options.get("input_shapes") or {}, target.name)
+        graph = lower_graph(canonical, shapes, True, target.name, fake_quant=False)
+        path = Path(workdir) / f"{target.name}.float.tflite"
+        with atomic_output(path) as tmp:
+            tmp.write_bytes(convert(graph, quantize=False))
+        return LiteRTRunner(path, [i["name"] for i in graph.inputs], [o["name"] for o in graph.outputs],
+                            int(target.options.get("threads") or 0))
+
     def device_info(self, target) -> dict[str, Any]:
         return {"tensorflow": tensorflow_version(), "ai_edge_litert": litert_version(),
                 "threads": target.options.get("threads") or "default", "cores": os.cpu_count(),
