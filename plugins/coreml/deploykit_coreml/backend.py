@@ -5,6 +5,9 @@ Lowering and the scale verification work on any OS; prediction needs macOS.
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
+
 import json
 import os
 import platform
@@ -63,17 +66,18 @@ class CoreMLBackend(Backend):
     }
 
     def probe(self, target) -> Availability:
-        try:
-            ct = _ct()
-        except BackendUnavailable as exc:
-            return Availability.missing(str(exc), INSTALL_HINT)
-        versions = {"coremltools": ct.__version__}
-        try:  # saving weights and reading them back both need coremltools' native blob storage
-            import coremltools.libmilstoragepython  # noqa: F401
-        except ImportError as exc:
-            return Availability(False, False, f"coremltools {ct.__version__} has no native blob storage library on "
-                                              f"this platform ({exc}); use a macOS or Linux x86_64/arm64 wheel",
-                                INSTALL_HINT, versions)
+        # found, not imported: importing coremltools takes ~5 s (it imports torch and TensorFlow)
+        spec = importlib.util.find_spec("coremltools")
+        if spec is None or not spec.submodule_search_locations:
+            return Availability.missing("coremltools is not installed", INSTALL_HINT)
+        version = importlib.metadata.version("coremltools")
+        versions = {"coremltools": version}
+        package = Path(next(iter(spec.submodule_search_locations)))
+        # saving weights and reading them back both need coremltools' native blob storage
+        if not any(package.glob("libmilstoragepython*")):
+            return Availability(False, False, f"coremltools {version} has no native blob storage library "
+                                              f"(libmilstoragepython) on this platform; use a macOS or Linux "
+                                              f"x86_64/arm64 wheel", INSTALL_HINT, versions)
         if sys.platform != "darwin":
             return Availability(True, False, MACOS_ONLY, versions=versions)
         return Availability.ready(**versions, macos=platform.mac_ver()[0])
