@@ -197,7 +197,8 @@ def _conv_padding(node, spatial: int) -> dict:
     return {"pad_type": "custom", "pad": np.array(mil, np.int32)}
 
 
-def conv(ctx, node):
+def _conv_kwargs(ctx, node) -> dict:
+    """MIL arguments shared by conv and conv_transpose (ONNX attributes, weight, bias)."""
     a = attrs(node)
     x, w = ctx.input(node, 0), ctx.input(node, 1)
     spatial = _rank(x) - 2
@@ -206,21 +207,18 @@ def conv(ctx, node):
                   groups=np.int32(a.get("group", 1)), name=ctx.name(node), **_conv_padding(node, spatial))
     if len(node.input) > 2 and node.input[2]:
         kwargs["bias"] = ctx.const(node, 2)
-    ctx.bind(node, _mb().conv(**kwargs))
+    return kwargs
+
+
+def conv(ctx, node):
+    ctx.bind(node, _mb().conv(**_conv_kwargs(ctx, node)))
 
 
 def conv_transpose(ctx, node):
     a = attrs(node)
-    x, w = ctx.input(node, 0), ctx.input(node, 1)
-    spatial = _rank(x) - 2
     if any(a.get("output_padding", [])) or a.get("output_shape"):
         ctx.unsupported(node, "output_padding / output_shape are not lowered")
-    kwargs = dict(x=x, weight=w, strides=np.array(a.get("strides", [1] * spatial), np.int32),
-                  dilations=np.array(a.get("dilations", [1] * spatial), np.int32),
-                  groups=np.int32(a.get("group", 1)), name=ctx.name(node), **_conv_padding(node, spatial))
-    if len(node.input) > 2 and node.input[2]:
-        kwargs["bias"] = ctx.const(node, 2)
-    ctx.bind(node, _mb().conv_transpose(**kwargs))
+    ctx.bind(node, _mb().conv_transpose(**_conv_kwargs(ctx, node)))
 
 
 def gemm(ctx, node):
