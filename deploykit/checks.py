@@ -61,9 +61,22 @@ def is_classifier(output: np.ndarray) -> bool:
     return output.ndim == 2 and output.shape[1] > 1
 
 
-def compare(reference: list[np.ndarray], candidate: list[np.ndarray], prefix: str = "") -> dict[str, float]:
+TASKS = ("auto", "classification", "other")
+
+
+def classifies(task: str, output: np.ndarray) -> bool:
+    """Whether the first output is class scores: ``auto`` guesses from its shape ([N, C], C > 1),
+    which an embedding also has; say ``other`` for encoders, detectors and regressors."""
+    if task == "classification":
+        return True
+    return task == "auto" and is_classifier(output)
+
+
+def compare(reference: list[np.ndarray], candidate: list[np.ndarray], prefix: str = "",
+            classification: bool | None = None) -> dict[str, float]:
     """Cosine, relative L2 and max abs error over all outputs; top-1/top-5 agreement for a
-    classifier's first output (top-5: the reference's top-1 is among the candidate's top 5)."""
+    classifier's first output (top-5: the reference's top-1 is among the candidate's top 5).
+    ``classification`` None: guess from the output's shape."""
     if len(reference) != len(candidate):
         raise ValueError(f"{len(candidate)} outputs, expected {len(reference)}")
     ref = np.concatenate([r.astype(np.float64).reshape(-1) for r in reference])
@@ -76,7 +89,9 @@ def compare(reference: list[np.ndarray], candidate: list[np.ndarray], prefix: st
         f"{prefix}rel_l2": float(np.linalg.norm(ref - cand) / max(np.linalg.norm(ref), 1e-12)),
         f"{prefix}max_abs" + ("" if prefix else "_error"): float(np.abs(ref - cand).max(initial=0.0)),
     }
-    if not prefix and is_classifier(reference[0]):
+    if classification is None:
+        classification = is_classifier(reference[0])
+    if not prefix and classification:
         r, c = reference[0], candidate[0]
         top1 = r.argmax(1)
         metrics["top1_agreement"] = float((c.argmax(1) == top1).mean())

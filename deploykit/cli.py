@@ -59,6 +59,9 @@ def cli(verbose: bool) -> None:
 @click.option("--percentile", type=float, help="Percentile for --method percentile [default: 99.99].")
 @click.option("--samples", type=int, help="Calibration samples to use [default: 512].")
 @click.option("--eval-samples", type=int, default=1000, show_default=True, help="Evaluation samples to use.")
+@click.option("--task", type=click.Choice(["auto", "classification", "other"]), default="auto", show_default=True,
+              help="classification: top-1/top-5 agreement and accuracy on the first output; other (encoders, "
+              "detectors): cosine and L2 only; auto: classification when the first output is [N, classes].")
 @click.option("--calib-batch-size", type=int, help="Batch size while calibrating (scales do not depend on it).")
 @click.option("--preprocess", metavar="K=V,...", help="Image preprocessing, e.g. "
               "'resize=256,crop=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,layout=NCHW'.")
@@ -67,7 +70,7 @@ def cli(verbose: bool) -> None:
               help="Output folder (created; refused if it holds files deploykit did not write).")
 @click.option("--no-baseline", is_flag=True, help="Skip the FP32 onnxruntime latency reference row.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout instead of the table.")
-def build(model, targets, calib, eval_, method, percentile, samples, eval_samples, calib_batch_size, preprocess,
+def build(model, targets, calib, eval_, method, percentile, samples, eval_samples, task, calib_batch_size, preprocess,
           targets_file, out_dir, no_baseline, as_json) -> None:
     """Calibrate MODEL once, lower it for every --target, run the checks, write a manifest and report.
 
@@ -89,7 +92,7 @@ def build(model, targets, calib, eval_, method, percentile, samples, eval_sample
         targets=names, out_dir=out_dir, targets_file=_targets_file(targets_file), calib=calib, eval=eval_,
         method=method, percentile=percentile, samples=samples, eval_samples=eval_samples,
         batch_size=calib_batch_size, preprocess=_parse_preprocess(preprocess) if preprocess else None,
-        baseline=not no_baseline,
+        baseline=not no_baseline, task=task,
         on_event=(lambda msg: None) if as_json else (lambda msg: click.echo(msg, err=True)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -25,7 +25,7 @@ import numpy as np
 import deploykit
 from deploykit import checks, data, model as modelmod
 from deploykit.backend import Artifact, Availability, CanonicalModel, CheckResult
-from deploykit.errors import DeploykitError, OutputDirError
+from deploykit.errors import ConfigError, DeploykitError, OutputDirError
 from deploykit.fileio import atomic_output, sha256
 from deploykit.plugins import Registry, load_registry
 from deploykit.progress import bar
@@ -56,6 +56,7 @@ class BuildOptions:
     baseline: bool = True  # measure FP32 onnxruntime latency as the reference row
     example_inputs: tuple | None = None  # with a torch.nn.Module: inputs for the dynamo export
     input_names: list[str] | None = None  # with a torch.nn.Module: ONNX input names
+    task: str = "auto"  # classification (top-k, accuracy), other (cosine/L2 only), auto: from the output shape
     on_event: Callable[[str], None] = field(default=lambda msg: None)
 
 
@@ -113,6 +114,8 @@ def build(model: Any, options: BuildOptions, registry: Registry | None = None) -
     out_dir = Path(options.out_dir)
     tf = load_targets(options.targets_file)
     targets = tf.resolve(options.targets, registry)  # fail fast on an unknown target, before any work
+    if options.task not in checks.TASKS:
+        raise ConfigError(f"task '{options.task}' is not one of {', '.join(checks.TASKS)}")
     calib_cfg = _calibration(tf.calibration, options)
     preprocess = options.preprocess or tf.preprocess
     owned = claim_out_dir(out_dir)  # files earlier builds wrote here: ours to overwrite, and to keep listing
@@ -157,16 +160,17 @@ def build(model: Any, options: BuildOptions, registry: Registry | None = None) -
     eval_batch = fixed_batch or (max(t.batch_sizes[0] for t in targets) if targets else 1)
     eval_batches, labels = _eval_batches(eval_src, eval_batch)
     reference = _reference_outputs(canonical, eval_batches)
-    fp32_acc = checks.task_accuracy(reference["fp32"][0], labels) if labels is not None and checks.is_classifier(reference["fp32"][0]) else None
+    classification = checks.classifies(options.task, reference["fp32"][0])
+    fp32_acc = checks.task_accuracy(reference["fp32"][0], labels) if labels is not None and classification else None
     baseline = _baseline_latency(canonical, targets, eval_batches) if options.baseline and targets else []
 
     results = []
     for target in targets:
         events(f"target {target.name} ({target.backend})")
         results.append(_build_target(target, registry, canonical, out_dir, eval_batches, labels, reference, fp32_acc,
-                                     {l["batch_size"]: l["p50_ms"] for l in baseline}))
+                                     {l["batch_size"]: l["p50_ms"] for l in baseline}, classification))
 
-    manifest = _manifest(model, source_hash, canonical, result, calib_src, eval_src, eval_note, fp32_acc,
+    manifest = _manifest(model, source_hash, canonical, result, calib_src, eval_src, eval_note, classification, fp32_acc,
                          baseline, results, out_dir, calibrate_s, time.monotonic() - started, registry)
     # artifacts of earlier builds into this folder stay deploykit's (listed, never foreign)
     manifest["files"] = sorted(set(manifest["files"]) | {f for f in owned if (out_dir / f).is_file()})
@@ -289,7 +293,7 @@ def bar_iter(items: list, desc: str):
 
 def _build_target(target: Target, registry: Registry, canonical: CanonicalModel, out_dir: Path,
                   batches: list[dict], labels: np.ndarray | None, reference: dict, fp32_acc: float | None,
-                  ort_fp32_ms: dict[int, float]) -> TargetResult:
+                  ort_fp32_ms: dict[int, float], classification: bool) -> TargetResult:
     res = TargetResult(target)
     try:
         backend = registry.get(target.backend)
@@ -314,7 +318,7 @@ def _build_target(target: Target, registry: Registry, canonical: CanonicalModel,
             for name in ("top1_agreement", "cosine", "fidelity_rel_l2", "latency_p50_ms"):
                 res.checks.append(CheckResult(name, "not_run", message=not_here))
         else:
-            _run_checks(res, backend, canonical, batches, labels, reference, fp32_acc, ort_fp32_ms)
+            _run_checks(res, backend, canonical, batches, labels, reference, fp32_acc, ort_fp32_ms, classification)
         try:
             res.device_info = backend.device_info(target)
         except Exception as exc:  # device facts are nice to have, never fatal
@@ -339,7 +343,7 @@ def _missing(av: Availability) -> str:
 
 def _run_checks(res: TargetResult, backend, canonical: CanonicalModel, batches: list[dict],
                 labels: np.ndarray | None, reference: dict, fp32_acc: float | None,
-                ort_fp32_ms: dict[int, float]) -> None:
+                ort_fp32_ms: dict[int, float], classification: bool) -> None:
     target = res.target
     th = target.thresholds
     rss0 = _rss_mb()
@@ -352,11 +356,18 @@ def _run_checks(res: TargetResult, backend, canonical: CanonicalModel, batches: 
             outputs.append(runner.run(feeds))
             b.update()
     got = [np.concatenate([o[i] for o in outputs]) for i in range(len(outputs[0]))]
-    for name, value in checks.compare(reference["fp32"], got).items():
+    measured = checks.compare(reference["fp32"], got, classification=classification)
+    for name, value in measured.items():
         res.checks.append(checks.judge(name, value, th, "vs FP32 in onnxruntime"))
+    for key in th:  # a threshold on a metric this task has no value for is said, not dropped
+        metric = key.partition("_")[2]
+        if metric in ("top1_agreement", "top5_agreement", "accuracy", "accuracy_drop") and not classification:
+            res.checks.append(checks.judge(metric, None, th, "not a classification task (--task)"))
+        elif metric in ("accuracy", "accuracy_drop") and labels is None:
+            res.checks.append(checks.judge(metric, None, th, "no labels in the evaluation data"))
     for name, value in checks.compare(reference["canonical"], got, prefix="fidelity_").items():
         res.checks.append(checks.judge(name, value, th, "vs the canonical QDQ model in onnxruntime"))
-    if labels is not None and checks.is_classifier(got[0]):
+    if labels is not None and classification:
         acc = checks.task_accuracy(got[0], labels)
         res.checks.append(checks.judge("accuracy", acc, th, f"on {len(labels)} labelled samples"))
         res.checks.append(checks.judge("accuracy_drop", (fp32_acc or 0.0) - acc, th,
@@ -424,7 +435,7 @@ def _versions(registry: Registry) -> dict[str, str]:
 
 
 def _manifest(model: Path, source_hash: str, canonical: CanonicalModel, q, calib_src, eval_src, eval_note,
-              fp32_acc, baseline, results: list[TargetResult], out_dir: Path, calibrate_s: float, total_s: float,
+              classification: bool, fp32_acc, baseline, results: list[TargetResult], out_dir: Path, calibrate_s: float, total_s: float,
               registry: Registry) -> dict[str, Any]:
     qdq_nodes = [n for n in canonical.model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     files = [canonical.path, canonical.fp32_path, canonical.path.with_name(canonical.path.name.replace(".qdq.onnx", ".calib.json"))]
@@ -448,7 +459,7 @@ def _manifest(model: Path, source_hash: str, canonical: CanonicalModel, q, calib
         "calibration": {"method": q.method, "samples": q.samples, "data": calib_src.description,
                         "data_sha256": q.data_hash, "random_data": q.random_data,
                         "warning": RANDOM_WARNING if q.random_data else "", "seconds": round(calibrate_s, 3)},
-        "evaluation": {"data": eval_src.description, "note": eval_note,
+        "evaluation": {"data": eval_src.description, "note": eval_note, "classification": classification,
                        "fp32_accuracy": fp32_acc},
         "canonical": {"path": _rel(canonical.path, out_dir), "sha256": sha256(canonical.path),
                       "fp32_path": _rel(canonical.fp32_path, out_dir),

@@ -341,3 +341,34 @@ def test_speedup_is_against_fp32_on_the_same_runtime(digits_files, tmp_path):
     assert ort_["speedup_vs"] == "onnxruntime fp32"  # the reference row is onnxruntime itself
     speedup = next(c for c in result.targets[0].checks if c.name == "speedup")
     assert speedup.status == "pass" and speedup.threshold == 0.000001
+
+
+@pytest.mark.slow
+def test_transformer_encoder_as_other_task(ort_registry, tmp_path):
+    pytest.importorskip("torch")
+    from deploykit.testing import export_kind
+    from deploykit.testing.models import encoder_inputs
+
+    model, _ = export_kind("encoder", tmp_path / "encoder.onnx")
+    np.savez(tmp_path / "calib.npz", **encoder_inputs(64, seed=0))
+    np.savez(tmp_path / "eval.npz", **encoder_inputs(64, seed=1))
+    toml = tmp_path / "targets.toml"
+    toml.write_text('[targets.ort]\nbackend = "onnxruntime"\nruns = 5\n'
+                    '[targets.ort.thresholds]\nmin_top1_agreement = 0.99\nmin_cosine = 0.99\n')
+    opts = BuildOptions(targets=["ort"], out_dir=tmp_path / "out", targets_file=toml, calib=str(tmp_path / "calib.npz"),
+                        eval=str(tmp_path / "eval.npz"), method="minmax", baseline=False, task="other")
+    result = build(model, opts, ort_registry)
+    (t,) = result.targets
+    checks = {c.name: c for c in t.checks}
+    assert t.status == "ok", t.reason
+    assert checks["cosine"].status == "pass" and checks["cosine"].value > 0.99
+    assert checks["top1_agreement"].status == "not_run" and "not a classification task" in checks["top1_agreement"].message
+    assert result.manifest["evaluation"]["classification"] is False
+
+
+def test_unknown_task_fails_before_any_work(digits_files, tmp_path, capsys, monkeypatch):
+    code, _, err = _cli(["build", digits_files.model, "-t", "onnxruntime", "--task", "segmentation",
+                         "--out", tmp_path / "out"], capsys, monkeypatch, tmp_path)
+    assert code == 2
+    _one_line_error(err, "segmentation", "--task")
+    _no_artifacts(tmp_path / "out")
