@@ -108,11 +108,27 @@ class DataSource:
 
 
 def _take(pending: list[Batch], n: int) -> tuple[Batch, list[Batch], int]:
-    whole = _concat(pending)
-    head = Batch({k: v[:n] for k, v in whole.feeds.items()}, None if whole.labels is None else whole.labels[:n])
-    rest = Batch({k: v[n:] for k, v in whole.feeds.items()}, None if whole.labels is None else whole.labels[n:])
-    left = len(next(iter(rest.feeds.values())))
-    return head, ([rest] if left else []), left
+    """The first ``n`` samples of ``pending`` and what is left. Slices are views: a large chunk
+    re-batched into small batches is never copied as a whole."""
+    head: list[Batch] = []
+    need = n
+    while need:
+        chunk = pending[0]
+        size = len(next(iter(chunk.feeds.values())))
+        if size <= need:
+            head.append(pending.pop(0))
+            need -= size
+            continue
+        head.append(_slice(chunk, 0, need))
+        pending[0] = _slice(chunk, need, size)
+        need = 0
+    left = sum(len(next(iter(b.feeds.values()))) for b in pending)
+    return _concat(head), pending, left
+
+
+def _slice(batch: Batch, start: int, stop: int) -> Batch:
+    return Batch({k: v[start:stop] for k, v in batch.feeds.items()},
+                 None if batch.labels is None else batch.labels[start:stop])
 
 
 def _concat(parts: list[Batch]) -> Batch:
