@@ -26,6 +26,7 @@ class TensorStats:
     min: float = np.inf
     max: float = -np.inf
     hist: np.ndarray | None = None
+    nonfinite: bool = False  # saw inf/NaN (the attention mask's -inf): pass 2 must filter them out
 
     @property
     def absmax(self) -> float:
@@ -81,11 +82,17 @@ class Observer:
                 self._hashers.setdefault(k, hashlib.sha256(f"{k}:{a.dtype}:{a.shape[1:]}".encode())).update(a.tobytes())
             n = len(next(iter(batch.feeds.values())))
             for name, value in self._run(batch.feeds).items():
-                finite = value[np.isfinite(value)] if not np.all(np.isfinite(value)) else value
-                if finite.size:
-                    s = self.stats[name]
-                    s.min = min(s.min, float(finite.min()))
-                    s.max = max(s.max, float(finite.max()))
+                if not value.size:
+                    continue
+                s = self.stats[name]
+                lo, hi = float(value.min()), float(value.max())
+                if not (np.isfinite(lo) and np.isfinite(hi)):  # rare: only then pay for a mask
+                    s.nonfinite = True
+                    finite = value[np.isfinite(value)]
+                    if not finite.size:
+                        continue
+                    lo, hi = float(finite.min()), float(finite.max())
+                s.min, s.max = min(s.min, lo), max(s.max, hi)
             self.samples += n
             if progress:
                 progress(n)
@@ -101,7 +108,7 @@ class Observer:
                 if top <= 0:
                     continue
                 mag = np.abs(value, dtype=np.float32).ravel()
-                if not np.all(np.isfinite(mag)):
+                if s.nonfinite:
                     mag = mag[np.isfinite(mag)]
                 # bincount of bin indices: several times faster than np.histogram, same bins
                 idx = np.minimum((mag * np.float32(HIST_BINS / top)).astype(np.int64), HIST_BINS - 1)
