@@ -14,16 +14,12 @@ def canonical_from_module(module, example: dict[str, np.ndarray], calib: dict[st
     """Export ``module`` (dynamic batch), normalise, calibrate on ``calib``; returns CanonicalModel."""
     import torch
 
-    from deploykit import data, model
-    from deploykit.quantize import quantize, write_canonical
-    from deploykit.testing.models import export_onnx
+    from deploykit.model import export_torch
+    from deploykit.testing import canonical_from_onnx
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    src = export_onnx(module.eval(), tuple(torch.from_numpy(v) for v in example.values()), workdir / "model.onnx",
-                      list(example))
-    fp32 = model.normalise(model.load_onnx(src), str(src))
-    source = data.open_source(lambda: [calib], model.input_specs(fp32))
-    return write_canonical(quantize(fp32, source, method), fp32, workdir, "bench")
+    src = export_torch(module, tuple(torch.from_numpy(v) for v in example.values()), workdir / "model.onnx",
+                       list(example))
+    return canonical_from_onnx(src, calib, workdir, "bench", method)
 
 
 def interleaved_medians(runners: Mapping[str, Callable[[], object]], rounds: int = 20, per_round: int = 25,

@@ -6,7 +6,9 @@ basic graph optimisations, which use only ONNX ops), shapes inferred, node names
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -60,15 +62,25 @@ def load_onnx(path: Path | str) -> onnx.ModelProto:
 
 def export_torch(module: Any, example_inputs: tuple, path: Path | str, input_names: list[str] | None = None,
                  dynamic_batch: bool = True) -> Path:
-    """Export a torch.nn.Module with the dynamo exporter at opset 18."""
+    """Export a torch.nn.Module with the dynamo exporter at opset 18 (FINDINGS.md: the one that
+    works), batch dimension dynamic unless ``dynamic_batch`` is False."""
     try:
-        from deploykit.testing.models import export_onnx
-    except ImportError as exc:  # pragma: no cover
-        raise ModelError(f"exporting a torch module needs torch: pip install 'deploykit[torch]' ({exc})") from None
+        import torch
+    except ImportError as exc:
+        raise ModelError(f"exporting a torch module needs torch: pip install torch==2.13.0 ({exc})") from None
+    dynamic = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        dynamic = tuple({0: batch} for _ in example_inputs)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return export_onnx(module, tuple(example_inputs), path, input_names, dynamic_batch)
+        with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress lines
+            torch.onnx.export(module.eval(), tuple(example_inputs), str(path), dynamo=True, opset_version=OPSET,
+                              external_data=False, input_names=input_names, dynamic_shapes=dynamic, verbose=False)
     except Exception as exc:
         raise ModelError(f"torch export of {type(module).__name__} failed: {type(exc).__name__}: {exc}") from None
+    return path
 
 
 def model_hash(model: onnx.ModelProto) -> str:
@@ -176,6 +188,13 @@ def unique_node_names(model: onnx.ModelProto) -> None:
             name, k = f"{base}_{k}", k + 1
         node.name = name
         seen.add(name)
+
+
+def fixed_batch(specs) -> int | None:
+    """The batch a model was exported with when its batch dimension is not dynamic (it only
+    runs at that batch), else None. ``specs`` as from :func:`input_specs`."""
+    fixed = {shape[0] for shape, _ in specs.values() if shape and isinstance(shape[0], int) and shape[0] > 0}
+    return min(fixed) if fixed else None
 
 
 def input_specs(model: onnx.ModelProto) -> dict[str, tuple[list[int | str], Any]]:

@@ -30,7 +30,6 @@ from deploykit.fileio import atomic_output, sha256
 from deploykit.plugins import Registry, load_registry
 from deploykit.progress import bar
 from deploykit.quantize import quantize, write_canonical
-from deploykit.quantize.canonical import lint
 from deploykit.targets import Calibration, Preprocess, Target, load_targets
 
 log = logging.getLogger("deploykit")
@@ -154,7 +153,7 @@ def build(model: Any, options: BuildOptions, registry: Registry | None = None) -
     calibrate_s = time.monotonic() - t0
     events(f"canonical model: {canonical.path} ({result.samples} samples, {calib_cfg.method})")
 
-    fixed_batch = _fixed_batch(specs)
+    fixed_batch = modelmod.fixed_batch(specs)
     if fixed_batch:
         targets = [_at_batch(t, fixed_batch, events) for t in targets]
     eval_batch = fixed_batch or (max(t.batch_sizes[0] for t in targets) if targets else 1)
@@ -220,12 +219,6 @@ def claim_out_dir(out_dir: Path) -> set[str]:
     return ours - {MANIFEST, REPORT}
 
 
-def _fixed_batch(specs) -> int | None:
-    """The batch size a model was exported with, when its batch dimension is not dynamic."""
-    fixed = {shape[0] for shape, _ in specs.values() if shape and isinstance(shape[0], int) and shape[0] > 0}
-    return min(fixed) if fixed else None
-
-
 def _at_batch(target: Target, batch: int, events: Callable[[str], None]) -> Target:
     if target.batch_sizes == (batch,):
         return target
@@ -268,10 +261,15 @@ def _reference_outputs(canonical: CanonicalModel, batches: list[dict]) -> dict[s
 
 
 def _latency_feeds(batches: list[dict], batch_size: int) -> dict[str, np.ndarray]:
-    first = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-    n = len(next(iter(first.values())))
+    """The first ``batch_size`` evaluation samples (repeated if there are fewer)."""
+    taken, n = [], 0
+    for b in batches:  # only as many batches as needed, not the whole evaluation set
+        taken.append(b)
+        n += len(next(iter(b.values())))
+        if n >= batch_size:
+            break
     reps = -(-batch_size // n)
-    return {k: np.concatenate([v] * reps)[:batch_size] for k, v in first.items()}
+    return {k: np.concatenate([b[k] for b in taken] * reps)[:batch_size] for k in taken[0]}
 
 
 def _baseline_latency(canonical: CanonicalModel, targets: list[Target], batches: list[dict]) -> list[dict]:
@@ -465,7 +463,7 @@ def _manifest(model: Path, source_hash: str, canonical: CanonicalModel, q, calib
                       "fp32_path": _rel(canonical.fp32_path, out_dir),
                       "calibration_table": _rel(files[2], out_dir), "calibration_table_sha256": sha256(files[2]),
                       "qdq_nodes": len(qdq_nodes), "tensors_in_table": len(canonical.calibration),
-                      "lint_violations": [str(v) for v in lint(canonical.model)]},
+                      "lint_violations": list(q.lint_violations)},
         "baseline": {"backend": "onnxruntime", "precision": "fp32", "latency": baseline},
         "targets": [r.to_json(out_dir) for r in results],
         "files": sorted(listed | {MANIFEST, REPORT}),

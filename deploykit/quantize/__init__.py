@@ -31,6 +31,7 @@ class QuantizeResult:
     samples: int
     data_hash: str
     random_data: bool
+    lint_violations: tuple[str, ...] = ()  # always empty: quantize() refuses a model that breaks the contract
 
 
 def quantize(fp32: onnx.ModelProto, calib: DataSource, method: str = "entropy", percentile: float = 99.99,
@@ -38,11 +39,9 @@ def quantize(fp32: onnx.ModelProto, calib: DataSource, method: str = "entropy", 
     """Calibrate the normalised FP32 model on ``calib`` and return the canonical QDQ model."""
     if method not in METHODS:
         raise ConfigError(f"unknown calibration method '{method}'; use one of {', '.join(METHODS)}")
-    from deploykit.model import input_specs  # local: deploykit.model imports this package
+    from deploykit.model import fixed_batch, input_specs  # local: deploykit.model imports this package
 
-    fixed = {dims[0] for dims, _ in input_specs(fp32).values() if dims and isinstance(dims[0], int) and dims[0] > 0}
-    if fixed:  # a model exported with a fixed batch (often 1) only runs at that batch size
-        batch_size = min(fixed)
+    batch_size = fixed_batch(input_specs(fp32)) or batch_size
     observer = Observer(fp32)
     with bar(calib.limit, "calibrate: ranges", "sample") as b:
         observer.observe_ranges(calib.batches(batch_size), b.update)
@@ -71,7 +70,8 @@ def quantize(fp32: onnx.ModelProto, calib: DataSource, method: str = "entropy", 
     violations = rules.lint(qdq)
     if violations:  # a bug in placement, never the user's fault: say so
         raise DeploykitError("internal error: the canonical model breaks its contract:\n" + rules.format_violations(violations))
-    return QuantizeResult(qdq, table, method, observer.samples, observer.data_hash(), calib.is_random)
+    return QuantizeResult(qdq, table, method, observer.samples, observer.data_hash(), calib.is_random,
+                          tuple(str(v) for v in violations))
 
 
 def write_canonical(result: QuantizeResult, fp32: onnx.ModelProto, out_dir: Path, stem: str = "canonical") -> CanonicalModel:

@@ -78,6 +78,18 @@ def export_kind(kind: str, path, seed: int = 0):
     return path, module
 
 
+def canonical_from_onnx(src, calib: dict, workdir, stem: str, method: str = "minmax"):
+    """Normalise an FP32 .onnx, calibrate it on ``calib`` (one dict of arrays) and write
+    ``<stem>.qdq.onnx`` and friends under ``workdir``. Returns the CanonicalModel."""
+    from deploykit import data, model
+    from deploykit.quantize import quantize, write_canonical
+
+    fp32 = model.normalise(model.load_onnx(src), str(src))
+    source = data.open_source(lambda: [calib], model.input_specs(fp32))
+    result = quantize(fp32, source, method, source_hash=model.model_hash(fp32))
+    return write_canonical(result, fp32, workdir, stem)
+
+
 def make_canonical(kind: str, workdir, method: str = "minmax", samples: int = 64):
     """Export a test model, calibrate it on real-looking data and write its canonical model.
 
@@ -85,19 +97,10 @@ def make_canonical(kind: str, workdir, method: str = "minmax", samples: int = 64
     """
     from pathlib import Path
 
-    from deploykit import data, model
-    from deploykit.quantize import quantize, write_canonical
     from deploykit.testing import models
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     src, _ = export_kind(kind, workdir / f"{kind}.onnx")
-    fp32 = model.normalise(model.load_onnx(src), str(src))
-    specs = model.input_specs(fp32)
-    if kind == "digits":
-        calib = {"x": models.digits().x_train[:samples]}
-    else:
-        calib = eval_feeds(kind, samples, seed=0)
-    source = data.open_source(lambda: [calib], specs)
-    result = quantize(fp32, source, method, source_hash=model.model_hash(fp32))
-    return write_canonical(result, fp32, workdir, kind)
+    calib = {"x": models.digits().x_train[:samples]} if kind == "digits" else eval_feeds(kind, samples, seed=0)
+    return canonical_from_onnx(src, calib, workdir, kind, method)

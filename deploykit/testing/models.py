@@ -138,22 +138,10 @@ def encoder_inputs(n: int, vocab: int = 64, seq: int = 16, seed: int = 0) -> dic
 
 def export_onnx(module, example: tuple, path: Path | str, input_names: list[str] | None = None,
                 dynamic_batch: bool = True) -> Path:
-    """Export with the dynamo exporter at opset 18 (FINDINGS.md: the one that works)."""
-    torch = _torch()
-    module = module.eval()
-    dynamic = None
-    if dynamic_batch:
-        batch = torch.export.Dim("batch", min=1, max=1024)
-        dynamic = tuple({0: batch} for _ in example)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    import contextlib
-    import io
+    """Export for tests and benches: :func:`deploykit.model.export_torch`."""
+    from deploykit.model import export_torch
 
-    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress lines
-        torch.onnx.export(module, example, str(path), dynamo=True, opset_version=18, external_data=False,
-                          input_names=input_names, dynamic_shapes=dynamic, verbose=False)
-    return path
+    return export_torch(module, example, path, input_names, dynamic_batch)
 
 
 @dataclass
