@@ -156,14 +156,18 @@ def backends(as_json: bool) -> None:
     if as_json:
         _echo_json(rows)
         return
+    from deploykit.tables import render
+
+    table = []
     for r in rows:
         state = "ready" if r["can_run"] else ("lower only" if r["can_lower"] else "unavailable")
-        versions = ", ".join(f"{k} {v}" for k, v in r["versions"].items())
-        click.echo(f"{r['backend']:<12} {state:<12} {r['description']}" + (f" [{versions}]" if versions else ""))
+        notes = [r["description"]] + ([", ".join(f"{k} {v}" for k, v in r["versions"].items())] if r["versions"] else [])
         if r["reason"]:
-            click.echo(f"{'':<12} why: {r['reason']}")
+            notes.append(f"why: {r['reason']}")
         if r["install_hint"]:
-            click.echo(f"{'':<12} install: {r['install_hint']}")
+            notes.append(f"install: {r['install_hint']}")
+        table.append([r["backend"], state, "; ".join(notes)])
+    click.echo(render(["backend", "state", "what / why / install"], table))
 
 
 @cli.command()
@@ -178,8 +182,10 @@ def plugins(as_json: bool) -> None:
     if as_json:
         _echo_json(rows)
         return
-    for r in rows:
-        click.echo(f"{r['name']:<12} {r['distribution']} {r['version']}  module {r['module']}  backends: {', '.join(r['backends'])}")
+    from deploykit.tables import render
+
+    click.echo(render(["plugin", "distribution", "version", "module", "backends"],
+                      [[r["name"], r["distribution"], r["version"], r["module"], ", ".join(r["backends"])] for r in rows]))
 
 
 @cli.command()
@@ -202,10 +208,12 @@ def targets(targets_file: str | None, as_json: bool) -> None:
     if as_json:
         _echo_json({"file": str(path), "targets": rows, "devices": sorted(tf.devices)})
         return
-    click.echo(f"{path}: {len(rows)} targets, {len(tf.devices)} devices, valid")
-    for r in rows:
-        th = ", ".join(f"{k}={v:g}" for k, v in r["thresholds"].items()) or "no thresholds"
-        click.echo(f"  {r['name']:<20} {r['backend']:<12} on {r['device']:<14} batch {r['batch_sizes']}  {th}")
+    from deploykit.tables import render
+
+    table = [[r["name"], r["backend"], r["device"], ", ".join(map(str, r["batch_sizes"])),
+              ", ".join(f"{k}={v:g}" for k, v in r["thresholds"].items()) or "-"] for r in rows]
+    click.echo(render(["target", "backend", "device", "batch sizes", "thresholds"], table,
+                      title=f"{path}: {len(rows)} targets, {len(tf.devices)} devices, valid"))
 
 
 @cli.command()
