@@ -41,7 +41,7 @@ def _outputs(model: onnx.ModelProto) -> list[dict[str, Any]]:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
         by_name = {v.name: _value(v) for v in list(inferred.graph.output) + list(inferred.graph.value_info)}
         return [by_name.get(o["name"], o) if o["dtype"] == "unknown" or o["shape"] is None else o for o in outs]
-    except Exception:  # inference is a nicety here; the declared (partial) type stays
+    except Exception:  # noqa: BLE001  # inference is a nicety here; the declared (partial) type stays
         return outs
 
 

@@ -69,15 +69,20 @@ class EchoHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             echo(self.format(record))
-        except Exception:  # pragma: no cover - logging must never raise
+        except Exception:  # noqa: BLE001  # pragma: no cover - logging must never raise
             self.handleError(record)
 
 
 def _new_display() -> Any:
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
     from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
         TextColumn("{task.description}"), BarColumn(bar_width=28), MofNCompleteColumn(),
@@ -99,7 +104,7 @@ class Step:
         self._level = 0
 
     # --- context manager -------------------------------------------------------------------
-    def __enter__(self) -> Step:
+    def __enter__(self) -> Step:  # noqa: PYI034
         global _display, _depth
         self.started = time.monotonic()
         if not enabled():

@@ -44,20 +44,19 @@ def test_nested_steps_keep_timed_lines_in_order(stderr):
 
 def test_total_can_be_set_late_and_failure_is_said(stderr):
     progress.set_enabled(True)
-    with pytest.raises(RuntimeError):
-        with progress.step("calibrate: ranges", unit="sample") as s:
-            s.update(8)
-            s.total = 16
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), progress.step("calibrate: ranges", unit="sample") as s:
+        s.update(8)
+        s.total = 16
+        raise RuntimeError("boom")
     assert re.search(r"calibrate: ranges  8/16 sample  \d+\.\d s \(failed\)", stderr.getvalue())
     assert progress._display is None
 
 
 def test_disabled_prints_nothing_but_logs_durations_under_verbose(stderr, caplog):
     progress.set_enabled(False)
-    with caplog.at_level(logging.DEBUG, logger="deploykit.progress"):
-        with progress.step("openvino: accuracy", total=4, unit="batch") as s:
-            s.update(4)
+    with caplog.at_level(logging.DEBUG, logger="deploykit.progress"), \
+            progress.step("openvino: accuracy", total=4, unit="batch") as s:
+        s.update(4)
     assert stderr.getvalue() == ""
     assert re.search(r"openvino: accuracy: 4/4 batch in \d+\.\d\d s", caplog.text)
     assert s.seconds >= 0.0

@@ -17,20 +17,20 @@ ROOT = Path(__file__).resolve().parents[1]
 # Recorded from TensorFlow 2.21 / LiteRT / coremltools 9 on this machine (a TFLite + Core ML build).
 VENDOR_LINES = [
     "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
-    "I0000 00:00:1796587475.646672    8338 cudart_stub.cc:31] Could not find cuda drivers on your machine, "
-    "GPU will not be used.",
-    "E0000 00:00:1796587483.663710    8338 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: "
-    "Failed call to cuInit: UNKNOWN ERROR (303)",
-    "I0000 00:00:1732000000.123456   12345 port.cc:153] oneDNN custom operations are on. You may see slightly "
-    "different numerical results due to floating-point round-off errors from different computation orders.",
-    "I0000 00:00:1732000000.123456   12345 cpu_feature_guard.cc:210] This TensorFlow binary is optimized to use "
-    "available CPU instructions in performance-critical operations.",
-    "To enable the following instructions: AVX2 AVX512F FMA, in other operations, rebuild TensorFlow with the "
-    "appropriate compiler flags.",
+    ("I0000 00:00:1796587475.646672    8338 cudart_stub.cc:31] Could not find cuda drivers on your machine, "
+     "GPU will not be used."),
+    ("E0000 00:00:1796587483.663710    8338 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: "
+     "Failed call to cuInit: UNKNOWN ERROR (303)"),
+    ("I0000 00:00:1732000000.123456   12345 port.cc:153] oneDNN custom operations are on. You may see slightly "
+     "different numerical results due to floating-point round-off errors from different computation orders."),
+    ("I0000 00:00:1732000000.123456   12345 cpu_feature_guard.cc:210] This TensorFlow binary is optimized to use "
+     "available CPU instructions in performance-critical operations."),
+    ("To enable the following instructions: AVX2 AVX512F FMA, in other operations, rebuild TensorFlow with the "
+     "appropriate compiler flags."),
     "W0000 00:00:1732000000.123456   12345 tf_tfl_flatbuffer_helpers.cc:364] Ignored output_format.",
     "INFO: Created TensorFlow Lite XNNPACK delegate for CPU.",
-    "scikit-learn version 1.9.1 is not supported. Minimum required version: 0.17. Maximum required version: "
-    "1.5.1. Disabling scikit-learn conversion API.",
+    ("scikit-learn version 1.9.1 is not supported. Minimum required version: 0.17. Maximum required version: "
+     "1.5.1. Disabling scikit-learn conversion API."),
     "Torch version 2.13.0+cpu has not been tested with coremltools. You may run into unexpected errors.",
     "Failed to load _MLModelProxy: No module named 'coremltools.libcoremlpython'",
 ]
@@ -80,7 +80,7 @@ def _run(env_extra: dict[str, str]) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("DEPLOYKIT_VERBOSE", "TF_CPP_MIN_LOG_LEVEL")}
     env.update(env_extra)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, timeout=60, env=env)
+    return subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, timeout=60, env=env, check=False)
 
 
 def test_filter_drops_native_vendor_lines_in_this_process_and_children():
@@ -114,7 +114,7 @@ def test_tflite_build_stderr_has_nothing_from_tensorflow(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "plugins" / "tflite"), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "deploykit.cli", "build", str(samples / "digits_cnn.onnx"), "--target", "tflite",
            "--calib", str(samples / "digits_calib.npz"), "--out", str(tmp_path / "out"), "--no-baseline"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path, check=False)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out" / "tflite").is_dir()
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
