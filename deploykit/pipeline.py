@@ -32,6 +32,7 @@ from deploykit.progress import bar
 from deploykit.quantize import quantize, requantize, write_canonical
 from deploykit.quantize.canonical import ASYMMETRIC, SYMMETRIC
 from deploykit.quantize.islands import layer_macs, mac_summary, resolve_keep_float
+from deploykit.reference import canonical_runner, fp32_runner
 from deploykit.targets import Calibration, Preprocess, Target, load_targets
 
 log = logging.getLogger("deploykit")
@@ -218,6 +219,7 @@ def compare_profiles(fp32: Any, result: Any, batches: list[dict], reference: dic
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # exact Q/DQ, as the reference
     session = ort.InferenceSession(other.model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     with bar(len(batches), f"canonical model, {other_profile} activations", "batch") as b:
         outs = []
@@ -234,7 +236,7 @@ def compare_profiles(fp32: Any, result: Any, batches: list[dict], reference: dic
     return {"status": "measured", "metric": metric, "chosen": result.activations, "other": other_profile,
             "chosen_metrics": chosen, "other_metrics": alt, "difference": delta,
             "message": f"{result.activations} activations {verdict} {amount} {metric} against {other_profile} "
-                       f"({chosen[metric]:.4f} vs {alt[metric]:.4f}, canonical models in onnxruntime vs FP32)"}
+                       f"({chosen[metric]:.4f} vs {alt[metric]:.4f}: both canonical models vs FP32, exact Q/DQ in onnxruntime)"}
 
 
 def choose_profile(targets: list[Target], registry: Registry, option: str | None, configured: str | None,
@@ -318,26 +320,13 @@ def _eval_batches(src: data.DataSource, batch_size: int) -> tuple[list[dict[str,
     return feeds, (np.concatenate(labels) if has_labels and labels else None)
 
 
-def _ort_runner(path: Path) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-    class _Runner:
-        def run(self, feeds):
-            return session.run(None, dict(feeds))
-
-    return _Runner()
-
-
 def _reference_outputs(canonical: CanonicalModel, batches: list[dict]) -> dict[str, list[np.ndarray]]:
-    """FP32 (accuracy reference) and canonical QDQ (fidelity reference) outputs, in onnxruntime."""
+    """FP32 (accuracy reference) and canonical QDQ (fidelity reference, exact Q/DQ semantics)
+    outputs, in onnxruntime."""
     with bar(2, "reference outputs", "model") as b:
-        fp32 = checks.run_all(_ort_runner(canonical.fp32_path), batches)
+        fp32 = checks.run_all(fp32_runner(canonical.fp32_path), batches)
         b.update()
-        qdq = checks.run_all(_ort_runner(canonical.path), batches)
+        qdq = checks.run_all(canonical_runner(canonical.path), batches)
         b.update()
     return {"fp32": fp32, "canonical": qdq}
 
@@ -355,7 +344,7 @@ def _latency_feeds(batches: list[dict], batch_size: int) -> dict[str, np.ndarray
 
 
 def _baseline_latency(canonical: CanonicalModel, targets: list[Target], batches: list[dict]) -> list[dict]:
-    runner = _ort_runner(canonical.fp32_path)
+    runner = fp32_runner(canonical.fp32_path)
     sizes = sorted({b for t in targets for b in t.batch_sizes})
     warmup, runs = max(t.warmup for t in targets), max(t.runs for t in targets)
     out = []
