@@ -74,9 +74,11 @@ def cli(verbose: bool) -> None:
 @click.option("-o", "--out", "out_dir", default="deploykit-out", show_default=True, type=click.Path(path_type=Path),
               help="Output folder (created; refused if it holds files deploykit did not write).")
 @click.option("--no-baseline", is_flag=True, help="Skip the FP32 onnxruntime latency reference row.")
+@click.option("--db", type=click.Path(dir_okay=False, path_type=Path),
+              help="Results history to record this build in [default: $DEPLOYKIT_DB, else the user's data folder].")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout instead of the table.")
 def build(model, targets, calib, eval_, method, percentile, samples, eval_samples, task, calib_batch_size, preprocess,
-          targets_file, out_dir, no_baseline, as_json) -> None:
+          targets_file, out_dir, no_baseline, db, as_json) -> None:
     """Calibrate MODEL once, lower it for every --target, run the checks, write a manifest and report.
 
     Writes OUT/canonical.qdq.onnx (+ .calib.json, + .fp32.onnx), OUT/<target>/<artifact>,
@@ -102,6 +104,7 @@ def build(model, targets, calib, eval_, method, percentile, samples, eval_sample
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = run_build(model, opts)
+    _record_build(result.manifest, db, out_dir, quiet=as_json)
     if as_json:
         _echo_json(result.manifest)
     else:
@@ -110,6 +113,20 @@ def build(model, targets, calib, eval_, method, percentile, samples, eval_sample
     if not result.ok:
         bad = [t.target.name for t in result.targets if t.status not in ("ok", "skipped")]
         raise CheckFailed(f"targets with failed checks or errors: {', '.join(bad)} (see {out_dir / 'report.md'})")
+
+
+def _record_build(manifest, db: Path | None, out_dir: Path, quiet: bool) -> None:
+    """Every build goes to the results history; a history that cannot be written costs a
+    warning, never the build."""
+    from deploykit.history import record_build
+
+    try:
+        run_id = record_build(manifest, db, str(out_dir.resolve()))
+    except DeploykitError as exc:
+        click.echo(f"deploykit: warning: build not recorded in the results history: {exc}", err=True)
+        return
+    if not quiet:
+        click.echo(f"recorded as run {run_id} in the results history ('deploykit results')", err=True)
 
 
 def _parse_preprocess(text: str):
@@ -253,6 +270,16 @@ def inspect(model: Path, run_lint: bool, tensorrt: bool, as_json: bool) -> None:
                 click.echo("lint: clean (" + ("TensorRT rules" if tensorrt else "every canonical rule") + ")")
     if violations:
         raise CheckFailed(f"{model}: {len(violations)} lint violation(s)")
+
+
+def _register_matrix_commands() -> None:
+    from deploykit.matrix.cli import compare, matrix, results
+
+    for command in (matrix, results, compare):
+        cli.add_command(command)
+
+
+_register_matrix_commands()
 
 
 def main(argv: list[str] | None = None) -> int:
