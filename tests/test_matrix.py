@@ -139,8 +139,8 @@ def test_compare_noise_model():
     assert compare_cells([_cell(env=loaded)], [_cell(env=loaded, speedup=1.4)]).flagged == []
     assert compare_cells([_cell()], [_cell(speedup=1.4)]).flagged
     # stalled rounds never convict a p50
-    stalled = compare_cells(cells_a, [_cell(precision="fp32", speedup=1.0, p50_ms=2.0, spread=1.5),
-                                      _cell(model="n", precision="fp32", speedup=1.0, p50_ms=2.0, spread=1.5)])
+    stalled = compare_cells(cells_a, [_cell(precision="fp32", speedup=1.0, p50_ms=3.0, spread=1.0),
+                                      _cell(model="n", precision="fp32", speedup=1.0, p50_ms=3.0, spread=1.0)])
     assert not stalled.flagged and "stalled" in stalled.noise
 
 
