@@ -50,8 +50,8 @@ def footer(cells: Sequence[Cell], meta: Mapping[str, Any]) -> list[str]:
     not_run = sorted({f"{c.target}: {c.error}" for c in cells if c.status == "not_run"})
     for n in not_run[:6]:
         lines.append(f"not run: {n}")
-    env = meta.get("env", {})
-    if env:
+    env = meta.get("env") or {}
+    if env.get("cpu"):
         lines.append(f"environment: {env.get('cpu')}, {env.get('cores')} cores, {env.get('os')}; load average "
                      f"{meta.get('load_average')}")
     return lines
