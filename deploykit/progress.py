@@ -23,5 +23,12 @@ def enabled() -> bool:
 def bar(total: int | None = None, desc: str = "", unit: str = "it") -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled(), leave=False, file=sys.stderr,
+    from deploykit import signals
+
+    class _Bar(tqdm):  # type: ignore[misc,type-arg]
+        def update(self, n: float | None = 1) -> bool | None:
+            signals.checkpoint()  # between batches: a safe point to stop on Ctrl-C
+            return super().update(n)
+
+    return _Bar(total=total, desc=desc, unit=unit, disable=not enabled(), leave=False, file=sys.stderr,
                 dynamic_ncols=True)
