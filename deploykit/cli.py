@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -125,7 +124,7 @@ def _build(model, targets, calib, eval_, method, percentile, samples, eval_sampl
         targets=names, out_dir=out_dir, targets_file=_targets_file(targets_file), calib=calib, eval=eval_,
         method=method, percentile=percentile, samples=samples, eval_samples=eval_samples,
         batch_size=calib_batch_size, preprocess=_parse_preprocess(preprocess) if preprocess else None,
-        baseline=not no_baseline, task=task,
+        baseline=not no_baseline, task=task, allow_code=allow_code,
         on_event=(lambda msg: None) if as_json else (lambda msg: click.echo(msg, err=True)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -34,6 +34,7 @@ class DataSource:
 
     description = ""
     is_random = False
+    exact_batches = False  # a fixed-batch model: every batch full (see batches())
 
     def __init__(self, specs: Specs, limit: int | None = None) -> None:
         self.specs = specs
@@ -43,7 +44,9 @@ class DataSource:
         raise NotImplementedError
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
-        """Re-batch the source's chunks to ``batch_size`` (the last batch may be smaller)."""
+        """Re-batch the source's chunks to ``batch_size``. The last batch may be smaller, unless
+        ``exact_batches`` (a fixed-batch model): then a partial last batch is dropped, or, when
+        it is the only one, filled by repeating its samples."""
         if batch_size < 1:  # 0 would yield empty batches forever
             raise DataError(f"{self.description}: batch size {batch_size} must be >= 1")
         if self.limit is not None and self.limit < 0:  # a negative limit would slice from the end
@@ -69,10 +72,17 @@ class DataSource:
                 yield batch
             if self.limit is not None and count >= self.limit:
                 break
-        if held:
-            yield _concat(pending)
         if count == 0:
             raise DataError(f"{self.description}: no samples")
+        if held and self.exact_batches and count > held:
+            return  # the model runs only full batches: drop the remainder
+        if held and self.exact_batches:
+            last = _concat(pending)
+            reps = -(-batch_size // held)
+            yield Batch({k: np.concatenate([v] * reps)[:batch_size] for k, v in last.feeds.items()},
+                        None if last.labels is None else np.concatenate([last.labels] * reps)[:batch_size])
+        elif held:
+            yield _concat(pending)
 
     def _validate(self, chunk: Batch) -> None:
         feeds = chunk.feeds

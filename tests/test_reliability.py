@@ -24,26 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def tiny_model(path: Path, opset: int = 18, ir_version: int | None = None, inits_as_inputs: bool = False,
                batch: int | str = "N") -> Path:
-    """Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm: a 4-class classifier on [N, 3, 8, 8]."""
-    rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "W"),
-             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32) * 0.1, "B"),
-             numpy_helper.from_array(rng.standard_normal((4, 8)).astype(np.float32), "G"),
-             numpy_helper.from_array(np.zeros(4, np.float32), "GB")]
-    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c"], ["r"]),
-             helper.make_node("GlobalAveragePool", ["r"], ["g"]),
-             helper.make_node("Flatten", ["g"], ["f"]),
-             helper.make_node("Gemm", ["f", "G", "GB"], ["y"], transB=1)]
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])]
-    if inits_as_inputs:
-        inputs += [helper.make_tensor_value_info(i.name, TensorProto.FLOAT, list(i.dims)) for i in inits]
-    graph = helper.make_graph(nodes, "tiny", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])],
-                              inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = ir_version or (8 if opset >= 18 else 3)
-    onnx.save(model, str(path))
-    return path
+    from deploykit.testing.tiny import tiny_classifier
+
+    return tiny_classifier(path, opset=opset, ir_version=ir_version, inits_as_inputs=inits_as_inputs, batch=batch)
 
 
 def files_under(root: Path) -> list[str]:
