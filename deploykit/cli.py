@@ -328,8 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         return Terminated.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
-        click.echo("deploykit: aborted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        click.echo("deploykit: interrupted (finished steps are kept: rerun the same command to continue)", err=True)
         return 130
     except click.ClickException as exc:  # usage errors too: one line, like every handled error
         hint = ""
@@ -337,9 +337,6 @@ def main(argv: list[str] | None = None) -> int:
             hint = f" (see '{exc.ctx.command_path} --help')"
         click.echo(f"deploykit: error: {exc.format_message()}{hint}", err=True)
         return exc.exit_code
-    except KeyboardInterrupt:
-        click.echo("deploykit: interrupted", err=True)
-        return 130
     except Exception as exc:  # a bug: still one line, the traceback only with -v
         if _VERBOSE["on"]:
             import traceback

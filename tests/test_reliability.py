@@ -339,3 +339,201 @@ def test_object_arrays_are_refused(tmp_path):
     np.savez(path, x=np.array([{"a": 1}, None], dtype=object))
     with pytest.raises(DataError, match="Python objects"):
         ArraySource(path, {"x": (["N"], np.float32)})
+
+
+# ---------------------------------------------------------------------------------------- the command line
+@pytest.fixture()
+def tiny(tmp_path, monkeypatch):
+    """A tiny classifier, 40 labelled samples, cwd = tmp_path, only the onnxruntime backend."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DEPLOYKIT_DISABLE_PLUGINS", "openvino,tflite,coreml,tensorrt")
+    tiny_model(tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "c.npz", x=rng.random((40, 3, 8, 8), dtype=np.float32), labels=np.arange(40) % 4)
+    return tmp_path
+
+
+def run_cli(*args: str, capsys) -> tuple[int, str, str]:
+    from deploykit.cli import main
+
+    code = main(["build", "m.onnx", "--method", "minmax", "--no-baseline", *args])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def one_error_line(err: str, *needles: str) -> str:
+    lines = [l for l in err.splitlines() if l.strip() and not l.startswith(("calibrating", "WARNING", "canonical",
+                                                                            "target "))]
+    assert len(lines) == 1 and lines[0].startswith("deploykit: error: "), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", ["../x", "../../escaped", "/tmp/victim", "a/b", ".hidden"])
+def test_target_name_from_config_never_becomes_a_path(tiny, capsys, name):
+    (tiny / "targets.toml").write_text(f'[targets."{name}"]\nbackend = "onnxruntime"\n')
+    code, _, err = run_cli("-t", name, "--calib", "c.npz", "--out", "out", capsys=capsys)
+    assert code == 2
+    one_error_line(err, "not allowed")
+    assert not (tiny / "out").exists() and not (tiny.parent / "escaped").exists()
+
+
+def test_code_in_config_is_refused_without_allow_code(tiny, capsys):
+    (tiny / "helper.py").write_text(textwrap.dedent("""
+        import pathlib, numpy as np
+        pathlib.Path("RAN").write_text("code ran")
+        def calib():
+            return [{"x": np.random.rand(8, 3, 8, 8).astype("float32")}]
+    """))
+    (tiny / "targets.toml").write_text('[calibration]\ndata = "helper.py:calib"\n')
+    code, _, err = run_cli("-t", "onnxruntime", "--out", "out", capsys=capsys)
+    assert code == 2
+    one_error_line(err, "helper.py:calib", "--allow-code")
+    assert not (tiny / "RAN").exists()
+    code, _, err = run_cli("-t", "onnxruntime", "--out", "out", "--allow-code", capsys=capsys)
+    assert code == 0, err
+    assert (tiny / "RAN").exists()
+    (tiny / "RAN").unlink()
+    (tiny / "targets.toml").unlink()
+    code, _, err = run_cli("-t", "onnxruntime", "--out", "out", "--calib", "helper.py:calib", capsys=capsys)
+    assert code == 0, err  # typed on the command line: explicit
+
+
+def test_data_function_exiting_zero_does_not_exit_deploykit(tiny, capsys):
+    (tiny / "quitter.py").write_text("import sys\ndef calib():\n    sys.exit(0)\n")
+    code, _, err = run_cli("-t", "onnxruntime", "--calib", "quitter.py:calib", "--out", "out", capsys=capsys)
+    assert code == 2
+    one_error_line(err, "sys.exit(0)")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--percentile", "0"], "--percentile"), (["--percentile", "-5"], "--percentile"),
+    (["--percentile", "150"], "--percentile"), (["--percentile", "nan"], "--percentile"),
+    (["--percentile", "inf"], "--percentile"), (["--samples", "0"], "--samples"),
+    (["--eval-samples", "-1"], "--eval-samples"), (["--calib-batch-size", "0"], "--calib-batch-size"),
+    (["--preprocess", "mean=a/b"], "--preprocess"), (["--preprocess", "resize=big"], "--preprocess"),
+    (["--preprocess", "scale=nan"], "--preprocess"), (["--task", "segmentation"], "--task"),
+])
+def test_out_of_range_cli_values_are_one_line(tiny, capsys, args, needle):
+    code, _, err = run_cli("-t", "onnxruntime", "--calib", "c.npz", "--out", "out", *args, capsys=capsys)
+    assert code == 2
+    one_error_line(err, needle)
+    assert not (tiny / "out").exists()
+
+
+@pytest.mark.parametrize("toml, needle", [
+    ("[calibration]\nseed = -1\n", "seed"),
+    ("[calibration]\npercentile = nan\n", "percentile"),
+    ('[targets.t]\nbackend = "onnxruntime"\n[targets.t.thresholds]\nmin_cosine = nan\n', "min_cosine"),
+    ('[targets.t]\nbackend = "onnxruntime"\n[targets.t.thresholds]\nmin_cosine = 0.9\nmax_cosine = 0.5\n', "max_cosine"),
+    ('[targets.t]\nbackend = "onnxruntime"\n[targets.t.options]\nexecution_provider = "NoSuchProvider"\n',
+     "NoSuchProvider"),
+])
+def test_bad_config_values_are_refused_before_work(tiny, capsys, toml, needle):
+    (tiny / "targets.toml").write_text(toml)
+    target = "t" if "targets.t" in toml else "onnxruntime"
+    code, _, err = run_cli("-t", target, "--calib", "c.npz", "--out", "out", capsys=capsys)
+    assert code == 2
+    one_error_line(err, needle)
+    assert not (tiny / "out").exists()
+
+
+def test_min_and_max_on_one_metric_are_both_judged():
+    from deploykit.checks import judge
+
+    assert judge("cosine", 0.99, {"min_cosine": 0.9, "max_cosine": 0.95}).status == "fail"
+    assert judge("cosine", 0.92, {"min_cosine": 0.9, "max_cosine": 0.95}).status == "pass"
+    assert judge("cosine", float("nan"), {}).status == "fail"
+    assert judge("latency_p50_ms", float("inf"), {"max_latency_p50_ms": 5}).status == "fail"
+
+
+def test_labels_out_of_range_and_two_dimensional_labels_are_refused(tiny, capsys):
+    x = np.random.default_rng(0).random((16, 3, 8, 8), dtype=np.float32)
+    np.savez(tiny / "big_labels.npz", x=x, labels=np.arange(16) + 10)
+    code, _, err = run_cli("-t", "onnxruntime", "--calib", "c.npz", "--eval", "big_labels.npz", "--out", "out",
+                           capsys=capsys)
+    assert code == 2
+    one_error_line(err, "labels range", "4 classes")
+    np.savez(tiny / "2d.npz", x=x, labels=np.zeros((16, 3), np.int64))
+    code, _, err = run_cli("-t", "onnxruntime", "--calib", "c.npz", "--eval", "2d.npz", "--out", "out", capsys=capsys)
+    assert code == 2
+    one_error_line(err, "labels have shape [16, 3]")
+
+
+def test_fixed_batch_model_with_a_partial_last_batch_builds(tiny, capsys):
+    tiny_model(tiny / "m.onnx", batch=4)
+    np.savez(tiny / "odd.npz", x=np.random.default_rng(1).random((10, 3, 8, 8), dtype=np.float32))
+    code, _, err = run_cli("-t", "onnxruntime", "--calib", "odd.npz", "--out", "out", capsys=capsys)
+    assert code == 0, err
+
+
+def test_duplicate_target_is_built_once_and_json_is_strict(tiny, capsys):
+    code, out, err = run_cli("-t", "onnxruntime,onnxruntime", "--calib", "c.npz", "--out", "out", "--json",
+                             capsys=capsys)
+    assert code == 0, err
+    manifest = json.loads(out, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+    assert [t["name"] for t in manifest["targets"]] == ["onnxruntime"]
+    on_disk = json.loads((tiny / "out" / "manifest.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert on_disk["files"] == files_under(tiny / "out")
+
+
+def test_unexpected_fault_is_one_line_naming_the_step_and_v_shows_the_traceback(tiny, capsys, monkeypatch):
+    import deploykit.pipeline as pipeline
+    from deploykit.cli import main
+
+    def broken(*a, **k):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(pipeline, "_reference_outputs", broken)
+    code, _, err = run_cli("-t", "onnxruntime", "--calib", "c.npz", "--out", "out", capsys=capsys)
+    assert code == 3
+    one_error_line(err, "while computing the reference outputs", "ZeroDivisionError", "-v")
+    code = main(["-v", "build", "m.onnx", "-t", "onnxruntime", "--calib", "c.npz", "--out", "out", "--method", "minmax"])
+    assert code == 3 and "Traceback" in capsys.readouterr().err
+
+
+def test_rerun_after_interrupt_keeps_calibration_and_publishes_everything(tiny, capsys, monkeypatch):
+    import deploykit.pipeline as pipeline
+
+    real = pipeline._build_target
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_build_target", interrupted)
+    code, _, err = run_cli("-t", "onnxruntime", "--calib", "c.npz", "--out", "out", capsys=capsys)
+    assert code == 130 and "interrupted" in err
+    assert files_under(tiny / "out") == []  # nothing published, nothing half-written
+    monkeypatch.setattr(pipeline, "_build_target", real)
+    code, _, err = run_cli("-t", "onnxruntime", "--calib", "c.npz", "--out", "out", capsys=capsys)
+    assert code == 0, err
+    assert "calibration kept" in err
+    manifest = json.loads((tiny / "out" / "manifest.json").read_text())
+    assert manifest["files"] == files_under(tiny / "out")
+    assert not (tiny / "out" / ".deploykit" / "staging").exists()
+
+
+def test_sigterm_during_a_build_exits_143_and_the_rerun_completes(tiny):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "plugins" / "onnxruntime")]))
+    script = textwrap.dedent("""
+        import os, signal, sys
+        import deploykit.pipeline as p
+        real = p._reference_outputs
+        def slow(*a, **k):
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while signals are deferred
+            return real(*a, **k)
+        p._reference_outputs = slow
+        from deploykit.cli import main
+        sys.exit(main(sys.argv[1:]))
+    """)
+    args = ["build", "m.onnx", "-t", "onnxruntime", "--calib", "c.npz", "--out", "out", "--method", "minmax",
+            "--no-baseline"]
+    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=tiny, env=env, capture_output=True, text=True)
+    assert proc.returncode == 143, proc.stderr
+    assert "Traceback" not in proc.stderr and "terminated" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "deploykit.cli", *args], cwd=tiny, env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tiny / "out" / "manifest.json").read_text())["files"] == files_under(tiny / "out")
