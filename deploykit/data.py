@@ -43,6 +43,17 @@ class DataSource:
     def _chunks(self) -> Iterator[Batch]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _size(self) -> int | None:
+        """Samples the source holds, when known without reading it (progress totals)."""
+        return None
+
+    def expected_samples(self) -> int | None:
+        """How many samples :meth:`batches` will yield, when known up front (else None)."""
+        size = self._size()
+        if size is None:
+            return self.limit
+        return size if self.limit is None else min(size, self.limit)
+
     def batches(self, batch_size: int) -> Iterator[Batch]:
         """Re-batch the source's chunks to ``batch_size``. The last batch may be smaller, unless
         ``exact_batches`` (a fixed-batch model): then a partial last batch is dropped, or, when
@@ -198,6 +209,9 @@ class ArraySource(DataSource):
         if self.labels is not None and sizes and self.labels.shape[0] != next(iter(sizes.values())):
             raise DataError(f"{path}: {self.labels.shape[0]} labels for {next(iter(sizes.values()))} samples")
 
+    def _size(self) -> int | None:
+        return min(a.shape[0] for a in self.arrays.values()) if self.arrays else 0
+
     def _chunks(self) -> Iterator[Batch]:
         n = min(a.shape[0] for a in self.arrays.values()) if self.arrays else 0
         if self.limit is not None:
@@ -306,6 +320,9 @@ class ImageFolderSource(DataSource):
         self.classes = classes if classes and all(p.parent != path for p in self.files) else []
         shape = specs[self.input][0]
         self.preprocess = preprocess or _default_preprocess(shape)
+
+    def _size(self) -> int | None:
+        return len(self.files)
 
     def _chunks(self) -> Iterator[Batch]:
         idx = {c: i for i, c in enumerate(self.classes)}
