@@ -188,11 +188,13 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, tf: Targets
 
     with stage("checking the data against the model"):
         eval_batch = fixed_batch or (max(t.batch_sizes[0] for t in targets) if targets else 1)
-        _try_first_batch(fp32, calib_src, calib_cfg.batch_size if not fixed_batch else fixed_batch)
+        session = _ort_session_from_model(fp32)
+        _try_first_batch(session, calib_src, calib_cfg.batch_size if not fixed_batch else fixed_batch)
         eval_batches, labels = _eval_batches(eval_src, eval_batch)
-        if eval_src is not calib_src:
-            _try_first_batch(fp32, eval_src, eval_batch)
-        classification = _check_task(fp32, options.task, eval_batches[0], labels, eval_src.description)
+        first_output = _try_first_batch(session, eval_src, eval_batch) if eval_src is not calib_src else \
+            session.run(None, eval_batches[0])[0]
+        classification = _check_task(first_output, options.task, labels, eval_src.description)
+        del session
     with stage("probing the backends"):
         availability = {t.name: registry.get(t.backend).probe(t) for t in targets}
 
@@ -318,22 +320,22 @@ def _ort_session_from_model(model: "onnx.ModelProto") -> Any:
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def _try_first_batch(fp32: "onnx.ModelProto", src: data.DataSource, batch_size: int) -> None:
+def _try_first_batch(session: Any, src: data.DataSource, batch_size: int) -> np.ndarray:
     """Run the first batch through FP32 onnxruntime before calibrating: data that the model
-    cannot run on (ids out of range, wrong dynamic dims) fails now, in one line."""
+    cannot run on (ids out of range, wrong dynamic dims) fails now, in one line. Returns the
+    first output."""
     batch = next(iter(src.batches(batch_size)))
     try:
-        _ort_session_from_model(fp32).run(None, batch.feeds)
+        return np.asarray(session.run(None, batch.feeds)[0])
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         hint = "; pass --calib with real samples" if src.is_random else ""
         raise DataError(f"{src.description}: the model cannot run on this data: {first}{hint}") from None
 
 
-def _check_task(fp32: "onnx.ModelProto", task: str, first: dict[str, np.ndarray], labels: np.ndarray | None,
-                where: str) -> bool:
+def _check_task(out0: np.ndarray, task: str, labels: np.ndarray | None, where: str) -> bool:
     """Decide classification from the first output; check labels against it (shape, type, range)."""
-    out0 = np.asarray(_ort_session_from_model(fp32).run(None, first)[0])
+    out0 = np.asarray(out0)
     if task == "classification" and not checks.is_classifier(out0):
         raise ConfigError(f"--task classification needs a first output of shape [N, classes], the model gives "
                           f"{list(out0.shape)}; use --task other")
