@@ -100,6 +100,7 @@ class OutDir:
         self.journal: dict[str, Any] = {}
         self._lock_fd: int | None = None
         self._created_root = False
+        self._created_state = False
         self._retired = False
 
     # -- opening ------------------------------------------------------------------------
@@ -116,38 +117,43 @@ class OutDir:
             raise OutputDirError(f"{root}: a dangling symlink; choose another --out")
         if root.exists() and not root.is_dir():
             raise OutputDirError(f"{root}: exists and is not a folder; choose another --out")
-        if root.exists():
-            self._refuse_foreign(self._previous_files(read_journal=True))
         try:
+            if self.state.is_dir() and not self.state.is_symlink():
+                self._lock()  # first: a build publishing right now must not look like foreign files
+            if root.exists():
+                self._refuse_foreign(self._previous_files(read_journal=True))
             if not root.exists():
                 root.mkdir(parents=True)
                 self._created_root = True
-            self.state.mkdir(exist_ok=True)
-            self._lock()
+            if not self.state.exists():
+                self.state.mkdir()
+                self._created_state = True
+            if self._lock_fd is None:
+                self._lock()
             self._probe_writable()
+            self._recover()
         except OSError as exc:
             self.close()
             raise OutputDirError(f"{root}: cannot write the output folder ({_why(exc)}); choose a writable --out") \
                 from None
-        try:
-            self._recover()
         except BaseException:
             self.close()
             raise
 
     def close(self) -> None:
-        if self._lock_fd is None:
-            return
         try:
             # nothing built and nothing published: leave no trace of a build that never started
-            if not self.journal.get("steps") and not self.journal.get("published") and not self._retired:
-                self._remove_tree(self.state, check=False)
+            if self._created_state and not self.journal.get("steps") and not self.journal.get("published") \
+                    and not self._retired:
+                with contextlib.suppress(OSError):
+                    self._remove_tree(self.state, check=False)
                 if self._created_root:
                     with contextlib.suppress(OSError):
                         self.root.rmdir()
         finally:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
 
     def _lock(self) -> None:
         import fcntl
