@@ -108,7 +108,7 @@ def build(model, targets, calib, eval_, method, percentile, samples, eval_sample
 
     with signals.deferred():  # before any vendor SDK starts a thread: they inherit the blocked mask
         _build(model, targets, calib, eval_, method, percentile, samples, eval_samples, task, calib_batch_size,
-               preprocess, targets_file, out_dir, no_baseline, as_json, allow_code, progress)
+               preprocess, targets_file, out_dir, no_baseline, db, as_json, allow_code, progress)
 
 
 def _percentile(value: float | None) -> float | None:
@@ -118,7 +118,7 @@ def _percentile(value: float | None) -> float | None:
 
 
 def _build(model, targets, calib, eval_, method, percentile, samples, eval_samples, task, calib_batch_size,
-           preprocess, targets_file, out_dir, no_baseline, as_json, allow_code, progress) -> None:
+           preprocess, targets_file, out_dir, no_baseline, db, as_json, allow_code, progress) -> None:
     from deploykit.pipeline import BuildOptions, build as run_build
     from deploykit.report import terminal_table
 
