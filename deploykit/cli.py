@@ -89,12 +89,14 @@ def cli(verbose: bool) -> None:
 @click.option("-o", "--out", "out_dir", default="deploykit-out", show_default=True, type=click.Path(path_type=Path),
               help="Output folder (created; refused if it holds files deploykit did not write).")
 @click.option("--no-baseline", is_flag=True, help="Skip the FP32 onnxruntime latency reference row.")
+@click.option("--db", type=click.Path(dir_okay=False, path_type=Path),
+              help="Results history to record this build in [default: $DEPLOYKIT_DB, else the user's data folder].")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout instead of the table.")
 @click.option("--allow-code", is_flag=True, help="Let targets.toml name Python code as data ('module:function' or "
               "'file.py:function' in [calibration]); without it only data files and folders are read from it. "
               "Code given with --calib/--eval always runs: you typed it.")
 def build(model, targets, calib, eval_, method, percentile, samples, eval_samples, task, calib_batch_size, preprocess,
-          targets_file, out_dir, no_baseline, as_json, allow_code) -> None:
+          targets_file, out_dir, no_baseline, db, as_json, allow_code) -> None:
     """Calibrate MODEL once, lower it for every --target, run the checks, write a manifest and report.
 
     Writes OUT/canonical.qdq.onnx (+ .calib.json, + .fp32.onnx), OUT/<target>/<artifact>,
@@ -111,7 +113,7 @@ def build(model, targets, calib, eval_, method, percentile, samples, eval_sample
 
     with signals.deferred():  # before any vendor SDK starts a thread: they inherit the blocked mask
         _build(model, targets, calib, eval_, method, percentile, samples, eval_samples, task, calib_batch_size,
-               preprocess, targets_file, out_dir, no_baseline, as_json, allow_code, progress)
+               preprocess, targets_file, out_dir, no_baseline, db, as_json, allow_code, progress)
 
 
 def _percentile(value: float | None) -> float | None:
@@ -121,7 +123,7 @@ def _percentile(value: float | None) -> float | None:
 
 
 def _build(model, targets, calib, eval_, method, percentile, samples, eval_samples, task, calib_batch_size,
-           preprocess, targets_file, out_dir, no_baseline, as_json, allow_code, progress) -> None:
+           preprocess, targets_file, out_dir, no_baseline, db, as_json, allow_code, progress) -> None:
     from deploykit.pipeline import BuildOptions, build as run_build
     from deploykit.report import terminal_table
 
@@ -139,6 +141,7 @@ def _build(model, targets, calib, eval_, method, percentile, samples, eval_sampl
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = run_build(model, opts)
+    _record_build(result.manifest, db, out_dir, quiet=as_json)
     if as_json:
         _echo_json(result.manifest)
     else:
@@ -147,6 +150,20 @@ def _build(model, targets, calib, eval_, method, percentile, samples, eval_sampl
     if not result.ok:
         bad = [t.target.name for t in result.targets if t.status not in ("ok", "skipped")]
         raise CheckFailed(f"targets with failed checks or errors: {', '.join(bad)} (see {out_dir / 'report.md'})")
+
+
+def _record_build(manifest, db: Path | None, out_dir: Path, quiet: bool) -> None:
+    """Every build goes to the results history; a history that cannot be written costs a
+    warning, never the build."""
+    from deploykit.history import record_build
+
+    try:
+        run_id = record_build(manifest, db, str(out_dir.resolve()))
+    except DeploykitError as exc:
+        click.echo(f"deploykit: warning: build not recorded in the results history: {exc}", err=True)
+        return
+    if not quiet:
+        click.echo(f"recorded as run {run_id} in the results history ('deploykit results')", err=True)
 
 
 def _parse_preprocess(text: str):
@@ -300,6 +317,16 @@ def inspect(model: Path, run_lint: bool, tensorrt: bool, as_json: bool) -> None:
                 click.echo("lint: clean (" + ("TensorRT rules" if tensorrt else "every canonical rule") + ")")
     if violations:
         raise CheckFailed(f"{model}: {len(violations)} lint violation(s)")
+
+
+def _register_matrix_commands() -> None:
+    from deploykit.matrix.cli import compare, matrix, results
+
+    for command in (matrix, results, compare):
+        cli.add_command(command)
+
+
+_register_matrix_commands()
 
 
 def _on_sigterm(signo: int, frame: Any) -> None:
