@@ -164,14 +164,40 @@ def digits(seed: int = 0) -> Digits:
     return Digits(x[:cut], y[:cut], x[cut:], y[cut:])
 
 
+def _digits_cache(seed: int, width: int, epochs: int) -> Path:
+    """Where the trained weights of this exact training live: keyed by the training code, its
+    arguments and the versions of torch, scikit-learn (the data) and numpy (the split)."""
+    import hashlib
+    import inspect
+    import os
+    from importlib import metadata
+
+    torch = _torch()
+    source = "".join(inspect.getsource(f) for f in (train_digits_cnn, resnet_cnn, digits))
+    versions = [torch.__version__, metadata.version("scikit-learn"), np.__version__]
+    key = hashlib.sha256(repr((source, seed, width, epochs, versions)).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("DEPLOYKIT_CACHE", Path.home() / ".cache" / "deploykit"))
+    return root / "digits" / f"resnet_cnn-{key}.pt"
+
+
 def train_digits_cnn(seconds: float = 8.0, seed: int = 0, width: int = 16, epochs: int = 12):
-    """Train a ResNetCNN on digits for ``epochs`` epochs (a few seconds; deterministic for a
-    seed, whatever the machine's load; ``seconds`` is only kept for callers); returns
-    (model, Digits, test accuracy)."""
+    """Train a ResNetCNN on digits for ``epochs`` epochs (deterministic for a seed, whatever
+    the machine's load; ``seconds`` is only kept for callers); returns (model, Digits, test
+    accuracy). The trained weights are cached (:func:`_digits_cache`): the same training on
+    the same versions gives the same weights, so it runs once per machine, not once per suite."""
+    import os
+
     torch = _torch()
     torch.manual_seed(seed)
     data = digits(seed)
     model = resnet_cnn(1, 10, width)
+    cache = _digits_cache(seed, width, epochs)
+    if cache.is_file():
+        model.load_state_dict(torch.load(cache, weights_only=True))  # tensors only: never runs code
+        model.eval()
+        with torch.no_grad():
+            acc = float((model(torch.from_numpy(data.x_test)).argmax(1).numpy() == data.y_test).mean())
+        return model, data, acc
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     xt, yt = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -187,4 +213,8 @@ def train_digits_cnn(seconds: float = 8.0, seed: int = 0, width: int = 16, epoch
     model.eval()
     with torch.no_grad():
         acc = float((model(torch.from_numpy(data.x_test)).argmax(1).numpy() == data.y_test).mean())
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, cache)  # atomic: a concurrent identical training simply wins or loses
     return model, data, acc
