@@ -17,14 +17,13 @@ import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 
 from deploykit import checks, data
 from deploykit import model as modelmod
 from deploykit._version import __version__
-from deploykit.backend import Runner
 from deploykit.canonical import CanonicalModel
 from deploykit.errors import ConfigError, DeploykitError, OutputDirError
 from deploykit.fileio import atomic_output, sha256
@@ -38,6 +37,7 @@ from deploykit.jobs import (
 from deploykit.plugins import Registry, load_registry
 from deploykit.progress import bar
 from deploykit.quantize import QuantizeResult, quantize, write_canonical
+from deploykit.reference import canonical_runner, fp32_runner
 from deploykit.results import (
     SCHEMA_VERSION,
     Artifact,
@@ -235,33 +235,20 @@ def _eval_batches(src: data.DataSource, batch_size: int) -> tuple[list[dict[str,
     return feeds, (np.concatenate(labels) if has_labels and labels else None)
 
 
-class _OrtRunner(Runner):
-    """The FP32 or canonical model in onnxruntime on the CPU: the references every target is compared with."""
-
-    def __init__(self, path: Path) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        return list(self.session.run(None, dict(feeds)))
-
-
 def _reference_outputs(canonical: CanonicalModel, batches: list[dict[str, np.ndarray]]) -> dict[str, list[np.ndarray]]:
-    """FP32 (accuracy reference) and canonical QDQ (fidelity reference) outputs, in onnxruntime."""
+    """FP32 (accuracy reference) and canonical QDQ (fidelity reference, exact Q/DQ semantics)
+    outputs, in onnxruntime."""
     with bar(2, "reference outputs", "model") as b:
-        fp32 = checks.run_all(_OrtRunner(canonical.fp32_path), batches)
+        fp32 = checks.run_all(fp32_runner(canonical.fp32_path), batches)
         b.update()
-        qdq = checks.run_all(_OrtRunner(canonical.path), batches)
+        qdq = checks.run_all(canonical_runner(canonical.path), batches)
         b.update()
     return {"fp32": fp32, "canonical": qdq}
 
 
 def _baseline_latency(canonical: CanonicalModel, targets: list[Target],
                       batches: list[dict[str, np.ndarray]]) -> list[dict[str, Any]]:
-    runner = _OrtRunner(canonical.fp32_path)
+    runner = fp32_runner(canonical.fp32_path)
     sizes = sorted({b for t in targets for b in t.batch_sizes})
     warmup, runs = max(t.warmup for t in targets), max(t.runs for t in targets)
     out = []
