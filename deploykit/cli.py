@@ -8,12 +8,15 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from deploykit._version import __version__
 from deploykit.errors import BuildFault, CheckFailed, ConfigError, DeploykitError, Terminated
+
+if TYPE_CHECKING:  # imported where used: `deploykit --help` stays fast
+    from deploykit.targets import Preprocess
 
 DEFAULT_TARGETS_FILE = "targets.toml"
 
@@ -24,7 +27,7 @@ def _targets_file(value: str | None) -> Path | None:
     return Path(DEFAULT_TARGETS_FILE) if Path(DEFAULT_TARGETS_FILE).is_file() else None
 
 
-def _echo_json(obj) -> None:
+def _echo_json(obj: Any) -> None:
     from deploykit.outdir import dumps
 
     click.echo(dumps(obj))  # strict JSON: NaN/inf become null
@@ -91,8 +94,10 @@ def cli(verbose: bool) -> None:
 @click.option("--allow-code", is_flag=True, help="Let targets.toml name Python code as data ('module:function' or "
               "'file.py:function' in [calibration]); without it only data files and folders are read from it. "
               "Code given with --calib/--eval always runs: you typed it.")
-def build(model, targets, calib, eval_, method, percentile, samples, eval_samples, task, calib_batch_size, preprocess,
-          targets_file, out_dir, no_baseline, db, as_json, allow_code) -> None:
+def build(model: Path, targets: str, calib: str | None, eval_: str | None, method: str | None,
+          percentile: float | None, samples: int | None, eval_samples: int, task: str, calib_batch_size: int | None,
+          preprocess: str | None, targets_file: str | None, out_dir: Path, no_baseline: bool, db: Path | None,
+          as_json: bool, allow_code: bool) -> None:
     """Calibrate MODEL once, lower it for every --target, run the checks, write a manifest and report.
 
     Writes OUT/canonical.qdq.onnx (+ .calib.json, + .fp32.onnx), OUT/<target>/<artifact>,
@@ -118,8 +123,10 @@ def _percentile(value: float | None) -> float | None:
     return value
 
 
-def _build(model, targets, calib, eval_, method, percentile, samples, eval_samples, task, calib_batch_size,
-           preprocess, targets_file, out_dir, no_baseline, db, as_json, allow_code, progress) -> None:
+def _build(model: Path, targets: str, calib: str | None, eval_: str | None, method: str | None,
+           percentile: float | None, samples: int | None, eval_samples: int, task: str, calib_batch_size: int | None,
+           preprocess: str | None, targets_file: str | None, out_dir: Path, no_baseline: bool, db: Path | None,
+           as_json: bool, allow_code: bool, progress: Any) -> None:
     from deploykit.pipeline import BuildOptions, build as run_build
     from deploykit.report import terminal_table
 
@@ -148,7 +155,7 @@ def _build(model, targets, calib, eval_, method, percentile, samples, eval_sampl
         raise CheckFailed(f"targets with failed checks or errors: {', '.join(bad)} (see {out_dir / 'report.md'})")
 
 
-def _record_build(manifest, db: Path | None, out_dir: Path, quiet: bool) -> None:
+def _record_build(manifest: dict[str, Any], db: Path | None, out_dir: Path, quiet: bool) -> None:
     """Every build goes to the results history; a history that cannot be written costs a
     warning, never the build."""
     from deploykit.history import record_build
@@ -162,7 +169,7 @@ def _record_build(manifest, db: Path | None, out_dir: Path, quiet: bool) -> None
         click.echo(f"recorded as run {run_id} in the results history ('deploykit results')", err=True)
 
 
-def _parse_preprocess(text: str):
+def _parse_preprocess(text: str) -> Preprocess:
     from deploykit.targets import parse_preprocess
 
     raw: dict[str, Any] = {}
@@ -201,7 +208,7 @@ def backends(as_json: bool) -> None:
     from deploykit.testing import make_target
 
     registry = load_registry()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in registry.names():
         cls = registry.backends[name]
         try:
@@ -237,7 +244,7 @@ def plugins(as_json: bool) -> None:
     from deploykit.plugins import load_registry
 
     registry = load_registry()
-    rows = [{"name": p.name, "module": p.module, "distribution": p.distribution, "version": p.version,
+    rows: list[dict[str, Any]] = [{"name": p.name, "module": p.module, "distribution": p.distribution, "version": p.version,
              "backends": p.backends} for p in registry.plugins.values()]
     if as_json:
         _echo_json(rows)
@@ -262,7 +269,7 @@ def targets(targets_file: str | None, as_json: bool) -> None:
     tf = load_targets(path)
     registry = load_registry()
     resolved = registry.all_targets(tf)
-    rows = [{"name": t.name, "backend": t.backend, "device": t.device.name, "device_kind": t.device.kind,
+    rows: list[dict[str, Any]] = [{"name": t.name, "backend": t.backend, "device": t.device.name, "device_kind": t.device.kind,
              "batch_sizes": list(t.batch_sizes), "options": dict(t.options), "thresholds": dict(t.thresholds),
              "description": t.description} for t in resolved]
     if as_json:
