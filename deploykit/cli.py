@@ -56,6 +56,11 @@ def cli(verbose: bool) -> None:
 
     verbose = verbose or vendorlog.verbose()
     _VERBOSE["on"] = verbose
+    ctx = click.get_current_context()
+    if ctx.invoked_subcommand != "build":  # only a build defers Ctrl-C to safe points
+        from deploykit import signals
+
+        signals.unblock()
     from deploykit.progress import EchoHandler
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
@@ -372,13 +377,15 @@ def _on_sigterm(signo: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; every outcome is an exit code and at most one error line (``-v``: tracebacks)."""
-    from deploykit import vendorlog
+    from deploykit import signals, vendorlog
 
+    mask = signals.block()  # before numpy/SDK threads exist: they inherit it (see deploykit/signals.py)
     vendorlog.install()  # before any vendor import: quiet start-up logs (see deploykit/vendorlog.py)
     try:
         return _main(argv)
     finally:
         vendorlog.stop()
+        signals.restore(mask)
 
 
 def _main(argv: list[str] | None) -> int:
