@@ -18,12 +18,12 @@ import contextlib
 import signal
 import sys
 import threading
-from typing import Iterator
+from typing import Any, Iterator
 
 from deploykit.errors import Terminated
 
 _SIGNALS = {signal.SIGINT, signal.SIGTERM}
-_state = {"active": False, "holding": "", "noted": 0}
+_state: dict[str, Any] = {"active": False, "holding": "", "noted": 0}
 
 
 def block() -> set[signal.Signals] | None:

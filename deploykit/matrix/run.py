@@ -82,7 +82,7 @@ def resolve_targets(spec: MatrixSpec, registry: Registry) -> list[Target]:
     if path is None and Path("targets.toml").is_file():
         path = Path("targets.toml")
     tf = load_targets(path) if path is not None else TargetsFile(None, {}, {})
-    return [replace(t, batch_sizes=spec.batch_sizes) for t in tf.resolve(list(spec.targets), registry)]
+    return [replace(t, batch_sizes=spec.batch_sizes) for t in registry.resolve(tf, list(spec.targets))]
 
 
 def host_env() -> dict[str, Any]:
