@@ -164,7 +164,9 @@ def bench_net(net: str, n_calib: int, n_eval: int, use_nncf: bool, root: Path, c
         r = {"net": net, "metric": metric_name, "what": name, "onnxruntime": onnxruntime, "openvino": openvino,
              "seconds": round(seconds, 1), "note": note}
         rows.append(r)
-        fmt = lambda v: "-" if v is None else f"{v:.4f}"
+        def fmt(v: float | None) -> str:
+            return "-" if v is None else f"{v:.4f}"
+
         print(f"{net:8s} {name:48s} onnxruntime {fmt(onnxruntime)}  openvino {fmt(openvino)}  ({seconds:.0f} s) {note}",
               flush=True)
 

@@ -12,9 +12,7 @@ from onnx import helper, numpy_helper
 
 from deploykit import data
 from deploykit import model as modelmod
-from deploykit.errors import ConfigError
-from deploykit.quantize import quantize, requantize
-from deploykit.quantize.canonical import (
+from deploykit.canonical import (
     ASYMMETRIC,
     META_FLOAT_LAYERS,
     META_PROFILE,
@@ -28,6 +26,8 @@ from deploykit.quantize.canonical import (
     model_float_layers,
     model_profile,
 )
+from deploykit.errors import ConfigError
+from deploykit.quantize import quantize, requantize
 from deploykit.quantize.islands import layer_macs, mac_summary, resolve_keep_float
 
 pytest.importorskip("torch", reason="the test models are exported from torch (pip install torch==2.13.0)")

@@ -15,8 +15,8 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import onnx
 
+from deploykit.canonical import COMPUTE_OPS, attrs
 from deploykit.errors import ConfigError
-from deploykit.quantize.canonical import COMPUTE_OPS, attrs
 
 
 def resolve_keep_float(model: onnx.ModelProto, patterns: Iterable[str], where: str = "--keep-float") -> list[str]:

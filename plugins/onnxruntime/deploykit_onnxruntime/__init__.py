@@ -9,7 +9,7 @@ Two lossless rewrites, both inside this backend (the canonical model is never ch
    residual Add, or Gemm/MatMul) runs in int8.
 2. Activation zero points int8 z -> uint8 z + 128 (scales untouched): bit-exact in both
    activation profiles, and on x86 onnxruntime's integer kernels want uint8 activations
-   (symmetric CNN, batch 1: 1.30 ms -> 0.55 ms).
+   (symmetric CNN, batch 1, docs/toolchain-facts.md: 1.30 ms -> 0.55 ms).
 3. ``DQ(s) -> Relu/Clip -> Q(s)`` becomes one integer Clip on the quantized tensor (Relu:
    ``max(q, zero_point)``), exact for the same reason as 1, instead of three float passes. A
    clip whose integer bounds are the whole type range (a ReLU6 over an asymmetric [0, 6]
@@ -34,11 +34,11 @@ import onnx
 from onnx import numpy_helper
 
 import deploykit
+from deploykit.backend import Artifact, Availability, Backend, CanonicalModel, CheckResult, Option, Runner, require
 from deploykit.cpu import cpu_name, u8s8_saturates
-from deploykit.backend import Artifact, Availability, Backend, CanonicalModel, CheckResult, Option, require
 from deploykit.errors import ConfigError, LoweringError
 from deploykit.fileio import atomic_output
-from deploykit.quantize.canonical import QdqGraph, model_float_layers, model_profile
+from deploykit.canonical import QdqGraph, model_float_layers, model_profile
 
 _LEVELS = ("disable", "basic", "extended", "all")
 
@@ -106,7 +106,7 @@ class OnnxRuntimeBackend(Backend):
                 "cpu": cpu_name(), "cores": os.cpu_count(), "machine": platform.machine()}
 
 
-class OrtRunner:
+class OrtRunner(Runner):
     def __init__(self, path: Path, options: Mapping[str, Any], ort: Any) -> None:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = {
@@ -126,6 +126,9 @@ class OrtRunner:
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         return self.session.run(None, {k: feeds[k] for k in self.input_names})
+
+    def close(self) -> None:
+        self.session = None  # onnxruntime frees the session's arena with the last reference
 
 
 _FUSABLE = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Add"})

@@ -7,11 +7,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from deploykit_onnxruntime import OnnxRuntimeBackend
 
+from deploykit.canonical import QdqGraph
 from deploykit.checks import compare
-from deploykit.quantize.canonical import QdqGraph
 from deploykit.testing import eval_feeds, make_canonical, make_target
+from deploykit_onnxruntime import OnnxRuntimeBackend
 
 pytest.importorskip("torch", reason="the test models are exported from torch (pip install torch==2.13.0)")
 

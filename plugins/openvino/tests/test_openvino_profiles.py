@@ -8,8 +8,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from deploykit.canonical import QdqGraph
 from deploykit.checks import compare
-from deploykit.quantize.canonical import QdqGraph
 from deploykit.testing import eval_feeds, make_canonical, make_target
 
 pytest.importorskip("openvino", reason="pip install 'deploykit[openvino]'")

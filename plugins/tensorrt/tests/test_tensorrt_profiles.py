@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from deploykit_tensorrt import TensorRTBackend
 
 from deploykit.errors import LoweringError
 from deploykit.testing import make_canonical, make_target
+from deploykit_tensorrt import TensorRTBackend
 
 pytest.importorskip("torch", reason="the test models are exported from torch (pip install torch==2.13.0)")
 
