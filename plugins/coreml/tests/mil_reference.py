@@ -58,7 +58,8 @@ def _quant_shape(scale, x, axis):
     return scale.reshape(shape)
 
 
-def run_program(program, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+def run_program(program, feeds: Mapping[str, np.ndarray], trace: dict | None = None) -> list[np.ndarray]:
+    """The program's outputs; ``trace``, when given, receives every op's output by MIL name."""
     torch = _torch()
     F = torch.nn.functional
     fn = program.functions["main"]
@@ -120,8 +121,8 @@ def run_program(program, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
             out = np.matmul(xx, yy)
         elif t in _ELEMENTWISE:
             out = _ELEMENTWISE[t](a)
-        elif t in ("reduce_mean", "reduce_max", "reduce_sum"):
-            f = {"reduce_mean": np.mean, "reduce_max": np.max, "reduce_sum": np.sum}[t]
+        elif t in ("reduce_mean", "reduce_max", "reduce_sum", "reduce_prod"):
+            f = {"reduce_mean": np.mean, "reduce_max": np.max, "reduce_sum": np.sum, "reduce_prod": np.prod}[t]
             axes = tuple(int(v) for v in a["axes"]) if "axes" in a else None
             out = f(x, axis=axes, keepdims=bool(a.get("keep_dims", False)))
         elif t in ("max_pool", "avg_pool"):
@@ -165,6 +166,17 @@ def run_program(program, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
             out = x[tuple(index)]
         elif t == "select":
             out = np.where(a["cond"], a["a"], a["b"])
+        elif t == "shape":
+            out = np.array(x.shape, np.int32)
+        elif t == "range_1d":
+            out = np.arange(a["start"], a["end"], a["step"])
+        elif t == "gather_nd":
+            idx = np.asarray(a["indices"]).astype(np.int64)
+            if int(a.get("batch_dims", 0)):
+                raise NotImplementedError("gather_nd with batch_dims")
+            out = x[tuple(np.moveaxis(idx, -1, 0))]
+        elif t == "fill":
+            out = np.full([int(v) for v in a["shape"]], a.get("value", 0))
         elif t == "fill_like":
             out = np.full(a["ref_tensor"].shape, a.get("value", 0))
         elif t == "softmax":
@@ -202,6 +214,8 @@ def run_program(program, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         else:
             raise NotImplementedError(f"reference has no MIL op '{t}' ({op.name})")
         env[op.outputs[0].name] = np.asarray(out)
+    if trace is not None:
+        trace.update(env)
     return [env[v.name] for v in fn.outputs]
 
 
@@ -214,7 +228,7 @@ _ELEMENTWISE = {
     "real_div": _binary(np.divide), "floor_div": _binary(np.floor_divide), "pow": _binary(np.power),
     "maximum": _binary(np.maximum), "minimum": _binary(np.minimum), "greater": _binary(np.greater),
     "greater_equal": _binary(np.greater_equal), "less": _binary(np.less), "less_equal": _binary(np.less_equal),
-    "equal": _binary(np.equal), "logical_and": _binary(np.logical_and), "logical_or": _binary(np.logical_or),
+    "equal": _binary(np.equal), "not_equal": _binary(np.not_equal), "logical_and": _binary(np.logical_and), "logical_or": _binary(np.logical_or),
     "relu": lambda a: np.maximum(a["x"], 0), "relu6": lambda a: np.clip(a["x"], 0, 6),
     "clip": lambda a: np.clip(a["x"], a["alpha"], a["beta"]),
     "sigmoid": lambda a: 1 / (1 + np.exp(-a["x"])), "tanh": lambda a: np.tanh(a["x"]),
