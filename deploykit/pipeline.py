@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 import deploykit
-from deploykit import checks, data, model as modelmod
+from deploykit import checks, data, layers, model as modelmod
 from deploykit.backend import Artifact, Availability, CanonicalModel, CheckResult
 from deploykit.errors import ConfigError, DeploykitError, OutputDirError
 from deploykit.fileio import atomic_output, sha256
@@ -365,6 +365,8 @@ def _run_checks(res: TargetResult, backend, canonical: CanonicalModel, batches: 
             res.checks.append(checks.judge(metric, None, th, "no labels in the evaluation data"))
     for name, value in checks.compare(reference["canonical"], got, prefix="fidelity_").items():
         res.checks.append(checks.judge(name, value, th, "vs the canonical QDQ model in onnxruntime"))
+    layer_check, _ = layers.layer_check(backend, res.artifact, canonical, target, batches)
+    res.checks.append(layer_check)
     if labels is not None and classification:
         acc = checks.task_accuracy(got[0], labels)
         res.checks.append(checks.judge("accuracy", acc, th, f"on {len(labels)} labelled samples"))

@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
 CORE_METRICS = (
     "top1_agreement", "top5_agreement", "cosine", "rel_l2", "max_abs_error",
     "accuracy", "accuracy_drop",
-    "fidelity_cosine", "fidelity_rel_l2", "fidelity_max_abs",
+    "fidelity_cosine", "fidelity_rel_l2", "fidelity_max_abs", "layer_within_one_step",
     "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "throughput", "memory_mb", "speedup",
 )
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")

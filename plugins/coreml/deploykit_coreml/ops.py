@@ -396,7 +396,8 @@ def reshape(ctx, node):
 def flatten(ctx, node):
     x = ctx.input(node, 0)
     shape = _shape(x)
-    axis = int(attrs(node).get("axis", 1)) % (len(shape) or 1)
+    axis = int(attrs(node).get("axis", 1))
+    axis = axis + len(shape) if axis < 0 else axis  # 0..rank: axis == rank gives [N, 1]
     inner, outer = shape[axis:], shape[:axis]
     mb = _mb()
     if all(_static(d) for d in inner):
@@ -457,7 +458,15 @@ def gather(ctx, node):
         taken = ctx.constant(np.take(np.asarray(x), indices, axis=axis))
         ctx.bind(node, taken.view(PartialShape) if _partial(x) and np.any(taken < 0) else taken)
         return
-    ctx.bind(node, _mb().gather(x=x, indices=indices, axis=np.int32(axis), name=ctx.name(node)))
+    mb = _mb()
+    name = ctx.name(node)
+    if _is_bool(x):  # MIL gathers no booleans: through int32 and back, exactly (the legacy export's mask)
+        x = ctx.constant(np.asarray(x).astype(np.int32)) if _is_const(x) else \
+            mb.cast(x=x, dtype="int32", name=ctx.fresh(name + "_int"))
+        y = mb.gather(x=x, indices=_int32(ctx, indices, name), axis=np.int32(axis), name=ctx.fresh(name + "_gather"))
+        ctx.bind(node, mb.cast(x=y, dtype="bool", name=name))
+        return
+    ctx.bind(node, mb.gather(x=x, indices=indices, axis=np.int32(axis), name=name))
 
 
 def _dynamic_slice(ctx, node, x):

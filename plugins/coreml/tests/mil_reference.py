@@ -58,12 +58,19 @@ def _quant_shape(scale, x, axis):
     return scale.reshape(shape)
 
 
-def run_program(program, feeds: Mapping[str, np.ndarray], trace: dict | None = None) -> list[np.ndarray]:
-    """The program's outputs; ``trace``, when given, receives every op's output by MIL name."""
+def run_program(program, feeds: Mapping[str, np.ndarray], trace: dict | None = None,
+                substitute: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
+    """The program's outputs; ``trace``, when given, receives every op's output by MIL name.
+
+    ``substitute`` (MIL name -> value): after computing such an op, record its own result in
+    ``trace`` but feed the given value to the ops after it: each layer then runs on the reference's
+    inputs, so differences do not compound (a layer-by-layer comparison)."""
+    computed: dict[str, np.ndarray] = {}
     torch = _torch()
     F = torch.nn.functional
     fn = program.functions["main"]
-    env: dict[str, np.ndarray] = {name: np.asarray(v) for name, v in feeds.items()}
+    env: dict[str, np.ndarray] = trace if trace is not None else {}
+    env.update({name: np.asarray(v) for name, v in feeds.items()})
     for op in fn.operations:
         t = op.op_type
         if t == "const":
@@ -157,11 +164,14 @@ def run_program(program, feeds: Mapping[str, np.ndarray], trace: dict | None = N
         elif t == "gather":
             out = np.take(x, a["indices"].astype(np.int64), axis=int(a.get("axis", 0)))
         elif t == "slice_by_index":
-            index = []
+            index: list = []
             for i in range(x.ndim):
                 bm = bool(a["begin_mask"][i]) if "begin_mask" in a else False
                 em = bool(a["end_mask"][i]) if "end_mask" in a else False
                 st = int(a["stride"][i]) if "stride" in a else 1
+                if "squeeze_mask" in a and bool(a["squeeze_mask"][i]):
+                    index.append(int(a["begin"][i]))  # one element, its axis dropped
+                    continue
                 index.append(slice(None if bm else int(a["begin"][i]), None if em else int(a["end"][i]), st))
             out = x[tuple(index)]
         elif t == "select":
@@ -213,10 +223,14 @@ def run_program(program, feeds: Mapping[str, np.ndarray], trace: dict | None = N
                                 align_corners=align).numpy()
         else:
             raise NotImplementedError(f"reference has no MIL op '{t}' ({op.name})")
-        env[op.outputs[0].name] = np.asarray(out)
-    if trace is not None:
-        trace.update(env)
-    return [env[v.name] for v in fn.outputs]
+        name = op.outputs[0].name
+        env[name] = np.asarray(out)
+        if substitute is not None and name in substitute:
+            computed[name] = env[name]
+            env[name] = np.asarray(substitute[name]).astype(env[name].dtype)
+    outputs = [env[v.name] for v in fn.outputs]
+    env.update(computed)
+    return outputs
 
 
 def _binary(f):

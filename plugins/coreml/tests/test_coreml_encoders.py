@@ -80,9 +80,11 @@ def test_export_has_the_ops_of_a_real_encoder(export, canonicals):
 def test_every_matmul_weight_and_scale_is_stored_as_in_the_canonical_model(export, packages, canonicals):
     artifact, model = packages[export], canonicals[export].model
     inits = {i.name for i in model.graph.initializer}
-    matmul_weights = {n.input[1] for n in model.graph.node if n.op_type == "MatMul"}
     weight_dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
-    assert {n.output[0] for n in weight_dq} == matmul_weights  # every MatMul weight is int8 in the canonical model
+    dq_outputs = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+    assert all(set(n.input) <= dq_outputs for n in matmuls)  # weights and attention: all int8 in the canonical model
+    assert {n.output[0] for n in weight_dq} <= {n.input[1] for n in matmuls}
     qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     check = _check(artifact, "scales_match")
     assert check.status == "pass", check.message
@@ -140,9 +142,9 @@ def test_layer_by_layer_in_the_mil_interpreter(export, seq, canonicals):
     lowered = lowering.build_program(canonical.model, "iOS17")
     mlmodel = lowering.convert(lowered, FP32, max_batch=8)
     feeds = bert_inputs(4, seq=seq, seed=5)
-    trace: dict = {}
-    got = _mil_reference().run_program(
-        mlmodel._mil_program, {i.coreml_name: feeds[i.onnx_name].astype(np.int32) for i in lowered.inputs}, trace)[0]
+    mil_feeds = {i.coreml_name: feeds[i.onnx_name].astype(np.int32) for i in lowered.inputs}
+    run_program = _mil_reference().run_program
+    got = run_program(mlmodel._mil_program, mil_feeds)[0]  # end to end
 
     model = onnx.shape_inference.infer_shapes(canonical.model)
     types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.value_info) + list(model.graph.output)}
@@ -151,12 +153,17 @@ def test_layer_by_layer_in_the_mil_interpreter(export, seq, canonicals):
     q_outputs = {nodes[n].output[0]: mil for n, mil in quantized.items() if nodes[n].op_type == "QuantizeLinear"}
     exact_types = (onnx.TensorProto.BOOL, onnx.TensorProto.INT64, onnx.TensorProto.INT32)
     exact = {t: lowering.mil_identifier(t) for t, kind in types.items() if kind in exact_types}
-    exact = {t: m for t, m in exact.items() if m in trace and np.ndim(trace[m]) > 0 and np.size(trace[m]) > 1}
+    probe: dict = {}
+    run_program(mlmodel._mil_program, mil_feeds, probe)
+    exact = {t: m for t, m in exact.items() if m in probe and np.ndim(probe[m]) > 0 and np.size(probe[m]) > 1}
     session = ort.InferenceSession(_expose(model, [*q_outputs, *exact]).SerializeToString(),
                                    _no_optimisations(), ["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     want = dict(zip(names, session.run(None, feeds)))
 
+    # layer by layer: every quantize op computed from the canonical model's own inputs
+    trace: dict = {}
+    run_program(mlmodel._mil_program, mil_feeds, trace, substitute={mil: want[t] for t, mil in q_outputs.items()})
     assert len(q_outputs) >= 8
     for tensor, mil in q_outputs.items():
         a, b = trace[mil].astype(np.int32), want[tensor].astype(np.int32)

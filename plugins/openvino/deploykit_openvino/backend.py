@@ -204,6 +204,40 @@ class OpenVINOBackend(Backend):
         return OpenVINORunner(core, read_onnx(core, Path(canonical.fp32_path)), device, config)
 
 
+    def layer_runner(self, artifact: Artifact, canonical: CanonicalModel, target, cut: Any) -> Any:
+        """The canonical model cut at every quantized tensor, through the lowering's own path
+        (read_model of the QDQ ONNX, the target's compile config): what OpenVINO computes for
+        each layer from the canonical inputs."""
+        from deploykit.layers import OnnxLayerRunner
+
+        ov = _ov()
+        core = ov.Core()
+        device = device_name(target)
+        config = _supported_config(core, device, compile_config(target.options))
+
+        def make_runner(model) -> Any:
+            import onnx
+
+            with tempfile.TemporaryDirectory(prefix="deploykit-ov-layers-") as tmp:
+                path = Path(tmp) / "cut.onnx"
+                onnx.save(model, str(path))
+                compiled = core.compile_model(read_onnx(core, path, model), device, config)
+            request = compiled.create_infer_request()
+            names = [(out, set(out.get_names())) for out in compiled.outputs]
+
+            def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+                results = request.infer(dict(feeds))
+                values = {}
+                for out, aliases in names:
+                    for alias in aliases:
+                        values[alias] = np.asarray(results[out])
+                return values
+
+            return run
+
+        return OnnxLayerRunner(canonical.model, cut, make_runner)
+
+
 def _text(value: Any) -> str:
     """ov.Type prints as "<Type: 'bfloat16'>"; its short name is "bf16"."""
     return value.get_type_name() if hasattr(value, "get_type_name") else str(value)
