@@ -29,6 +29,7 @@ from deploykit.errors import ConfigError, DeploykitError, OutputDirError
 from deploykit.fileio import atomic_output, sha256
 from deploykit.plugins import Registry, load_registry
 from deploykit.progress import bar
+from deploykit.reference import canonical_runner, fp32_runner
 from deploykit.quantize import quantize, write_canonical
 from deploykit.targets import Calibration, Preprocess, Target, load_targets
 
@@ -236,26 +237,13 @@ def _eval_batches(src: data.DataSource, batch_size: int) -> tuple[list[dict[str,
     return feeds, (np.concatenate(labels) if has_labels and labels else None)
 
 
-def _ort_runner(path: Path) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-    class _Runner:
-        def run(self, feeds):
-            return session.run(None, dict(feeds))
-
-    return _Runner()
-
-
 def _reference_outputs(canonical: CanonicalModel, batches: list[dict]) -> dict[str, list[np.ndarray]]:
-    """FP32 (accuracy reference) and canonical QDQ (fidelity reference) outputs, in onnxruntime."""
+    """FP32 (accuracy reference) and canonical QDQ (fidelity reference, exact Q/DQ semantics)
+    outputs, in onnxruntime."""
     with bar(2, "reference outputs", "model") as b:
-        fp32 = checks.run_all(_ort_runner(canonical.fp32_path), batches)
+        fp32 = checks.run_all(fp32_runner(canonical.fp32_path), batches)
         b.update()
-        qdq = checks.run_all(_ort_runner(canonical.path), batches)
+        qdq = checks.run_all(canonical_runner(canonical.path), batches)
         b.update()
     return {"fp32": fp32, "canonical": qdq}
 
@@ -273,7 +261,7 @@ def _latency_feeds(batches: list[dict], batch_size: int) -> dict[str, np.ndarray
 
 
 def _baseline_latency(canonical: CanonicalModel, targets: list[Target], batches: list[dict]) -> list[dict]:
-    runner = _ort_runner(canonical.fp32_path)
+    runner = fp32_runner(canonical.fp32_path)
     sizes = sorted({b for t in targets for b in t.batch_sizes})
     warmup, runs = max(t.warmup for t in targets), max(t.runs for t in targets)
     out = []
