@@ -398,8 +398,12 @@ def markdown(report: LayerReport, limit: int = WORST_LISTED) -> str:
 
 def plot(reports: Sequence[LayerReport], path: Path) -> Path:
     """Within-one-step fraction per layer (graph order), one line per target, the threshold drawn."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        from deploykit.errors import ConfigError
 
+        raise ConfigError("the per-layer plot needs matplotlib: pip install 'deploykit[plots]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
