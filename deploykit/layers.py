@@ -31,12 +31,15 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
 import onnx
 
-from deploykit.quantize.canonical import QdqGraph
+from deploykit.canonical import QdqGraph
+
+if TYPE_CHECKING:  # pragma: no cover
+    from deploykit.results import CheckResult
 
 VERDICTS = ("exact", "rounding", "wrong_scale", "beyond_rounding")
 #: At least this fraction within one step is what integer rounding does (the default threshold too).
@@ -249,7 +252,7 @@ def _artifact_zero_points(artifact: onnx.ModelProto, cut: Cut) -> tuple[dict[str
             continue
         p = g.params(node)
         zero_points[t.name] = int(p.zero_point.reshape(-1)[0])
-        types[t.name] = onnx.helper.np_dtype_to_tensor_dtype(p.zero_point.dtype)
+        types[t.name] = int(onnx.helper.np_dtype_to_tensor_dtype(p.zero_point.dtype))
     return zero_points, types
 
 
@@ -453,12 +456,13 @@ def layer_report(backend: Any, artifact: Any, canonical: Any, target: Any,
     Raises BackendUnavailable (with the reason) when the backend cannot run layers here."""
     from deploykit.errors import BackendUnavailable
 
-    make = getattr(backend, "layer_runner", None)
-    if make is None:
+    from deploykit.backend import Capability
+
+    if Capability.LAYER_RUNNER not in backend.capabilities:
         raise BackendUnavailable(f"backend '{backend.name}' has no per-layer runner")
     chosen = _first_samples(batches, samples)
     cut = find_cut(canonical.model)
-    runner = make(artifact, canonical, target, cut)
+    runner = backend.layer_runner(artifact, canonical, target, cut)
     try:
         return compare_layers(target.name, canonical.model, runner, chosen, cut)
     finally:
@@ -478,7 +482,8 @@ def _first_samples(batches: Sequence[Mapping[str, np.ndarray]], samples: int) ->
 
 
 def layer_check(backend: Any, artifact: Any, canonical: Any, target: Any,
-                batches: Sequence[Mapping[str, np.ndarray]], samples: int = CHECK_SAMPLES) -> tuple[Any, LayerReport | None]:
+                batches: Sequence[Mapping[str, np.ndarray]], samples: int = CHECK_SAMPLES
+                ) -> tuple["CheckResult", LayerReport | None]:
     """The build's ``layer_within_one_step`` check: the worst layer's fraction of values within
     one int8 step, judged by ``min_layer_within_one_step``; details name the worst layers."""
     from deploykit.checks import judge
@@ -508,7 +513,7 @@ def compare_out_dir(out_dir: Path, eval_src: str | None = None, samples: int = C
     from deploykit.backend import Artifact, CanonicalModel
     from deploykit.errors import BackendUnavailable, ConfigError
     from deploykit.plugins import load_registry
-    from deploykit.quantize.canonical import CalibrationTable
+    from deploykit.canonical import CalibrationTable
     from deploykit.targets import Device, Target
 
     out_dir = Path(out_dir)

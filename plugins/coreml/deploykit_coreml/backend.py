@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deploykit.backend import Artifact, Availability, Backend, CanonicalModel, CheckResult, Option, Runner, require
+from deploykit.backend import (Artifact, Availability, Backend, CanonicalModel, Capability, CheckResult, Option, Runner,
+                               require)
 from deploykit.errors import BackendUnavailable, ConfigError, LoweringError
 from deploykit.fileio import atomic_output, remove
 from deploykit_coreml.lowering import (DEPLOYMENT_TARGETS, REMOVED_PASSES, check_deployment_target, check_shapes,
@@ -53,6 +54,7 @@ class CoreMLBackend(Backend):
     description = "Core ML ML program (.mlpackage) built with coremltools' MIL builder; runs on macOS"
     install_hint = INSTALL_HINT
     artifact_suffix = ".mlpackage"
+    capabilities = frozenset({Capability.LAYER_RUNNER})  # declared; off macOS it says why it cannot run
     metrics = ("int8_fraction",)
     options = {
         "minimum_deployment_target": Option(
