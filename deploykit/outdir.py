@@ -32,9 +32,10 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from deploykit.errors import ConfigError, OutputDirError
 from deploykit.fileio import sha256
@@ -104,7 +105,7 @@ class OutDir:
         self._retired = False
 
     # -- opening ------------------------------------------------------------------------
-    def __enter__(self) -> "OutDir":
+    def __enter__(self) -> OutDir:
         self.open()
         return self
 
@@ -437,7 +438,7 @@ class OutDir:
 
 
 def _src_for(plan: Mapping[str, Any], dst: str) -> str:
-    return next(s for s, d in plan["moves"] if d == dst)
+    return str(next(s for s, d in plan["moves"] if d == dst))
 
 
 def _fsync_dir(path: Path) -> None:
