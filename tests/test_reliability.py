@@ -564,3 +564,22 @@ def test_ctrl_c_during_a_target_waits_for_it_and_the_rerun_keeps_it(tiny):
                           text=True)
     assert proc.returncode == 0, proc.stderr
     assert "target onnxruntime: kept" in proc.stderr
+
+
+def test_full_disk_is_one_line_and_the_rerun_completes(tiny, capsys, monkeypatch):
+    import errno
+
+    import deploykit.pipeline as pipeline
+
+    real = pipeline.write_canonical
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "write_canonical", full)
+    code, _, err = run_cli("-t", "onnxruntime", "--calib", "c.npz", "--out", "out", capsys=capsys)
+    assert code == 2
+    one_error_line(err, "while calibrating", "No space left on device", "rerun")
+    monkeypatch.setattr(pipeline, "write_canonical", real)
+    code, _, err = run_cli("-t", "onnxruntime", "--calib", "c.npz", "--out", "out", capsys=capsys)
+    assert code == 0, err
