@@ -95,7 +95,10 @@ def _snapshot(root: Path, skip: Path) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------- the cases
 def cases() -> list[Case]:
     cs: list[Case] = []
-    target_toml = lambda name: f'[targets.{json.dumps(name)}]\nbackend = "onnxruntime"\n'
+
+    def target_toml(name: str) -> str:
+        return f'[targets.{json.dumps(name)}]\nbackend = "onnxruntime"\n'
+
 
     # 1. names from configuration
     for name in ["../x", "../../victim/owned", "/tmp/deploykit-redteam-victim", "a/b", "a\\b", ".hidden", "..",

@@ -31,10 +31,10 @@ from onnx import numpy_helper
 
 import deploykit
 from deploykit.backend import Artifact, Availability, Backend, CanonicalModel, CheckResult, Option, Runner, require
+from deploykit.canonical import QdqGraph
 from deploykit.cpu import cpu_name, u8s8_saturates
 from deploykit.errors import ConfigError, LoweringError
 from deploykit.fileio import atomic_output
-from deploykit.canonical import QdqGraph
 
 _LEVELS = ("disable", "basic", "extended", "all")
 
