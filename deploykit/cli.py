@@ -363,13 +363,12 @@ def run_job(folder: Path, as_json: bool) -> None:
 
 
 def _register_matrix_commands() -> None:
+    """Add ``matrix``/``results``/``compare``. Called from :func:`main`, not at import: their
+    imports (numpy, onnx) start threads, which must inherit the signal mask main() sets first."""
     from deploykit.matrix.cli import compare, matrix, results
 
     for command in (matrix, results, compare):
         cli.add_command(command)
-
-
-_register_matrix_commands()
 
 
 def _on_sigterm(signo: int, frame: Any) -> None:
@@ -383,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     mask = signals.block()  # before numpy/SDK threads exist: they inherit it (see deploykit/signals.py)
     vendorlog.install()  # before any vendor import: quiet start-up logs (see deploykit/vendorlog.py)
     try:
+        _register_matrix_commands()
         return _main(argv)
     finally:
         vendorlog.stop()

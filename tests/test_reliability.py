@@ -583,3 +583,13 @@ def test_full_disk_is_one_line_and_the_rerun_completes(tiny, capsys, monkeypatch
     monkeypatch.setattr(pipeline, "write_canonical", real)
     code, _, err = run_cli("-t", "onnxruntime", "--calib", "c.npz", "--out", "out", capsys=capsys)
     assert code == 0, err
+
+
+def test_importing_the_cli_starts_no_threads():
+    """main() blocks SIGINT/SIGTERM before any thread exists (threads inherit the mask); numpy's
+    BLAS pool or an SDK imported with deploykit.cli would take the signal at an arbitrary point."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "plugins" / "onnxruntime")]))
+    code = "import sys, threading, deploykit.cli; print(sorted({'numpy', 'onnx', 'onnxruntime'} & set(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
+    assert len(os.listdir("/proc/self/task")) >= 1  # (Linux: the test itself is allowed threads)
