@@ -32,9 +32,10 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from deploykit.errors import ConfigError, OutputDirError
 from deploykit.fileio import sha256
@@ -106,7 +107,7 @@ class OutDir:
         self._retired = False
 
     # -- opening ------------------------------------------------------------------------
-    def __enter__(self) -> "OutDir":
+    def __enter__(self) -> OutDir:
         self.open()
         return self
 
