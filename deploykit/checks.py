@@ -4,26 +4,12 @@ against the FP32 reference (and labels), fidelity against the canonical model in
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
 
-from deploykit.backend import CheckResult, Runner
-
-
-@dataclass(frozen=True)
-class LatencyStats:
-    batch_size: int
-    runs: int
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    mean_ms: float
-    throughput: float  # samples per second at the median
-
-    def to_json(self) -> dict:
-        return self.__dict__.copy()
+from deploykit.backend import Runner
+from deploykit.results import CheckResult, LatencyStats
 
 
 def measure_latency(runner: Runner, feeds: Mapping[str, np.ndarray], warmup: int = 10, runs: int = 100) -> LatencyStats:

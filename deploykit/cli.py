@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-import deploykit
+from deploykit._version import __version__
 from deploykit.errors import CheckFailed, ConfigError, DeploykitError
 
 DEFAULT_TARGETS_FILE = "targets.toml"
@@ -27,7 +27,7 @@ def _echo_json(obj) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(deploykit.__version__, prog_name="deploykit")
+@click.version_option(__version__, prog_name="deploykit")
 @click.option("-v", "--verbose", is_flag=True,
               help="Say what each stage does, and show the vendor SDKs' own start-up logs (quiet by default).")
 def cli(verbose: bool) -> None:
@@ -40,6 +40,7 @@ def cli(verbose: bool) -> None:
       deploykit backends            # what this machine can build and run
       deploykit targets             # list and validate targets.toml
       deploykit inspect out/canonical.qdq.onnx --lint
+      deploykit run-job JOB_DIR     # a saved check job, in this process
     """
     from deploykit import vendorlog
 
@@ -85,7 +86,8 @@ def build(model, targets, calib, eval_, method, percentile, samples, eval_sample
     threshold or a target errors, 2 for bad input.
     """
     from deploykit import progress
-    from deploykit.pipeline import BuildOptions, build as run_build
+    from deploykit.pipeline import BuildOptions
+    from deploykit.pipeline import build as run_build
     from deploykit.report import terminal_table
 
     if as_json:
@@ -201,7 +203,7 @@ def targets(targets_file: str | None, as_json: bool) -> None:
         raise ConfigError(f"no {DEFAULT_TARGETS_FILE} here; pass --targets-file")
     tf = load_targets(path)
     registry = load_registry()
-    resolved = tf.all_targets(registry)
+    resolved = registry.all_targets(tf)
     rows = [{"name": t.name, "backend": t.backend, "device": t.device.name, "device_kind": t.device.kind,
              "batch_sizes": list(t.batch_sizes), "options": dict(t.options), "thresholds": dict(t.thresholds),
              "description": t.description} for t in resolved]
@@ -227,9 +229,9 @@ def inspect(model: Path, run_lint: bool, tensorrt: bool, as_json: bool) -> None:
     --lint checks the canonical-model contract and names each offending node and rule."""
     import onnx
 
+    from deploykit.canonical import META_TABLE, lint
     from deploykit.modelinfo import describe, render_text
     from deploykit.tables import escape
-    from deploykit.quantize.canonical import META_TABLE, lint
 
     if not model.is_file():
         raise ConfigError(f"{model}: model file not found")
@@ -253,6 +255,40 @@ def inspect(model: Path, run_lint: bool, tensorrt: bool, as_json: bool) -> None:
                 click.echo("lint: clean (" + ("TensorRT rules" if tensorrt else "every canonical rule") + ")")
     if violations:
         raise CheckFailed(f"{model}: {len(violations)} lint violation(s)")
+
+
+@cli.command("run-job")
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout instead of a table.")
+def run_job(folder: Path, as_json: bool) -> None:
+    """Run the check job saved in FOLDER (job.json + arrays.npz) in this process.
+
+    The artifact the job names must be readable here. Writes FOLDER/result.json; exit code 1
+    when a check fails its threshold, 2 when FOLDER is not a check job. See docs/check-jobs.md.
+    """
+    from deploykit import progress
+    from deploykit.fileio import atomic_output
+    from deploykit.jobs import RESULT_FILE, CheckJob, LocalExecutor
+
+    if as_json:
+        progress.set_enabled(False)
+    job = CheckJob.load(folder)
+    result = LocalExecutor().run(job)
+    payload = result.to_json()
+    with atomic_output(folder / RESULT_FILE) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    if as_json:
+        _echo_json(payload)
+    else:
+        from deploykit.tables import render
+
+        click.echo(render(["check", "status", "value", "threshold"], [
+            [c.name, c.status, "-" if c.value is None else f"{c.value:.6g}",
+             "-" if c.threshold is None else f"{c.bound} {c.threshold:g}"] for c in result.checks]))
+        click.echo(f"\nwrote {folder / RESULT_FILE}")
+    failed = [c.name for c in result.checks if c.status == "fail"]
+    if failed:
+        raise CheckFailed(f"{job.target.name}: failed checks: {', '.join(failed)}")
 
 
 def main(argv: list[str] | None = None) -> int:

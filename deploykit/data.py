@@ -4,7 +4,6 @@ validated against the model's inputs; labels travel beside them when the source 
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import itertools
 import sys
@@ -370,22 +369,6 @@ def open_source(src: str | Path | Callable | None, specs: Specs, preprocess: Pre
     if not path.exists():
         raise DataError(f"{text}: data not found (give a .npy/.npz file, an image folder, or module:function)")
     raise DataError(f"{text}: unsupported data ({path.suffix or 'no suffix'}); use .npy/.npz, an image folder, or module:function")
-
-
-class Hasher:
-    """Hash of the data as it streams past (names, dtypes, shapes, bytes)."""
-
-    def __init__(self) -> None:
-        self.h = hashlib.sha256()
-
-    def update(self, feeds: Mapping[str, np.ndarray]) -> None:
-        for k in sorted(feeds):
-            a = np.ascontiguousarray(feeds[k])
-            self.h.update(f"{k}:{a.dtype}:{a.shape[1:]}".encode())
-            self.h.update(a.tobytes())
-
-    def hexdigest(self) -> str:
-        return self.h.hexdigest()
 
 
 def _batched(items: list, n: int) -> Iterator[list]:

@@ -17,8 +17,8 @@ from typing import Any
 import onnx
 from onnx import external_data_helper
 
+from deploykit.canonical import OPSET
 from deploykit.errors import ModelError
-from deploykit.quantize.canonical import OPSET
 
 
 def load_onnx(path: Path | str) -> onnx.ModelProto:
@@ -62,7 +62,7 @@ def load_onnx(path: Path | str) -> onnx.ModelProto:
 
 def export_torch(module: Any, example_inputs: tuple, path: Path | str, input_names: list[str] | None = None,
                  dynamic_batch: bool = True) -> Path:
-    """Export a torch.nn.Module with the dynamo exporter at opset 18 (FINDINGS.md: the one that
+    """Export a torch.nn.Module with the dynamo exporter at opset 18 (docs/toolchain-facts.md: the one that
     works), batch dimension dynamic unless ``dynamic_batch`` is False."""
     try:
         import torch

@@ -12,24 +12,40 @@ import json
 import logging
 import os
 import platform
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
-import deploykit
-from deploykit import checks, data, model as modelmod
-from deploykit.backend import Artifact, Availability, CanonicalModel, CheckResult
+from deploykit import checks, data
+from deploykit import model as modelmod
+from deploykit._version import __version__
+from deploykit.backend import Runner
+from deploykit.canonical import CanonicalModel
 from deploykit.errors import ConfigError, DeploykitError, OutputDirError
 from deploykit.fileio import atomic_output, sha256
+from deploykit.jobs import (
+    CheckJob,
+    CheckSettings,
+    Executor,
+    LocalExecutor,
+    latency_feeds,
+)
 from deploykit.plugins import Registry, load_registry
 from deploykit.progress import bar
 from deploykit.quantize import quantize, write_canonical
+from deploykit.results import (
+    SCHEMA_VERSION,
+    Artifact,
+    Availability,
+    CheckResult,
+    TargetResult,
+    rel,
+)
 from deploykit.targets import Calibration, Preprocess, Target, load_targets
 
 log = logging.getLogger("deploykit")
@@ -60,41 +76,6 @@ class BuildOptions:
 
 
 @dataclass
-class TargetResult:
-    target: Target
-    status: str = "ok"  # ok | failed (a check failed) | skipped (backend unavailable) | error
-    reason: str = ""
-    availability: Availability | None = None
-    artifact: Artifact | None = None
-    checks: list[CheckResult] = field(default_factory=list)
-    latency: list[dict] = field(default_factory=list)
-    metadata: dict[str, Any] = field(default_factory=dict)
-    device_info: dict[str, Any] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    def to_json(self, out_dir: Path) -> dict[str, Any]:
-        art = None
-        if self.artifact is not None:
-            art = {"path": _rel(self.artifact.path, out_dir), "sha256": sha256(self.artifact.path),
-                   "files": {_rel(f, out_dir): sha256(f) for f in self.artifact.files if f.exists()},
-                   "metadata": _jsonable(self.artifact.metadata)}
-        t = self.target
-        return {
-            "name": t.name, "backend": t.backend, "device": {"name": t.device.name, "kind": t.device.kind,
-                                                             "address": t.device.address},
-            "options": _jsonable(t.options), "thresholds": dict(t.thresholds), "batch_sizes": list(t.batch_sizes),
-            "status": self.status, "reason": self.reason,
-            "availability": None if self.availability is None else {
-                "can_lower": self.availability.can_lower, "can_run": self.availability.can_run,
-                "reason": self.availability.reason, "install_hint": self.availability.install_hint,
-                "versions": dict(self.availability.versions)},
-            "artifact": art, "checks": [c.to_json() for c in self.checks], "latency": self.latency,
-            "preflight": _jsonable(self.metadata), "device_info": _jsonable(self.device_info),
-            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
-        }
-
-
-@dataclass
 class BuildResult:
     out_dir: Path
     manifest: dict[str, Any]
@@ -106,13 +87,18 @@ class BuildResult:
         return all(t.status in ("ok", "skipped") for t in self.targets)
 
 
-def build(model: Any, options: BuildOptions, registry: Registry | None = None) -> BuildResult:
+def build(model: Any, options: BuildOptions, registry: Registry | None = None,
+          executor: Executor | None = None) -> BuildResult:
     """Build every target of ``options`` from an .onnx path, or a torch.nn.Module plus
-    ``options.example_inputs`` (exported with the dynamo exporter at opset 18, dynamic batch)."""
+    ``options.example_inputs`` (exported with the dynamo exporter at opset 18, dynamic batch).
+
+    Each target's checks run as a :class:`deploykit.jobs.CheckJob` on ``executor`` (default:
+    :class:`deploykit.jobs.LocalExecutor`, this process)."""
     registry = registry or load_registry()
+    executor = executor or LocalExecutor(registry)
     out_dir = Path(options.out_dir)
     tf = load_targets(options.targets_file)
-    targets = tf.resolve(options.targets, registry)  # fail fast on an unknown target, before any work
+    targets = registry.resolve(tf, options.targets)  # fail fast on an unknown target, before any work
     if options.task not in checks.TASKS:
         raise ConfigError(f"task '{options.task}' is not one of {', '.join(checks.TASKS)}")
     calib_cfg = _calibration(tf.calibration, options)
@@ -148,8 +134,8 @@ def build(model: Any, options: BuildOptions, registry: Registry | None = None) -
     result = quantize(fp32, calib_src, calib_cfg.method, calib_cfg.percentile, calib_cfg.batch_size, source_hash)
     canonical = write_canonical(result, fp32, out_dir)
     # a build that stops after this point must still be able to reuse its own folder
-    owned |= {_rel(p, out_dir) for p in out_dir.iterdir() if p.is_file()}
-    _write_json(out_dir / MANIFEST, {"deploykit": deploykit.__version__, "status": "incomplete", "files": sorted(owned)})
+    owned |= {rel(p, out_dir) for p in out_dir.iterdir() if p.is_file()}
+    _write_json(out_dir / MANIFEST, {"deploykit": __version__, "status": "incomplete", "files": sorted(owned)})
     calibrate_s = time.monotonic() - t0
     events(f"canonical model: {canonical.path} ({result.samples} samples, {calib_cfg.method})")
 
@@ -158,19 +144,27 @@ def build(model: Any, options: BuildOptions, registry: Registry | None = None) -
         targets = [_at_batch(t, fixed_batch, events) for t in targets]
     eval_batch = fixed_batch or (max(t.batch_sizes[0] for t in targets) if targets else 1)
     eval_batches, labels = _eval_batches(eval_src, eval_batch)
+    if eval_batches:
+        canonical = dataclasses.replace(canonical, example_shapes={
+            name: (1, *array.shape[1:]) for name, array in eval_batches[0].items()})
     reference = _reference_outputs(canonical, eval_batches)
     classification = checks.classifies(options.task, reference["fp32"][0])
     fp32_acc = checks.task_accuracy(reference["fp32"][0], labels) if labels is not None and classification else None
     baseline = _baseline_latency(canonical, targets, eval_batches) if options.baseline and targets else []
 
+    settings = CheckSettings(classification, fp32_acc, {entry["batch_size"]: entry["p50_ms"] for entry in baseline})
+
+    def job_for(target: Target, artifact: Artifact) -> CheckJob:
+        return CheckJob(target, artifact, canonical.path, canonical.fp32_path, tuple(eval_batches), labels,
+                        tuple(reference["fp32"]), tuple(reference["canonical"]), settings)
+
     results = []
     for target in targets:
         events(f"target {target.name} ({target.backend})")
-        results.append(_build_target(target, registry, canonical, out_dir, eval_batches, labels, reference, fp32_acc,
-                                     {l["batch_size"]: l["p50_ms"] for l in baseline}, classification))
+        results.append(_build_target(target, registry, executor, canonical, out_dir, job_for))
 
     manifest = _manifest(model, source_hash, canonical, result, calib_src, eval_src, eval_note, classification, fp32_acc,
-                         baseline, results, out_dir, calibrate_s, time.monotonic() - started, registry)
+                         baseline, results, out_dir, calibrate_s, time.monotonic() - started)
     # artifacts of earlier builds into this folder stay deploykit's (listed, never foreign)
     manifest["files"] = sorted(set(manifest["files"]) | {f for f in owned if (out_dir / f).is_file()})
     _write_json(out_dir / MANIFEST, manifest)
@@ -236,49 +230,37 @@ def _eval_batches(src: data.DataSource, batch_size: int) -> tuple[list[dict[str,
     return feeds, (np.concatenate(labels) if has_labels and labels else None)
 
 
-def _ort_runner(path: Path) -> Any:
-    import onnxruntime as ort
+class _OrtRunner(Runner):
+    """The FP32 or canonical model in onnxruntime on the CPU: the references every target is compared with."""
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    def __init__(self, path: Path) -> None:
+        import onnxruntime as ort
 
-    class _Runner:
-        def run(self, feeds):
-            return session.run(None, dict(feeds))
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
-    return _Runner()
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return list(self.session.run(None, dict(feeds)))
 
 
 def _reference_outputs(canonical: CanonicalModel, batches: list[dict]) -> dict[str, list[np.ndarray]]:
     """FP32 (accuracy reference) and canonical QDQ (fidelity reference) outputs, in onnxruntime."""
     with bar(2, "reference outputs", "model") as b:
-        fp32 = checks.run_all(_ort_runner(canonical.fp32_path), batches)
+        fp32 = checks.run_all(_OrtRunner(canonical.fp32_path), batches)
         b.update()
-        qdq = checks.run_all(_ort_runner(canonical.path), batches)
+        qdq = checks.run_all(_OrtRunner(canonical.path), batches)
         b.update()
     return {"fp32": fp32, "canonical": qdq}
 
 
-def _latency_feeds(batches: list[dict], batch_size: int) -> dict[str, np.ndarray]:
-    """The first ``batch_size`` evaluation samples (repeated if there are fewer)."""
-    taken, n = [], 0
-    for b in batches:  # only as many batches as needed, not the whole evaluation set
-        taken.append(b)
-        n += len(next(iter(b.values())))
-        if n >= batch_size:
-            break
-    reps = -(-batch_size // n)
-    return {k: np.concatenate([b[k] for b in taken] * reps)[:batch_size] for k in taken[0]}
-
-
 def _baseline_latency(canonical: CanonicalModel, targets: list[Target], batches: list[dict]) -> list[dict]:
-    runner = _ort_runner(canonical.fp32_path)
+    runner = _OrtRunner(canonical.fp32_path)
     sizes = sorted({b for t in targets for b in t.batch_sizes})
     warmup, runs = max(t.warmup for t in targets), max(t.runs for t in targets)
     out = []
     for b in bar_iter(sizes, "FP32 baseline latency"):
-        out.append(checks.measure_latency(runner, _latency_feeds(batches, b), warmup, runs).to_json())
+        out.append(checks.measure_latency(runner, latency_feeds(batches, b), warmup, runs).to_json())
     return out
 
 
@@ -289,9 +271,9 @@ def bar_iter(items: list, desc: str):
             b.update()
 
 
-def _build_target(target: Target, registry: Registry, canonical: CanonicalModel, out_dir: Path,
-                  batches: list[dict], labels: np.ndarray | None, reference: dict, fp32_acc: float | None,
-                  ort_fp32_ms: dict[int, float], classification: bool) -> TargetResult:
+def _build_target(target: Target, registry: Registry, executor: Executor, canonical: CanonicalModel, out_dir: Path,
+                  job_for: Callable[[Target, Artifact], CheckJob]) -> TargetResult:
+    """Probe, preflight, lower, then run the target's check job on ``executor``."""
     res = TargetResult(target)
     try:
         backend = registry.get(target.backend)
@@ -316,7 +298,11 @@ def _build_target(target: Target, registry: Registry, canonical: CanonicalModel,
             for name in ("top1_agreement", "cosine", "fidelity_rel_l2", "latency_p50_ms"):
                 res.checks.append(CheckResult(name, "not_run", message=not_here))
         else:
-            _run_checks(res, backend, canonical, batches, labels, reference, fp32_acc, ort_fp32_ms, classification)
+            checked = executor.run(job_for(target, res.artifact))
+            res.checks.extend(checked.checks)
+            res.latency.extend(checked.latency)
+            res.seconds.update(checked.seconds)
+            res.metadata.update(checked.notes)
         try:
             res.device_info = backend.device_info(target)
         except Exception as exc:  # device facts are nice to have, never fatal
@@ -339,90 +325,8 @@ def _missing(av: Availability) -> str:
     return av.reason + (f" (install: {av.install_hint})" if av.install_hint else "")
 
 
-def _run_checks(res: TargetResult, backend, canonical: CanonicalModel, batches: list[dict],
-                labels: np.ndarray | None, reference: dict, fp32_acc: float | None,
-                ort_fp32_ms: dict[int, float], classification: bool) -> None:
-    target = res.target
-    th = target.thresholds
-    rss0 = _rss_mb()
-    t0 = time.monotonic()
-    runner = backend.load(res.artifact, target)
-    res.seconds["load"] = time.monotonic() - t0
-    with bar(len(batches), f"{target.name}: accuracy", "batch") as b:
-        outputs = []
-        for feeds in batches:
-            outputs.append(runner.run(feeds))
-            b.update()
-    got = [np.concatenate([o[i] for o in outputs]) for i in range(len(outputs[0]))]
-    measured = checks.compare(reference["fp32"], got, classification=classification)
-    for name, value in measured.items():
-        res.checks.append(checks.judge(name, value, th, "vs FP32 in onnxruntime"))
-    for key in th:  # a threshold on a metric this task has no value for is said, not dropped
-        metric = key.partition("_")[2]
-        if metric in ("top1_agreement", "top5_agreement", "accuracy", "accuracy_drop") and not classification:
-            res.checks.append(checks.judge(metric, None, th, "not a classification task (--task)"))
-        elif metric in ("accuracy", "accuracy_drop") and labels is None:
-            res.checks.append(checks.judge(metric, None, th, "no labels in the evaluation data"))
-    for name, value in checks.compare(reference["canonical"], got, prefix="fidelity_").items():
-        res.checks.append(checks.judge(name, value, th, "vs the canonical QDQ model in onnxruntime"))
-    if labels is not None and classification:
-        acc = checks.task_accuracy(got[0], labels)
-        res.checks.append(checks.judge("accuracy", acc, th, f"on {len(labels)} labelled samples"))
-        res.checks.append(checks.judge("accuracy_drop", (fp32_acc or 0.0) - acc, th,
-                                       f"FP32 accuracy {fp32_acc:.4f} minus target accuracy"))
-    memory_mb = max(0.0, _rss_mb() - rss0)  # before a baseline runner adds its own
-    with tempfile.TemporaryDirectory(prefix="deploykit-fp32-") as scratch:
-        _measure_latency(res, runner, _fp32_runner(res, backend, canonical, Path(scratch)), batches, ort_fp32_ms)
-    res.checks.append(checks.judge("memory_mb", memory_mb, th,
-                                   "resident memory added by loading and running the artifact"))
-
-
-def _measure_latency(res: TargetResult, runner, fp32, batches: list[dict], ort_fp32_ms: dict[int, float]) -> None:
-    target, th = res.target, res.target.thresholds
-    for i, b in enumerate(bar_iter(list(target.batch_sizes), f"{target.name}: latency")):
-        feeds = _latency_feeds(batches, b)
-        stats = checks.measure_latency(runner, feeds, target.warmup, target.runs)
-        entry = stats.to_json()
-        extra = getattr(runner, "last_gpu_ms", None)
-        if extra is not None:
-            entry["gpu_compute_ms"] = extra
-        if fp32 is not None:  # same runtime, same device, measured right after: the fair ratio
-            base = checks.measure_latency(fp32, feeds, target.warmup, target.runs)
-            entry.update(fp32_p50_ms=base.p50_ms, speedup=base.p50_ms / stats.p50_ms, speedup_vs=f"{target.backend} fp32")
-        elif b in ort_fp32_ms:
-            entry.update(fp32_p50_ms=ort_fp32_ms[b], speedup=ort_fp32_ms[b] / stats.p50_ms, speedup_vs="onnxruntime fp32")
-        res.latency.append(entry)
-        if i == 0:  # thresholds apply to the first batch size
-            note = f"batch {b}, {target.runs} runs after {target.warmup} warm-up"
-            res.checks.append(checks.judge("latency_p50_ms", stats.p50_ms, th, note))
-            res.checks.append(checks.judge("latency_p99_ms", stats.p99_ms, th, note))
-            res.checks.append(checks.judge("throughput", stats.throughput, th, f"samples/s at batch {b}"))
-            if "speedup" in entry:
-                res.checks.append(checks.judge("speedup", entry["speedup"], th,
-                                               f"INT8 vs {entry['speedup_vs']} p50 at batch {b}"))
-
-
-def _fp32_runner(res: TargetResult, backend, canonical: CanonicalModel, scratch: Path):
-    """The backend's own FP32 runner, or None (then the onnxruntime FP32 row is the baseline)."""
-    try:
-        return backend.fp32_runner(canonical, res.target, scratch)
-    except Exception as exc:  # a baseline is worth having, never worth failing the target for
-        res.metadata["fp32_baseline_error"] = f"{type(exc).__name__}: {exc}"
-        return None
-
-
-def _rss_mb() -> float:
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:  # not Linux
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _versions(registry: Registry) -> dict[str, str]:
-    out = {"deploykit": deploykit.__version__, "python": platform.python_version()}
+def _versions() -> dict[str, str]:
+    out = {"deploykit": __version__, "python": platform.python_version()}
     for dist in ("numpy", "onnx", "onnxruntime", "pluggy", "openvino", "tensorflow", "ai-edge-litert",
                  "coremltools", "tensorrt", "torch"):
         try:
@@ -433,8 +337,7 @@ def _versions(registry: Registry) -> dict[str, str]:
 
 
 def _manifest(model: Path, source_hash: str, canonical: CanonicalModel, q, calib_src, eval_src, eval_note,
-              classification: bool, fp32_acc, baseline, results: list[TargetResult], out_dir: Path, calibrate_s: float, total_s: float,
-              registry: Registry) -> dict[str, Any]:
+              classification: bool, fp32_acc, baseline, results: list[TargetResult], out_dir: Path, calibrate_s: float, total_s: float) -> dict[str, Any]:
     qdq_nodes = [n for n in canonical.model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     files = [canonical.path, canonical.fp32_path, canonical.path.with_name(canonical.path.name.replace(".qdq.onnx", ".calib.json"))]
     if model.parent.resolve() == out_dir.resolve():  # exported from a torch module into the output folder
@@ -447,36 +350,25 @@ def _manifest(model: Path, source_hash: str, canonical: CanonicalModel, q, calib
     for f in files:
         f = Path(f)
         for p in ([f] if f.is_file() else [p for p in f.rglob("*") if p.is_file()] if f.is_dir() else []):
-            listed.add(_rel(p, out_dir))
+            listed.add(rel(p, out_dir))
     return {
-        "deploykit": deploykit.__version__,
+        "schema_version": SCHEMA_VERSION,
+        "deploykit": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "host": {"machine": platform.machine(), "system": platform.system(), "node": platform.node()},
-        "versions": _versions(registry),
+        "versions": _versions(),
         "model": {"path": str(model), "sha256": source_hash},
         "calibration": {"method": q.method, "samples": q.samples, "data": calib_src.description,
                         "data_sha256": q.data_hash, "random_data": q.random_data,
                         "warning": RANDOM_WARNING if q.random_data else "", "seconds": round(calibrate_s, 3)},
         "evaluation": {"data": eval_src.description, "note": eval_note, "classification": classification,
                        "fp32_accuracy": fp32_acc},
-        "canonical": {"path": _rel(canonical.path, out_dir), "sha256": sha256(canonical.path),
-                      "fp32_path": _rel(canonical.fp32_path, out_dir),
-                      "calibration_table": _rel(files[2], out_dir), "calibration_table_sha256": sha256(files[2]),
-                      "qdq_nodes": len(qdq_nodes), "tensors_in_table": len(canonical.calibration),
-                      "lint_violations": list(q.lint_violations)},
+        "canonical": {"path": rel(canonical.path, out_dir), "sha256": sha256(canonical.path),
+                      "fp32_path": rel(canonical.fp32_path, out_dir),
+                      "calibration_table": rel(files[2], out_dir), "calibration_table_sha256": sha256(files[2]),
+                      "qdq_nodes": len(qdq_nodes), "tensors_in_table": len(canonical.calibration)},
         "baseline": {"backend": "onnxruntime", "precision": "fp32", "latency": baseline},
         "targets": [r.to_json(out_dir) for r in results],
         "files": sorted(listed | {MANIFEST, REPORT}),
         "seconds": round(total_s, 3),
     }
-
-
-def _rel(path: Path, base: Path) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(base.resolve()))
-    except ValueError:
-        return str(path)
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))

@@ -96,7 +96,7 @@ THIRD_PARTY = '''
 """A third-party backend: runs the canonical model unchanged in onnxruntime, single-threaded."""
 import shutil
 import deploykit
-from deploykit.backend import Artifact, Availability, Backend, Option
+from deploykit.backend import Artifact, Availability, Backend, Option, Runner
 from deploykit.fileio import atomic_output
 
 
@@ -120,10 +120,10 @@ class EchoBackend(Backend):
         opts.intra_op_num_threads = target.options["threads"]
         session = ort.InferenceSession(str(artifact.path), opts, providers=["CPUExecutionProvider"])
 
-        class Runner:
+        class EchoRunner(Runner):
             def run(self, feeds):
                 return session.run(None, dict(feeds))
-        return Runner()
+        return EchoRunner()
 
 
 @deploykit.hookimpl

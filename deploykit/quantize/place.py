@@ -1,4 +1,4 @@
-"""Place Q/DQ by the canonical rules (deploykit/quantize/canonical.py) and build the table."""
+"""Place Q/DQ by the canonical rules (deploykit/canonical.py) and build the table."""
 
 from __future__ import annotations
 
@@ -10,9 +10,18 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from deploykit.quantize.canonical import (
-    CONCAT, COMPUTE_OPS, INT8_MAX, POOLING_OPS, CalibrationTable, QdqGraph, TensorRange, activation_scale, attrs,
-    preserves_scale, weight_axis,
+from deploykit.canonical import (
+    COMPUTE_OPS,
+    CONCAT,
+    INT8_MAX,
+    POOLING_OPS,
+    CalibrationTable,
+    QdqGraph,
+    TensorRange,
+    activation_scale,
+    attrs,
+    preserves_scale,
+    weight_axis,
 )
 from deploykit.quantize.observe import TensorStats
 
@@ -92,11 +101,6 @@ def placement(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
 
 def _wrapped_tensors(model: onnx.ModelProto, wrap: Mapping[str, tuple[int, ...]]) -> set[str]:
     return {n.input[i] for n in model.graph.node if n.name in wrap for i in wrap[n.name]}
-
-
-def tensors_to_quantize(model: onnx.ModelProto) -> set[str]:
-    """Activation tensors that get a Q/DQ pair."""
-    return _wrapped_tensors(model, placement(model))
 
 
 def _from_conv(g: QdqGraph, tensor: str, depth: int = 2) -> bool:

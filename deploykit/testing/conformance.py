@@ -23,7 +23,7 @@ from onnx import helper
 from deploykit.backend import Artifact, Availability, Backend, CanonicalModel, Runner
 from deploykit.checks import compare
 from deploykit.errors import DeploykitError
-from deploykit.testing import eval_feeds, make_canonical, make_target
+from deploykit.testing.fixtures import eval_feeds, make_canonical, make_target
 
 UNSUPPORTED_OP = "DeploykitConformanceUnsupportedOp"
 

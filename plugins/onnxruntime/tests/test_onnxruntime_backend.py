@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 
 from deploykit.checks import compare
-from deploykit.quantize.canonical import QdqGraph
+from deploykit.canonical import QdqGraph
 from deploykit.testing import eval_feeds, make_canonical, make_target
 from deploykit.testing.conformance import run_conformance
 from deploykit_onnxruntime import OnnxRuntimeBackend

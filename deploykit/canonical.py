@@ -196,6 +196,28 @@ class QdqGraph:
         return q.input[0], self.params(dq)
 
 
+@dataclass(frozen=True)
+class CanonicalModel:
+    """The one canonical QDQ model every backend lowers.
+
+    path: the canonical ``.qdq.onnx`` on disk (passes ``deploykit inspect --lint``).
+    model: the same model loaded (treat as read-only; copy before rewriting).
+    calibration: calibrated range of *every* float activation tensor (scale with zero point 0),
+        including tensors the canonical model leaves unwrapped; use it where a target must
+        quantize more tensors than the canonical model does.
+    fp32_path: the normalised FP32 model, the accuracy reference.
+    example_shapes: the shape of each input in the evaluation data at batch 1 (None when the
+        build has no data yet); a target that needs fixed shapes (TFLite) reads dynamic
+        non-batch dims, such as a sequence length, from here.
+    """
+
+    path: Path
+    model: onnx.ModelProto
+    calibration: CalibrationTable
+    fp32_path: Path
+    example_shapes: Mapping[str, tuple[int, ...]] | None = None
+
+
 def attrs(node: onnx.NodeProto) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
