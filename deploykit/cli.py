@@ -110,7 +110,9 @@ def build(model, targets, calib, eval_, method, percentile, samples, eval_sample
         click.echo(terminal_table(result.manifest))
         click.echo(f"\nwrote {out_dir / 'manifest.json'} and {out_dir / 'report.md'}")
     if not result.ok:
-        bad = [t.target.name for t in result.targets if t.status not in ("ok", "skipped")]
+        from deploykit.pipeline import SUCCESS
+
+        bad = [t.target.name for t in result.targets if t.status not in SUCCESS]
         raise CheckFailed(f"targets with failed checks or errors: {', '.join(bad)} (see {out_dir / 'report.md'})")
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import tempfile
 import time
@@ -43,6 +44,8 @@ from deploykit.results import (
     jsonable,
 )
 from deploykit.targets import Device, Target
+
+log = logging.getLogger("deploykit")
 
 JOB_FILE = "job.json"
 ARRAYS_FILE = "arrays.npz"
@@ -311,6 +314,9 @@ def _latency(job: CheckJob, backend: Backend, runner: Runner, fp32: Runner | Non
             else:
                 entry = LatencyResult(stats, gpu_ms)
             result.latency.append(entry)
+            log.debug("%s: batch %d: p50 %.3f ms, p99 %.3f ms%s", target.name, b, stats.p50_ms, stats.p99_ms,
+                      f"; {entry.speedup_vs} p50 {entry.fp32_p50_ms:.3f} ms -> {entry.speedup:.2f}x"
+                      if entry.speedup is not None else "")
             if i == 0:  # thresholds apply to the first batch size
                 note = f"batch {b}, {target.runs} runs after {target.warmup} warm-up"
                 result.checks.append(checks.judge("latency_p50_ms", stats.p50_ms, th, note))

@@ -36,7 +36,7 @@ from deploykit.jobs import (
     latency_feeds,
 )
 from deploykit.plugins import Registry, load_registry
-from deploykit.progress import bar
+from deploykit.progress import bar, step
 from deploykit.quantize import quantize, write_canonical
 from deploykit.results import (
     SCHEMA_VERSION,
@@ -51,6 +51,10 @@ from deploykit.targets import Calibration, Preprocess, Target, load_targets
 log = logging.getLogger("deploykit")
 MANIFEST = "manifest.json"
 REPORT = "report.md"
+#: Target statuses that do not fail a build: checked and passed, lowered and verified where the
+#: checks cannot run here (Core ML off macOS, a remote device without an agent), or skipped
+#: because the backend is not installed (said with the install hint).
+SUCCESS = ("ok", "lowered", "skipped")
 RANDOM_WARNING = ("calibrated on random data: no --calib data was given, so the scales are NOT meaningful; "
                   "pass --calib with real samples before shipping")
 
@@ -84,7 +88,7 @@ class BuildResult:
 
     @property
     def ok(self) -> bool:
-        return all(t.status in ("ok", "skipped") for t in self.targets)
+        return all(t.status in SUCCESS for t in self.targets)
 
 
 def build(model: Any, options: BuildOptions, registry: Registry | None = None,
@@ -112,10 +116,14 @@ def build(model: Any, options: BuildOptions, registry: Registry | None = None,
         model = modelmod.export_torch(model, options.example_inputs, out_dir / "source.onnx", options.input_names)
     model = Path(model)
     started = time.monotonic()
+    stages: dict[str, float] = {}
     raw = modelmod.load_onnx(model)
     fp32 = modelmod.normalise(raw, str(model))
     specs = modelmod.input_specs(fp32)
     source_hash = sha256(model)
+    stages["load_and_normalise"] = time.monotonic() - started
+    log.debug("normalised %s: opset 18, constants and BatchNorm folded, %d nodes; inputs %s", model,
+              len(fp32.graph.node), ", ".join(f"{k} {d} {s}" for k, (s, d) in specs.items()))
 
     calib_src = data.open_source(calib_cfg.data, specs, preprocess, calib_cfg.samples)
     if calib_src is None:
@@ -130,27 +138,36 @@ def build(model: Any, options: BuildOptions, registry: Registry | None = None,
         eval_src = calib_src
 
     events(f"calibrating ({calib_cfg.method}) on {calib_src.description}")
+    log.debug("calibrate: %s on up to %s samples of %s, batch %s; every activation and weight gets one scale "
+              "in the canonical model", calib_cfg.method, calib_cfg.samples, calib_src.description, calib_cfg.batch_size)
     t0 = time.monotonic()
     result = quantize(fp32, calib_src, calib_cfg.method, calib_cfg.percentile, calib_cfg.batch_size, source_hash)
     canonical = write_canonical(result, fp32, out_dir)
     # a build that stops after this point must still be able to reuse its own folder
     owned |= {rel(p, out_dir) for p in out_dir.iterdir() if p.is_file()}
     _write_json(out_dir / MANIFEST, {"deploykit": __version__, "status": "incomplete", "files": sorted(owned)})
-    calibrate_s = time.monotonic() - t0
+    calibrate_s = stages["calibrate"] = time.monotonic() - t0
     events(f"canonical model: {canonical.path} ({result.samples} samples, {calib_cfg.method})")
 
     fixed_batch = modelmod.fixed_batch(specs)
     if fixed_batch:
         targets = [_at_batch(t, fixed_batch, events) for t in targets]
     eval_batch = fixed_batch or (max(t.batch_sizes[0] for t in targets) if targets else 1)
+    t0 = time.monotonic()
     eval_batches, labels = _eval_batches(eval_src, eval_batch)
     if eval_batches:
         canonical = dataclasses.replace(canonical, example_shapes={
             name: (1, *array.shape[1:]) for name, array in eval_batches[0].items()})
+    log.debug("reference outputs: FP32 (accuracy reference) and canonical QDQ (fidelity reference) in onnxruntime "
+              "on %d evaluation batches of %d", len(eval_batches), eval_batch)
     reference = _reference_outputs(canonical, eval_batches)
     classification = checks.classifies(options.task, reference["fp32"][0])
     fp32_acc = checks.task_accuracy(reference["fp32"][0], labels) if labels is not None and classification else None
+    stages["reference_outputs"] = time.monotonic() - t0
+    t0 = time.monotonic()
     baseline = _baseline_latency(canonical, targets, eval_batches) if options.baseline and targets else []
+    if baseline:
+        stages["baseline_latency"] = time.monotonic() - t0
 
     settings = CheckSettings(classification, fp32_acc, {entry["batch_size"]: entry["p50_ms"] for entry in baseline})
 
@@ -159,12 +176,22 @@ def build(model: Any, options: BuildOptions, registry: Registry | None = None,
                         tuple(reference["fp32"]), tuple(reference["canonical"]), settings)
 
     results = []
+    t0 = time.monotonic()
     for target in targets:
         events(f"target {target.name} ({target.backend})")
+        log.debug("%s: %s on device %s (%s), batch sizes %s, options %s, thresholds %s", target.name, target.backend,
+                  target.device.name, target.device.kind, list(target.batch_sizes), dict(target.options) or "default",
+                  dict(target.thresholds) or "none")
         results.append(_build_target(target, registry, executor, canonical, out_dir, job_for))
+        r = results[-1]
+        log.debug("%s: %s%s in %.1f s", target.name, r.status, f" ({r.reason})" if r.reason else "",
+                  r.seconds.get("total", 0.0))
+    stages["targets"] = time.monotonic() - t0
+    stages["total"] = time.monotonic() - started
 
     manifest = _manifest(model, source_hash, canonical, result, calib_src, eval_src, eval_note, classification, fp32_acc,
                          baseline, results, out_dir, calibrate_s, time.monotonic() - started)
+    manifest["stages"] = {k: round(v, 3) for k, v in stages.items()}
     # artifacts of earlier builds into this folder stay deploykit's (listed, never foreign)
     manifest["files"] = sorted(set(manifest["files"]) | {f for f in owned if (out_dir / f).is_file()})
     _write_json(out_dir / MANIFEST, manifest)
@@ -275,30 +302,55 @@ def _build_target(target: Target, registry: Registry, executor: Executor, canoni
                   job_for: Callable[[Target, Artifact], CheckJob]) -> TargetResult:
     """Probe, preflight, lower, then run the target's check job on ``executor``."""
     res = TargetResult(target)
+    started = time.monotonic()
+    with step(f"target {target.name} ({target.backend})", unit="stage") as stage:
+        _build_target_stages(res, stage, registry, executor, canonical, out_dir, job_for)
+    res.seconds["total"] = time.monotonic() - started
+    return res
+
+
+def _build_target_stages(res: TargetResult, stage: Any, registry: Registry, executor: Executor,
+                         canonical: CanonicalModel, out_dir: Path,
+                         job_for: Callable[[Target, Artifact], CheckJob]) -> None:
+    target = res.target
     try:
+        t0 = time.monotonic()
         backend = registry.get(target.backend)
         res.availability = backend.probe(target)
         pre_checks, res.metadata = backend.preflight(canonical, target)
+        res.seconds["preflight"] = time.monotonic() - t0
+        stage.total = 2 if not res.availability.can_run else 4  # preflight, lower[, load + accuracy, latency]
+        stage.update()
         res.checks.extend(checks.apply_thresholds(c, target.thresholds) for c in pre_checks)
         if not res.availability.can_lower:
             res.status, res.reason = "skipped", _missing(res.availability)
-            return res
+            log.debug("%s: skipped: %s", target.name, res.reason)
+            return
         dest = out_dir / target.name / f"{target.name}{backend.artifact_suffix}"
         t0 = time.monotonic()
         with bar(1, f"{target.name}: lower", "model") as b:
             res.artifact = backend.lower(canonical, target, dest)
             b.update()
         res.seconds["lower"] = time.monotonic() - t0
+        stage.update()
         res.checks.extend(checks.apply_thresholds(c, target.thresholds) for c in res.artifact.checks)
+        log.debug("%s: lowered to %s (%.1f MB) in %.1f s; verification: %s", target.name, res.artifact.path,
+                  _size_mb(res.artifact.path), res.seconds["lower"],
+                  ", ".join(f"{c.name} {c.status}" for c in res.artifact.checks) or "none")
         not_here = res.availability.reason if not res.availability.can_run else (
             f"device '{target.device.name}' is remote ({target.device.address}) and this version has no remote "
             f"agent; copy {dest.name} to the device to check it there" if target.device.address else "")
         if not_here:
-            res.reason = f"checks not run: {not_here}"
+            res.status, res.reason = "lowered", f"lowered and verified; checks not run: {not_here}"
             for name in ("top1_agreement", "cosine", "fidelity_rel_l2", "latency_p50_ms"):
                 res.checks.append(CheckResult(name, "not_run", message=not_here))
         else:
-            checked = executor.run(job_for(target, res.artifact))
+            job = job_for(target, res.artifact)
+            log.debug("%s: check job: %d evaluation batches against FP32 and the canonical model, latency at batch "
+                      "sizes %s (%d warm-up, %d runs each)", target.name, len(job.inputs), list(target.batch_sizes),
+                      target.warmup, target.runs)
+            checked = executor.run(job)
+            stage.update(2)
             res.checks.extend(checked.checks)
             res.latency.extend(checked.latency)
             res.seconds.update(checked.seconds)
@@ -309,16 +361,22 @@ def _build_target(target: Target, registry: Registry, executor: Executor, canoni
             res.device_info = {"error": f"{type(exc).__name__}: {exc}"}
     except DeploykitError as exc:
         res.status, res.reason = "error", str(exc)
-        return res
+        return
     except Exception as exc:  # a plugin bug must not lose the other targets
         log.debug("target %s failed", target.name, exc_info=True)
         res.status, res.reason = "error", f"{type(exc).__name__}: {exc}"
-        return res
+        return
     if any(c.status == "fail" for c in res.checks):
         res.status = "failed"
         failed = [c.name for c in res.checks if c.status == "fail"]
         res.reason = "failed checks: " + ", ".join(failed)
-    return res
+
+
+def _size_mb(path: Path) -> float:
+    p = Path(path)
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) / 2**20
+    return p.stat().st_size / 2**20 if p.exists() else 0.0
 
 
 def _missing(av: Availability) -> str:
