@@ -34,7 +34,7 @@ from deploykit.canonical import CalibrationTable, CanonicalModel
 from deploykit.errors import ConfigError
 from deploykit.fileio import atomic_output
 from deploykit.plugins import Registry, load_registry
-from deploykit.progress import bar
+from deploykit.progress import bar, step
 from deploykit.results import (
     SCHEMA_VERSION,
     Artifact,
@@ -231,7 +231,11 @@ def run_job(job: CheckJob, registry: Registry | None = None) -> JobResult:
         memory_mb = max(0.0, _rss_mb() - rss0)  # before a baseline runner adds its own
         t0 = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="deploykit-fp32-") as scratch:
-            fp32 = _fp32_runner(backend, job, Path(scratch), result)
+            fp32 = None
+            if Capability.FP32_RUNNER in backend.capabilities:  # e.g. float TFLite: a conversion, seconds
+                with step(f"{target.name}: FP32 baseline model", total=1, unit="model") as prepared:
+                    fp32 = _fp32_runner(backend, job, Path(scratch), result)
+                    prepared.update()
             try:
                 _latency(job, backend, runner, fp32, result)
             finally:

@@ -117,9 +117,13 @@ def terminal_table(manifest: dict[str, Any], tty: bool | None = None) -> str:
             notes.append(f"{t['name']}: {t['reason']}")
         for c in t["checks"]:
             if c["status"] == "fail":
-                bound = "<" if c["bound"] == "min" else ">"
                 value = "n/a" if c["value"] is None else f"{c['value']:.6g}"
-                notes.append(f"{t['name']}: {c['name']} = {value} {bound} threshold {c['threshold']}: {c['message']}")
+                if c.get("threshold") is None:  # a verification the backend failed on its own terms
+                    notes.append(f"{t['name']}: {c['name']} failed ({value}): {c['message']}")
+                else:
+                    bound = "<" if c["bound"] == "min" else ">"
+                    notes.append(f"{t['name']}: {c['name']} = {value} {bound} threshold {c['threshold']:g}: "
+                                 f"{c['message']}")
     return "\n".join(lines + ([""] + [escape(n) for n in notes] if notes else []))
 
 
