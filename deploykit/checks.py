@@ -4,7 +4,7 @@ against the FP32 reference (and labels), fidelity against the canonical model in
 from __future__ import annotations
 
 import time
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -72,7 +72,7 @@ def compare(reference: list[np.ndarray], candidate: list[np.ndarray], prefix: st
     denom = np.linalg.norm(ref) * np.linalg.norm(cand)
     metrics = {
         f"{prefix}cosine": float(ref @ cand / denom) if denom > 0 else float(np.array_equal(ref, cand)),
-        f"{prefix}rel_l2": float(np.linalg.norm(ref - cand) / max(np.linalg.norm(ref), 1e-12)),
+        f"{prefix}rel_l2": float(np.linalg.norm(ref - cand)) / max(float(np.linalg.norm(ref)), 1e-12),
         f"{prefix}max_abs" + ("" if prefix else "_error"): float(np.abs(ref - cand).max(initial=0.0)),
     }
     if classification is None:
@@ -92,7 +92,7 @@ def task_accuracy(output: np.ndarray, labels: np.ndarray) -> float:
 
 
 def judge(name: str, value: float | None, thresholds: Mapping[str, float], message: str = "",
-          details: Mapping | None = None) -> CheckResult:
+          details: Mapping[str, Any] | None = None) -> CheckResult:
     """A CheckResult for ``value``, pass/fail when targets.toml has min_/max_<name>."""
     lo, hi = thresholds.get(f"min_{name}"), thresholds.get(f"max_{name}")
     if value is None:

@@ -99,7 +99,7 @@ class CheckJob:
             arrays["labels"] = np.asarray(self.labels)
         with atomic_output(folder / ARRAYS_FILE) as tmp:
             with open(tmp, "wb") as fh:
-                np.savez(fh, **arrays)
+                np.savez(fh, allow_pickle=False, **arrays)
         with atomic_output(folder / JOB_FILE) as tmp:
             tmp.write_text(json.dumps(self.to_json(folder), indent=2), encoding="utf-8")
         return folder

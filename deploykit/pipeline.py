@@ -17,14 +17,13 @@ import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 
 from deploykit import checks, data
 from deploykit import model as modelmod
 from deploykit._version import __version__
-from deploykit.backend import Runner
 from deploykit.canonical import CanonicalModel
 from deploykit.errors import ConfigError, DeploykitError, OutputDirError
 from deploykit.fileio import atomic_output, sha256
@@ -37,7 +36,8 @@ from deploykit.jobs import (
 )
 from deploykit.plugins import Registry, load_registry
 from deploykit.progress import bar, step
-from deploykit.quantize import quantize, write_canonical
+from deploykit.quantize import QuantizeResult, quantize, write_canonical
+from deploykit.reference import canonical_runner, fp32_runner
 from deploykit.results import (
     SCHEMA_VERSION,
     Artifact,
@@ -49,6 +49,7 @@ from deploykit.results import (
 from deploykit.targets import Calibration, Preprocess, Target, load_targets
 
 log = logging.getLogger("deploykit")
+T = TypeVar("T")
 MANIFEST = "manifest.json"
 REPORT = "report.md"
 #: Target statuses that do not fail a build: checked and passed, lowered and verified where the
@@ -73,7 +74,7 @@ class BuildOptions:
     batch_size: int | None = None  # calibration batch size
     preprocess: Preprocess | None = None
     baseline: bool = True  # measure FP32 onnxruntime latency as the reference row
-    example_inputs: tuple | None = None  # with a torch.nn.Module: inputs for the dynamo export
+    example_inputs: tuple[Any, ...] | None = None  # with a torch.nn.Module: inputs for the dynamo export
     input_names: list[str] | None = None  # with a torch.nn.Module: ONNX input names
     task: str = "auto"  # classification (top-k, accuracy), other (cosine/L2 only), auto: from the output shape
     on_event: Callable[[str], None] = field(default=lambda msg: None)
@@ -202,7 +203,7 @@ def build(model: Any, options: BuildOptions, registry: Registry | None = None,
     return BuildResult(out_dir, manifest, results, canonical)
 
 
-def _write_json(path: Path, obj: dict) -> None:
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
 
@@ -249,40 +250,32 @@ def _at_batch(target: Target, batch: int, events: Callable[[str], None]) -> Targ
 
 
 def _eval_batches(src: data.DataSource, batch_size: int) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None]:
-    feeds, labels = [], []
+    feeds: list[dict[str, np.ndarray]] = []
+    labels: list[np.ndarray] = []
+    has_labels = True
     for b in src.batches(batch_size):
         feeds.append(b.feeds)
-        labels.append(b.labels)
-    has_labels = all(l is not None for l in labels)
+        if b.labels is None:
+            has_labels = False
+        else:
+            labels.append(b.labels)
     return feeds, (np.concatenate(labels) if has_labels and labels else None)
 
 
-class _OrtRunner(Runner):
-    """The FP32 or canonical model in onnxruntime on the CPU: the references every target is compared with."""
-
-    def __init__(self, path: Path) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        return list(self.session.run(None, dict(feeds)))
-
-
-def _reference_outputs(canonical: CanonicalModel, batches: list[dict]) -> dict[str, list[np.ndarray]]:
-    """FP32 (accuracy reference) and canonical QDQ (fidelity reference) outputs, in onnxruntime."""
+def _reference_outputs(canonical: CanonicalModel, batches: list[dict[str, np.ndarray]]) -> dict[str, list[np.ndarray]]:
+    """FP32 (accuracy reference) and canonical QDQ (fidelity reference, exact Q/DQ semantics)
+    outputs, in onnxruntime."""
     with bar(2, "reference outputs", "model") as b:
-        fp32 = checks.run_all(_OrtRunner(canonical.fp32_path), batches)
+        fp32 = checks.run_all(fp32_runner(canonical.fp32_path), batches)
         b.update()
-        qdq = checks.run_all(_OrtRunner(canonical.path), batches)
+        qdq = checks.run_all(canonical_runner(canonical.path), batches)
         b.update()
     return {"fp32": fp32, "canonical": qdq}
 
 
-def _baseline_latency(canonical: CanonicalModel, targets: list[Target], batches: list[dict]) -> list[dict]:
-    runner = _OrtRunner(canonical.fp32_path)
+def _baseline_latency(canonical: CanonicalModel, targets: list[Target],
+                      batches: list[dict[str, np.ndarray]]) -> list[dict[str, Any]]:
+    runner = fp32_runner(canonical.fp32_path)
     sizes = sorted({b for t in targets for b in t.batch_sizes})
     warmup, runs = max(t.warmup for t in targets), max(t.runs for t in targets)
     out = []
@@ -291,7 +284,7 @@ def _baseline_latency(canonical: CanonicalModel, targets: list[Target], batches:
     return out
 
 
-def bar_iter(items: list, desc: str):
+def bar_iter(items: list[T], desc: str) -> Iterator[T]:
     with bar(len(items), desc) as b:
         for item in items:
             yield item
@@ -394,8 +387,10 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _manifest(model: Path, source_hash: str, canonical: CanonicalModel, q, calib_src, eval_src, eval_note,
-              classification: bool, fp32_acc, baseline, results: list[TargetResult], out_dir: Path, calibrate_s: float, total_s: float) -> dict[str, Any]:
+def _manifest(model: Path, source_hash: str, canonical: CanonicalModel, q: QuantizeResult, calib_src: data.DataSource,
+              eval_src: data.DataSource, eval_note: str, classification: bool, fp32_acc: float | None,
+              baseline: list[dict[str, Any]], results: list[TargetResult], out_dir: Path, calibrate_s: float,
+              total_s: float) -> dict[str, Any]:
     qdq_nodes = [n for n in canonical.model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     files = [canonical.path, canonical.fp32_path, canonical.path.with_name(canonical.path.name.replace(".qdq.onnx", ".calib.json"))]
     if model.parent.resolve() == out_dir.resolve():  # exported from a torch module into the output folder

@@ -10,11 +10,11 @@ from deploykit.results import metric
 _STATUS = {"pass": "ok", "fail": "FAIL", "info": "", "not_run": "not run"}
 
 
-def _check(target: dict, name: str) -> dict | None:
+def _check(target: dict[str, Any], name: str) -> dict[str, Any] | None:
     return next((c for c in target["checks"] if c["name"] == name), None)
 
 
-def _fmt(target: dict, name: str) -> str:
+def _fmt(target: dict[str, Any], name: str) -> str:
     c = _check(target, name)
     if c is None:
         return "-"
@@ -23,7 +23,7 @@ def _fmt(target: dict, name: str) -> str:
     return metric(name).format(c["value"]) + (" FAIL" if c["status"] == "fail" else "")
 
 
-def _latency(target: dict) -> str:
+def _latency(target: dict[str, Any]) -> str:
     if not target["latency"]:
         c = _check(target, "latency_p50_ms")
         return "not run" if c is not None and c["status"] == "not_run" else "-"
@@ -82,7 +82,7 @@ def status_summary(manifest: dict[str, Any]) -> str:
     return "; ".join(parts) or "no targets"
 
 
-def _verification(target: dict) -> str:
+def _verification(target: dict[str, Any]) -> str:
     """int8 share of compute layers (where the backend audits it) and the stored-scale check."""
     parts = []
     frac = _check(target, "int8_fraction")

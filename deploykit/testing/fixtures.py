@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from deploykit.backend import Backend
+from deploykit.canonical import CanonicalModel
 from deploykit.targets import Device, Target
 
 
@@ -28,10 +32,8 @@ def make_target(backend: type[Backend], name: str | None = None, device: str = "
 KINDS = ("resnet", "mobilenet", "encoder", "digits")
 
 
-def eval_feeds(kind: str, n: int, seed: int = 1) -> dict:
+def eval_feeds(kind: str, n: int, seed: int = 1) -> dict[str, np.ndarray]:
     """Inputs for a test model kind (digits: held-out digits images)."""
-    import numpy as np
-
     from deploykit.testing import models
 
     if kind == "encoder":
@@ -43,13 +45,11 @@ def eval_feeds(kind: str, n: int, seed: int = 1) -> dict:
     return {"x": rng.random(shape, dtype=np.float32)}
 
 
-_EXPORTED: dict = {}  # (kind, seed) -> (onnx bytes, module): train and export once per process
+_EXPORTED: dict[tuple[str, int], tuple[bytes, Any]] = {}  # (kind, seed) -> (onnx bytes, module): train and export once per process
 
 
-def export_kind(kind: str, path, seed: int = 0):
+def export_kind(kind: str, path: Path | str, seed: int = 0) -> tuple[Path | str, Any]:
     """Export a test model kind to ONNX (dynamic batch). Returns (path, torch module)."""
-    from pathlib import Path
-
     if (kind, seed) in _EXPORTED:
         blob, module = _EXPORTED[(kind, seed)]
         Path(path).write_bytes(blob)
@@ -77,7 +77,8 @@ def export_kind(kind: str, path, seed: int = 0):
     return path, module
 
 
-def canonical_from_onnx(src, calib: dict, workdir, stem: str, method: str = "minmax"):
+def canonical_from_onnx(src: Path | str, calib: dict[str, np.ndarray], workdir: Path | str, stem: str,
+                        method: str = "minmax") -> CanonicalModel:
     """Normalise an FP32 .onnx, calibrate it on ``calib`` (one dict of arrays) and write
     ``<stem>.qdq.onnx`` and friends under ``workdir``. Returns the CanonicalModel."""
     from deploykit import data, model
@@ -85,17 +86,16 @@ def canonical_from_onnx(src, calib: dict, workdir, stem: str, method: str = "min
 
     fp32 = model.normalise(model.load_onnx(src), str(src))
     source = data.open_source(lambda: [calib], model.input_specs(fp32))
+    assert source is not None
     result = quantize(fp32, source, method, source_hash=model.model_hash(fp32))
-    return write_canonical(result, fp32, workdir, stem)
+    return write_canonical(result, fp32, Path(workdir), stem)
 
 
-def make_canonical(kind: str, workdir, method: str = "minmax", samples: int = 64):
+def make_canonical(kind: str, workdir: Path | str, method: str = "minmax", samples: int = 64) -> CanonicalModel:
     """Export a test model, calibrate it on real-looking data and write its canonical model.
 
-    Returns a :class:`deploykit.backend.CanonicalModel` (files under ``workdir``).
+    Returns a :class:`deploykit.canonical.CanonicalModel` (files under ``workdir``).
     """
-    from pathlib import Path
-
     from deploykit.testing import models
 
     workdir = Path(workdir)

@@ -9,6 +9,7 @@ import pytest
 
 from deploykit.checks import compare
 from deploykit.canonical import QdqGraph
+from deploykit.reference import run_canonical
 from deploykit.testing import eval_feeds, make_canonical, make_target
 from deploykit.testing.conformance import run_conformance
 from deploykit_onnxruntime import OnnxRuntimeBackend
@@ -38,7 +39,7 @@ def test_lowering_is_lossless(kind, activations, canonicals, tmp_path):
     # With every fusion on, onnxruntime's integer kernels (e.g. uint8 pooling) round on their
     # own; stay within a hair of the canonical model.
     fused = make_target(OnnxRuntimeBackend, activations=activations, threads=1)
-    want = ort.InferenceSession(str(canonical.path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    want = run_canonical(canonical.path, feeds)
     assert compare(want, backend.load(artifact, fused).run(feeds))["rel_l2"] < 1e-3
     lowered = onnx.load(str(artifact.path))
     g = QdqGraph(lowered)
