@@ -7,6 +7,7 @@ import logging
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -145,7 +146,7 @@ def backends(as_json: bool) -> None:
     from deploykit.testing import make_target
 
     registry = load_registry()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in registry.names():
         cls = registry.backends[name]
         try:
@@ -181,8 +182,9 @@ def plugins(as_json: bool) -> None:
     from deploykit.plugins import load_registry
 
     registry = load_registry()
-    rows = [{"name": p.name, "module": p.module, "distribution": p.distribution, "version": p.version,
-             "backends": p.backends} for p in registry.plugins.values()]
+    rows: list[dict[str, Any]] = [
+        {"name": p.name, "module": p.module, "distribution": p.distribution, "version": p.version,
+         "backends": p.backends} for p in registry.plugins.values()]
     if as_json:
         _echo_json(rows)
         return
@@ -206,7 +208,7 @@ def targets(targets_file: str | None, as_json: bool) -> None:
     tf = load_targets(path)
     registry = load_registry()
     resolved = registry.all_targets(tf)
-    rows = [{"name": t.name, "backend": t.backend, "device": t.device.name, "device_kind": t.device.kind,
+    rows: list[dict[str, Any]] = [{"name": t.name, "backend": t.backend, "device": t.device.name, "device_kind": t.device.kind,
              "batch_sizes": list(t.batch_sizes), "options": dict(t.options), "thresholds": dict(t.thresholds),
              "description": t.description} for t in resolved]
     if as_json:
