@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
@@ -124,7 +125,7 @@ class Registry:
         A name is an entry of ``[targets]``; a bare backend name works when no entry has it.
         """
         out = []
-        for name in names:
+        for name in dict.fromkeys(names):  # a target given twice is built once
             if name in targets.raw_targets:
                 out.append(self.check_target(targets, targets.target(name)))
             elif name in self.backends:
@@ -200,7 +201,11 @@ def validate_thresholds(raw: Mapping[str, Any], metrics: tuple[str, ...], where:
         if bound not in ("min", "max") or metric not in metrics:
             known = ", ".join(f"min_/max_{m}" for m in metrics)
             raise ConfigError(f"{where}: unknown key '{key}' (thresholds are {known})")
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{where} key '{key}': expected a number, got {value!r}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ConfigError(f"{where} key '{key}': expected a finite number, got {value!r}")
         out[key] = float(value)
+    for key, lo in out.items():
+        hi = out.get("max_" + key[4:]) if key.startswith("min_") else None
+        if hi is not None and lo > hi:
+            raise ConfigError(f"{where}: {key} = {lo:g} is above max_{key[4:]} = {hi:g}; no value can pass both")
     return out

@@ -231,12 +231,20 @@ class TargetResult:
     metadata: dict[str, Any] = field(default_factory=dict)
     device_info: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    stored: dict[str, Any] | None = None  # kept from an interrupted build: its manifest entry as written then
 
-    def to_json(self, out_dir: Path) -> dict[str, Any]:
+    def to_json(self, out_dir: Path, prefix: str = "") -> dict[str, Any]:
+        """The manifest entry; paths relative to ``out_dir``, under ``prefix`` when given."""
+        if self.stored is not None:
+            return dict(self.stored)
         art = None
+
+        def pre(path: str) -> str:
+            return f"{prefix}/{path}" if prefix else path
+
         if self.artifact is not None:
-            art = {"path": rel(self.artifact.path, out_dir), "sha256": sha256(self.artifact.path),
-                   "files": {rel(f, out_dir): sha256(f) for f in self.artifact.files if f.exists()},
+            art = {"path": pre(rel(self.artifact.path, out_dir)), "sha256": sha256(self.artifact.path),
+                   "files": {pre(rel(f, out_dir)): sha256(f) for f in self.artifact.files if f.exists()},
                    "metadata": jsonable(self.artifact.metadata)}
         t = self.target
         return {
@@ -250,6 +258,14 @@ class TargetResult:
             "preflight": jsonable(self.metadata), "device_info": jsonable(self.device_info),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
         }
+
+    def relocate(self, out_dir: Path) -> None:
+        """Point the artifact at its published place, ``out_dir/<target>/`` (it was built in staging)."""
+        if self.artifact is None:
+            return
+        base, folder = self.artifact.path.parent, out_dir / self.target.name
+        self.artifact = dataclasses.replace(self.artifact, path=folder / self.artifact.path.name,
+                                            files=tuple(folder / Path(f).relative_to(base) for f in self.artifact.files))
 
 
 def rel(path: Path | str, base: Path) -> str:

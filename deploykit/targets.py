@@ -6,11 +6,11 @@ names, and whether its options and thresholds suit that backend, is the registry
 
 from __future__ import annotations
 
+import math
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
-
-import tomllib
 
 from deploykit.errors import ConfigError
 
@@ -137,6 +137,9 @@ def load_targets(path: Path | str | None) -> TargetsFile:
         _check_keys(raw, _DEVICE_KEYS, where)
         tf.devices[name] = Device(name, raw.get("kind", "cpu"), raw.get("description", ""), raw.get("address", ""))
     for name, raw in data.get("targets", {}).items():
+        from deploykit.outdir import check_name  # a target name becomes a folder name in --out
+
+        check_name(name, f"{path} [targets.{name!r}]: target")
         if not isinstance(raw, dict):
             raise ConfigError(f"{tf.where(f'targets.{name}')} must be a table")
         tf.raw_targets[name] = raw
@@ -148,11 +151,14 @@ def load_targets(path: Path | str | None) -> TargetsFile:
         _check_keys(raw, _CALIB_KEYS, tf.where("calibration"))
         if raw.get("method", "entropy") not in CALIBRATION_METHODS:
             raise ConfigError(f"{tf.where('calibration', 'method')}: '{raw['method']}' is not one of {', '.join(CALIBRATION_METHODS)}")
-        if not 0 < raw.get("percentile", 99.99) <= 100:
-            raise ConfigError(f"{tf.where('calibration', 'percentile')} must be in (0, 100]")
+        percentile = raw.get("percentile", 99.99)
+        if not (math.isfinite(percentile) and 0 < percentile <= 100):
+            raise ConfigError(f"{tf.where('calibration', 'percentile')} must be in (0, 100], got {percentile}")
         for key in ("samples", "batch_size"):
             if raw.get(key, 1) < 1:
                 raise ConfigError(f"{tf.where('calibration', key)} must be >= 1")
+        if not 0 <= raw.get("seed", 0) < 2**32:
+            raise ConfigError(f"{tf.where('calibration', 'seed')} must be in [0, 2**32)")
         tf.calibration = Calibration(**raw)
     if "preprocess" in data:
         tf.preprocess = parse_preprocess(data["preprocess"], tf.where("preprocess"))
@@ -170,9 +176,16 @@ def parse_preprocess(raw: Mapping[str, Any], where: str) -> Preprocess:
     for key in ("resize", "crop"):
         if key in raw and raw[key] <= 0:
             raise ConfigError(f"{where} key '{key}' must be a positive integer")
+    for key in ("mean", "std"):
+        values = raw.get(key, [0.0])
+        if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                 for v in values):
+            raise ConfigError(f"{where} key '{key}' must be a non-empty list of finite numbers, got {values!r}")
     std = tuple(float(s) for s in raw.get("std", [1.0]))
     if any(s == 0 for s in std):
         raise ConfigError(f"{where} key 'std' must not contain 0")
+    if "scale" in raw and not (math.isfinite(raw["scale"]) and raw["scale"] > 0):
+        raise ConfigError(f"{where} key 'scale' must be a positive number")
     return Preprocess(raw.get("resize"), raw.get("crop"), tuple(float(m) for m in raw.get("mean", [0.0])), std,
                       float(raw.get("scale", 255.0)), layout, color)
 

@@ -254,13 +254,14 @@ def digits32(seed: int = 0) -> Digits:
     return Digits(up(d.x_train), d.y_train, up(d.x_test), d.y_test)
 
 
-def train_digits32_cnn(seed: int = 0, epochs: int = 6, batch: int = 32):
+def train_digits32_cnn(seed: int = 0, epochs: int = 10, batch: int = 32):
     """Train :func:`digits32_cnn` (deterministic for a seed); returns (model, Digits32, test accuracy)."""
     torch = _torch()
     torch.manual_seed(seed)
     data = digits32(seed)
     model = digits32_cnn()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     xt, yt = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     for _ in range(epochs):
@@ -272,6 +273,7 @@ def train_digits32_cnn(seed: int = 0, epochs: int = 6, batch: int = 32):
             opt.zero_grad()
             loss.backward()
             opt.step()
+        sched.step()
     model.eval()
     with torch.no_grad():
         acc = float((model(torch.from_numpy(data.x_test)).argmax(1).numpy() == data.y_test).mean())

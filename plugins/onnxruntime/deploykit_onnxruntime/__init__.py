@@ -32,7 +32,7 @@ from onnx import numpy_helper
 import deploykit
 from deploykit.backend import Artifact, Availability, Backend, CanonicalModel, CheckResult, Option, Runner, require
 from deploykit.cpu import cpu_name, u8s8_saturates
-from deploykit.errors import LoweringError
+from deploykit.errors import ConfigError, LoweringError
 from deploykit.fileio import atomic_output
 from deploykit.canonical import QdqGraph
 
@@ -61,6 +61,9 @@ class OnnxRuntimeBackend(Backend):
         except ImportError as exc:
             return Availability.missing(f"onnxruntime is not importable ({exc})", self.install_hint)
         provider = target.options.get("execution_provider", "CPUExecutionProvider")
+        if provider not in ort.get_all_providers():  # a typo, not a missing install: no silent "ok"
+            raise ConfigError(f"target '{target.name}': execution_provider '{provider}' is not an onnxruntime "
+                              f"provider (known: {', '.join(ort.get_all_providers())})")
         if provider not in ort.get_available_providers():
             return Availability(True, False, f"execution provider {provider} is not available "
                                 f"(available: {', '.join(ort.get_available_providers())})", self.install_hint)

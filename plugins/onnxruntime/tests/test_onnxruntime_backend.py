@@ -9,6 +9,7 @@ import pytest
 
 from deploykit.checks import compare
 from deploykit.canonical import QdqGraph
+from deploykit.errors import ConfigError
 from deploykit.reference import run_canonical
 from deploykit.testing import eval_feeds, make_canonical, make_target
 from deploykit.testing.conformance import run_conformance
@@ -69,8 +70,13 @@ def test_runner_options_reach_the_session(canonicals, tmp_path):
 
 
 def test_unavailable_provider_is_reported(canonicals):
-    av = OnnxRuntimeBackend().probe(make_target(OnnxRuntimeBackend, execution_provider="NoSuchExecutionProvider"))
-    assert av.can_lower and not av.can_run and "NoSuchExecutionProvider" in av.reason
+    av = OnnxRuntimeBackend().probe(make_target(OnnxRuntimeBackend, execution_provider="CoreMLExecutionProvider"))
+    assert av.can_lower and not av.can_run and "CoreMLExecutionProvider" in av.reason
+
+
+def test_unknown_provider_is_a_config_error(canonicals):
+    with pytest.raises(ConfigError, match="NoSuchExecutionProvider"):
+        OnnxRuntimeBackend().probe(make_target(OnnxRuntimeBackend, execution_provider="NoSuchExecutionProvider"))
 
 
 def test_conformance(canonicals, tmp_path):
