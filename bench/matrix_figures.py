@@ -3,7 +3,7 @@
     python bench/matrix_figures.py prepare [--dir D]          # real nets + data + spec (3 models)
     deploykit matrix D/real.toml --out D/real-out --db D/real.sqlite
     python bench/matrix_figures.py reruns --spec S -n 5       # rebuilt artifacts and compare's false alarms
-    python bench/matrix_figures.py slowdown --spec S          # a deliberate slowdown must be flagged
+    python bench/matrix_figures.py slowdown --variant threads1 # a deliberate slowdown must be flagged
     python bench/matrix_figures.py resume --spec S            # kill half-way, rerun: nothing lost or duplicated
 
 Everything is written under --dir (default ~/.cache/deploykit/matrix-figures), never into the
@@ -13,6 +13,7 @@ repository. Each command prints what it measured and the load average.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import signal
@@ -101,7 +102,7 @@ def reruns(args: argparse.Namespace) -> None:
         print(f"run {run.get('run_id')}: exit {code}, {wall:.0f} s, rebuilt {run.get('rebuilt')}, "
               f"load {os.getloadavg()[0]:.1f}")
     alarms = 0
-    for a, b in zip(runs, runs[1:]):
+    for a, b in itertools.pairwise(runs):
         code, text = _compare(db, a, b)
         alarms += code == 1
         flagged = [line for line in text.splitlines() if "REGRESSION" in line]
@@ -112,25 +113,37 @@ def reruns(args: argparse.Namespace) -> None:
 
 
 def slowdown(args: argparse.Namespace) -> None:
-    """A baseline run, then the same spec with a worse configuration through a targets file."""
+    """A baseline run, then the same matrix (digits32 on onnxruntime, batch 1 and 8) with a worse
+    configuration through its targets file; compare must flag the second."""
     d = _dir(args)
     out, db = d / "slow-out", d / "slow.sqlite"
-    spec = Path(args.spec).read_text()
-    base_targets = d / "targets-base.toml"
-    slow_targets = d / "targets-slow.toml"
-    variant = {"threads1": ('threads = 2', 'threads = 1'),
-               "int8act": ('activations = "uint8"', 'activations = "int8"')}[args.variant]
-    base = f'[targets.onnxruntime]\nbackend = "onnxruntime"\n[targets.onnxruntime.options]\n{variant[0]}\n'
+    db.unlink(missing_ok=True)
+    worse = {"threads1": ('threads = 2', 'threads = 1'),
+             "int8act": ('activations = "uint8"', 'activations = "int8"')}[args.variant]
+    base = f'[targets.onnxruntime]\nbackend = "onnxruntime"\n[targets.onnxruntime.options]\n{worse[0]}\n'
     if args.variant == "int8act":
-        base = base.replace('{variant[0]}', '')
-    base_targets.write_text(base)
-    slow_targets.write_text(base.replace(variant[0], variant[1]))
-    for name, tf in (("base", base_targets), ("slow", slow_targets)):
-        s = d / f"slow-{name}.toml"
-        s.write_text(spec.replace("[matrix]", f'[matrix]\ntargets_file = "{tf}"'))
-        code, doc, wall = _matrix(s, out / name, db, "--targets", "onnxruntime")
-        print(f"{name}: run {doc.get('run', {}).get('run_id')} exit {code} in {wall:.0f} s")
-    code, text = _compare(db, 1, 2) if not args.runs else _compare(db, *args.runs)
+        base += "threads = 2\n"
+    ids = []
+    for name, targets in (("base", base), ("slow", base.replace(worse[0], worse[1]))):
+        tf = d / f"targets-{name}.toml"
+        tf.write_text(targets)
+        spec = d / f"slow-{name}.toml"
+        spec.write_text(f"""[[models]]
+name = "digits32_cnn"
+path = "{SAMPLES / 'digits32_cnn.onnx'}"
+calib = "{SAMPLES / 'digits32_calib.npz'}"
+eval = "{SAMPLES / 'digits32_eval.npz'}"
+
+[matrix]
+targets = ["onnxruntime"]
+targets_file = "{tf}"
+batch_sizes = [1, 8]
+rounds = 5
+""")
+        code, doc, wall = _matrix(spec, out / name, db)
+        ids.append(doc.get("run", {}).get("run_id"))
+        print(f"{name} ({args.variant}): run {ids[-1]} exit {code} in {wall:.0f} s, load {os.getloadavg()[0]:.1f}")
+    code, text = _compare(db, ids[0], ids[1])
     print(text)
     print(f"compare exit {code}")
 
@@ -176,9 +189,7 @@ def main() -> None:
     p.add_argument("-n", type=int, default=5)
     p.add_argument("extra", nargs="*", help="extra flags for deploykit matrix, after --")
     p = sub.add_parser("slowdown")
-    p.add_argument("--spec", required=True)
     p.add_argument("--variant", choices=["threads1", "int8act"], default="threads1")
-    p.add_argument("--runs", type=int, nargs=2)
     p = sub.add_parser("resume")
     p.add_argument("--spec", required=True)
     p.add_argument("--total", type=int, required=True, help="cells in the matrix")

@@ -8,12 +8,15 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from deploykit._version import __version__
 from deploykit.errors import BuildFault, CheckFailed, ConfigError, DeploykitError, Terminated
+
+if TYPE_CHECKING:  # imported where used: `deploykit --help` stays fast
+    from deploykit.targets import Preprocess
 
 DEFAULT_TARGETS_FILE = "targets.toml"
 
@@ -24,7 +27,7 @@ def _targets_file(value: str | None) -> Path | None:
     return Path(DEFAULT_TARGETS_FILE) if Path(DEFAULT_TARGETS_FILE).is_file() else None
 
 
-def _echo_json(obj) -> None:
+def _echo_json(obj: Any) -> None:
     from deploykit.outdir import dumps
 
     click.echo(dumps(obj))  # strict JSON: NaN/inf become null
@@ -53,6 +56,11 @@ def cli(verbose: bool) -> None:
 
     verbose = verbose or vendorlog.verbose()
     _VERBOSE["on"] = verbose
+    ctx = click.get_current_context()
+    if ctx.invoked_subcommand != "build":  # only a build defers Ctrl-C to safe points
+        from deploykit import signals
+
+        signals.unblock()
     from deploykit.progress import EchoHandler
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
@@ -91,8 +99,10 @@ def cli(verbose: bool) -> None:
 @click.option("--allow-code", is_flag=True, help="Let targets.toml name Python code as data ('module:function' or "
               "'file.py:function' in [calibration]); without it only data files and folders are read from it. "
               "Code given with --calib/--eval always runs: you typed it.")
-def build(model, targets, calib, eval_, method, percentile, samples, eval_samples, task, calib_batch_size, preprocess,
-          targets_file, out_dir, no_baseline, db, as_json, allow_code) -> None:
+def build(model: Path, targets: str, calib: str | None, eval_: str | None, method: str | None,
+          percentile: float | None, samples: int | None, eval_samples: int, task: str, calib_batch_size: int | None,
+          preprocess: str | None, targets_file: str | None, out_dir: Path, no_baseline: bool, db: Path | None,
+          as_json: bool, allow_code: bool) -> None:
     """Calibrate MODEL once, lower it for every --target, run the checks, write a manifest and report.
 
     Writes OUT/canonical.qdq.onnx (+ .calib.json, + .fp32.onnx), OUT/<target>/<artifact>,
@@ -118,8 +128,10 @@ def _percentile(value: float | None) -> float | None:
     return value
 
 
-def _build(model, targets, calib, eval_, method, percentile, samples, eval_samples, task, calib_batch_size,
-           preprocess, targets_file, out_dir, no_baseline, db, as_json, allow_code, progress) -> None:
+def _build(model: Path, targets: str, calib: str | None, eval_: str | None, method: str | None,
+           percentile: float | None, samples: int | None, eval_samples: int, task: str, calib_batch_size: int | None,
+           preprocess: str | None, targets_file: str | None, out_dir: Path, no_baseline: bool, db: Path | None,
+           as_json: bool, allow_code: bool, progress: Any) -> None:
     from deploykit.pipeline import BuildOptions, build as run_build
     from deploykit.report import terminal_table
 
@@ -150,7 +162,7 @@ def _build(model, targets, calib, eval_, method, percentile, samples, eval_sampl
         raise CheckFailed(f"targets with failed checks or errors: {', '.join(bad)} (see {out_dir / 'report.md'})")
 
 
-def _record_build(manifest, db: Path | None, out_dir: Path, quiet: bool) -> None:
+def _record_build(manifest: dict[str, Any], db: Path | None, out_dir: Path, quiet: bool) -> None:
     """Every build goes to the results history; a history that cannot be written costs a
     warning, never the build."""
     from deploykit.history import record_build
@@ -164,7 +176,7 @@ def _record_build(manifest, db: Path | None, out_dir: Path, quiet: bool) -> None
         click.echo(f"recorded as run {run_id} in the results history ('deploykit results')", err=True)
 
 
-def _parse_preprocess(text: str):
+def _parse_preprocess(text: str) -> Preprocess:
     from deploykit.targets import parse_preprocess
 
     raw: dict[str, Any] = {}
@@ -369,13 +381,15 @@ def _on_sigterm(signo: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; every outcome is an exit code and at most one error line (``-v``: tracebacks)."""
-    from deploykit import vendorlog
+    from deploykit import signals, vendorlog
 
+    mask = signals.block()  # before numpy/SDK threads exist: they inherit it (see deploykit/signals.py)
     vendorlog.install()  # before any vendor import: quiet start-up logs (see deploykit/vendorlog.py)
     try:
         return _main(argv)
     finally:
         vendorlog.stop()
+        signals.restore(mask)
 
 
 def _main(argv: list[str] | None) -> int:

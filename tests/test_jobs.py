@@ -3,6 +3,7 @@ runners are always closed; backends declare their optional features and validate
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -53,6 +54,11 @@ def built(tmp_path, ort_registry):
     result = build(str(SAMPLES / "digits_cnn.onnx"), opts, ort_registry, executor)
     assert result.ok
     ((job, job_result),) = executor.runs
+    # the build ran the job on its staged files, then published them into --out: follow them
+    (target,) = result.targets
+    job = dataclasses.replace(job, artifact=target.artifact, canonical_path=result.canonical.path,
+                              fp32_path=result.canonical.fp32_path)
+    assert job.artifact.path.is_file() and job.canonical_path.is_file()
     return result, job, job_result
 
 
@@ -103,7 +109,6 @@ def test_job_round_trips_through_disk_and_pickle(built, tmp_path):
 
 def test_job_inside_its_folder_moves_with_it(built, tmp_path):
     _, job, _ = built
-    import dataclasses
     import shutil
 
     folder = tmp_path / "a"
@@ -163,8 +168,6 @@ class _Flaky(Backend):
 
 def test_runner_is_closed_when_a_check_raises(built):
     _, job, _ = built
-    import dataclasses
-
     registry = Registry()
     registry._register_backend(_Flaky, PluginInfo("t", "t"))
     _ClosingRunner.closed.clear()
