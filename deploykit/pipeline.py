@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 import numpy as np
 
-from deploykit import checks, data, signals
-from deploykit import model as modelmod
+from deploykit import checks, data, model as modelmod, signals
 from deploykit._version import __version__
 from deploykit.canonical import CanonicalModel
 from deploykit.errors import BuildFault, ConfigError, DataError, DeploykitError, OutputDirError

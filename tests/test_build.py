@@ -10,10 +10,10 @@ import onnx
 import pytest
 
 from deploykit.backend import Availability, Backend
-from deploykit.pipeline import BuildOptions, build
-from deploykit.cli import main
-from deploykit.plugins import PluginInfo
 from deploykit.canonical import lint
+from deploykit.cli import main
+from deploykit.pipeline import BuildOptions, build
+from deploykit.plugins import PluginInfo
 
 METHODS = ["minmax", "percentile", "entropy", "mse"]
 

@@ -175,7 +175,7 @@ def test_rebuild_replaces_previous_outputs_and_leaves_no_stale_report(tmp_path):
     _publish_two(root)
     with OutDir(root) as out:
         with pytest.raises(RuntimeError):
-            with out.step("calibration", "other model") as s:
+            with out.step("calibration", "other model"):
                 raise RuntimeError("calibration failed")
     assert not (root / "report.md").exists() and not (root / "manifest.json").exists()
     _publish_two(root, "q2", targets=("c",))  # the old build's files are still ours: no refusal

@@ -7,8 +7,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from deploykit.checks import compare
 from deploykit.canonical import QdqGraph
+from deploykit.checks import compare
 from deploykit.errors import ConfigError
 from deploykit.reference import run_canonical
 from deploykit.testing import eval_feeds, make_canonical, make_target
