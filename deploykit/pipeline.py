@@ -34,8 +34,7 @@ from deploykit.fileio import sha256
 from deploykit.jobs import CheckJob, CheckSettings, Executor, LocalExecutor, latency_feeds
 from deploykit.outdir import OutDir
 from deploykit.plugins import Registry, load_registry
-from deploykit.progress import Step, bar
-from deploykit.progress import step as progress_step
+from deploykit.progress import Step, bar, step as progress_step
 from deploykit.quantize import load_canonical, quantize, write_canonical
 from deploykit.quantize.observe import METHODS
 from deploykit.reference import canonical_runner, fp32_runner
