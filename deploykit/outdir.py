@@ -42,6 +42,8 @@ from deploykit.fileio import sha256
 STATE = ".deploykit"
 MANIFEST = "manifest.json"
 REPORT = "report.md"
+#: Files other deploykit commands write beside a build (deploykit compare-layers): never foreign.
+DERIVED = ("layers.json", "layers.png")
 RESERVED = {MANIFEST, REPORT, STATE}
 _SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 _JOURNAL_VERSION = 1
@@ -200,7 +202,7 @@ class OutDir:
                 files |= set(journal["publish"].get("remove", [])) | set(journal["publish"].get("files", []))
         for f in files:
             self.inside(f)  # a manifest naming a path outside OUT is refused, never followed
-        return files | {MANIFEST, REPORT}
+        return files | {MANIFEST, REPORT, *DERIVED}
 
     def _refuse_foreign(self, ours: set[str]) -> None:
         foreign = []
