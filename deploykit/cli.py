@@ -132,7 +132,8 @@ def _build(model: Path, targets: str, calib: str | None, eval_: str | None, meth
            percentile: float | None, samples: int | None, eval_samples: int, task: str, calib_batch_size: int | None,
            preprocess: str | None, targets_file: str | None, out_dir: Path, no_baseline: bool, db: Path | None,
            as_json: bool, allow_code: bool, progress: Any) -> None:
-    from deploykit.pipeline import BuildOptions, build as run_build
+    from deploykit.pipeline import BuildOptions
+    from deploykit.pipeline import build as run_build
     from deploykit.report import terminal_table
 
     if as_json:
@@ -403,13 +404,12 @@ def run_job(folder: Path, as_json: bool) -> None:
 
 
 def _register_matrix_commands() -> None:
+    """Add ``matrix``/``results``/``compare``. Called from :func:`main`, not at import: their
+    imports (numpy, onnx) start threads, which must inherit the signal mask main() sets first."""
     from deploykit.matrix.cli import compare, matrix, results
 
     for command in (matrix, results, compare):
         cli.add_command(command)
-
-
-_register_matrix_commands()
 
 
 def _on_sigterm(signo: int, frame: Any) -> None:
@@ -423,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     mask = signals.block()  # before numpy/SDK threads exist: they inherit it (see deploykit/signals.py)
     vendorlog.install()  # before any vendor import: quiet start-up logs (see deploykit/vendorlog.py)
     try:
+        _register_matrix_commands()
         return _main(argv)
     finally:
         vendorlog.stop()
