@@ -23,19 +23,28 @@ from __future__ import annotations
 import os
 import platform
 from pathlib import Path
-from typing import Any, Mapping
+from typing import AbstractSet, Any, Mapping
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 import deploykit
-from deploykit.backend import (Artifact, Availability, Backend, CanonicalModel, Capability, CheckResult, Option,
-                               Runner, require)
+from deploykit.backend import (
+    Artifact,
+    Availability,
+    Backend,
+    CanonicalModel,
+    Capability,
+    CheckResult,
+    Option,
+    Runner,
+    require,
+)
+from deploykit.canonical import QdqGraph
 from deploykit.cpu import cpu_name, u8s8_saturates
 from deploykit.errors import ConfigError, LoweringError
 from deploykit.fileio import atomic_output
-from deploykit.canonical import QdqGraph
 
 _LEVELS = ("disable", "basic", "extended", "all")
 
@@ -290,7 +299,7 @@ def to_uint8_activations(model: onnx.ModelProto) -> int:
     return count
 
 
-def verify_scales(canonical: onnx.ModelProto, lowered: onnx.ModelProto, folded: set[str] = frozenset()) -> CheckResult:
+def verify_scales(canonical: onnx.ModelProto, lowered: onnx.ModelProto, folded: AbstractSet[str] = frozenset()) -> CheckResult:
     """Every canonical Q/DQ node is in the lowered model with the same scale (and the same int8
     weights), or was folded into an integer Clip (``folded``) that uses that scale."""
     want, got = QdqGraph(canonical), QdqGraph(lowered)
@@ -309,8 +318,8 @@ def verify_scales(canonical: onnx.ModelProto, lowered: onnx.ModelProto, folded: 
         compared += 1
         if not np.array_equal(a.scale, b.scale):
             mismatches.append(f"{node.name}: scale differs")
-        if got.is_weight_dq(other) and not np.array_equal(_signed(want.const(node.input[0])),
-                                                          _signed(got.const(other.input[0]))):
+        if got.is_weight_dq(other) and not np.array_equal(_signed(want.constant(node.input[0])),
+                                                          _signed(got.constant(other.input[0]))):
             mismatches.append(f"{node.name}: int8 weights differ")
         if got.is_weight_dq(other) and not np.array_equal(_signed(a.zero_point), _signed(b.zero_point)):
             mismatches.append(f"{node.name}: weight zero point differs")
