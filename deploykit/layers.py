@@ -454,9 +454,8 @@ def layer_report(backend: Any, artifact: Any, canonical: Any, target: Any,
                  batches: Sequence[Mapping[str, np.ndarray]], samples: int = CHECK_SAMPLES) -> LayerReport:
     """Compare every layer of ``artifact`` with the canonical model on the first ``samples`` inputs.
     Raises BackendUnavailable (with the reason) when the backend cannot run layers here."""
-    from deploykit.errors import BackendUnavailable
-
     from deploykit.backend import Capability
+    from deploykit.errors import BackendUnavailable
 
     if Capability.LAYER_RUNNER not in backend.capabilities:
         raise BackendUnavailable(f"backend '{backend.name}' has no per-layer runner")
@@ -511,9 +510,9 @@ def compare_out_dir(out_dir: Path, eval_src: str | None = None, samples: int = C
     backend cannot run layers here gets an empty report saying why."""
     from deploykit import data, model as modelmod
     from deploykit.backend import Artifact, CanonicalModel
+    from deploykit.canonical import CalibrationTable
     from deploykit.errors import BackendUnavailable, ConfigError
     from deploykit.plugins import load_registry
-    from deploykit.canonical import CalibrationTable
     from deploykit.targets import Device, Target
 
     out_dir = Path(out_dir)

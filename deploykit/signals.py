@@ -31,7 +31,7 @@ def block() -> set[Any] | None:
     """Block SIGINT/SIGTERM in the calling (main) thread; returns the mask to restore."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
         return None
-    return signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    return {signal.Signals(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)}
 
 
 def unblock() -> None:

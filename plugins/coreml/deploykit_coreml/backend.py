@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-
 import json
 import os
 import platform
@@ -16,12 +15,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deploykit.backend import (Artifact, Availability, Backend, CanonicalModel, Capability, CheckResult, Option, Runner,
-                               require)
+from deploykit.backend import (
+    Artifact,
+    Availability,
+    Backend,
+    CanonicalModel,
+    Capability,
+    CheckResult,
+    Option,
+    Runner,
+    require,
+)
 from deploykit.errors import BackendUnavailable, ConfigError, LoweringError
 from deploykit.fileio import atomic_output, remove
-from deploykit_coreml.lowering import (DEPLOYMENT_TARGETS, REMOVED_PASSES, check_deployment_target, check_shapes,
-                                      unsupported_nodes)
+from deploykit_coreml.lowering import (
+    DEPLOYMENT_TARGETS,
+    REMOVED_PASSES,
+    check_deployment_target,
+    check_shapes,
+    unsupported_nodes,
+)
 from deploykit_coreml.runner import MACOS_ONLY, META_INPUTS, CoreMLRunner
 
 INSTALL_HINT = "pip install 'deploykit[coreml]'"

@@ -13,16 +13,15 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, NoReturn
 
 import numpy as np
 import onnx
 
-from deploykit.errors import ConfigError, LoweringError
 from deploykit.canonical import QdqGraph
+from deploykit.errors import ConfigError, LoweringError
 
 #: Deployment targets that have int8 activation quantize/dequantize (the iOS17 opset).
 DEPLOYMENT_TARGETS = ("iOS17", "macOS14", "iOS18", "macOS15")
@@ -174,7 +173,7 @@ class LoweringContext:
     def scalar_like(self, value, number: float):
         return np.int32(number) if self.is_integer(value) else np.float32(number)
 
-    def unsupported(self, node: onnx.NodeProto, why: str):
+    def unsupported(self, node: onnx.NodeProto, why: str) -> NoReturn:
         raise LoweringError(f"node '{node.name}' ({node.op_type}): {why}")
 
     # ---- Q/DQ ---------------------------------------------------------------------------
@@ -211,7 +210,7 @@ class LoweringContext:
     def _weight(self, node: onnx.NodeProto, p) -> None:
         from coremltools.converters.mil import Builder as mb
 
-        data = self.graph.const(node.input[0])
+        data = self.graph.constant(node.input[0])
         if data.dtype != np.int8:
             self.unsupported(node, f"weight '{node.input[0]}' is {data.dtype}; the canonical model stores int8")
         name = self.name(node)

@@ -180,6 +180,7 @@ def cast(ctx, node):
              TensorProto.INT64: "int32", TensorProto.BOOL: "bool"}.get(to)
     if dtype is None:
         ctx.unsupported(node, f"Cast to {TensorProto.DataType.Name(to)} has no Core ML type")
+        return  # unsupported() raises
     x = ctx.input(node, 0)
     if _is_const(x):
         ctx.bind(node, ctx.constant(x.astype({"fp32": np.float32, "fp16": np.float32, "int32": np.int32,

@@ -11,8 +11,19 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from deploykit.backend import (Artifact, Availability, Backend, CanonicalModel, Capability, CheckResult, Option, Runner, require,
-                               check_feeds, precision_audit)
+from deploykit.backend import (
+    Artifact,
+    Availability,
+    Backend,
+    CanonicalModel,
+    Capability,
+    CheckResult,
+    Option,
+    Runner,
+    check_feeds,
+    precision_audit,
+    require,
+)
 from deploykit.cpu import u8s8_saturates
 from deploykit.errors import BackendUnavailable, ConfigError, LoweringError
 from deploykit.fileio import atomic_output, remove
