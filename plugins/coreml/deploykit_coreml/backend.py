@@ -15,7 +15,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deploykit.backend import Artifact, Availability, Backend, CanonicalModel, CheckResult, Option, Runner, require
+from deploykit.backend import (
+    Artifact,
+    Availability,
+    Backend,
+    CanonicalModel,
+    CheckResult,
+    Option,
+    Runner,
+    Target,
+    require,
+)
 from deploykit.errors import BackendUnavailable, ConfigError, LoweringError
 from deploykit.fileio import atomic_output, remove
 from deploykit_coreml.lowering import DEPLOYMENT_TARGETS, REMOVED_PASSES, check_deployment_target
@@ -64,7 +74,7 @@ class CoreMLBackend(Backend):
         "max_batch": Option(int, 0, "upper bound of the batch range; 0: the largest of the target's batch_sizes"),
     }
 
-    def probe(self, target) -> Availability:
+    def probe(self, target: Target) -> Availability:
         # found, not imported: importing coremltools takes ~5 s (it imports torch and TensorFlow)
         spec = importlib.util.find_spec("coremltools")
         if spec is None or not spec.submodule_search_locations:
@@ -81,7 +91,7 @@ class CoreMLBackend(Backend):
             return Availability(True, False, MACOS_ONLY, versions=versions)
         return Availability.ready(**versions, macos=platform.mac_ver()[0])
 
-    def preflight(self, canonical: CanonicalModel, target) -> tuple[list[CheckResult], dict[str, Any]]:
+    def preflight(self, canonical: CanonicalModel, target: Target) -> tuple[list[CheckResult], dict[str, Any]]:
         """Option and op-coverage checks that need no coremltools."""
         from deploykit_coreml.ops import OP_TABLE
 
@@ -115,7 +125,7 @@ class CoreMLBackend(Backend):
                     "removed_passes": list(REMOVED_PASSES)}
         return checks, metadata
 
-    def lower(self, canonical: CanonicalModel, target, dest: Path) -> Artifact:
+    def lower(self, canonical: CanonicalModel, target: Target, dest: Path) -> Artifact:
         from deploykit_coreml import lowering, verify
 
         ct = _ct()
@@ -168,12 +178,12 @@ class CoreMLBackend(Backend):
         }
         return Artifact(self.name, dest, files, metadata, checks)
 
-    def load(self, artifact: Artifact, target) -> Runner:
+    def load(self, artifact: Artifact, target: Target) -> Runner:
         if sys.platform != "darwin":
             raise BackendUnavailable(f"cannot run {artifact.path.name}: {MACOS_ONLY}")
         return CoreMLRunner(artifact.path, target.options.get("compute_units", "ALL"))
 
-    def device_info(self, target) -> dict[str, Any]:
+    def device_info(self, target: Target) -> dict[str, Any]:
         info: dict[str, Any] = {"platform": sys.platform, "machine": platform.machine(),
                                 "compute_units": target.options.get("compute_units", "ALL")}
         try:

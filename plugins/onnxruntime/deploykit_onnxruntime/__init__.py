@@ -23,14 +23,24 @@ from __future__ import annotations
 import os
 import platform
 from pathlib import Path
-from typing import AbstractSet, Any, Mapping
+from typing import AbstractSet, Any, Callable, Mapping
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 import deploykit
-from deploykit.backend import Artifact, Availability, Backend, CanonicalModel, CheckResult, Option, Runner, require
+from deploykit.backend import (
+    Artifact,
+    Availability,
+    Backend,
+    CanonicalModel,
+    CheckResult,
+    Option,
+    Runner,
+    Target,
+    require,
+)
 from deploykit.canonical import QdqGraph
 from deploykit.cpu import cpu_name, u8s8_saturates
 from deploykit.errors import ConfigError, LoweringError
@@ -55,7 +65,7 @@ class OnnxRuntimeBackend(Backend):
                           "(uint8 exactly when this CPU lacks VNNI)", ("auto", "int8", "uint8")),
     }
 
-    def probe(self, target) -> Availability:
+    def probe(self, target: Target) -> Availability:
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -69,7 +79,7 @@ class OnnxRuntimeBackend(Backend):
                                 f"(available: {', '.join(ort.get_available_providers())})", self.install_hint)
         return Availability.ready(onnxruntime=ort.__version__)
 
-    def lower(self, canonical: CanonicalModel, target, dest: Path) -> Artifact:
+    def lower(self, canonical: CanonicalModel, target: Target, dest: Path) -> Artifact:
         model = onnx.ModelProto()
         model.CopyFrom(canonical.model)
         fused = add_output_qdq(model)
@@ -86,10 +96,10 @@ class OnnxRuntimeBackend(Backend):
                                                     "output_qdq_added": fused,
                                                     "integer_relu_clip": len(folded) // 2}, (check,))
 
-    def load(self, artifact: Artifact, target) -> "OrtRunner":
+    def load(self, artifact: Artifact, target: Target) -> "OrtRunner":
         return OrtRunner(artifact.path, target.options, require("onnxruntime", self.install_hint))
 
-    def device_info(self, target) -> dict[str, Any]:
+    def device_info(self, target: Target) -> dict[str, Any]:
         import onnxruntime as ort
 
         return {"onnxruntime": ort.__version__, "providers": ort.get_available_providers(),
@@ -316,5 +326,5 @@ def to_uint8_weights(model: onnx.ModelProto) -> int:
 
 
 @deploykit.hookimpl
-def deploykit_register_backends(register) -> None:
+def deploykit_register_backends(register: Callable[[type], None]) -> None:
     register(OnnxRuntimeBackend)
