@@ -282,3 +282,24 @@ def test_cli_build_is_recorded_in_the_history(tmp_path, capsys):
     cells = doc["cells"]
     assert {c["target"] for c in cells} == {"onnxruntime"} and len({c["batch_size"] for c in cells}) == len(cells)
     assert all(c["p50_ms"] > 0 and c["top1_agreement"] is not None for c in cells)
+
+
+def test_journal_ignores_a_line_torn_by_a_kill_and_refuses_a_foreign_file(tmp_path):
+    from deploykit.errors import OutputDirError
+    from deploykit.matrix.journal import Journal
+
+    j = Journal(tmp_path)
+    j.start({"run_id": 7, "fingerprint": "f", "db": "d", "status": "running"}, keep_cells=False)
+    j.add("a/b/b1/int8", _cell().to_json())
+    with open(j.path, "a") as fh:
+        fh.write('{"key": "a/b/b1/fp32", "cell": {"mod')  # killed mid-write
+    again = Journal(tmp_path)
+    again.read()
+    assert list(again.cells) == ["a/b/b1/int8"] and again.resumable("f", "d")
+    assert not again.resumable("other-spec", "d") and not again.resumable("f", "other.db")
+    again.complete()
+    again.read()
+    assert not again.resumable("f", "d")  # a finished run is never resumed
+    (tmp_path / "matrix.journal.jsonl").write_text('["not", "a", "journal"]\n')
+    with pytest.raises(OutputDirError, match="not a deploykit matrix journal"):
+        Journal(tmp_path).read()
