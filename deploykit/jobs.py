@@ -27,7 +27,7 @@ from typing import Any, Mapping, Protocol, Sequence
 import numpy as np
 import onnx
 
-from deploykit import checks
+from deploykit import checks, layers
 from deploykit.backend import Backend, Capability, Runner
 from deploykit.canonical import CalibrationTable, CanonicalModel
 from deploykit.errors import ConfigError
@@ -225,6 +225,9 @@ def run_job(job: CheckJob, registry: Registry | None = None) -> JobResult:
         got = _outputs(runner, job.inputs, f"{target.name}: accuracy")
         result.seconds["accuracy"] = time.monotonic() - t0
         result.checks.extend(_accuracy_checks(job, got))
+        t0 = time.monotonic()
+        result.checks.append(_layer_check(backend, job))
+        result.seconds["layers"] = time.monotonic() - t0
         memory_mb = max(0.0, _rss_mb() - rss0)  # before a baseline runner adds its own
         t0 = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="deploykit-fp32-") as scratch:
@@ -269,14 +272,28 @@ def _accuracy_checks(job: CheckJob, got: list[np.ndarray]) -> list[CheckResult]:
     return out
 
 
+def _canonical(job: CheckJob) -> CanonicalModel:
+    model = onnx.load(str(job.canonical_path))
+    return CanonicalModel(job.canonical_path, model, CalibrationTable.from_model(model), job.fp32_path)
+
+
+def _layer_check(backend: Backend, job: CheckJob) -> CheckResult:
+    """``layer_within_one_step``: every layer of the artifact fed the canonical model's own inputs
+    (deploykit.layers); "not run" with the reason where the backend cannot run layers here."""
+    try:
+        check, _ = layers.layer_check(backend, job.artifact, _canonical(job), job.target, job.inputs)
+    except Exception as exc:  # the per-layer view is a diagnosis: never worth losing the target's checks
+        return checks.judge(layers.CHECK, None, job.target.thresholds,
+                            f"not run: per-layer comparison failed: {type(exc).__name__}: {exc}")
+    return check
+
+
 def _fp32_runner(backend: Backend, job: CheckJob, scratch: Path, result: JobResult) -> Runner | None:
     """The backend's own FP32 runner when it declares one, else None (onnxruntime's FP32 row)."""
     if Capability.FP32_RUNNER not in backend.capabilities:
         return None
     try:
-        model = onnx.load(str(job.canonical_path))
-        canonical = CanonicalModel(job.canonical_path, model, CalibrationTable.from_model(model), job.fp32_path)
-        return backend.fp32_runner(canonical, job.target, scratch)
+        return backend.fp32_runner(_canonical(job), job.target, scratch)
     except Exception as exc:  # a baseline is worth having, never worth failing the target for
         result.notes["fp32_baseline_error"] = f"{type(exc).__name__}: {exc}"
         return None

@@ -83,6 +83,22 @@ def terminal_table(manifest: dict[str, Any]) -> str:
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
+def _worst_layers(check: dict[str, Any] | None) -> list[str]:
+    """The per-layer check's worst layers (each fed the canonical model's inputs), for report.md."""
+    worst = (check or {}).get("details", {}).get("worst") or []
+    if not worst:
+        return []
+    out = ["Worst layers (each fed the canonical model's own inputs; `rounding` is the runtime's integer "
+           "rounding, `wrong_scale` the lowering's, `beyond_rounding` more than one step off with the right "
+           "scale; all layers: `deploykit compare-layers OUT`):", "",
+           "| layer | tensor | within one step | exact | max steps | gain | verdict |",
+           "|---|---|---|---|---|---|---|"]
+    for r in worst:
+        out.append(f"| `{r['layer']}` | `{r['tensor']}` | {r['within_one_step']:.2%} | {r['exact']:.2%} | "
+                   f"{r['max_steps']} | {r['gain']:.3f} | {r['verdict']} |")
+    return out + [""]
+
+
 def markdown_report(manifest: dict[str, Any]) -> str:
     cal, ev, can = manifest["calibration"], manifest["evaluation"], manifest["canonical"]
     out = ["# deploykit build report", "",
@@ -112,6 +128,7 @@ def markdown_report(manifest: dict[str, Any]) -> str:
                 thr = "-" if c["threshold"] is None else f"{c['bound']} {c['threshold']:g}"
                 out.append(f"| {c['name']} | {c['status']} | {value} | {thr} | {c['message']} |")
             out.append("")
+            out += _worst_layers(_check(t, "layer_within_one_step"))
         if t["latency"]:
             out += ["| batch | p50 ms | p90 ms | p99 ms | throughput /s |", "|---|---|---|---|---|"]
             for l in t["latency"]:

@@ -35,6 +35,7 @@ from deploykit.backend import (
     Availability,
     Backend,
     CanonicalModel,
+    Capability,
     CheckResult,
     Option,
     Runner,
@@ -53,6 +54,7 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     description = "onnxruntime CPU: canonical QDQ model with uint8 activations (x86 fast path)"
     install_hint = "pip install onnxruntime"
+    capabilities = frozenset({Capability.LAYER_RUNNER})
     artifact_suffix = ".onnx"
     options = {
         "threads": Option(int, 0, "intra-op threads (0: onnxruntime's default, one per core)"),
@@ -99,6 +101,16 @@ class OnnxRuntimeBackend(Backend):
     def load(self, artifact: Artifact, target: Target) -> "OrtRunner":
         return OrtRunner(artifact.path, target.options, require("onnxruntime", self.install_hint))
 
+    def layer_runner(self, artifact: Artifact, canonical: CanonicalModel, target: Target, cut: Any) -> Any:
+        """The artifact itself, cut at every quantized tensor, in a session with the target's own
+        options (integer kernels included): what this runtime computes for each layer."""
+        from deploykit.layers import OnnxLayerRunner, onnxruntime_runner
+
+        ort = require("onnxruntime", self.install_hint)
+        provider = target.options.get("execution_provider", "CPUExecutionProvider")
+        return OnnxLayerRunner(onnx.load(str(artifact.path)), cut,
+                               lambda model: onnxruntime_runner(model, session_options(target.options, ort), [provider]))
+
     def device_info(self, target: Target) -> dict[str, Any]:
         import onnxruntime as ort
 
@@ -106,18 +118,24 @@ class OnnxRuntimeBackend(Backend):
                 "cpu": cpu_name(), "cores": os.cpu_count(), "machine": platform.machine()}
 
 
+def session_options(options: Mapping[str, Any], ort: Any) -> Any:
+    """The target's onnxruntime session options (optimisation level, threads)."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[options.get("graph_optimization_level", "all")]
+    if options.get("threads"):
+        opts.intra_op_num_threads = int(options["threads"])
+    opts.log_severity_level = 3
+    return opts
+
+
 class OrtRunner(Runner):
     def __init__(self, path: Path, options: Mapping[str, Any], ort: Any) -> None:
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[options.get("graph_optimization_level", "all")]
-        if options.get("threads"):
-            opts.intra_op_num_threads = int(options["threads"])
-        opts.log_severity_level = 3
+        opts = session_options(options, ort)
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=[options.get("execution_provider", "CPUExecutionProvider")])
         except Exception as exc:
