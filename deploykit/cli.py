@@ -156,7 +156,9 @@ def _build(model: Path, targets: str, calib: str | None, eval_: str | None, meth
         click.echo(terminal_table(result.manifest))
         click.echo(f"\nwrote {out_dir / 'manifest.json'} and {out_dir / 'report.md'}")
     if not result.ok:
-        bad = [t.target.name for t in result.targets if t.status not in ("ok", "skipped")]
+        from deploykit.pipeline import SUCCESS
+
+        bad = [t.target.name for t in result.targets if t.status not in SUCCESS]
         raise CheckFailed(f"targets with failed checks or errors: {', '.join(bad)} (see {out_dir / 'report.md'})")
 
 
@@ -249,8 +251,9 @@ def plugins(as_json: bool) -> None:
     from deploykit.plugins import load_registry
 
     registry = load_registry()
-    rows: list[dict[str, Any]] = [{"name": p.name, "module": p.module, "distribution": p.distribution, "version": p.version,
-             "backends": p.backends} for p in registry.plugins.values()]
+    rows: list[dict[str, Any]] = [
+        {"name": p.name, "module": p.module, "distribution": p.distribution, "version": p.version,
+         "backends": p.backends} for p in registry.plugins.values()]
     if as_json:
         _echo_json(rows)
         return
@@ -388,10 +391,11 @@ def run_job(folder: Path, as_json: bool) -> None:
     if as_json:
         _echo_json(payload)
     else:
-        for c in result.checks:
-            value = "-" if c.value is None else f"{c.value:.6g}"
-            bound = "" if c.threshold is None else f" ({c.bound} {c.threshold:g})"
-            click.echo(f"{c.name:<20} {c.status:<8} {value}{bound}")
+        from deploykit.tables import render
+
+        click.echo(render(["check", "status", "value", "threshold"], [
+            [c.name, c.status, "-" if c.value is None else f"{c.value:.6g}",
+             "-" if c.threshold is None else f"{c.bound} {c.threshold:g}"] for c in result.checks]))
         click.echo(f"\nwrote {folder / RESULT_FILE}")
     failed = [c.name for c in result.checks if c.status == "fail"]
     if failed:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import tempfile
 import time
@@ -33,7 +34,7 @@ from deploykit.canonical import CalibrationTable, CanonicalModel
 from deploykit.errors import ConfigError
 from deploykit.fileio import atomic_output
 from deploykit.plugins import Registry, load_registry
-from deploykit.progress import bar
+from deploykit.progress import bar, step
 from deploykit.results import (
     SCHEMA_VERSION,
     Artifact,
@@ -43,6 +44,8 @@ from deploykit.results import (
     jsonable,
 )
 from deploykit.targets import Device, Target
+
+log = logging.getLogger("deploykit")
 
 JOB_FILE = "job.json"
 ARRAYS_FILE = "arrays.npz"
@@ -231,7 +234,11 @@ def run_job(job: CheckJob, registry: Registry | None = None) -> JobResult:
         memory_mb = max(0.0, _rss_mb() - rss0)  # before a baseline runner adds its own
         t0 = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="deploykit-fp32-") as scratch:
-            fp32 = _fp32_runner(backend, job, Path(scratch), result)
+            fp32 = None
+            if Capability.FP32_RUNNER in backend.capabilities:  # e.g. float TFLite: a conversion, seconds
+                with step(f"{target.name}: FP32 baseline model", total=1, unit="model") as prepared:
+                    fp32 = _fp32_runner(backend, job, Path(scratch), result)
+                    prepared.update()
             try:
                 _latency(job, backend, runner, fp32, result)
             finally:
@@ -328,6 +335,9 @@ def _latency(job: CheckJob, backend: Backend, runner: Runner, fp32: Runner | Non
             else:
                 entry = LatencyResult(stats, gpu_ms)
             result.latency.append(entry)
+            log.debug("%s: batch %d: p50 %.3f ms, p99 %.3f ms%s", target.name, b, stats.p50_ms, stats.p99_ms,
+                      f"; {entry.speedup_vs} p50 {entry.fp32_p50_ms:.3f} ms -> {entry.speedup:.2f}x"
+                      if entry.speedup is not None else "")
             if i == 0:  # thresholds apply to the first batch size
                 note = f"batch {b}, {target.runs} runs after {target.warmup} warm-up"
                 result.checks.append(checks.judge("latency_p50_ms", stats.p50_ms, th, note))

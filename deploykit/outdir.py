@@ -275,7 +275,9 @@ class OutDir:
         self.journal = self._read_journal()
         self.journal.setdefault("steps", {})
         if not self.journal.get("published"):
-            self.journal["published"] = sorted(self._previous_files(read_journal=False) - {MANIFEST, REPORT})
+            # derived files (compare-layers) count only when present: a rebuild then removes them as stale
+            absent = {d for d in DERIVED if not (self.root / d).is_file()}
+            self.journal["published"] = sorted(self._previous_files(read_journal=False) - {MANIFEST, REPORT} - absent)
         if self.journal.get("publish"):  # interrupted while publishing: finish it
             self._roll_forward()
         for name, entry in list(self.journal["steps"].items()):
