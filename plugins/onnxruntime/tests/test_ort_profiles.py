@@ -35,11 +35,15 @@ def test_asymmetric_lowering_is_bit_exact(kind, tmp_path):
     lowered = onnx.load(str(artifact.path))
     g, cg = QdqGraph(lowered), QdqGraph(canonical.model)
     by_name = {n.name: n for n in lowered.graph.node}
-    for node in canonical.model.graph.node:  # zero point z became uint8 z + 128
+    inputs = {i.name for i in canonical.model.graph.input}
+    for node in canonical.model.graph.node:  # zero point z became uint8 z + 128 (model inputs stay int8)
         if node.op_type == "QuantizeLinear" and node.name in by_name:
-            want = int(cg.params(node).zero_point) + 128
+            z = int(cg.params(node).zero_point)
             got = g.params(by_name[node.name]).zero_point
-            assert got.dtype == np.uint8 and int(got) == want
+            if node.input[0] in inputs:
+                assert got.dtype == np.int8 and int(got) == z
+            else:
+                assert got.dtype == np.uint8 and int(got) == z + 128
     if kind == "resnet":  # every ReLU's [0, hi] range leaves nothing to clip
         assert len(artifact.metadata["noop_clips_dropped"]) == 6
         assert not [n for n in lowered.graph.node if n.op_type in ("Relu", "Clip")]

@@ -11,8 +11,20 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from deploykit.backend import (Artifact, Availability, Backend, CanonicalModel, Capability, CheckResult, Option, Runner, require,
-                               check_feeds, precision_audit)
+from deploykit.backend import (
+    Artifact,
+    Availability,
+    Backend,
+    CanonicalModel,
+    Capability,
+    CheckResult,
+    Option,
+    Runner,
+    Target,
+    check_feeds,
+    precision_audit,
+    require,
+)
 from deploykit.cpu import u8s8_saturates
 from deploykit.errors import BackendUnavailable, ConfigError, LoweringError
 from deploykit.fileio import atomic_output, remove
@@ -75,7 +87,7 @@ class OpenVINOBackend(Backend):
     artifact_suffix = ".xml"
     activation_profiles = ("symmetric", "asymmetric")  # zero points become FakeQuantize ranges, exactly
     metrics = ("int8_fraction",)
-    capabilities = frozenset({Capability.FP32_RUNNER})
+    capabilities = frozenset({Capability.FP32_RUNNER, Capability.LAYER_RUNNER})
     options = {
         "device_name": Option(str, "", "OpenVINO device name (CPU, GPU, GPU.1, NPU, AUTO:GPU,CPU); "
                                   "empty: the targets.toml device kind upper-cased"),
@@ -90,7 +102,7 @@ class OpenVINOBackend(Backend):
     }
 
     # -- availability --------------------------------------------------------------------
-    def probe(self, target) -> Availability:
+    def probe(self, target: Target) -> Availability:
         try:
             ov = _ov()
             core = ov.Core()
@@ -106,11 +118,11 @@ class OpenVINOBackend(Backend):
                                 versions=versions)
         return Availability.ready(**versions)
 
-    def preflight(self, canonical: CanonicalModel, target) -> tuple[list[CheckResult], dict[str, Any]]:
+    def preflight(self, canonical: CanonicalModel, target: Target) -> tuple[list[CheckResult], dict[str, Any]]:
         return [], {"equivalent_command": f"ovc {canonical.path} --output_model <dest>.xml --compress_to_fp16=False",
                     "device": device_name(target), "config": compile_config(target.options)}
 
-    def device_info(self, target) -> dict[str, Any]:
+    def device_info(self, target: Target) -> dict[str, Any]:
         ov = _ov()
         core = ov.Core()
         device = device_name(target)
@@ -129,7 +141,7 @@ class OpenVINOBackend(Backend):
         return info
 
     # -- lowering ------------------------------------------------------------------------
-    def lower(self, canonical: CanonicalModel, target, dest: Path) -> Artifact:
+    def lower(self, canonical: CanonicalModel, target: Target, dest: Path) -> Artifact:
         ov = _ov()
         core = ov.Core()
         dest = Path(dest)
@@ -196,7 +208,7 @@ class OpenVINOBackend(Backend):
                                                  "float_layers": floats}
 
     # -- running -------------------------------------------------------------------------
-    def load(self, artifact: Artifact, target) -> Runner:
+    def load(self, artifact: Artifact, target: Target) -> Runner:
         ov = _ov()
         core = ov.Core()
         device = device_name(target)
@@ -207,7 +219,7 @@ class OpenVINOBackend(Backend):
         config = _supported_config(core, device, compile_config(target.options))
         return OpenVINORunner(core, core.read_model(artifact.path), device, config)
 
-    def fp32_runner(self, canonical: CanonicalModel, target, workdir: Path | None = None) -> "OpenVINORunner":
+    def fp32_runner(self, canonical: CanonicalModel, target: Target, workdir: Path | None = None) -> "OpenVINORunner":
         """The FP32 model on the same device and options, in real FP32 (INFERENCE_PRECISION_HINT=f32,
         not the CPU's bf16 default): the fair baseline for an OpenVINO speed-up."""
         ov = _ov()
@@ -215,6 +227,40 @@ class OpenVINOBackend(Backend):
         device = device_name(target)
         config = _supported_config(core, device, compile_config({**target.options, "inference_precision": "f32"}))
         return OpenVINORunner(core, read_onnx(core, Path(canonical.fp32_path)), device, config)
+
+
+    def layer_runner(self, artifact: Artifact, canonical: CanonicalModel, target, cut: Any) -> Any:
+        """The canonical model cut at every quantized tensor, through the lowering's own path
+        (read_model of the QDQ ONNX, the target's compile config): what OpenVINO computes for
+        each layer from the canonical inputs."""
+        from deploykit.layers import OnnxLayerRunner
+
+        ov = _ov()
+        core = ov.Core()
+        device = device_name(target)
+        config = _supported_config(core, device, compile_config(target.options))
+
+        def make_runner(model) -> Any:
+            import onnx
+
+            with tempfile.TemporaryDirectory(prefix="deploykit-ov-layers-") as tmp:
+                path = Path(tmp) / "cut.onnx"
+                onnx.save(model, str(path))
+                compiled = core.compile_model(read_onnx(core, path, model), device, config)
+            request = compiled.create_infer_request()
+            names = [(out, set(out.get_names())) for out in compiled.outputs]
+
+            def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+                results = request.infer(dict(feeds))
+                values = {}
+                for out, aliases in names:
+                    for alias in aliases:
+                        values[alias] = np.asarray(results[out])
+                return values
+
+            return run
+
+        return OnnxLayerRunner(canonical.model, cut, make_runner)
 
 
 def _text(value: Any) -> str:

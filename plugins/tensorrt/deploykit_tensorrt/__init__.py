@@ -1,12 +1,13 @@
 """deploykit's TensorRT backend plugin. Importing it never imports tensorrt."""
 
-import deploykit
+from typing import Callable
 
+import deploykit
 from deploykit_tensorrt.backend import TensorRTBackend
 
 __all__ = ["TensorRTBackend"]
 
 
 @deploykit.hookimpl
-def deploykit_register_backends(register) -> None:
+def deploykit_register_backends(register: Callable[[type], None]) -> None:
     register(TensorRTBackend)
