@@ -46,10 +46,10 @@ from deploykit.backend import (
     Target,
     require,
 )
+from deploykit.canonical import QdqGraph, model_float_layers, model_profile
 from deploykit.cpu import cpu_name, u8s8_saturates
 from deploykit.errors import ConfigError, LoweringError
 from deploykit.fileio import atomic_output
-from deploykit.canonical import QdqGraph, model_float_layers, model_profile
 
 _LEVELS = ("disable", "basic", "extended", "all")
 

@@ -25,10 +25,10 @@ from deploykit.backend import (
     precision_audit,
     require,
 )
+from deploykit.canonical import model_float_layers, model_profile
 from deploykit.cpu import u8s8_saturates
 from deploykit.errors import BackendUnavailable, ConfigError, LoweringError
 from deploykit.fileio import atomic_output, remove
-from deploykit.canonical import model_float_layers, model_profile
 
 INSTALL_HINT = "pip install 'deploykit[openvino]'"
 #: Virtual devices that name real ones after a colon ("AUTO:GPU,CPU").

@@ -18,10 +18,9 @@ from deploykit.backend import (
     input_names,
     output_names,
 )
+from deploykit.canonical import ASYMMETRIC, lint, model_float_layers, model_profile
 from deploykit.errors import BackendUnavailable, LoweringError
 from deploykit.fileio import atomic_output
-from deploykit.canonical import ASYMMETRIC, lint, model_float_layers, model_profile
-
 from deploykit_tensorrt import operators
 from deploykit_tensorrt.device import (
     INSTALL_HINT,
