@@ -285,7 +285,7 @@ def quantization_summary(fp32: Any, result: Any, reason: str) -> dict[str, Any]:
             **mac_summary(layer_macs(fp32), result.float_layers)}
 
 
-def compare_profiles(other: "onnx.ModelProto", chosen_profile: str, batches: list[dict], reference: dict,
+def compare_profiles(other: "onnx.ModelProto", chosen_profile: str, batches: list[dict[str, Any]], reference: dict[str, Any],
                      classification: bool) -> dict[str, Any]:
     """Measure the other activation profile's canonical model (placed from the same statistics)
     and the chosen one against FP32: what the choice cost or saved."""
