@@ -76,11 +76,14 @@ class TFLiteBackend(Backend):
 
     def preflight(self, canonical: CanonicalModel, target) -> tuple[list[CheckResult], dict[str, Any]]:
         from deploykit_tflite.lowering import fixed_input_shapes
+        from deploykit_tflite.float_ops import FLOAT_GRAPH_OPS, needs_islands
         from deploykit_tflite.ops import FLOAT_OPS, OPS
 
-        skip = {"QuantizeLinear", "DequantizeLinear"}
+        # Q/DQ become parameters; shape arithmetic is evaluated at the fixed input shapes
+        skip = {"QuantizeLinear", "DequantizeLinear", "Shape", "Constant", "ConstantOfShape", "Range"}
+        known = set(OPS) | set(FLOAT_OPS) | (set(FLOAT_GRAPH_OPS) if needs_islands(canonical.model) else set())
         unsupported = sorted({f"{n.name} ({n.op_type})" for n in canonical.model.graph.node
-                              if n.op_type not in skip and n.op_type not in OPS and n.op_type not in FLOAT_OPS})
+                              if n.op_type not in skip and n.op_type not in known})
         float_only = sorted({f"{n.name} ({n.op_type})" for n in canonical.model.graph.node if n.op_type in FLOAT_OPS})
         checks = []
         if unsupported:
@@ -99,6 +102,7 @@ class TFLiteBackend(Backend):
             raise BackendUnavailable(f"target '{target.name}': tensorflow is not importable; it is needed to "
                                      f"lower to TFLite: {INSTALL_HINT}")
         from deploykit_tflite.lowering import convert, fixed_input_shapes, lower_graph
+        from deploykit_tflite.patch import patch
 
         opts = target.options
         fallback = bool(opts.get("allow_float_fallback", False))
@@ -107,6 +111,7 @@ class TFLiteBackend(Backend):
         lowered = lower_graph(canonical, shapes, fallback, target.name)
         traced = time.monotonic()
         flatbuffer = convert(lowered, opts.get("input_type", "int8"), opts.get("output_type", "int8"))
+        flatbuffer, patched = patch(flatbuffer, lowered)
         converted = time.monotonic()
         with atomic_output(dest) as tmp:
             tmp.write_bytes(flatbuffer)
@@ -123,8 +128,9 @@ class TFLiteBackend(Backend):
         else:
             from deploykit_tflite.verify import verify
 
-            checks, facts = verify(flatbuffer, lowered, fallback)
+            checks, facts = verify(flatbuffer, lowered, fallback, patched)
             metadata.update(facts)
+        metadata["patched"] = patched.as_dict()
         metadata["seconds"]["verify"] = round(time.monotonic() - converted, 3)
         return Artifact(self.name, dest, (dest,), metadata, tuple(checks))
 
@@ -135,10 +141,13 @@ class TFLiteBackend(Backend):
         meta = artifact.metadata or {}
         inputs = [i["name"] for i in meta.get("inputs", [])]
         outputs = [o["name"] for o in meta.get("outputs", [])]
-        return LiteRTRunner(Path(artifact.path), inputs, outputs, int(target.options.get("threads") or 0))
+        nhwc = all(i.get("nhwc", True) for i in meta.get("inputs", []) if len(i.get("shape", [])) == 4) and \
+            all(o.get("nhwc", True) for o in meta.get("outputs", []) if len(o.get("shape", [])) == 4)
+        return LiteRTRunner(Path(artifact.path), inputs, outputs, int(target.options.get("threads") or 0), nhwc)
 
     def fp32_runner(self, canonical: CanonicalModel, target, workdir: Path):
         """The same NHWC graph without fake-quant, converted to a float TFLite model."""
+        from deploykit_tflite.float_ops import needs_islands
         from deploykit_tflite.lowering import convert, fixed_input_shapes, lower_graph
         from deploykit_tflite.runner import LiteRTRunner
 
@@ -148,7 +157,7 @@ class TFLiteBackend(Backend):
         with atomic_output(path) as tmp:
             tmp.write_bytes(convert(graph, quantize=False))
         return LiteRTRunner(path, [i["name"] for i in graph.inputs], [o["name"] for o in graph.outputs],
-                            int(target.options.get("threads") or 0))
+                            int(target.options.get("threads") or 0), not needs_islands(canonical.model))
 
     def device_info(self, target) -> dict[str, Any]:
         return {"tensorflow": tensorflow_version(), "ai_edge_litert": litert_version(),

@@ -64,6 +64,7 @@ class WeightSpec:
     node: str  # the ONNX node that consumes it
     scales: np.ndarray  # per output channel, the canonical scales
     values: np.ndarray  # int8, in the TF filter layout (output channel last)
+    bias: np.ndarray | None = None  # the float bias added after it (one per output channel)
 
 
 @dataclass
@@ -79,6 +80,7 @@ class Lowered:
     requantize_ops: dict[str, tuple[QuantSpec, QuantSpec]] = field(default_factory=dict)
     inputs: list[dict[str, Any]] = field(default_factory=list)
     outputs: list[dict[str, Any]] = field(default_factory=list)
+    islands: bool = False  # encoder: float except the tensors the canonical model quantizes
 
 
 def _tf():
@@ -158,6 +160,15 @@ class Lowering:
         self.quantized: dict[str, QuantSpec] = {}  # ONNX tensor -> the fake-quant applied to it
         self.result = Lowered(None)
         self.absorbed: set[str] = set()  # nodes lowered as part of another (a MatMul's bias Add)
+        #: float islands mode (encoders): only the tensors the canonical model quantizes get a
+        #: fake-quant; everything else (LayerNorm, GELU, Softmax, mask arithmetic) stays float
+        #: or integer as in the canonical model, and tensors keep ONNX axis order.
+        self.islands = float_ops.needs_islands(canonical.model)
+        self.nhwc = not self.islands
+        self.gelus: dict[str, tuple[str, bool]] = {}  # last node of an exported GELU -> (x, tanh form)
+        if self.islands:
+            self.gelus, absorbed = float_ops.find_gelus(self)
+            self.absorbed |= absorbed
         self.unquantized_outputs: set[str] = self._fused_activation_inputs()
         self._names: set[str] = set()
 
@@ -190,22 +201,26 @@ class Lowering:
     def rank(self, t) -> int:
         return len(t.shape)
 
+    def is_nhwc(self, t) -> bool:
+        """Whether a tensor is stored NHWC: 4-D tensors of a CNN; an encoder keeps ONNX order."""
+        return self.nhwc and self.rank(t) == 4
+
     def onnx_order(self, t):
-        """The tensor in ONNX axis order (4-D tensors are stored NHWC)."""
-        return self.tf.transpose(t, NHWC_TO_NCHW) if self.rank(t) == 4 else t
+        """The tensor in ONNX axis order (4-D tensors of a CNN are stored NHWC)."""
+        return self.tf.transpose(t, NHWC_TO_NCHW) if self.is_nhwc(t) else t
 
     def stored(self, t):
         """ONNX-order tensor -> stored layout."""
-        return self.tf.transpose(t, NCHW_TO_NHWC) if self.rank(t) == 4 else t
+        return self.tf.transpose(t, NCHW_TO_NHWC) if self.is_nhwc(t) else t
 
     def onnx_shape(self, t) -> list[int]:
         shape = [int(d) for d in t.shape]
-        return [shape[i] for i in NHWC_TO_NCHW] if len(shape) == 4 else shape
+        return [shape[i] for i in NHWC_TO_NCHW] if self.is_nhwc(t) else shape
 
     def axis(self, t, axis: int) -> int:
         r = self.rank(t)
         axis = axis + r if axis < 0 else axis
-        return ONNX_TO_NHWC_AXIS[axis] if r == 4 else axis
+        return ONNX_TO_NHWC_AXIS[axis] if self.is_nhwc(t) else axis
 
     def unique(self, base: str) -> str:
         name, i = base, 1
@@ -221,7 +236,7 @@ class Lowering:
         # TFLite names a tensor after the ops fused into its producer ("Relu_1;Conv2D_1"), so
         # both the fake-quant and the op it follows identify the tensor for the verification
         self.result.activations[name] = spec
-        if register_producer:
+        if register_producer and not self.tf.executing_eagerly():  # eager: a debugging walk, no graph
             self.result.activations.setdefault(t.op.name, spec)
         if not self.with_fake_quant:
             return t
@@ -250,6 +265,7 @@ class Lowering:
         if channels is not None:  # one group of a grouped conv: its own filter constant
             w, scales = w[..., channels], scales[channels]
         name = self.unique(f"dkw/{safe_name(node.input[index])}")
+        self._last_weight = name
         self.result.weights[name] = WeightSpec(self.g.dq_feeding(node.input[index]).input[0], node.name, scales, w)
         tf = self.tf
         if not self.with_fake_quant:
@@ -257,6 +273,15 @@ class Lowering:
         return tf.quantization.fake_quant_with_min_max_vars_per_channel(
             tf.constant(w.astype(np.float32) * scales), min=-127 * scales, max=127 * scales,
             num_bits=8, narrow_range=True, name=name)
+
+    def set_bias(self, bias: np.ndarray | None, channels: slice | None = None) -> None:
+        """The float bias of the weight just made by weight_filter (the patch writes it as int32)."""
+        if bias is None or not getattr(self, "_last_weight", None):
+            return
+        spec = self.result.weights[self._last_weight]
+        b = np.broadcast_to(np.asarray(bias, np.float32).reshape(-1), spec.scales.shape) if channels is None \
+            else np.asarray(bias, np.float32).reshape(-1)[channels]
+        self.result.weights[self._last_weight] = dataclasses.replace(spec, bias=np.array(b, np.float32))
 
     def spec_for(self, tensor: str, node: onnx.NodeProto | None = None) -> QuantSpec | None:
         """Parameters for an activation tensor: a canonical Q that reads it, else the table."""
@@ -274,6 +299,9 @@ class Lowering:
     def emit(self, node: onnx.NodeProto, t, index: int = 0, spec: QuantSpec | None = None) -> None:
         """Bind a node's output and give it its quantization parameters."""
         name = node.output[index]
+        if self.islands:  # float (or integer) as in the canonical model; its Q, if any, quantizes
+            self.values[name] = t
+            return
         if name not in self.unquantized_outputs:
             if node.op_type in FIXED_OUTPUT and spec is None:
                 s, zp = FIXED_OUTPUT[node.op_type]
@@ -303,7 +331,8 @@ class Lowering:
         t = self.tf.math.maximum(t, low)
         # the converter puts the QUANTIZE before or after the MAXIMUM (or makes a RELU of it when
         # the lowest value is 0): the verification accepts its output at either parameters
-        self.result.requantize_ops[t.op.name] = (src, spec)
+        if not self.tf.executing_eagerly():
+            self.result.requantize_ops[t.op.name] = (src, spec)
         return self.fake_quant(t, spec, f"{spec.tensor}_requantized", register_producer=False)
 
     def _requantize_fixed(self, node: onnx.NodeProto, t, fixed: QuantSpec):
@@ -406,6 +435,8 @@ class Lowering:
         op = node.op_type
         if op in ("QuantizeLinear", "DequantizeLinear"):
             ops.qdq(self, node)
+        elif self.islands and (node.name in self.gelus or op in float_ops.FLOAT_GRAPH_OPS):
+            float_ops.lower(self, node)
         elif op in ops.OPS:
             ops.OPS[op](self, node)
         elif op in ops.FLOAT_OPS:
@@ -432,14 +463,17 @@ def lower_graph(canonical: CanonicalModel, shapes: Mapping[str, list[int]], allo
     names = input_names(model)
     elem = {vi.name: vi.type.tensor_type.elem_type for vi in model.graph.input}
     signature = []
+    nhwc_layout = not float_ops.needs_islands(model)
+    dtypes = {onnx.TensorProto.FLOAT: tf.float32, onnx.TensorProto.INT64: tf.int64,
+              onnx.TensorProto.INT32: tf.int32, onnx.TensorProto.BOOL: tf.bool}
     for n in names:
-        if elem[n] != onnx.TensorProto.FLOAT:
+        if elem[n] not in dtypes:
             raise LoweringError(f"input '{n}' is {onnx.TensorProto.DataType.Name(elem[n])}: the TFLite lowering "
-                                f"takes float inputs only (an embedding model needs Gather, not supported)")
+                                f"takes float32, int64, int32 and bool inputs")
         shape = shapes[n]
-        nhwc = [shape[i] for i in NCHW_TO_NHWC] if len(shape) == 4 else shape
-        signature.append(tf.TensorSpec(nhwc, tf.float32, name=safe_name(n)))
-    inputs = [{"name": n, "shape": shapes[n], "nhwc": len(shapes[n]) == 4} for n in names]
+        nhwc = [shape[i] for i in NCHW_TO_NHWC] if len(shape) == 4 and nhwc_layout else shape
+        signature.append(tf.TensorSpec(nhwc, dtypes[elem[n]], name=safe_name(n)))
+    inputs = [{"name": n, "shape": shapes[n], "nhwc": len(shapes[n]) == 4 and nhwc_layout} for n in names]
     walks: list[Lowering] = []
 
     def graph_fn(*args):
@@ -447,7 +481,7 @@ def lower_graph(canonical: CanonicalModel, shapes: Mapping[str, list[int]], allo
         lw = Lowering(canonical, allow_float_fallback, target_name, fake_quant)
         walks.append(lw)
         for n, t in zip(names, args):
-            spec = lw.spec_for(n)
+            spec = lw.spec_for(n) if t.dtype == tf.float32 and not lw.islands else None
             if spec is not None:
                 t = lw.fake_quant(t, spec, n)
                 lw.quantized[n] = spec
@@ -461,8 +495,9 @@ def lower_graph(canonical: CanonicalModel, shapes: Mapping[str, list[int]], allo
     concrete = module.graph_fn.get_concrete_function()
     result = walks[-1].result
     result.concrete, result.module, result.inputs = concrete, module, inputs
+    result.islands = walks[-1].islands
     for o, t in zip(output_names(model), concrete.structured_outputs):
-        result.outputs.append({"name": o, "nhwc": len(t.shape) == 4, "shape": [int(d) for d in t.shape]})
+        result.outputs.append({"name": o, "nhwc": len(t.shape) == 4 and nhwc_layout, "shape": [int(d) for d in t.shape]})
     return result
 
 
@@ -493,4 +528,4 @@ def same_params(a: QuantSpec, b: QuantSpec) -> bool:
     return np.float32(a.scale) == np.float32(b.scale) and a.zero_point == b.zero_point
 
 
-from deploykit_tflite import ops  # noqa: E402  (the op table uses the names above)
+from deploykit_tflite import float_ops, ops  # noqa: E402  (the op tables use the names above)
