@@ -48,6 +48,12 @@ def litert_version() -> str | None:
     return _version("ai_edge_litert", "ai-edge-litert")
 
 
+def example_shapes(canonical: CanonicalModel) -> dict[str, list[int]] | None:
+    """Input shapes of the evaluation data, when the build supplies them (dynamic sequence dims)."""
+    shapes = getattr(canonical, "example_shapes", None)
+    return dict(shapes) if shapes else None
+
+
 class TFLiteBackend(Backend):
     name = "tflite"
     description = "TFLite full-integer INT8 (canonical scales kept), run with the LiteRT interpreter"
@@ -92,7 +98,8 @@ class TFLiteBackend(Backend):
                                       details={"unsupported": unsupported}))
         meta: dict[str, Any] = {"float_only_ops": float_only}
         try:
-            meta["input_shapes"] = fixed_input_shapes(canonical.model, target.options.get("input_shapes") or {}, target.name)
+            meta["input_shapes"] = fixed_input_shapes(canonical.model, target.options.get("input_shapes") or {},
+                                                      target.name, example_shapes(canonical))
         except LoweringError as exc:
             checks.append(CheckResult("tflite_input_shapes", "fail", message=str(exc)))
         return checks, meta
@@ -101,12 +108,13 @@ class TFLiteBackend(Backend):
         if tensorflow_version() is None:
             raise BackendUnavailable(f"target '{target.name}': tensorflow is not importable; it is needed to "
                                      f"lower to TFLite: {INSTALL_HINT}")
-        from deploykit_tflite.lowering import convert, fixed_input_shapes, lower_graph
+        from deploykit_tflite.lowering import convert, fixed_input_shapes, lower_graph, shapes_source
         from deploykit_tflite.patch import patch
 
         opts = target.options
         fallback = bool(opts.get("allow_float_fallback", False))
-        shapes = fixed_input_shapes(canonical.model, opts.get("input_shapes") or {}, target.name)
+        example = example_shapes(canonical)
+        shapes = fixed_input_shapes(canonical.model, opts.get("input_shapes") or {}, target.name, example)
         started = time.monotonic()
         lowered = lower_graph(canonical, shapes, fallback, target.name)
         traced = time.monotonic()
@@ -122,13 +130,17 @@ class TFLiteBackend(Backend):
             "lowered_float_ops": lowered.float_ops, "bytes": len(flatbuffer),
             "seconds": {"trace": round(traced - started, 3), "convert": round(converted - traced, 3)},
         }
+        checks.append(CheckResult("input_shapes", "info", message=f"compiled for {shapes}, from "
+                                  f"{shapes_source(canonical.model, opts.get('input_shapes') or {}, example)}",
+                                  details={"shapes": shapes}))
         if litert_version() is None:
             checks.append(CheckResult("scales_match", "not_run", message=f"ai_edge_litert is not importable, the "
                                       f"flatbuffer cannot be read back: {INSTALL_HINT}"))
         else:
             from deploykit_tflite.verify import verify
 
-            checks, facts = verify(flatbuffer, lowered, fallback, patched)
+            found, facts = verify(flatbuffer, lowered, fallback, patched)
+            checks += found
             metadata.update(facts)
         metadata["patched"] = patched.as_dict()
         metadata["seconds"]["verify"] = round(time.monotonic() - converted, 3)
@@ -151,7 +163,8 @@ class TFLiteBackend(Backend):
         from deploykit_tflite.lowering import convert, fixed_input_shapes, lower_graph
         from deploykit_tflite.runner import LiteRTRunner
 
-        shapes = fixed_input_shapes(canonical.model, target.options.get("input_shapes") or {}, target.name)
+        shapes = fixed_input_shapes(canonical.model, target.options.get("input_shapes") or {}, target.name,
+                                    example_shapes(canonical))
         graph = lower_graph(canonical, shapes, True, target.name, fake_quant=False)
         path = Path(workdir) / f"{target.name}.float.tflite"
         with atomic_output(path) as tmp:

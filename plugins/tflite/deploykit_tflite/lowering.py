@@ -81,6 +81,8 @@ class Lowered:
     inputs: list[dict[str, Any]] = field(default_factory=list)
     outputs: list[dict[str, Any]] = field(default_factory=list)
     islands: bool = False  # encoder: float except the tensors the canonical model quantizes
+    #: canonical tensor -> output of the QuantizeLinear that reads it (for the tensor_map)
+    q_outputs: dict[str, str] = field(default_factory=dict)
 
 
 def _tf():
@@ -99,8 +101,21 @@ def safe_name(name: str) -> str:
 # --------------------------------------------------------------------------------------
 # input shapes
 # --------------------------------------------------------------------------------------
-def fixed_input_shapes(model: onnx.ModelProto, overrides: Mapping[str, Any], target_name: str) -> dict[str, list[int]]:
-    """ONNX (NCHW) input shapes with every dynamic dim fixed: overrides, else batch 1."""
+def shapes_source(model: onnx.ModelProto, overrides: Mapping[str, Any], example: Mapping[str, Any] | None) -> str:
+    """Where fixed_input_shapes takes the shapes from, for the report."""
+    dynamic = [vi.name for vi in model.graph.input
+               if any(not (d.HasField("dim_value") and d.dim_value > 0) for d in vi.type.tensor_type.shape.dim[1:])]
+    if all(n in overrides for n in dynamic) and overrides:
+        return "targets.toml input_shapes"
+    if dynamic and example and all(n in example for n in dynamic):
+        return "the evaluation data (first batch, at batch 1)"
+    return "the model (dynamic batch compiled as 1)"
+
+
+def fixed_input_shapes(model: onnx.ModelProto, overrides: Mapping[str, Any], target_name: str,
+                       example: Mapping[str, Any] | None = None) -> dict[str, list[int]]:
+    """ONNX (NCHW) input shapes with every dynamic dim fixed: overrides, else the evaluation
+    data's shape (``example``, batch set to 1) for dynamic dims other than the batch, else batch 1."""
     inits = {i.name for i in model.graph.initializer}
     unknown = set(overrides) - set(input_names(model))
     if unknown:
@@ -129,6 +144,8 @@ def fixed_input_shapes(model: onnx.ModelProto, overrides: Mapping[str, Any], tar
                 shape.append(int(d.dim_value))
             elif i == 0:
                 shape.append(1)  # dynamic batch: compile batch 1, the runner resizes or loops
+            elif example and vi.name in example and len(example[vi.name]) == len(dims):
+                shape.append(int(example[vi.name][i]))  # e.g. the sequence length of the evaluation data
             else:
                 example = [str(x.dim_value) if x.HasField("dim_value") and x.dim_value > 0 else "?" for x in dims]
                 example[0] = "1" if example[0] == "?" else example[0]
@@ -159,6 +176,8 @@ class Lowering:
         self.folded: dict[str, np.ndarray] = {}  # shape arithmetic evaluated at the fixed input shapes
         self.quantized: dict[str, QuantSpec] = {}  # ONNX tensor -> the fake-quant applied to it
         self.result = Lowered(None)
+        self.result.q_outputs = {n.input[0]: n.output[0] for n in canonical.model.graph.node
+                                 if n.op_type == "QuantizeLinear"}
         self.absorbed: set[str] = set()  # nodes lowered as part of another (a MatMul's bias Add)
         #: float islands mode (encoders): only the tensors the canonical model quantizes get a
         #: fake-quant; everything else (LayerNorm, GELU, Softmax, mask arithmetic) stays float
@@ -236,7 +255,9 @@ class Lowering:
         # TFLite names a tensor after the ops fused into its producer ("Relu_1;Conv2D_1"), so
         # both the fake-quant and the op it follows identify the tensor for the verification
         self.result.activations[name] = spec
-        if register_producer and not self.tf.executing_eagerly():  # eager: a debugging walk, no graph
+        # not in islands mode: the converter names a QUANTIZE after its float producer plus a
+        # digit ("add_3" -> "add_31"), which can be another producer's name
+        if register_producer and not self.islands and not self.tf.executing_eagerly():
             self.result.activations.setdefault(t.op.name, spec)
         if not self.with_fake_quant:
             return t

@@ -65,8 +65,15 @@ def verify(model_content: bytes, lowered: Lowered, allow_float_fallback: bool,
     derived: list[str] = []
     propagated: list[str] = []
     counts = {"activations": 0, "weights": 0}
+    tensor_map: dict[str, str] = {}  # canonical QuantizeLinear output -> TFLite tensor name
     unmatched: list[int] = []
     for index, d in sorted(details.items()):
+        if d["dtype"] == np.float32 and index in constant:
+            weight = next((lowered.weights[t] for t in d["name"].split(";") if t in lowered.weights), None)
+            if weight is not None:  # a MatMul computing in float on the canonical int8 weights
+                counts["float_weights"] = counts.get("float_weights", 0) + 1
+                _check_float_weight(it, index, weight, mismatches)
+            continue
         if d["dtype"] != np.int8:
             continue
         tokens = [t for t in d["name"].split(";") if t]
@@ -90,6 +97,8 @@ def verify(model_content: bytes, lowered: Lowered, allow_float_fallback: bool,
             unmatched.append(index)
             continue
         counts["activations"] += 1
+        if spec.source == "canonical" and spec.tensor in lowered.q_outputs:
+            tensor_map.setdefault(lowered.q_outputs[spec.tensor], d["name"])
         where = f"tensor '{d['name']}' ({spec.source} '{spec.tensor}')"
         if scales.size != 1:
             mismatches.append(f"{where}: per-channel parameters on an activation")
@@ -113,15 +122,19 @@ def verify(model_content: bytes, lowered: Lowered, allow_float_fallback: bool,
 
     compared = counts["activations"] + counts["weights"]
     status = "fail" if mismatches or compared == 0 else "pass"
+    float_weights = counts.pop("float_weights", 0)
     msg = (f"{counts['activations']} activation and {counts['weights']} weight tensors compared, "
            f"{len(mismatches)} mismatches; {len(fixed)} fixed by the TFLite spec")
+    if float_weights:
+        msg += (f"; {float_weights} MatMul weights computing in float hold the canonical int8 values times "
+                "their scales")
     if patched is not None and patched.not_kept:
         msg += (f"; {len(patched.not_kept)} dead channels in {len(patched.not_kept_channels)} weights not kept "
                 "(bias beyond int32 at the canonical scale, see details.not_kept)")
     if mismatches:
         msg += ": " + "; ".join(mismatches[:3])
     scales_check = CheckResult("scales_match", status, float(len(mismatches)), message=msg, details={
-        "compared": compared, **counts, "mismatches": mismatches[:50], "fixed_by_tflite_spec": fixed,
+        "compared": compared, **counts, "float_weights": float_weights, "mismatches": mismatches[:50], "fixed_by_tflite_spec": fixed,
         "not_kept": list(patched.not_kept) if patched is not None else [],
         "derived": derived, "propagated_by_converter": propagated})
 
@@ -158,7 +171,7 @@ def verify(model_content: bytes, lowered: Lowered, allow_float_fallback: bool,
     for name in op_names:
         counts_by_op[name] = counts_by_op.get(name, 0) + 1
     metadata = {"ops": op_names, "op_counts": counts_by_op, "float_ops": float_ops,
-                "fixed_by_tflite_spec": fixed}
+                "fixed_by_tflite_spec": fixed, "tensor_map": tensor_map}
     return [scales_check, full, precision_audit(layers)], metadata
 
 
@@ -185,6 +198,21 @@ def _check_weight(it, index: int, d: dict, weight, scales: np.ndarray, zps: np.n
         candidates.append((want.reshape(stored.shape), mask.reshape(stored.shape)))
     if not any(c.shape == stored.shape and np.array_equal(c[m], stored[m]) for c, m in candidates):
         mismatches.append(f"{where}: int8 values differ from the canonical ones")
+
+
+def _check_float_weight(it, index: int, weight, mismatches: list[str]) -> None:
+    """A float filter must hold the canonical int8 values times their scales (to float rounding)."""
+    try:
+        stored = it.get_tensor(index)
+    except ValueError:
+        return
+    want = weight.values.astype(np.float32) * weight.scales
+    candidates = [want.transpose(3, 0, 1, 2)]
+    if want.size == stored.size:
+        candidates.append(want.reshape(stored.shape))
+    if not any(c.shape == stored.shape and np.allclose(c, stored, rtol=1e-6, atol=0) for c in candidates):
+        mismatches.append(f"float weight '{weight.tensor}' of '{weight.node}': values are not the canonical int8 "
+                          "weights times their scales")
 
 
 def _same_params_neighbour(index: int, details: dict, producer: dict, consumers: dict) -> int | None:
