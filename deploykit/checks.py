@@ -3,6 +3,7 @@ against the FP32 reference (and labels), fidelity against the canonical model in
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Mapping
@@ -107,16 +108,24 @@ def task_accuracy(output: np.ndarray, labels: np.ndarray) -> float:
 
 def judge(name: str, value: float | None, thresholds: Mapping[str, float], message: str = "",
           details: Mapping | None = None) -> CheckResult:
-    """A CheckResult for ``value``, pass/fail when targets.toml has min_/max_<name>."""
+    """A CheckResult for ``value``, pass/fail when targets.toml has min_/max_<name> (both are
+    judged when both are set). A NaN or infinite value never passes: it is a failure even
+    without a threshold, since it means the target computed garbage."""
     lo, hi = thresholds.get(f"min_{name}"), thresholds.get(f"max_{name}")
     if value is None:
         return CheckResult(name, "not_run", None, message=message, details=details or {})
+    if not math.isfinite(value):
+        bound, kind = (lo, "min") if lo is not None else (hi, "max") if hi is not None else (None, None)
+        return CheckResult(name, "fail", float(value), bound, kind,
+                           f"{value} is not a finite number" + (f"; {message}" if message else ""), details or {})
+    if lo is not None and value < lo:
+        return CheckResult(name, "fail", value, lo, "min", message, details or {})
+    if hi is not None and value > hi:
+        return CheckResult(name, "fail", value, hi, "max", message, details or {})
     if lo is not None:
-        ok = value >= lo
-        return CheckResult(name, "pass" if ok else "fail", value, lo, "min", message, details or {})
+        return CheckResult(name, "pass", value, lo, "min", message, details or {})
     if hi is not None:
-        ok = value <= hi
-        return CheckResult(name, "pass" if ok else "fail", value, hi, "max", message, details or {})
+        return CheckResult(name, "pass", value, hi, "max", message, details or {})
     return CheckResult(name, "info", value, message=message, details=details or {})
 
 

@@ -6,35 +6,44 @@ manifest and report are written for all of them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
+import errno
+import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import tempfile
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
 import deploykit
-from deploykit import checks, data, model as modelmod
+from deploykit import checks, data, model as modelmod, signals
 from deploykit.backend import Artifact, Availability, CanonicalModel, CheckResult
-from deploykit.errors import ConfigError, DeploykitError, OutputDirError
-from deploykit.fileio import atomic_output, sha256
+from deploykit.errors import BuildFault, ConfigError, DataError, DeploykitError, OutputDirError
+from deploykit.fileio import sha256
+from deploykit.outdir import OutDir
 from deploykit.plugins import Registry, load_registry
 from deploykit.progress import bar
-from deploykit.quantize import quantize, write_canonical
-from deploykit.targets import Calibration, Preprocess, Target, load_targets
+from deploykit.quantize import load_canonical, quantize, write_canonical
+from deploykit.quantize.observe import METHODS
+from deploykit.reference import canonical_runner, fp32_runner
+from deploykit.targets import Calibration, Preprocess, Target, TargetsFile, load_targets
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
 
 log = logging.getLogger("deploykit")
-MANIFEST = "manifest.json"
-REPORT = "report.md"
 RANDOM_WARNING = ("calibrated on random data: no --calib data was given, so the scales are NOT meaningful; "
                   "pass --calib with real samples before shipping")
 
@@ -56,6 +65,7 @@ class BuildOptions:
     example_inputs: tuple | None = None  # with a torch.nn.Module: inputs for the dynamo export
     input_names: list[str] | None = None  # with a torch.nn.Module: ONNX input names
     task: str = "auto"  # classification (top-k, accuracy), other (cosine/L2 only), auto: from the output shape
+    allow_code: bool = False  # let targets.toml name Python code as data (module:function)
     on_event: Callable[[str], None] = field(default=lambda msg: None)
 
 
@@ -71,12 +81,17 @@ class TargetResult:
     metadata: dict[str, Any] = field(default_factory=dict)
     device_info: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    stored: dict[str, Any] | None = None  # kept from an interrupted build: its manifest entry as written then
 
-    def to_json(self, out_dir: Path) -> dict[str, Any]:
+    def to_json(self, out_dir: Path, prefix: str = "") -> dict[str, Any]:
+        """The manifest entry; paths relative to ``out_dir``, under ``prefix`` when given."""
+        if self.stored is not None:
+            return dict(self.stored)
         art = None
+        pre = (lambda rel: f"{prefix}/{rel}") if prefix else (lambda rel: rel)
         if self.artifact is not None:
-            art = {"path": _rel(self.artifact.path, out_dir), "sha256": sha256(self.artifact.path),
-                   "files": {_rel(f, out_dir): sha256(f) for f in self.artifact.files if f.exists()},
+            art = {"path": pre(_rel(self.artifact.path, out_dir)), "sha256": sha256(self.artifact.path),
+                   "files": {pre(_rel(f, out_dir)): sha256(f) for f in self.artifact.files if f.exists()},
                    "metadata": _jsonable(self.artifact.metadata)}
         t = self.target
         return {
@@ -93,6 +108,14 @@ class TargetResult:
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
         }
 
+    def relocate(self, out_dir: Path) -> None:
+        """Point the artifact at its published place, ``out_dir/<target>/`` (it was built in staging)."""
+        if self.artifact is None:
+            return
+        base, folder = self.artifact.path.parent, out_dir / self.target.name
+        self.artifact = dataclasses.replace(self.artifact, path=folder / self.artifact.path.name,
+                                            files=tuple(folder / Path(f).relative_to(base) for f in self.artifact.files))
+
 
 @dataclass
 class BuildResult:
@@ -108,115 +131,239 @@ class BuildResult:
 
 def build(model: Any, options: BuildOptions, registry: Registry | None = None) -> BuildResult:
     """Build every target of ``options`` from an .onnx path, or a torch.nn.Module plus
-    ``options.example_inputs`` (exported with the dynamo exporter at opset 18, dynamic batch)."""
-    registry = registry or load_registry()
-    out_dir = Path(options.out_dir)
-    tf = load_targets(options.targets_file)
-    targets = tf.resolve(options.targets, registry)  # fail fast on an unknown target, before any work
-    if options.task not in checks.TASKS:
-        raise ConfigError(f"task '{options.task}' is not one of {', '.join(checks.TASKS)}")
-    calib_cfg = _calibration(tf.calibration, options)
-    preprocess = options.preprocess or tf.preprocess
-    owned = claim_out_dir(out_dir)  # files earlier builds wrote here: ours to overwrite, and to keep listing
-    events = options.on_event
+    ``options.example_inputs`` (exported with the dynamo exporter at opset 18, dynamic batch).
 
+    Everything that can be checked is checked before calibration starts. The output folder
+    is locked, each step journaled and staged (see :mod:`deploykit.outdir`): a rerun after an
+    interruption keeps the finished steps, and the new outputs replace the old only at the end.
+    """
+    registry = registry or load_registry()
+    events = options.on_event
+    with stage("reading the configuration"):
+        tf = load_targets(options.targets_file)
+        targets = tf.resolve(options.targets, registry)  # fail fast on an unknown target, before any work
+        _validate_options(options)
+        calib_cfg = _calibration(tf.calibration, options)
+        _refuse_code_from_config(calib_cfg, options, tf)
+        preprocess = options.preprocess or tf.preprocess
+    with OutDir(options.out_dir) as out:
+        return _build_in(model, options, registry, tf, targets, calib_cfg, preprocess, out, events)
+
+
+def _build_in(model: Any, options: BuildOptions, registry: Registry, tf: TargetsFile, targets: list[Target],
+              calib_cfg: Calibration, preprocess: Preprocess | None, out: OutDir,
+              events: Callable[[str], None]) -> BuildResult:
+    out_dir = out.root
+    started = time.monotonic()
+    layout = {"calibration": ""}
     if not isinstance(model, (str, os.PathLike)):
         if options.example_inputs is None:
             raise DeploykitError("building from a torch module needs BuildOptions.example_inputs (a tuple of tensors)")
-        model = modelmod.export_torch(model, options.example_inputs, out_dir / "source.onnx", options.input_names)
+        with stage("exporting the torch module"), out.step("source", uuid.uuid4().hex) as step:
+            modelmod.export_torch(model, options.example_inputs, step.dir / "source.onnx", options.input_names)
+        model = out.step_dir("source") / "source.onnx"
+        layout["source"] = ""
     model = Path(model)
-    started = time.monotonic()
-    raw = modelmod.load_onnx(model)
-    fp32 = modelmod.normalise(raw, str(model))
-    specs = modelmod.input_specs(fp32)
-    source_hash = sha256(model)
+    with stage("loading the model"):
+        raw = modelmod.load_onnx(model)
+        fp32 = modelmod.normalise(raw, str(model))
+        specs = modelmod.input_specs(fp32)
+        source_hash = sha256(model)
+        fixed_batch = modelmod.fixed_batch(specs)
 
-    calib_src = data.open_source(calib_cfg.data, specs, preprocess, calib_cfg.samples)
-    if calib_src is None:
-        warnings.warn(RANDOM_WARNING, stacklevel=2)
-        events("WARNING: " + RANDOM_WARNING)
-        calib_src = data.RandomSource(specs, min(calib_cfg.samples, 64), calib_cfg.seed)
-    eval_spec = options.eval if options.eval is not None else calib_cfg.eval
-    eval_src = data.open_source(eval_spec, specs, preprocess, options.eval_samples) if eval_spec is not None else None
-    eval_note = "" if eval_src is not None else (
-        "evaluated on the calibration data (no --eval given)" if not calib_src.is_random else "evaluated on random data")
-    if eval_src is None:
-        eval_src = calib_src
+    with stage("opening the data"):
+        calib_src = data.open_source(calib_cfg.data, specs, preprocess, calib_cfg.samples)
+        if calib_src is None:
+            warnings.warn(RANDOM_WARNING, stacklevel=3)
+            events("WARNING: " + RANDOM_WARNING)
+            calib_src = data.RandomSource(specs, min(calib_cfg.samples, 64), calib_cfg.seed)
+        eval_spec = options.eval if options.eval is not None else calib_cfg.eval
+        eval_src = data.open_source(eval_spec, specs, preprocess, options.eval_samples) if eval_spec is not None else None
+        eval_note = "" if eval_src is not None else (
+            "evaluated on the calibration data (no --eval given)" if not calib_src.is_random else "evaluated on random data")
+        if eval_src is None:
+            eval_src = calib_src
+        if fixed_batch:  # a fixed-batch model runs only full batches
+            calib_src.exact_batches = eval_src.exact_batches = True
+            targets = [_at_batch(t, fixed_batch, events) for t in targets]
 
-    events(f"calibrating ({calib_cfg.method}) on {calib_src.description}")
+    with stage("checking the data against the model"):
+        eval_batch = fixed_batch or (max(t.batch_sizes[0] for t in targets) if targets else 1)
+        session = _ort_session_from_model(fp32)
+        _try_first_batch(session, calib_src, calib_cfg.batch_size if not fixed_batch else fixed_batch)
+        eval_batches, labels = _eval_batches(eval_src, eval_batch)
+        first_output = _try_first_batch(session, eval_src, eval_batch) if eval_src is not calib_src else \
+            session.run(None, eval_batches[0])[0]
+        classification = _check_task(first_output, options.task, labels, eval_src.description)
+        del session
+    with stage("probing the backends"):
+        availability = {t.name: registry.get(t.backend).probe(t) for t in targets}
+
+    calib_key = _key(deploykit.__version__, source_hash, calib_cfg.method, calib_cfg.percentile, calib_cfg.samples,
+                     calib_cfg.batch_size, calib_cfg.seed, _source_key(calib_cfg.data), options.task)
+    calib_info = out.finished("calibration", calib_key)
     t0 = time.monotonic()
-    result = quantize(fp32, calib_src, calib_cfg.method, calib_cfg.percentile, calib_cfg.batch_size, source_hash)
-    canonical = write_canonical(result, fp32, out_dir)
-    # a build that stops after this point must still be able to reuse its own folder
-    owned |= {_rel(p, out_dir) for p in out_dir.iterdir() if p.is_file()}
-    _write_json(out_dir / MANIFEST, {"deploykit": deploykit.__version__, "status": "incomplete", "files": sorted(owned)})
-    calibrate_s = time.monotonic() - t0
-    events(f"canonical model: {canonical.path} ({result.samples} samples, {calib_cfg.method})")
+    if calib_info is None:
+        events(f"calibrating ({calib_cfg.method}) on {calib_src.description}")
+        with stage("calibrating"), out.step("calibration", calib_key) as step:
+            result = quantize(fp32, calib_src, calib_cfg.method, calib_cfg.percentile, calib_cfg.batch_size,
+                              source_hash)
+            write_canonical(result, fp32, step.dir)
+            step.payload.update(method=result.method, samples=result.samples, data_hash=result.data_hash,
+                                random_data=result.random_data, lint_violations=list(result.lint_violations),
+                                seconds=time.monotonic() - t0)
+        calib_info = out.finished("calibration", calib_key) or {}
+    else:
+        events(f"calibration kept from the interrupted build ({calib_info['samples']} samples)")
+    canonical = load_canonical(out.step_dir("calibration") / "canonical.qdq.onnx")
+    events(f"canonical model: {out_dir / canonical.path.name} ({calib_info['samples']} samples, {calib_cfg.method})")
+    signals.checkpoint()
 
-    fixed_batch = modelmod.fixed_batch(specs)
-    if fixed_batch:
-        targets = [_at_batch(t, fixed_batch, events) for t in targets]
-    eval_batch = fixed_batch or (max(t.batch_sizes[0] for t in targets) if targets else 1)
-    eval_batches, labels = _eval_batches(eval_src, eval_batch)
-    reference = _reference_outputs(canonical, eval_batches)
-    classification = checks.classifies(options.task, reference["fp32"][0])
-    fp32_acc = checks.task_accuracy(reference["fp32"][0], labels) if labels is not None and classification else None
-    baseline = _baseline_latency(canonical, targets, eval_batches) if options.baseline and targets else []
+    with stage("computing the reference outputs"):
+        reference = _reference_outputs(canonical, eval_batches)
+        fp32_acc = checks.task_accuracy(reference["fp32"][0], labels) if labels is not None and classification else None
+        baseline = _baseline_latency(canonical, targets, eval_batches) if options.baseline and targets else []
 
     results = []
     for target in targets:
+        name = f"target-{target.name}"
+        layout[name] = target.name
+        key = _key(calib_key, _jsonable(dataclasses.asdict(target)), _source_key(eval_spec), options.eval_samples,
+                   options.baseline)
+        kept = out.finished(name, key)
+        if kept is not None:
+            events(f"target {target.name}: kept from the interrupted build ({kept['status']})")
+            results.append(TargetResult(target, kept["status"], kept["reason"], stored=kept))
+            continue
         events(f"target {target.name} ({target.backend})")
-        results.append(_build_target(target, registry, canonical, out_dir, eval_batches, labels, reference, fp32_acc,
-                                     {l["batch_size"]: l["p50_ms"] for l in baseline}, classification))
+        with signals.hold(f"target {target.name}"), out.step(name, key) as step:
+            res = _build_target(target, registry, canonical, step.dir, eval_batches, labels, reference, fp32_acc,
+                                {l["batch_size"]: l["p50_ms"] for l in baseline}, classification,
+                                availability[target.name])
+            step.payload.update(res.to_json(step.dir, prefix=target.name))
+        res.stored = out.finished(name, key)  # the entry as written, while the files were in staging
+        results.append(res)
 
-    manifest = _manifest(model, source_hash, canonical, result, calib_src, eval_src, eval_note, classification, fp32_acc,
-                         baseline, results, out_dir, calibrate_s, time.monotonic() - started, registry)
-    # artifacts of earlier builds into this folder stay deploykit's (listed, never foreign)
-    manifest["files"] = sorted(set(manifest["files"]) | {f for f in owned if (out_dir / f).is_file()})
-    _write_json(out_dir / MANIFEST, manifest)
-    from deploykit.report import markdown_report
+    with stage("publishing the outputs"):
+        manifest = _manifest(model, source_hash, canonical, calib_info, calib_src, eval_src, eval_note, classification,
+                             fp32_acc, baseline, results, out_dir, time.monotonic() - started, registry)
+        from deploykit.report import markdown_report
 
-    with atomic_output(out_dir / REPORT) as tmp:
-        tmp.write_text(markdown_report(manifest), encoding="utf-8")
+        manifest["files"] = out.publish(layout, manifest, markdown_report(manifest))
+        canonical = _moved(canonical, out_dir)
+        for r in results:
+            r.relocate(out_dir)
     return BuildResult(out_dir, manifest, results, canonical)
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
+@contextlib.contextmanager
+def stage(step: str) -> Iterator[None]:
+    """Name the step an unexpected fault happened in (one line, exit 3; -v shows the traceback);
+    a full or read-only disk is an output-folder error, not a bug."""
+    try:
+        yield
+    except DeploykitError:
+        raise
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise OutputDirError(f"while {step}: {exc.strerror} ({exc.filename or 'the output folder'}); "
+                                 f"free space or choose another --out, then rerun to continue") from exc
+        raise BuildFault(step, exc) from exc
+    except MemoryError as exc:
+        raise BuildFault(step, exc) from exc
+    except Exception as exc:
+        raise BuildFault(step, exc) from exc
+
+
+def _validate_options(o: BuildOptions) -> None:
+    if o.task not in checks.TASKS:
+        raise ConfigError(f"task '{o.task}' is not one of {', '.join(checks.TASKS)}")
+    if o.percentile is not None and not (math.isfinite(o.percentile) and 0 < o.percentile <= 100):
+        raise ConfigError(f"percentile {o.percentile} is not in (0, 100]")
+    for name in ("samples", "eval_samples", "batch_size"):
+        value = getattr(o, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{name.replace('_', '-')} {value!r} must be a positive integer")
+    if o.method is not None and o.method not in METHODS:
+        raise ConfigError(f"unknown calibration method '{o.method}'; use one of {', '.join(METHODS)}")
+
+
+def _refuse_code_from_config(cfg: Calibration, o: BuildOptions, tf: TargetsFile) -> None:
+    """A data source that is code runs only when the user typed it (CLI/API) or --allow-code."""
+    for key, given, value in (("data", o.calib, cfg.data), ("eval", o.eval, cfg.eval)):
+        if given is None and value is not None and data.is_code(value) and not o.allow_code:
+            raise ConfigError(f"{tf.where('calibration', key)} = '{value}' names Python code to run; deploykit "
+                              f"does not run code from a configuration file unless you pass --allow-code "
+                              f"(or give it with --{'calib' if key == 'data' else 'eval'})")
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, default=str, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _source_key(src: Any) -> Any:
+    """What identifies a data source across runs: its name, and for files their size and mtime."""
+    if src is None or callable(src):
+        return None if src is None else f"callable:{getattr(src, '__qualname__', src)}:{uuid.uuid4().hex}"
+    path = Path(str(src))
+    try:
+        st = path.stat()
+        return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+    except OSError:
+        return str(src)
+
+
+def _ort_session_from_model(model: "onnx.ModelProto") -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _try_first_batch(session: Any, src: data.DataSource, batch_size: int) -> np.ndarray:
+    """Run the first batch through FP32 onnxruntime before calibrating: data that the model
+    cannot run on (ids out of range, wrong dynamic dims) fails now, in one line. Returns the
+    first output."""
+    batch = next(iter(src.batches(batch_size)))
+    try:
+        return np.asarray(session.run(None, batch.feeds)[0])
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        hint = "; pass --calib with real samples" if src.is_random else ""
+        raise DataError(f"{src.description}: the model cannot run on this data: {first}{hint}") from None
+
+
+def _check_task(out0: np.ndarray, task: str, labels: np.ndarray | None, where: str) -> bool:
+    """Decide classification from the first output; check labels against it (shape, type, range)."""
+    out0 = np.asarray(out0)
+    if task == "classification" and not checks.is_classifier(out0):
+        raise ConfigError(f"--task classification needs a first output of shape [N, classes], the model gives "
+                          f"{list(out0.shape)}; use --task other")
+    classification = checks.classifies(task, out0)
+    if labels is not None and classification:
+        if labels.ndim > 1 and int(np.prod(labels.shape[1:])) != 1:
+            raise DataError(f"{where}: labels have shape {list(labels.shape)}; give one class index per sample")
+        flat = labels.reshape(-1)
+        if not np.issubdtype(flat.dtype, np.integer) and not (
+                np.issubdtype(flat.dtype, np.floating) and np.all(np.isfinite(flat)) and np.all(flat == np.round(flat))):
+            raise DataError(f"{where}: labels are {flat.dtype}, not class indices")
+        classes = out0.shape[1]
+        if flat.size and (flat.min() < 0 or flat.max() >= classes):
+            raise DataError(f"{where}: labels range over [{flat.min():g}, {flat.max():g}] but the model has "
+                            f"{classes} classes (0..{classes - 1}); check the labels or the model")
+    return classification
+
+
+def _moved(canonical: CanonicalModel, out_dir: Path) -> CanonicalModel:
+    return dataclasses.replace(canonical, path=out_dir / canonical.path.name,
+                               fp32_path=out_dir / canonical.fp32_path.name)
 
 
 def _calibration(cfg: Calibration, o: BuildOptions) -> Calibration:
-    from dataclasses import replace
-
     changes = {k: v for k, v in {"method": o.method, "percentile": o.percentile, "samples": o.samples,
                                  "data": o.calib, "batch_size": o.batch_size}.items() if v is not None}
-    return replace(cfg, **changes)
-
-
-def claim_out_dir(out_dir: Path) -> set[str]:
-    """Refuse an output folder with files deploykit did not write (never delete those).
-
-    Returns the files earlier deploykit builds wrote there (from their manifest)."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputDirError(f"{out_dir}: exists and is not a folder; choose another --out")
-    if not out_dir.exists():
-        return set()  # created by the first atomic write, so a failed build leaves no empty folder
-    ours = {MANIFEST, REPORT}
-    manifest = out_dir / MANIFEST
-    if manifest.is_file():
-        try:
-            previous = json.loads(manifest.read_text(encoding="utf-8"))
-            ours |= set(previous.get("files", []))
-        except (ValueError, OSError):
-            raise OutputDirError(f"{manifest}: not a deploykit manifest; choose an empty --out folder") from None
-    foreign = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*")
-                     if p.is_file() and str(p.relative_to(out_dir)) not in ours)
-    if foreign:
-        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-        raise OutputDirError(f"{out_dir}: holds files deploykit did not write ({foreign[0]}{more}); "
-                             f"choose an empty or new --out folder")
-    return ours - {MANIFEST, REPORT}
+    return dataclasses.replace(cfg, **changes)
 
 
 def _at_batch(target: Target, batch: int, events: Callable[[str], None]) -> Target:
@@ -236,26 +383,13 @@ def _eval_batches(src: data.DataSource, batch_size: int) -> tuple[list[dict[str,
     return feeds, (np.concatenate(labels) if has_labels and labels else None)
 
 
-def _ort_runner(path: Path) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-    class _Runner:
-        def run(self, feeds):
-            return session.run(None, dict(feeds))
-
-    return _Runner()
-
-
 def _reference_outputs(canonical: CanonicalModel, batches: list[dict]) -> dict[str, list[np.ndarray]]:
-    """FP32 (accuracy reference) and canonical QDQ (fidelity reference) outputs, in onnxruntime."""
+    """FP32 (accuracy reference) and canonical QDQ (fidelity reference, exact Q/DQ semantics)
+    outputs, in onnxruntime."""
     with bar(2, "reference outputs", "model") as b:
-        fp32 = checks.run_all(_ort_runner(canonical.fp32_path), batches)
+        fp32 = checks.run_all(fp32_runner(canonical.fp32_path), batches)
         b.update()
-        qdq = checks.run_all(_ort_runner(canonical.path), batches)
+        qdq = checks.run_all(canonical_runner(canonical.path), batches)
         b.update()
     return {"fp32": fp32, "canonical": qdq}
 
@@ -273,7 +407,7 @@ def _latency_feeds(batches: list[dict], batch_size: int) -> dict[str, np.ndarray
 
 
 def _baseline_latency(canonical: CanonicalModel, targets: list[Target], batches: list[dict]) -> list[dict]:
-    runner = _ort_runner(canonical.fp32_path)
+    runner = fp32_runner(canonical.fp32_path)
     sizes = sorted({b for t in targets for b in t.batch_sizes})
     warmup, runs = max(t.warmup for t in targets), max(t.runs for t in targets)
     out = []
@@ -289,19 +423,19 @@ def bar_iter(items: list, desc: str):
             b.update()
 
 
-def _build_target(target: Target, registry: Registry, canonical: CanonicalModel, out_dir: Path,
+def _build_target(target: Target, registry: Registry, canonical: CanonicalModel, folder: Path,
                   batches: list[dict], labels: np.ndarray | None, reference: dict, fp32_acc: float | None,
-                  ort_fp32_ms: dict[int, float], classification: bool) -> TargetResult:
+                  ort_fp32_ms: dict[int, float], classification: bool, availability: Availability) -> TargetResult:
     res = TargetResult(target)
     try:
         backend = registry.get(target.backend)
-        res.availability = backend.probe(target)
+        res.availability = availability
         pre_checks, res.metadata = backend.preflight(canonical, target)
         res.checks.extend(checks.apply_thresholds(c, target.thresholds) for c in pre_checks)
         if not res.availability.can_lower:
             res.status, res.reason = "skipped", _missing(res.availability)
             return res
-        dest = out_dir / target.name / f"{target.name}{backend.artifact_suffix}"
+        dest = folder / f"{target.name}{backend.artifact_suffix}"
         t0 = time.monotonic()
         with bar(1, f"{target.name}: lower", "model") as b:
             res.artifact = backend.lower(canonical, target, dest)
@@ -432,41 +566,33 @@ def _versions(registry: Registry) -> dict[str, str]:
     return out
 
 
-def _manifest(model: Path, source_hash: str, canonical: CanonicalModel, q, calib_src, eval_src, eval_note,
-              classification: bool, fp32_acc, baseline, results: list[TargetResult], out_dir: Path, calibrate_s: float, total_s: float,
-              registry: Registry) -> dict[str, Any]:
+def _manifest(model: Path, source_hash: str, canonical: CanonicalModel, calib: dict[str, Any], calib_src, eval_src,
+              eval_note: str, classification: bool, fp32_acc: float | None, baseline: list[dict],
+              results: list[TargetResult], out_dir: Path, total_s: float, registry: Registry) -> dict[str, Any]:
+    """The manifest; ``files`` is filled in by the publish step (exactly what it moved into OUT)."""
     qdq_nodes = [n for n in canonical.model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
-    files = [canonical.path, canonical.fp32_path, canonical.path.with_name(canonical.path.name.replace(".qdq.onnx", ".calib.json"))]
-    if model.parent.resolve() == out_dir.resolve():  # exported from a torch module into the output folder
-        files.append(model)
-    for r in results:
-        if r.artifact is not None:
-            files.extend(f for f in (r.artifact.files or (r.artifact.path,)))
-            files.append(r.artifact.path)
-    listed: set[str] = set()
-    for f in files:
-        f = Path(f)
-        for p in ([f] if f.is_file() else [p for p in f.rglob("*") if p.is_file()] if f.is_dir() else []):
-            listed.add(_rel(p, out_dir))
+    table = canonical.path.with_name(canonical.path.name.replace(".qdq.onnx", ".calib.json"))
     return {
         "deploykit": deploykit.__version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "host": {"machine": platform.machine(), "system": platform.system(), "node": platform.node()},
         "versions": _versions(registry),
-        "model": {"path": str(model), "sha256": source_hash},
-        "calibration": {"method": q.method, "samples": q.samples, "data": calib_src.description,
-                        "data_sha256": q.data_hash, "random_data": q.random_data,
-                        "warning": RANDOM_WARNING if q.random_data else "", "seconds": round(calibrate_s, 3)},
+        "model": {"path": str(out_dir / model.name) if model.parent.name == "source" and model.parent.parent.name == "done"
+                  else str(model), "sha256": source_hash},
+        "calibration": {"method": calib["method"], "samples": calib["samples"], "data": calib_src.description,
+                        "data_sha256": calib["data_hash"], "random_data": calib["random_data"],
+                        "warning": RANDOM_WARNING if calib["random_data"] else "",
+                        "seconds": round(calib.get("seconds") or 0.0, 3)},
         "evaluation": {"data": eval_src.description, "note": eval_note, "classification": classification,
                        "fp32_accuracy": fp32_acc},
-        "canonical": {"path": _rel(canonical.path, out_dir), "sha256": sha256(canonical.path),
-                      "fp32_path": _rel(canonical.fp32_path, out_dir),
-                      "calibration_table": _rel(files[2], out_dir), "calibration_table_sha256": sha256(files[2]),
+        "canonical": {"path": canonical.path.name, "sha256": sha256(canonical.path),
+                      "fp32_path": canonical.fp32_path.name,
+                      "calibration_table": table.name, "calibration_table_sha256": sha256(table),
                       "qdq_nodes": len(qdq_nodes), "tensors_in_table": len(canonical.calibration),
-                      "lint_violations": list(q.lint_violations)},
+                      "lint_violations": list(calib.get("lint_violations", []))},
         "baseline": {"backend": "onnxruntime", "precision": "fp32", "latency": baseline},
         "targets": [r.to_json(out_dir) for r in results],
-        "files": sorted(listed | {MANIFEST, REPORT}),
+        "files": [],
         "seconds": round(total_s, 3),
     }
 

@@ -4,6 +4,7 @@ file, the table and the key."""
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,7 +99,7 @@ class TargetsFile:
         A name is an entry of ``[targets]``; a bare backend name works when no entry has it.
         """
         out = []
-        for name in names:
+        for name in dict.fromkeys(names):  # a target given twice is built once
             if name in self.raw_targets:
                 out.append(self._target(name, self.raw_targets[name], registry))
             elif name in registry.backends:
@@ -175,6 +176,9 @@ def load_targets(path: Path | str | None) -> TargetsFile:
         _check_keys(raw, _DEVICE_KEYS, where)
         tf.devices[name] = Device(name, raw.get("kind", "cpu"), raw.get("description", ""), raw.get("address", ""))
     for name, raw in data.get("targets", {}).items():
+        from deploykit.outdir import check_name  # a target name becomes a folder name in --out
+
+        check_name(name, f"{path} [targets.{name!r}]: target")
         if not isinstance(raw, dict):
             raise ConfigError(f"{tf.where(f'targets.{name}')} must be a table")
         tf.raw_targets[name] = raw
@@ -186,11 +190,14 @@ def load_targets(path: Path | str | None) -> TargetsFile:
         _check_keys(raw, _CALIB_KEYS, tf.where("calibration"))
         if raw.get("method", "entropy") not in CALIBRATION_METHODS:
             raise ConfigError(f"{tf.where('calibration', 'method')}: '{raw['method']}' is not one of {', '.join(CALIBRATION_METHODS)}")
-        if not 0 < raw.get("percentile", 99.99) <= 100:
-            raise ConfigError(f"{tf.where('calibration', 'percentile')} must be in (0, 100]")
+        percentile = raw.get("percentile", 99.99)
+        if not (math.isfinite(percentile) and 0 < percentile <= 100):
+            raise ConfigError(f"{tf.where('calibration', 'percentile')} must be in (0, 100], got {percentile}")
         for key in ("samples", "batch_size"):
             if raw.get(key, 1) < 1:
                 raise ConfigError(f"{tf.where('calibration', key)} must be >= 1")
+        if not 0 <= raw.get("seed", 0) < 2**32:
+            raise ConfigError(f"{tf.where('calibration', 'seed')} must be in [0, 2**32)")
         tf.calibration = Calibration(**raw)
     if "preprocess" in data:
         tf.preprocess = parse_preprocess(data["preprocess"], tf.where("preprocess"))
@@ -208,9 +215,16 @@ def parse_preprocess(raw: Mapping[str, Any], where: str) -> Preprocess:
     for key in ("resize", "crop"):
         if key in raw and raw[key] <= 0:
             raise ConfigError(f"{where} key '{key}' must be a positive integer")
+    for key in ("mean", "std"):
+        values = raw.get(key, [0.0])
+        if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                 for v in values):
+            raise ConfigError(f"{where} key '{key}' must be a non-empty list of finite numbers, got {values!r}")
     std = tuple(float(s) for s in raw.get("std", [1.0]))
     if any(s == 0 for s in std):
         raise ConfigError(f"{where} key 'std' must not contain 0")
+    if "scale" in raw and not (math.isfinite(raw["scale"]) and raw["scale"] > 0):
+        raise ConfigError(f"{where} key 'scale' must be a positive number")
     return Preprocess(raw.get("resize"), raw.get("crop"), tuple(float(m) for m in raw.get("mean", [0.0])), std,
                       float(raw.get("scale", 255.0)), layout, color)
 
@@ -256,7 +270,11 @@ def _validate_thresholds(raw: Mapping[str, Any], metrics: tuple[str, ...], where
         if bound not in ("min", "max") or metric not in metrics:
             known = ", ".join(f"min_/max_{m}" for m in metrics)
             raise ConfigError(f"{where}: unknown key '{key}' (thresholds are {known})")
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{where} key '{key}': expected a number, got {value!r}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ConfigError(f"{where} key '{key}': expected a finite number, got {value!r}")
         out[key] = float(value)
+    for key, lo in out.items():
+        hi = out.get("max_" + key[4:]) if key.startswith("min_") else None
+        if hi is not None and lo > hi:
+            raise ConfigError(f"{where}: {key} = {lo:g} is above max_{key[4:]} = {hi:g}; no value can pass both")
     return out

@@ -306,22 +306,27 @@ def test_remote_device_is_lowered_here_and_not_checked_with_fake_numbers(digits_
 
 def test_a_build_that_stops_midway_can_reuse_its_folder(digits_files, ort_registry, tmp_path, monkeypatch):
     import deploykit.pipeline as pipeline
+    from deploykit.errors import BuildFault
 
     def crash(*args, **kwargs):
         raise RuntimeError("power cut")
 
     out = tmp_path / "out"
     monkeypatch.setattr(pipeline, "_reference_outputs", crash)
-    with pytest.raises(RuntimeError, match="power cut"):
+    with pytest.raises(BuildFault, match="while computing the reference outputs: RuntimeError: power cut"):
         _build(digits_files, ort_registry, out, method="minmax")
-    assert json.loads((out / "manifest.json").read_text())["status"] == "incomplete"
+    assert not (out / "manifest.json").exists()  # nothing published, the calibration step journaled
     monkeypatch.undo()
-    result = _build(digits_files, ort_registry, out, method="minmax")  # its own files are not "foreign"
+    events = []
+    result = _build(digits_files, ort_registry, out, method="minmax", on_event=events.append)
+    assert any("calibration kept" in e for e in events)
     assert result.ok and "canonical.qdq.onnx" in result.manifest["files"]
-    # a later build with another target keeps listing the earlier target's artifact as deploykit's
+    # a later build with another target replaces the folder's contents: exactly what its manifest lists
     ort_registry.add_plugin(_TestBackends(), PluginInfo("test-backends", "tests"))
     result = _build(digits_files, ort_registry, out, method="minmax", targets=["unavailable"])
-    assert "onnxruntime/onnxruntime.onnx" in result.manifest["files"]
+    assert "onnxruntime/onnxruntime.onnx" not in result.manifest["files"]
+    on_disk = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and ".deploykit" not in p.parts)
+    assert on_disk == result.manifest["files"]
 
 
 @pytest.mark.slow

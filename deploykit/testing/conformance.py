@@ -23,6 +23,7 @@ from onnx import helper
 from deploykit.backend import Artifact, Availability, Backend, CanonicalModel, Runner
 from deploykit.checks import compare
 from deploykit.errors import DeploykitError
+from deploykit.reference import run_canonical
 from deploykit.testing import eval_feeds, make_canonical, make_target
 
 UNSUPPORTED_OP = "DeploykitConformanceUnsupportedOp"
@@ -81,13 +82,11 @@ def check_lowering(backend: Backend, canonical: CanonicalModel, target, workdir:
 
 def check_runner_agrees(backend: Backend, artifact: Artifact, target, canonical: CanonicalModel, kind: str,
                         min_cosine: float) -> dict[str, float]:
-    import onnxruntime as ort
 
     runner = backend.load(artifact, target)
     assert isinstance(runner, Runner), f"load() must return a Runner (with run(feeds)), got {runner!r}"
     feeds = eval_feeds(kind, 4)
-    session = ort.InferenceSession(str(canonical.path), providers=["CPUExecutionProvider"])
-    want = session.run(None, feeds)
+    want = run_canonical(canonical.path, feeds)
     got = [np.asarray(o) for o in runner.run(feeds)]
     assert len(got) == len(want), f"runner returned {len(got)} outputs, the canonical model has {len(want)}"
     for i, (g, w) in enumerate(zip(got, want)):

@@ -188,3 +188,61 @@ def train_digits_cnn(seconds: float = 8.0, seed: int = 0, width: int = 16, epoch
     with torch.no_grad():
         acc = float((model(torch.from_numpy(data.x_test)).argmax(1).numpy() == data.y_test).mean())
     return model, data, acc
+
+
+# ---------------------------------------------------------------------------------------
+# digits32: the real-sized bundled sample (deploykit/samples/digits32_cnn.onnx)
+# ---------------------------------------------------------------------------------------
+#: (in, out, stride) of its six 3x3 convolutions on a 32x32 input: ~40 M multiply-adds per
+#: image, enough work per call that INT8 pays off on every CPU runtime, yet only ~108 k weights
+DIGITS32_CONVS = ((1, 24, 1), (24, 32, 1), (32, 32, 1), (32, 64, 2), (64, 64, 1), (64, 64, 1))
+
+
+def digits32_cnn(num_classes: int = 10):
+    nn = _nn()
+    layers: list = []
+    for cin, cout, stride in DIGITS32_CONVS:
+        layers += [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+    class Digits32CNN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(*layers)
+            self.fc = nn.Linear(DIGITS32_CONVS[-1][1], num_classes)
+
+        def forward(self, x):
+            return self.fc(self.features(x).mean(dim=(2, 3)))
+
+    return Digits32CNN()
+
+
+def digits32(seed: int = 0) -> Digits:
+    """scikit-learn's digits upsampled 4x (nearest: the 8x8 pixels stay exact, so the bundled
+    .npz files compress to a few tens of KB) to [N, 1, 32, 32]."""
+    d = digits(seed)
+    up = lambda a: np.ascontiguousarray(a.repeat(4, axis=2).repeat(4, axis=3))  # noqa: E731
+    return Digits(up(d.x_train), d.y_train, up(d.x_test), d.y_test)
+
+
+def train_digits32_cnn(seed: int = 0, epochs: int = 6, batch: int = 32):
+    """Train :func:`digits32_cnn` (deterministic for a seed); returns (model, Digits32, test accuracy)."""
+    torch = _torch()
+    torch.manual_seed(seed)
+    data = digits32(seed)
+    model = digits32_cnn()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    xt, yt = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(len(xt))
+        for i in range(0, len(xt), batch):
+            b = perm[i:i + batch]
+            loss = torch.nn.functional.cross_entropy(model(xt[b]), yt[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = float((model(torch.from_numpy(data.x_test)).argmax(1).numpy() == data.y_test).mean())
+    return model, data, acc

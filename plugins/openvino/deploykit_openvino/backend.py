@@ -13,6 +13,7 @@ import numpy as np
 
 from deploykit.backend import (Artifact, Availability, Backend, CanonicalModel, CheckResult, Option, Runner, require,
                                check_feeds, precision_audit)
+from deploykit.cpu import u8s8_saturates
 from deploykit.errors import BackendUnavailable, ConfigError, LoweringError
 from deploykit.fileio import atomic_output, remove
 
@@ -142,6 +143,12 @@ class OpenVINOBackend(Backend):
             checks = [verify_scales(saved, canonical.model)]
             audit, audit_meta = self._audit(core, saved, canonical, target)
             checks.append(audit)
+            if device_name(target).startswith("CPU") and u8s8_saturates():
+                checks.append(CheckResult(
+                    "int8_saturation", "info", 1.0,
+                    message="this CPU has no VNNI: OpenVINO's u8 x s8 kernels add pairs of products in a "
+                            "saturating int16, so outputs can depart from the canonical model (see the "
+                            "fidelity checks); a CPU with VNNI computes them exactly"))
             # the .bin first, the .xml last: a complete .xml means a complete pair
             remove(dest)
             with atomic_output(bin_dest) as tmp:
