@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import interleaved_medians  # noqa: E402
+from _common import interleaved_medians
 
 
 def canonical_cached(net: str, calib: int, seq: int):
@@ -48,16 +48,17 @@ def canonical_cached(net: str, calib: int, seq: int):
 
 
 def canonical_outputs(canonical, feeds) -> np.ndarray:
-    import onnxruntime as ort
+    from deploykit.reference import (
+        run_canonical,  # exact Q/DQ semantics (optimizations off)
+    )
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(canonical.path), so, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    return run_canonical(canonical.path, feeds)[0]
 
 
 def bench(net: str, args) -> dict:
-    from deploykit.testing import make_target, realnets
     from deploykit_tflite import TFLiteBackend
+
+    from deploykit.testing import make_target, realnets
 
     t0 = time.monotonic()
     canonical = canonical_cached(net, args.calib, args.seq)

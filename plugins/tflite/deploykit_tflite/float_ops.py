@@ -17,7 +17,8 @@ rounding is the canonical Q's), and everything else is converted as float or int
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -55,7 +56,7 @@ def _gelu(x: np.ndarray, tanh: bool) -> np.ndarray:
     return np.array([0.5 * v * (1 + erf(v / sqrt(2))) for v in x.astype(np.float64)])
 
 
-def find_gelus(lw: "Lowering") -> tuple[dict[str, tuple[str, bool]], set[str]]:
+def find_gelus(lw: Lowering) -> tuple[dict[str, tuple[str, bool]], set[str]]:
     """Exported GELUs: {last node name: (input tensor, tanh form)}, and the other nodes they absorb.
 
     Structure first (an Erf/Tanh whose output, through at most four single-consumer Add/Mul
@@ -141,7 +142,7 @@ def _region(g: Any, x: str, end: onnx.NodeProto, is_const: Callable[[str], bool]
     return list(seen.values())
 
 
-def _evaluate_region(lw: "Lowering", nodes: list[onnx.NodeProto], x: str, end: onnx.NodeProto) -> bool | None:
+def _evaluate_region(lw: Lowering, nodes: list[onnx.NodeProto], x: str, end: onnx.NodeProto) -> bool | None:
     from onnx.reference import ReferenceEvaluator
 
     xs = np.linspace(-6, 6, 241, dtype=np.float32)
@@ -155,7 +156,7 @@ def _evaluate_region(lw: "Lowering", nodes: list[onnx.NodeProto], x: str, end: o
                     feeds[i] = v if v is not None else lw.const(i)
             outs = ReferenceEvaluator(n).run(None, feeds)
             values[n.output[0]] = np.asarray(outs[0])
-    except Exception:
+    except Exception:  # noqa: BLE001  (the evaluator failing on any node means: not this pattern)
         return None
     y = values[end.output[0]].reshape(-1)
     if y.shape != xs.shape:
@@ -169,7 +170,7 @@ def _evaluate_region(lw: "Lowering", nodes: list[onnx.NodeProto], x: str, end: o
 # --------------------------------------------------------------------------------------
 # the op table of islands mode
 # --------------------------------------------------------------------------------------
-def lower(lw: "Lowering", node: onnx.NodeProto) -> None:
+def lower(lw: Lowering, node: onnx.NodeProto) -> None:
     if node.name in lw.gelus:
         x, tanh = lw.gelus[node.name]
         lw.emit(node, lw.tf.nn.gelu(lw.values[x], approximate=tanh))
@@ -177,7 +178,7 @@ def lower(lw: "Lowering", node: onnx.NodeProto) -> None:
     FLOAT_GRAPH_OPS[node.op_type](lw, node)
 
 
-def _operands(lw: "Lowering", node: onnx.NodeProto, dtype: Any = None) -> list[Any]:
+def _operands(lw: Lowering, node: onnx.NodeProto, dtype: Any = None) -> list[Any]:
     """Inputs as TF tensors; constants take the dtype of the first tensor input (or ``dtype``)."""
     tf = lw.tf
     tensors = [lw.values[n] for n in node.input if n in lw.values]
@@ -198,15 +199,15 @@ def _operands(lw: "Lowering", node: onnx.NodeProto, dtype: Any = None) -> list[A
     return out
 
 
-def _elementwise(fn: Callable[..., Any], dtype: str | None = None) -> Callable[["Lowering", onnx.NodeProto], None]:
-    def lower(lw: "Lowering", node: onnx.NodeProto) -> None:
+def _elementwise(fn: Callable[..., Any], dtype: str | None = None) -> Callable[[Lowering, onnx.NodeProto], None]:
+    def lower(lw: Lowering, node: onnx.NodeProto) -> None:
         args = _operands(lw, node, getattr(lw.tf, dtype) if dtype else None)
         lw.emit(node, fn(lw.tf, *args))
 
     return lower
 
 
-def _where(lw: "Lowering", node: onnx.NodeProto) -> None:
+def _where(lw: Lowering, node: onnx.NodeProto) -> None:
     tf = lw.tf
     cond = lw.values[node.input[0]] if node.input[0] in lw.values else tf.constant(lw.const(node.input[0]).astype(bool))
     branch = next((lw.values[n] for n in node.input[1:] if n in lw.values), None)
@@ -216,14 +217,14 @@ def _where(lw: "Lowering", node: onnx.NodeProto) -> None:
     lw.emit(node, tf.where(cond, a, b))
 
 
-def _cast(lw: "Lowering", node: onnx.NodeProto) -> None:
+def _cast(lw: Lowering, node: onnx.NodeProto) -> None:
     to = _DTYPES.get(attrs(node)["to"])
     if to is None:
         raise lw.error(node, f"cast to {onnx.TensorProto.DataType.Name(attrs(node)['to'])} is not supported")
     lw.emit(node, lw.tf.cast(lw.values[node.input[0]], getattr(lw.tf, to)))
 
 
-def _tensor_or_const(lw: "Lowering", name: str) -> Any:
+def _tensor_or_const(lw: Lowering, name: str) -> Any:
     if name in lw.values:
         return lw.values[name]
     c = lw.const(name)
@@ -232,19 +233,19 @@ def _tensor_or_const(lw: "Lowering", name: str) -> Any:
     return lw.tf.constant(c.astype(np.float32) if c.dtype.kind == "f" else c)
 
 
-def _gather(lw: "Lowering", node: onnx.NodeProto) -> None:
+def _gather(lw: Lowering, node: onnx.NodeProto) -> None:
     data = _tensor_or_const(lw, node.input[0])
     indices = _tensor_or_const(lw, node.input[1])
     lw.emit(node, lw.tf.gather(data, indices, axis=attrs(node).get("axis", 0)))
 
 
-def _gather_nd(lw: "Lowering", node: onnx.NodeProto) -> None:
+def _gather_nd(lw: Lowering, node: onnx.NodeProto) -> None:
     data = _tensor_or_const(lw, node.input[0])
     indices = _tensor_or_const(lw, node.input[1])
     lw.emit(node, lw.tf.gather_nd(data, indices, batch_dims=attrs(node).get("batch_dims", 0)))
 
 
-def _slice(lw: "Lowering", node: onnx.NodeProto) -> None:
+def _slice(lw: Lowering, node: onnx.NodeProto) -> None:
     x = lw.values[node.input[0]]
     shape = [int(d) for d in x.shape]
     starts = lw.require_const(node, 1).reshape(-1).tolist()
@@ -264,14 +265,14 @@ def _slice(lw: "Lowering", node: onnx.NodeProto) -> None:
     lw.emit(node, lw.tf.strided_slice(x, begin, end, stride))
 
 
-def _expand(lw: "Lowering", node: onnx.NodeProto) -> None:
+def _expand(lw: Lowering, node: onnx.NodeProto) -> None:
     x = _tensor_or_const(lw, node.input[0])
     shape = [int(d) for d in lw.require_const(node, 1).reshape(-1)]
     out = list(np.broadcast_shapes(tuple(int(d) for d in x.shape), tuple(shape)))
     lw.emit(node, lw.tf.broadcast_to(x, out))
 
 
-def _layer_norm(lw: "Lowering", node: onnx.NodeProto) -> None:
+def _layer_norm(lw: Lowering, node: onnx.NodeProto) -> None:
     tf = lw.tf
     x = lw.values[node.input[0]]
     a = attrs(node)
@@ -288,13 +289,13 @@ def _layer_norm(lw: "Lowering", node: onnx.NodeProto) -> None:
     lw.emit(node, y)
 
 
-def _softmax(lw: "Lowering", node: onnx.NodeProto) -> None:
+def _softmax(lw: Lowering, node: onnx.NodeProto) -> None:
     x = lw.values[node.input[0]]
     lw.emit(node, lw.tf.nn.softmax(x, axis=attrs(node).get("axis", -1)))
 
 
-def _reduce(fn_name: str) -> Callable[["Lowering", onnx.NodeProto], None]:
-    def lower(lw: "Lowering", node: onnx.NodeProto) -> None:
+def _reduce(fn_name: str) -> Callable[[Lowering, onnx.NodeProto], None]:
+    def lower(lw: Lowering, node: onnx.NodeProto) -> None:
         x = lw.values[node.input[0]]
         a = attrs(node)
         axes = a.get("axes")
@@ -310,28 +311,28 @@ def _reduce(fn_name: str) -> Callable[["Lowering", onnx.NodeProto], None]:
     return lower
 
 
-def _concat(lw: "Lowering", node: onnx.NodeProto) -> None:
+def _concat(lw: Lowering, node: onnx.NodeProto) -> None:
     lw.emit(node, lw.tf.concat(_operands(lw, node), axis=attrs(node).get("axis", 0)))
 
 
-def _gelu_op(lw: "Lowering", node: onnx.NodeProto) -> None:
+def _gelu_op(lw: Lowering, node: onnx.NodeProto) -> None:
     approx = attrs(node).get("approximate", b"none")
     approx = approx.decode() if isinstance(approx, bytes) else approx
     lw.emit(node, lw.tf.nn.gelu(lw.values[node.input[0]], approximate=approx == "tanh"))
 
 
-def _erf(lw: "Lowering", node: onnx.NodeProto) -> None:
+def _erf(lw: Lowering, node: onnx.NodeProto) -> None:
     raise lw.error(node, "TFLite has no ERF op; an Erf is lowered only as part of an exported GELU "
                          "(x * 0.5 * (1 + erf(x / sqrt(2)))), and this one is not")
 
 
-def _range(lw: "Lowering", node: onnx.NodeProto) -> None:
+def _range(lw: Lowering, node: onnx.NodeProto) -> None:
     raise lw.error(node, "Range with inputs that are not constant at the fixed input shapes is not supported")
 
 
 #: ONNX op type -> lowering, in islands mode (encoders). MatMul, Reshape, Transpose, Squeeze,
 #: Unsqueeze, Flatten, Identity come from the int8 op table, whose emit() keeps them float here.
-FLOAT_GRAPH_OPS: dict[str, Callable[["Lowering", onnx.NodeProto], None]] = {
+FLOAT_GRAPH_OPS: dict[str, Callable[[Lowering, onnx.NodeProto], None]] = {
     "Add": _elementwise(lambda tf, a, b: tf.math.add(a, b)),
     "Sub": _elementwise(lambda tf, a, b: tf.math.subtract(a, b)),
     "Mul": _elementwise(lambda tf, a, b: tf.math.multiply(a, b)),

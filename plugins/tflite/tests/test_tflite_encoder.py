@@ -17,23 +17,23 @@ pytest.importorskip("tensorflow")
 pytest.importorskip("ai_edge_litert")
 ort = pytest.importorskip("onnxruntime")
 
-from deploykit.errors import LoweringError  # noqa: E402
-from deploykit.quantize.canonical import QdqGraph  # noqa: E402
-from deploykit.testing import eval_feeds, make_canonical, make_target  # noqa: E402
-from deploykit_tflite import TFLiteBackend  # noqa: E402
-from deploykit_tflite.float_ops import find_gelus  # noqa: E402
-from deploykit_tflite.lowering import convert, fixed_input_shapes, lower_graph  # noqa: E402
-from deploykit_tflite.verify import open_interpreter, verify  # noqa: E402
+from deploykit_tflite import TFLiteBackend
+from deploykit_tflite.float_ops import find_gelus
+from deploykit_tflite.lowering import convert, fixed_input_shapes, lower_graph
+from deploykit_tflite.verify import open_interpreter, verify
+
+from deploykit.errors import LoweringError
+from deploykit.quantize.canonical import QdqGraph
+from deploykit.reference import run_canonical
+from deploykit.testing import eval_feeds, make_canonical, make_target
 
 sys.path.insert(0, str(Path(__file__).parent))
-from zoo import dead_channel_cnn, make_canonical_from  # noqa: E402
+from zoo import dead_channel_cnn, make_canonical_from
 
 
 def canonical_outputs(canonical, feeds) -> list[np.ndarray]:
-    """The canonical model's exact Q/DQ semantics: onnxruntime with graph optimizations off."""
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(canonical.path), so, providers=["CPUExecutionProvider"]).run(None, feeds)
+    """The canonical model's exact Q/DQ semantics (onnxruntime with graph optimizations off)."""
+    return run_canonical(canonical.path, feeds)
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
