@@ -8,12 +8,15 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-import deploykit
+from deploykit._version import __version__
 from deploykit.errors import BuildFault, CheckFailed, ConfigError, DeploykitError, Terminated
+
+if TYPE_CHECKING:  # imported where used: `deploykit --help` stays fast
+    from deploykit.targets import Preprocess
 
 DEFAULT_TARGETS_FILE = "targets.toml"
 
@@ -24,7 +27,7 @@ def _targets_file(value: str | None) -> Path | None:
     return Path(DEFAULT_TARGETS_FILE) if Path(DEFAULT_TARGETS_FILE).is_file() else None
 
 
-def _echo_json(obj) -> None:
+def _echo_json(obj: Any) -> None:
     from deploykit.outdir import dumps
 
     click.echo(dumps(obj))  # strict JSON: NaN/inf become null
@@ -34,7 +37,7 @@ _VERBOSE = {"on": False}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(deploykit.__version__, prog_name="deploykit")
+@click.version_option(__version__, prog_name="deploykit")
 @click.option("-v", "--verbose", is_flag=True,
               help="Say what each stage does, and show the vendor SDKs' own start-up logs (quiet by default).")
 def cli(verbose: bool) -> None:
@@ -47,11 +50,17 @@ def cli(verbose: bool) -> None:
       deploykit backends            # what this machine can build and run
       deploykit targets             # list and validate targets.toml
       deploykit inspect out/canonical.qdq.onnx --lint
+      deploykit run-job JOB_DIR     # a saved check job, in this process
     """
     from deploykit import vendorlog
 
     verbose = verbose or vendorlog.verbose()
     _VERBOSE["on"] = verbose
+    ctx = click.get_current_context()
+    if ctx.invoked_subcommand != "build":  # only a build defers Ctrl-C to safe points
+        from deploykit import signals
+
+        signals.unblock()
     from deploykit.progress import EchoHandler
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
@@ -90,8 +99,10 @@ def cli(verbose: bool) -> None:
 @click.option("--allow-code", is_flag=True, help="Let targets.toml name Python code as data ('module:function' or "
               "'file.py:function' in [calibration]); without it only data files and folders are read from it. "
               "Code given with --calib/--eval always runs: you typed it.")
-def build(model, targets, calib, eval_, method, percentile, samples, eval_samples, task, calib_batch_size, preprocess,
-          targets_file, out_dir, no_baseline, db, as_json, allow_code) -> None:
+def build(model: Path, targets: str, calib: str | None, eval_: str | None, method: str | None,
+          percentile: float | None, samples: int | None, eval_samples: int, task: str, calib_batch_size: int | None,
+          preprocess: str | None, targets_file: str | None, out_dir: Path, no_baseline: bool, db: Path | None,
+          as_json: bool, allow_code: bool) -> None:
     """Calibrate MODEL once, lower it for every --target, run the checks, write a manifest and report.
 
     Writes OUT/canonical.qdq.onnx (+ .calib.json, + .fp32.onnx), OUT/<target>/<artifact>,
@@ -108,7 +119,7 @@ def build(model, targets, calib, eval_, method, percentile, samples, eval_sample
 
     with signals.deferred():  # before any vendor SDK starts a thread: they inherit the blocked mask
         _build(model, targets, calib, eval_, method, percentile, samples, eval_samples, task, calib_batch_size,
-               preprocess, targets_file, out_dir, no_baseline, as_json, allow_code, progress)
+               preprocess, targets_file, out_dir, no_baseline, db, as_json, allow_code, progress)
 
 
 def _percentile(value: float | None) -> float | None:
@@ -117,8 +128,10 @@ def _percentile(value: float | None) -> float | None:
     return value
 
 
-def _build(model, targets, calib, eval_, method, percentile, samples, eval_samples, task, calib_batch_size,
-           preprocess, targets_file, out_dir, no_baseline, as_json, allow_code, progress) -> None:
+def _build(model: Path, targets: str, calib: str | None, eval_: str | None, method: str | None,
+           percentile: float | None, samples: int | None, eval_samples: int, task: str, calib_batch_size: int | None,
+           preprocess: str | None, targets_file: str | None, out_dir: Path, no_baseline: bool, db: Path | None,
+           as_json: bool, allow_code: bool, progress: Any) -> None:
     from deploykit.pipeline import BuildOptions, build as run_build
     from deploykit.report import terminal_table
 
@@ -147,7 +160,7 @@ def _build(model, targets, calib, eval_, method, percentile, samples, eval_sampl
         raise CheckFailed(f"targets with failed checks or errors: {', '.join(bad)} (see {out_dir / 'report.md'})")
 
 
-def _record_build(manifest, db: Path | None, out_dir: Path, quiet: bool) -> None:
+def _record_build(manifest: dict[str, Any], db: Path | None, out_dir: Path, quiet: bool) -> None:
     """Every build goes to the results history; a history that cannot be written costs a
     warning, never the build."""
     from deploykit.history import record_build
@@ -161,7 +174,7 @@ def _record_build(manifest, db: Path | None, out_dir: Path, quiet: bool) -> None
         click.echo(f"recorded as run {run_id} in the results history ('deploykit results')", err=True)
 
 
-def _parse_preprocess(text: str):
+def _parse_preprocess(text: str) -> Preprocess:
     from deploykit.targets import parse_preprocess
 
     raw: dict[str, Any] = {}
@@ -200,7 +213,7 @@ def backends(as_json: bool) -> None:
     from deploykit.testing import make_target
 
     registry = load_registry()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in registry.names():
         cls = registry.backends[name]
         try:
@@ -236,7 +249,7 @@ def plugins(as_json: bool) -> None:
     from deploykit.plugins import load_registry
 
     registry = load_registry()
-    rows = [{"name": p.name, "module": p.module, "distribution": p.distribution, "version": p.version,
+    rows: list[dict[str, Any]] = [{"name": p.name, "module": p.module, "distribution": p.distribution, "version": p.version,
              "backends": p.backends} for p in registry.plugins.values()]
     if as_json:
         _echo_json(rows)
@@ -260,8 +273,8 @@ def targets(targets_file: str | None, as_json: bool) -> None:
         raise ConfigError(f"no {DEFAULT_TARGETS_FILE} here; pass --targets-file")
     tf = load_targets(path)
     registry = load_registry()
-    resolved = tf.all_targets(registry)
-    rows = [{"name": t.name, "backend": t.backend, "device": t.device.name, "device_kind": t.device.kind,
+    resolved = registry.all_targets(tf)
+    rows: list[dict[str, Any]] = [{"name": t.name, "backend": t.backend, "device": t.device.name, "device_kind": t.device.kind,
              "batch_sizes": list(t.batch_sizes), "options": dict(t.options), "thresholds": dict(t.thresholds),
              "description": t.description} for t in resolved]
     if as_json:
@@ -286,9 +299,9 @@ def inspect(model: Path, run_lint: bool, tensorrt: bool, as_json: bool) -> None:
     --lint checks the canonical-model contract and names each offending node and rule."""
     import onnx
 
+    from deploykit.canonical import META_TABLE, lint
     from deploykit.modelinfo import describe, render_text
     from deploykit.tables import escape
-    from deploykit.quantize.canonical import META_TABLE, lint
 
     if not model.is_file():
         raise ConfigError(f"{model}: model file not found")
@@ -314,6 +327,40 @@ def inspect(model: Path, run_lint: bool, tensorrt: bool, as_json: bool) -> None:
         raise CheckFailed(f"{model}: {len(violations)} lint violation(s)")
 
 
+@cli.command("run-job")
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout instead of a table.")
+def run_job(folder: Path, as_json: bool) -> None:
+    """Run the check job saved in FOLDER (job.json + arrays.npz) in this process.
+
+    The artifact the job names must be readable here. Writes FOLDER/result.json; exit code 1
+    when a check fails its threshold, 2 when FOLDER is not a check job. See docs/check-jobs.md.
+    """
+    from deploykit import progress
+    from deploykit.fileio import atomic_output
+    from deploykit.jobs import RESULT_FILE, CheckJob, LocalExecutor
+    from deploykit.outdir import dumps
+
+    if as_json:
+        progress.set_enabled(False)
+    job = CheckJob.load(folder)
+    result = LocalExecutor().run(job)
+    payload = result.to_json()
+    with atomic_output(folder / RESULT_FILE) as tmp:
+        tmp.write_text(dumps(payload), encoding="utf-8")  # strict JSON: a NaN metric becomes null
+    if as_json:
+        _echo_json(payload)
+    else:
+        for c in result.checks:
+            value = "-" if c.value is None else f"{c.value:.6g}"
+            bound = "" if c.threshold is None else f" ({c.bound} {c.threshold:g})"
+            click.echo(f"{c.name:<20} {c.status:<8} {value}{bound}")
+        click.echo(f"\nwrote {folder / RESULT_FILE}")
+    failed = [c.name for c in result.checks if c.status == "fail"]
+    if failed:
+        raise CheckFailed(f"{job.target.name}: failed checks: {', '.join(failed)}")
+
+
 def _register_matrix_commands() -> None:
     from deploykit.matrix.cli import compare, matrix, results
 
@@ -330,13 +377,15 @@ def _on_sigterm(signo: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; every outcome is an exit code and at most one error line (``-v``: tracebacks)."""
-    from deploykit import vendorlog
+    from deploykit import signals, vendorlog
 
+    mask = signals.block()  # before numpy/SDK threads exist: they inherit it (see deploykit/signals.py)
     vendorlog.install()  # before any vendor import: quiet start-up logs (see deploykit/vendorlog.py)
     try:
         return _main(argv)
     finally:
         vendorlog.stop()
+        signals.restore(mask)
 
 
 def _main(argv: list[str] | None) -> int:

@@ -4,13 +4,13 @@ validated against the model's inputs; labels travel beside them when the source 
 
 from __future__ import annotations
 
-import hashlib
 import importlib
+import importlib.util
 import itertools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import numpy as np
 
@@ -20,7 +20,8 @@ from deploykit.targets import Preprocess
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".gif", ".tif", ".tiff", ".webp"}
 LABEL_KEYS = ("labels", "label", "y")
 
-Specs = Mapping[str, tuple[list, Any]]  # name -> (shape, numpy dtype), from model.input_specs
+T = TypeVar("T")
+Specs = Mapping[str, tuple[list[int | str], Any]]  # name -> (shape, numpy dtype), from model.input_specs
 
 
 @dataclass
@@ -279,14 +280,16 @@ def _reader(a: Any) -> Callable[[int, int], np.ndarray]:
     return lambda start, count: np.ascontiguousarray(a[start:start + count])
 
 
-def _read_npy_header(fh: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+def _read_npy_header(fh: Any) -> tuple[tuple[int, ...], bool, np.dtype[Any]]:
     fmt = np.lib.format
     version = fmt.read_magic(fh)
     if version == (1, 0):
         return fmt.read_array_header_1_0(fh)
     if version == (2, 0):
         return fmt.read_array_header_2_0(fh)
-    return fmt._read_array_header(fh, version)  # 3.0: utf-8 field names
+    header: tuple[tuple[int, ...], bool, np.dtype[Any]] = fmt._read_array_header(  # type: ignore[attr-defined]
+        fh, version)  # 3.0: utf-8 field names; numpy has no public reader for it
+    return header
 
 
 def _npz_members(path: Path) -> dict[str, _NpzMember]:
@@ -338,7 +341,7 @@ class ImageFolderSource(DataSource):
             yield Batch({self.input: images}, labels)
 
 
-def _default_preprocess(shape: list) -> Preprocess:
+def _default_preprocess(shape: list[int | str]) -> Preprocess:
     layout = "NHWC" if len(shape) == 4 and shape[-1] in (1, 3) and shape[1] not in (1, 3) else "NCHW"
     channels = shape[1] if layout == "NCHW" else shape[-1]
     h = shape[2] if layout == "NCHW" else shape[1]
@@ -356,7 +359,7 @@ def load_image(path: Path, pp: Preprocess) -> np.ndarray:
     if pp.resize:
         w, h = img.size
         k = pp.resize / min(w, h)
-        img = img.resize((max(1, round(w * k)), max(1, round(h * k))), Image.BILINEAR)
+        img = img.resize((max(1, round(w * k)), max(1, round(h * k))), Image.Resampling.BILINEAR)
     if pp.crop:
         w, h = img.size
         left, top = (w - pp.crop) // 2, (h - pp.crop) // 2
@@ -364,7 +367,7 @@ def load_image(path: Path, pp: Preprocess) -> np.ndarray:
     arr = np.asarray(img, dtype=np.float32) / pp.scale
     if arr.ndim == 2:
         arr = arr[..., None]
-    arr = (arr - np.asarray(pp.mean, np.float32)) / np.asarray(pp.std, np.float32)
+    arr = ((arr - np.asarray(pp.mean, np.float32)) / np.asarray(pp.std, np.float32)).astype(np.float32)
     return arr.transpose(2, 0, 1) if pp.layout == "NCHW" else arr
 
 
@@ -426,6 +429,8 @@ def _resolve_callable(spec: str) -> Callable[[], Any]:
             if not path.exists():
                 raise DataError(f"{path}: file not found")
             spec_ = importlib.util.spec_from_file_location(path.stem, path)
+            if spec_ is None or spec_.loader is None:
+                raise DataError(f"{path}: not importable as a Python module")
             module = importlib.util.module_from_spec(spec_)
             sys.modules.setdefault(path.stem, module)
             spec_.loader.exec_module(module)
@@ -440,7 +445,7 @@ def _resolve_callable(spec: str) -> Callable[[], Any]:
         raise DataError(f"'{spec}': cannot import ({type(exc).__name__}: {exc})") from None
     if not callable(fn):
         raise DataError(f"'{spec}': {attr} is not callable")
-    return fn
+    return fn  # type: ignore[no-any-return]  # callable() checked it
 
 
 class RandomSource(DataSource):
@@ -481,7 +486,7 @@ def is_code(src: Any) -> bool:
     return ":" in text and not path.is_dir() and path.suffix not in (".npy", ".npz") and not path.exists()
 
 
-def open_source(src: str | Path | Callable | None, specs: Specs, preprocess: Preprocess | None = None,
+def open_source(src: str | Path | Callable[[], Any] | None, specs: Specs, preprocess: Preprocess | None = None,
                 limit: int | None = None) -> DataSource | None:
     """Pick the source for ``src``: a .npy/.npz file, an image folder, or ``module:function``."""
     if src is None:
@@ -504,23 +509,7 @@ def open_source(src: str | Path | Callable | None, specs: Specs, preprocess: Pre
     raise DataError(f"{text}: unsupported data ({path.suffix or 'no suffix'}); use .npy/.npz, an image folder, or module:function")
 
 
-class Hasher:
-    """Hash of the data as it streams past (names, dtypes, shapes, bytes)."""
-
-    def __init__(self) -> None:
-        self.h = hashlib.sha256()
-
-    def update(self, feeds: Mapping[str, np.ndarray]) -> None:
-        for k in sorted(feeds):
-            a = np.ascontiguousarray(feeds[k])
-            self.h.update(f"{k}:{a.dtype}:{a.shape[1:]}".encode())
-            self.h.update(a.tobytes())
-
-    def hexdigest(self) -> str:
-        return self.h.hexdigest()
-
-
-def _batched(items: list, n: int) -> Iterator[list]:
+def _batched(items: list[T], n: int) -> Iterator[list[T]]:
     it = iter(items)
     while chunk := list(itertools.islice(it, n)):
         yield chunk

@@ -13,13 +13,13 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import onnx
 from onnx import external_data_helper
 
+from deploykit.canonical import OPSET
 from deploykit.errors import ModelError
-from deploykit.quantize.canonical import OPSET
 
 
 def load_onnx(path: Path | str) -> onnx.ModelProto:
@@ -63,9 +63,9 @@ def load_onnx(path: Path | str) -> onnx.ModelProto:
     return model
 
 
-def export_torch(module: Any, example_inputs: tuple, path: Path | str, input_names: list[str] | None = None,
+def export_torch(module: Any, example_inputs: tuple[Any, ...], path: Path | str, input_names: list[str] | None = None,
                  dynamic_batch: bool = True) -> Path:
-    """Export a torch.nn.Module with the dynamo exporter at opset 18 (FINDINGS.md: the one that
+    """Export a torch.nn.Module with the dynamo exporter at opset 18 (docs/toolchain-facts.md: the one that
     works), batch dimension dynamic unless ``dynamic_batch`` is False."""
     try:
         import torch
@@ -250,7 +250,7 @@ def unique_node_names(model: onnx.ModelProto) -> None:
         seen.add(name)
 
 
-def fixed_batch(specs) -> int | None:
+def fixed_batch(specs: Mapping[str, tuple[list[int | str], Any]]) -> int | None:
     """The batch a model was exported with when its batch dimension is not dynamic (it only
     runs at that batch), else None. ``specs`` as from :func:`input_specs`."""
     fixed = {shape[0] for shape, _ in specs.values() if shape and isinstance(shape[0], int) and shape[0] > 0}

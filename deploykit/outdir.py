@@ -437,7 +437,7 @@ class OutDir:
 
 
 def _src_for(plan: Mapping[str, Any], dst: str) -> str:
-    return next(s for s, d in plan["moves"] if d == dst)
+    return str(next(s for s, d in plan["moves"] if d == dst))
 
 
 def _fsync_dir(path: Path) -> None:

@@ -16,34 +16,37 @@ import logging
 import math
 import os
 import platform
-import tempfile
 import time
 import uuid
 import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 import numpy as np
 
-import deploykit
-from deploykit import checks, data, model as modelmod, signals
-from deploykit.backend import Artifact, Availability, CanonicalModel, CheckResult
+from deploykit import checks, data, signals
+from deploykit import model as modelmod
+from deploykit._version import __version__
+from deploykit.canonical import CanonicalModel
 from deploykit.errors import BuildFault, ConfigError, DataError, DeploykitError, OutputDirError
 from deploykit.fileio import sha256
+from deploykit.jobs import CheckJob, CheckSettings, Executor, LocalExecutor, latency_feeds
 from deploykit.outdir import OutDir
 from deploykit.plugins import Registry, load_registry
 from deploykit.progress import bar
 from deploykit.quantize import load_canonical, quantize, write_canonical
 from deploykit.quantize.observe import METHODS
 from deploykit.reference import canonical_runner, fp32_runner
+from deploykit.results import SCHEMA_VERSION, Artifact, Availability, CheckResult, TargetResult, jsonable
 from deploykit.targets import Calibration, Preprocess, Target, TargetsFile, load_targets
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
 
 log = logging.getLogger("deploykit")
+T = TypeVar("T")
 RANDOM_WARNING = ("calibrated on random data: no --calib data was given, so the scales are NOT meaningful; "
                   "pass --calib with real samples before shipping")
 
@@ -62,59 +65,11 @@ class BuildOptions:
     batch_size: int | None = None  # calibration batch size
     preprocess: Preprocess | None = None
     baseline: bool = True  # measure FP32 onnxruntime latency as the reference row
-    example_inputs: tuple | None = None  # with a torch.nn.Module: inputs for the dynamo export
+    example_inputs: tuple[Any, ...] | None = None  # with a torch.nn.Module: inputs for the dynamo export
     input_names: list[str] | None = None  # with a torch.nn.Module: ONNX input names
     task: str = "auto"  # classification (top-k, accuracy), other (cosine/L2 only), auto: from the output shape
     allow_code: bool = False  # let targets.toml name Python code as data (module:function)
     on_event: Callable[[str], None] = field(default=lambda msg: None)
-
-
-@dataclass
-class TargetResult:
-    target: Target
-    status: str = "ok"  # ok | failed (a check failed) | skipped (backend unavailable) | error
-    reason: str = ""
-    availability: Availability | None = None
-    artifact: Artifact | None = None
-    checks: list[CheckResult] = field(default_factory=list)
-    latency: list[dict] = field(default_factory=list)
-    metadata: dict[str, Any] = field(default_factory=dict)
-    device_info: dict[str, Any] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
-    stored: dict[str, Any] | None = None  # kept from an interrupted build: its manifest entry as written then
-
-    def to_json(self, out_dir: Path, prefix: str = "") -> dict[str, Any]:
-        """The manifest entry; paths relative to ``out_dir``, under ``prefix`` when given."""
-        if self.stored is not None:
-            return dict(self.stored)
-        art = None
-        pre = (lambda rel: f"{prefix}/{rel}") if prefix else (lambda rel: rel)
-        if self.artifact is not None:
-            art = {"path": pre(_rel(self.artifact.path, out_dir)), "sha256": sha256(self.artifact.path),
-                   "files": {pre(_rel(f, out_dir)): sha256(f) for f in self.artifact.files if f.exists()},
-                   "metadata": _jsonable(self.artifact.metadata)}
-        t = self.target
-        return {
-            "name": t.name, "backend": t.backend, "device": {"name": t.device.name, "kind": t.device.kind,
-                                                             "address": t.device.address},
-            "options": _jsonable(t.options), "thresholds": dict(t.thresholds), "batch_sizes": list(t.batch_sizes),
-            "status": self.status, "reason": self.reason,
-            "availability": None if self.availability is None else {
-                "can_lower": self.availability.can_lower, "can_run": self.availability.can_run,
-                "reason": self.availability.reason, "install_hint": self.availability.install_hint,
-                "versions": dict(self.availability.versions)},
-            "artifact": art, "checks": [c.to_json() for c in self.checks], "latency": self.latency,
-            "preflight": _jsonable(self.metadata), "device_info": _jsonable(self.device_info),
-            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
-        }
-
-    def relocate(self, out_dir: Path) -> None:
-        """Point the artifact at its published place, ``out_dir/<target>/`` (it was built in staging)."""
-        if self.artifact is None:
-            return
-        base, folder = self.artifact.path.parent, out_dir / self.target.name
-        self.artifact = dataclasses.replace(self.artifact, path=folder / self.artifact.path.name,
-                                            files=tuple(folder / Path(f).relative_to(base) for f in self.artifact.files))
 
 
 @dataclass
@@ -129,29 +84,33 @@ class BuildResult:
         return all(t.status in ("ok", "skipped") for t in self.targets)
 
 
-def build(model: Any, options: BuildOptions, registry: Registry | None = None) -> BuildResult:
+def build(model: Any, options: BuildOptions, registry: Registry | None = None,
+          executor: Executor | None = None) -> BuildResult:
     """Build every target of ``options`` from an .onnx path, or a torch.nn.Module plus
     ``options.example_inputs`` (exported with the dynamo exporter at opset 18, dynamic batch).
+    Each target's checks run as a :class:`deploykit.jobs.CheckJob` on ``executor`` (default:
+    :class:`deploykit.jobs.LocalExecutor`, this process).
 
     Everything that can be checked is checked before calibration starts. The output folder
     is locked, each step journaled and staged (see :mod:`deploykit.outdir`): a rerun after an
     interruption keeps the finished steps, and the new outputs replace the old only at the end.
     """
     registry = registry or load_registry()
+    executor = executor or LocalExecutor(registry)
     events = options.on_event
     with stage("reading the configuration"):
         tf = load_targets(options.targets_file)
-        targets = tf.resolve(options.targets, registry)  # fail fast on an unknown target, before any work
+        targets = registry.resolve(tf, options.targets)  # fail fast on an unknown target, before any work
         _validate_options(options)
         calib_cfg = _calibration(tf.calibration, options)
         _refuse_code_from_config(calib_cfg, options, tf)
         preprocess = options.preprocess or tf.preprocess
     with OutDir(options.out_dir) as out:
-        return _build_in(model, options, registry, tf, targets, calib_cfg, preprocess, out, events)
+        return _build_in(model, options, registry, executor, tf, targets, calib_cfg, preprocess, out, events)
 
 
-def _build_in(model: Any, options: BuildOptions, registry: Registry, tf: TargetsFile, targets: list[Target],
-              calib_cfg: Calibration, preprocess: Preprocess | None, out: OutDir,
+def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: Executor, tf: TargetsFile,
+              targets: list[Target], calib_cfg: Calibration, preprocess: Preprocess | None, out: OutDir,
               events: Callable[[str], None]) -> BuildResult:
     out_dir = out.root
     started = time.monotonic()
@@ -199,7 +158,7 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, tf: Targets
     with stage("probing the backends"):
         availability = {t.name: registry.get(t.backend).probe(t) for t in targets}
 
-    calib_key = _key(deploykit.__version__, source_hash, calib_cfg.method, calib_cfg.percentile, calib_cfg.samples,
+    calib_key = _key(__version__, source_hash, calib_cfg.method, calib_cfg.percentile, calib_cfg.samples,
                      calib_cfg.batch_size, calib_cfg.seed, _source_key(calib_cfg.data), options.task)
     calib_info = out.finished("calibration", calib_key)
     t0 = time.monotonic()
@@ -210,12 +169,14 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, tf: Targets
                               source_hash)
             write_canonical(result, fp32, step.dir)
             step.payload.update(method=result.method, samples=result.samples, data_hash=result.data_hash,
-                                random_data=result.random_data, lint_violations=list(result.lint_violations),
-                                seconds=time.monotonic() - t0)
+                                random_data=result.random_data, seconds=time.monotonic() - t0)
         calib_info = out.finished("calibration", calib_key) or {}
     else:
         events(f"calibration kept from the interrupted build ({calib_info['samples']} samples)")
     canonical = load_canonical(out.step_dir("calibration") / "canonical.qdq.onnx")
+    if eval_batches:  # what a target that needs fixed shapes (TFLite) fixes dynamic dims to
+        canonical = dataclasses.replace(canonical, example_shapes={
+            name: (1, *array.shape[1:]) for name, array in eval_batches[0].items()})
     events(f"canonical model: {out_dir / canonical.path.name} ({calib_info['samples']} samples, {calib_cfg.method})")
     signals.checkpoint()
 
@@ -223,12 +184,17 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, tf: Targets
         reference = _reference_outputs(canonical, eval_batches)
         fp32_acc = checks.task_accuracy(reference["fp32"][0], labels) if labels is not None and classification else None
         baseline = _baseline_latency(canonical, targets, eval_batches) if options.baseline and targets else []
+    settings = CheckSettings(classification, fp32_acc, {entry["batch_size"]: entry["p50_ms"] for entry in baseline})
+
+    def job_for(target: Target, artifact: Artifact) -> CheckJob:
+        return CheckJob(target, artifact, canonical.path, canonical.fp32_path, tuple(eval_batches), labels,
+                        tuple(reference["fp32"]), tuple(reference["canonical"]), settings)
 
     results = []
     for target in targets:
         name = f"target-{target.name}"
         layout[name] = target.name
-        key = _key(calib_key, _jsonable(dataclasses.asdict(target)), _source_key(eval_spec), options.eval_samples,
+        key = _key(calib_key, jsonable(dataclasses.asdict(target)), _source_key(eval_spec), options.eval_samples,
                    options.baseline)
         kept = out.finished(name, key)
         if kept is not None:
@@ -237,16 +203,14 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, tf: Targets
             continue
         events(f"target {target.name} ({target.backend})")
         with signals.hold(f"target {target.name}"), out.step(name, key) as step:
-            res = _build_target(target, registry, canonical, step.dir, eval_batches, labels, reference, fp32_acc,
-                                {l["batch_size"]: l["p50_ms"] for l in baseline}, classification,
-                                availability[target.name])
+            res = _build_target(target, registry, executor, canonical, step.dir, job_for, availability[target.name])
             step.payload.update(res.to_json(step.dir, prefix=target.name))
         res.stored = out.finished(name, key)  # the entry as written, while the files were in staging
         results.append(res)
 
     with stage("publishing the outputs"):
         manifest = _manifest(model, source_hash, canonical, calib_info, calib_src, eval_src, eval_note, classification,
-                             fp32_acc, baseline, results, out_dir, time.monotonic() - started, registry)
+                             fp32_acc, baseline, results, out_dir, time.monotonic() - started)
         from deploykit.report import markdown_report
 
         manifest["files"] = out.publish(layout, manifest, markdown_report(manifest))
@@ -375,15 +339,19 @@ def _at_batch(target: Target, batch: int, events: Callable[[str], None]) -> Targ
 
 
 def _eval_batches(src: data.DataSource, batch_size: int) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None]:
-    feeds, labels = [], []
+    feeds: list[dict[str, np.ndarray]] = []
+    labels: list[np.ndarray] = []
+    has_labels = True
     for b in src.batches(batch_size):
         feeds.append(b.feeds)
-        labels.append(b.labels)
-    has_labels = all(l is not None for l in labels)
+        if b.labels is None:
+            has_labels = False
+        else:
+            labels.append(b.labels)
     return feeds, (np.concatenate(labels) if has_labels and labels else None)
 
 
-def _reference_outputs(canonical: CanonicalModel, batches: list[dict]) -> dict[str, list[np.ndarray]]:
+def _reference_outputs(canonical: CanonicalModel, batches: list[dict[str, np.ndarray]]) -> dict[str, list[np.ndarray]]:
     """FP32 (accuracy reference) and canonical QDQ (fidelity reference, exact Q/DQ semantics)
     outputs, in onnxruntime."""
     with bar(2, "reference outputs", "model") as b:
@@ -394,38 +362,27 @@ def _reference_outputs(canonical: CanonicalModel, batches: list[dict]) -> dict[s
     return {"fp32": fp32, "canonical": qdq}
 
 
-def _latency_feeds(batches: list[dict], batch_size: int) -> dict[str, np.ndarray]:
-    """The first ``batch_size`` evaluation samples (repeated if there are fewer)."""
-    taken, n = [], 0
-    for b in batches:  # only as many batches as needed, not the whole evaluation set
-        taken.append(b)
-        n += len(next(iter(b.values())))
-        if n >= batch_size:
-            break
-    reps = -(-batch_size // n)
-    return {k: np.concatenate([b[k] for b in taken] * reps)[:batch_size] for k in taken[0]}
-
-
-def _baseline_latency(canonical: CanonicalModel, targets: list[Target], batches: list[dict]) -> list[dict]:
+def _baseline_latency(canonical: CanonicalModel, targets: list[Target],
+                      batches: list[dict[str, np.ndarray]]) -> list[dict[str, Any]]:
     runner = fp32_runner(canonical.fp32_path)
     sizes = sorted({b for t in targets for b in t.batch_sizes})
     warmup, runs = max(t.warmup for t in targets), max(t.runs for t in targets)
     out = []
     for b in bar_iter(sizes, "FP32 baseline latency"):
-        out.append(checks.measure_latency(runner, _latency_feeds(batches, b), warmup, runs).to_json())
+        out.append(checks.measure_latency(runner, latency_feeds(batches, b), warmup, runs).to_json())
     return out
 
 
-def bar_iter(items: list, desc: str):
+def bar_iter(items: list[T], desc: str) -> Iterator[T]:
     with bar(len(items), desc) as b:
         for item in items:
             yield item
             b.update()
 
 
-def _build_target(target: Target, registry: Registry, canonical: CanonicalModel, folder: Path,
-                  batches: list[dict], labels: np.ndarray | None, reference: dict, fp32_acc: float | None,
-                  ort_fp32_ms: dict[int, float], classification: bool, availability: Availability) -> TargetResult:
+def _build_target(target: Target, registry: Registry, executor: Executor, canonical: CanonicalModel, folder: Path,
+                  job_for: Callable[[Target, Artifact], CheckJob], availability: Availability) -> TargetResult:
+    """Preflight, lower, then run the target's check job on ``executor``."""
     res = TargetResult(target)
     try:
         backend = registry.get(target.backend)
@@ -450,7 +407,11 @@ def _build_target(target: Target, registry: Registry, canonical: CanonicalModel,
             for name in ("top1_agreement", "cosine", "fidelity_rel_l2", "latency_p50_ms"):
                 res.checks.append(CheckResult(name, "not_run", message=not_here))
         else:
-            _run_checks(res, backend, canonical, batches, labels, reference, fp32_acc, ort_fp32_ms, classification)
+            checked = executor.run(job_for(target, res.artifact))
+            res.checks.extend(checked.checks)
+            res.latency.extend(checked.latency)
+            res.seconds.update(checked.seconds)
+            res.metadata.update(checked.notes)
         try:
             res.device_info = backend.device_info(target)
         except Exception as exc:  # device facts are nice to have, never fatal
@@ -473,90 +434,8 @@ def _missing(av: Availability) -> str:
     return av.reason + (f" (install: {av.install_hint})" if av.install_hint else "")
 
 
-def _run_checks(res: TargetResult, backend, canonical: CanonicalModel, batches: list[dict],
-                labels: np.ndarray | None, reference: dict, fp32_acc: float | None,
-                ort_fp32_ms: dict[int, float], classification: bool) -> None:
-    target = res.target
-    th = target.thresholds
-    rss0 = _rss_mb()
-    t0 = time.monotonic()
-    runner = backend.load(res.artifact, target)
-    res.seconds["load"] = time.monotonic() - t0
-    with bar(len(batches), f"{target.name}: accuracy", "batch") as b:
-        outputs = []
-        for feeds in batches:
-            outputs.append(runner.run(feeds))
-            b.update()
-    got = [np.concatenate([o[i] for o in outputs]) for i in range(len(outputs[0]))]
-    measured = checks.compare(reference["fp32"], got, classification=classification)
-    for name, value in measured.items():
-        res.checks.append(checks.judge(name, value, th, "vs FP32 in onnxruntime"))
-    for key in th:  # a threshold on a metric this task has no value for is said, not dropped
-        metric = key.partition("_")[2]
-        if metric in ("top1_agreement", "top5_agreement", "accuracy", "accuracy_drop") and not classification:
-            res.checks.append(checks.judge(metric, None, th, "not a classification task (--task)"))
-        elif metric in ("accuracy", "accuracy_drop") and labels is None:
-            res.checks.append(checks.judge(metric, None, th, "no labels in the evaluation data"))
-    for name, value in checks.compare(reference["canonical"], got, prefix="fidelity_").items():
-        res.checks.append(checks.judge(name, value, th, "vs the canonical QDQ model in onnxruntime"))
-    if labels is not None and classification:
-        acc = checks.task_accuracy(got[0], labels)
-        res.checks.append(checks.judge("accuracy", acc, th, f"on {len(labels)} labelled samples"))
-        res.checks.append(checks.judge("accuracy_drop", (fp32_acc or 0.0) - acc, th,
-                                       f"FP32 accuracy {fp32_acc:.4f} minus target accuracy"))
-    memory_mb = max(0.0, _rss_mb() - rss0)  # before a baseline runner adds its own
-    with tempfile.TemporaryDirectory(prefix="deploykit-fp32-") as scratch:
-        _measure_latency(res, runner, _fp32_runner(res, backend, canonical, Path(scratch)), batches, ort_fp32_ms)
-    res.checks.append(checks.judge("memory_mb", memory_mb, th,
-                                   "resident memory added by loading and running the artifact"))
-
-
-def _measure_latency(res: TargetResult, runner, fp32, batches: list[dict], ort_fp32_ms: dict[int, float]) -> None:
-    target, th = res.target, res.target.thresholds
-    for i, b in enumerate(bar_iter(list(target.batch_sizes), f"{target.name}: latency")):
-        feeds = _latency_feeds(batches, b)
-        stats = checks.measure_latency(runner, feeds, target.warmup, target.runs)
-        entry = stats.to_json()
-        extra = getattr(runner, "last_gpu_ms", None)
-        if extra is not None:
-            entry["gpu_compute_ms"] = extra
-        if fp32 is not None:  # same runtime, same device, measured right after: the fair ratio
-            base = checks.measure_latency(fp32, feeds, target.warmup, target.runs)
-            entry.update(fp32_p50_ms=base.p50_ms, speedup=base.p50_ms / stats.p50_ms, speedup_vs=f"{target.backend} fp32")
-        elif b in ort_fp32_ms:
-            entry.update(fp32_p50_ms=ort_fp32_ms[b], speedup=ort_fp32_ms[b] / stats.p50_ms, speedup_vs="onnxruntime fp32")
-        res.latency.append(entry)
-        if i == 0:  # thresholds apply to the first batch size
-            note = f"batch {b}, {target.runs} runs after {target.warmup} warm-up"
-            res.checks.append(checks.judge("latency_p50_ms", stats.p50_ms, th, note))
-            res.checks.append(checks.judge("latency_p99_ms", stats.p99_ms, th, note))
-            res.checks.append(checks.judge("throughput", stats.throughput, th, f"samples/s at batch {b}"))
-            if "speedup" in entry:
-                res.checks.append(checks.judge("speedup", entry["speedup"], th,
-                                               f"INT8 vs {entry['speedup_vs']} p50 at batch {b}"))
-
-
-def _fp32_runner(res: TargetResult, backend, canonical: CanonicalModel, scratch: Path):
-    """The backend's own FP32 runner, or None (then the onnxruntime FP32 row is the baseline)."""
-    try:
-        return backend.fp32_runner(canonical, res.target, scratch)
-    except Exception as exc:  # a baseline is worth having, never worth failing the target for
-        res.metadata["fp32_baseline_error"] = f"{type(exc).__name__}: {exc}"
-        return None
-
-
-def _rss_mb() -> float:
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:  # not Linux
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _versions(registry: Registry) -> dict[str, str]:
-    out = {"deploykit": deploykit.__version__, "python": platform.python_version()}
+def _versions() -> dict[str, str]:
+    out = {"deploykit": __version__, "python": platform.python_version()}
     for dist in ("numpy", "onnx", "onnxruntime", "pluggy", "openvino", "tensorflow", "ai-edge-litert",
                  "coremltools", "tensorrt", "torch"):
         try:
@@ -566,17 +445,19 @@ def _versions(registry: Registry) -> dict[str, str]:
     return out
 
 
-def _manifest(model: Path, source_hash: str, canonical: CanonicalModel, calib: dict[str, Any], calib_src, eval_src,
-              eval_note: str, classification: bool, fp32_acc: float | None, baseline: list[dict],
-              results: list[TargetResult], out_dir: Path, total_s: float, registry: Registry) -> dict[str, Any]:
+def _manifest(model: Path, source_hash: str, canonical: CanonicalModel, calib: dict[str, Any],
+              calib_src: data.DataSource, eval_src: data.DataSource, eval_note: str, classification: bool,
+              fp32_acc: float | None, baseline: list[dict[str, Any]], results: list[TargetResult], out_dir: Path,
+              total_s: float) -> dict[str, Any]:
     """The manifest; ``files`` is filled in by the publish step (exactly what it moved into OUT)."""
     qdq_nodes = [n for n in canonical.model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     table = canonical.path.with_name(canonical.path.name.replace(".qdq.onnx", ".calib.json"))
     return {
-        "deploykit": deploykit.__version__,
+        "schema_version": SCHEMA_VERSION,
+        "deploykit": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "host": {"machine": platform.machine(), "system": platform.system(), "node": platform.node()},
-        "versions": _versions(registry),
+        "versions": _versions(),
         "model": {"path": str(out_dir / model.name) if model.parent.name == "source" and model.parent.parent.name == "done"
                   else str(model), "sha256": source_hash},
         "calibration": {"method": calib["method"], "samples": calib["samples"], "data": calib_src.description,
@@ -588,21 +469,9 @@ def _manifest(model: Path, source_hash: str, canonical: CanonicalModel, calib: d
         "canonical": {"path": canonical.path.name, "sha256": sha256(canonical.path),
                       "fp32_path": canonical.fp32_path.name,
                       "calibration_table": table.name, "calibration_table_sha256": sha256(table),
-                      "qdq_nodes": len(qdq_nodes), "tensors_in_table": len(canonical.calibration),
-                      "lint_violations": list(calib.get("lint_violations", []))},
+                      "qdq_nodes": len(qdq_nodes), "tensors_in_table": len(canonical.calibration)},
         "baseline": {"backend": "onnxruntime", "precision": "fp32", "latency": baseline},
         "targets": [r.to_json(out_dir) for r in results],
         "files": [],
         "seconds": round(total_s, 3),
     }
-
-
-def _rel(path: Path, base: Path) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(base.resolve()))
-    except ValueError:
-        return str(path)
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))

@@ -14,6 +14,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from deploykit.backend import Runner
+
 
 def session(path: Path | str, *, exact: bool) -> Any:
     """An onnxruntime CPU session; ``exact`` turns graph optimizations off (canonical semantics)."""
@@ -26,7 +28,7 @@ def session(path: Path | str, *, exact: bool) -> Any:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-class ReferenceRunner:
+class ReferenceRunner(Runner):
     """A Runner over :func:`session`: FP32 with optimizations, canonical QDQ without."""
 
     def __init__(self, path: Path | str, *, exact: bool) -> None:

@@ -1,11 +1,15 @@
 """Ctrl-C and SIGTERM during a build, delivered only at safe points.
 
 Why: a KeyboardInterrupt raised while a vendor SDK (OpenVINO, TensorFlow Lite) runs native
-code on its own threads crashed the process (SIGSEGV) instead of stopping it. So a build
-blocks SIGINT/SIGTERM in the main thread before any SDK thread exists (threads inherit the
-mask), and polls for them where stopping is safe: progress updates between batches, and
-between steps. During a target the first signal waits for the target to finish (it is
-journaled, so a rerun keeps it); a second one stops at once.
+code on its own threads crashed the process (SIGSEGV) instead of stopping it. So the CLI
+blocks SIGINT/SIGTERM in the main thread first thing (:func:`block`), before numpy's BLAS,
+onnxruntime or any SDK starts a thread: every thread inherits the mask, so the kernel keeps
+the signal pending instead of handing it to some native thread (where Python's handler would
+still interrupt the main thread at an arbitrary point). A build then polls for it where
+stopping is safe: progress updates between batches, and between steps. During a target the
+first signal waits for the target to finish (it is journaled, so a rerun keeps it); a second
+one stops at once. Commands other than ``build`` unblock the main thread (:func:`unblock`)
+and get plain Ctrl-C.
 """
 
 from __future__ import annotations
@@ -14,12 +18,36 @@ import contextlib
 import signal
 import sys
 import threading
-from typing import Iterator
+from typing import Any, Iterator
 
 from deploykit.errors import Terminated
 
 _SIGNALS = {signal.SIGINT, signal.SIGTERM}
-_state = {"active": False, "holding": "", "noted": 0}
+_state: dict[str, Any] = {"active": False, "holding": "", "noted": 0}
+
+
+def block() -> set[signal.Signals] | None:
+    """Block SIGINT/SIGTERM in the calling (main) thread; returns the mask to restore."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+
+
+def unblock() -> None:
+    """Deliver SIGINT/SIGTERM to the main thread again (plain Ctrl-C; other threads keep them blocked)."""
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+
+
+def restore(old: set[signal.Signals] | None) -> None:
+    """Put back the mask :func:`block` returned; a signal still pending then is dropped (the work is over)."""
+    if old is None:
+        return
+    _state.update(active=False, holding="", noted=0)
+    with contextlib.suppress(BaseException):
+        while _take() is not None:
+            pass
+    signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,8 @@
 """targets.toml: devices, targets (backend + device + options + thresholds), calibration and
-preprocessing defaults. Every key is validated here, at the config boundary; errors name the
-file, the table and the key."""
+preprocessing defaults. A pure parser: every key's type and range is checked here, at the
+config boundary, with errors naming the file, the table and the key. Which backend a target
+names, and whether its options and thresholds suit that backend, is the registry's job
+(:meth:`deploykit.plugins.Registry.resolve`)."""
 
 from __future__ import annotations
 
@@ -8,20 +10,10 @@ import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 from deploykit.errors import ConfigError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from deploykit.plugins import Registry
-
-#: Metrics every target reports; thresholds are ``min_<metric>`` / ``max_<metric>``.
-CORE_METRICS = (
-    "top1_agreement", "top5_agreement", "cosine", "rel_l2", "max_abs_error",
-    "accuracy", "accuracy_drop",
-    "fidelity_cosine", "fidelity_rel_l2", "fidelity_max_abs",
-    "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "throughput", "memory_mb", "speedup",
-)
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
 
 _DEVICE_KEYS = {"kind": str, "description": str, "address": str}
@@ -93,41 +85,13 @@ class TargetsFile:
         loc = f"{self.path or 'targets.toml'} [{table}]"
         return f"{loc} key '{key}'" if key else loc
 
-    def resolve(self, names: list[str], registry: "Registry") -> list[Target]:
-        """Turn command-line target names into validated targets.
-
-        A name is an entry of ``[targets]``; a bare backend name works when no entry has it.
-        """
-        out = []
-        for name in dict.fromkeys(names):  # a target given twice is built once
-            if name in self.raw_targets:
-                out.append(self._target(name, self.raw_targets[name], registry))
-            elif name in registry.backends:
-                out.append(self._target(name, {"backend": name}, registry))
-            else:
-                entries = ", ".join(sorted(self.raw_targets)) or "none"
-                backends = ", ".join(registry.names()) or "none"
-                raise ConfigError(
-                    f"unknown target '{name}': not an entry of {self.path or 'targets.toml'} "
-                    f"(entries: {entries}) nor a backend (backends: {backends})"
-                )
-        return out
-
-    def all_targets(self, registry: "Registry") -> list[Target]:
-        return [self._target(n, raw, registry) for n, raw in self.raw_targets.items()]
-
-    def _target(self, name: str, raw: dict[str, Any], registry: "Registry") -> Target:
+    def target(self, name: str, raw: Mapping[str, Any] | None = None) -> Target:
+        """The ``[targets.<name>]`` entry (or ``raw``, e.g. ``{"backend": name}`` for a bare
+        backend name) parsed, its device resolved; ``options`` and ``thresholds`` come back as
+        written, for the registry to check against the backend."""
+        raw = self.raw_targets[name] if raw is None else raw
         table = f"targets.{name}"
         _check_keys(raw, _TARGET_KEYS, self.where(table))
-        backend_name = raw.get("backend")
-        if not backend_name:
-            raise ConfigError(f"{self.where(table, 'backend')} is missing: name one of {', '.join(registry.names())}")
-        if backend_name not in registry.backends:
-            raise ConfigError(
-                f"{self.where(table, 'backend')}: unknown backend '{backend_name}' "
-                f"(registered: {', '.join(registry.names()) or 'none'}); see 'deploykit backends'"
-            )
-        backend = registry.backends[backend_name]
         device_name = raw.get("device", "local")
         if device_name in self.devices:
             device = self.devices[device_name]
@@ -138,9 +102,6 @@ class TargetsFile:
                 f"{self.where(table, 'device')}: unknown device '{device_name}'; define "
                 f"[devices.{device_name}] (known: {', '.join(sorted(self.devices)) or 'none'})"
             )
-        options = _validate_options(raw.get("options", {}), backend.options, self.where(f"{table}.options"))
-        thresholds = _validate_thresholds(raw.get("thresholds", {}), CORE_METRICS + tuple(backend.metrics),
-                                          self.where(f"{table}.thresholds"))
         batch_sizes = raw.get("batch_sizes", self.defaults.get("batch_sizes", [1]))
         if not batch_sizes or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in batch_sizes):
             raise ConfigError(f"{self.where(table, 'batch_sizes')} must be a non-empty list of positive integers")
@@ -150,8 +111,8 @@ class TargetsFile:
             raise ConfigError(f"{self.where(table, 'warmup')} must be >= 0")
         if runs < 1:
             raise ConfigError(f"{self.where(table, 'runs')} must be >= 1")
-        return Target(name, backend_name, device, options, thresholds, tuple(batch_sizes), warmup, runs,
-                      raw.get("description", ""))
+        return Target(name, raw.get("backend", ""), device, dict(raw.get("options", {})),
+                      dict(raw.get("thresholds", {})), tuple(batch_sizes), warmup, runs, raw.get("description", ""))
 
 
 def load_targets(path: Path | str | None) -> TargetsFile:
@@ -238,43 +199,3 @@ def _check_keys(raw: Mapping[str, Any], allowed: Mapping[str, type], where: str)
             isinstance(value, expected) and not (expected is int and isinstance(value, bool)))
         if not ok:
             raise ConfigError(f"{where} key '{key}': expected {expected.__name__}, got {type(value).__name__} {value!r}")
-
-
-def _validate_options(raw: Mapping[str, Any], schema: Mapping[str, Any], where: str) -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where} must be a table")
-    out = {name: opt.default for name, opt in schema.items()}
-    for key, value in raw.items():
-        if key not in schema:
-            allowed = ", ".join(sorted(schema)) or "none"
-            raise ConfigError(f"{where}: unknown key '{key}' (this backend accepts: {allowed})")
-        opt = schema[key]
-        types = opt.type if isinstance(opt.type, tuple) else (opt.type,)
-        if float in types and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            names = " or ".join(t.__name__ for t in types)
-            raise ConfigError(f"{where} key '{key}': expected {names}, got {value!r}")
-        if opt.choices is not None and value not in opt.choices:
-            raise ConfigError(f"{where} key '{key}': {value!r} is not one of {', '.join(map(str, opt.choices))}")
-        out[key] = value
-    return out
-
-
-def _validate_thresholds(raw: Mapping[str, Any], metrics: tuple[str, ...], where: str) -> dict[str, float]:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where} must be a table")
-    out = {}
-    for key, value in raw.items():
-        bound, _, metric = key.partition("_")
-        if bound not in ("min", "max") or metric not in metrics:
-            known = ", ".join(f"min_/max_{m}" for m in metrics)
-            raise ConfigError(f"{where}: unknown key '{key}' (thresholds are {known})")
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise ConfigError(f"{where} key '{key}': expected a finite number, got {value!r}")
-        out[key] = float(value)
-    for key, lo in out.items():
-        hi = out.get("max_" + key[4:]) if key.startswith("min_") else None
-        if hi is not None and lo > hi:
-            raise ConfigError(f"{where}: {key} = {lo:g} is above max_{key[4:]} = {hi:g}; no value can pass both")
-    return out

@@ -266,3 +266,19 @@ def test_second_matrix_into_the_same_folder_is_refused(tmp_path):
     finally:
         first.unlock()
     Journal(tmp_path / "out").lock()  # released
+
+
+@pytest.mark.slow
+def test_cli_build_is_recorded_in_the_history(tmp_path, capsys):
+    db = tmp_path / "builds.sqlite"
+    code = main(["build", str(SAMPLES / "digits_cnn.onnx"), "--target", "onnxruntime", "--calib",
+                 str(SAMPLES / "digits_calib.npz"), "--eval", str(SAMPLES / "digits_eval.npz"), "--out",
+                 str(tmp_path / "out"), "--db", str(db), "--json"])
+    assert code in (0, 1), capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["results", "--db", str(db), "--run", "1", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["run"]["kind"] == "build" and doc["run"]["status"] == "complete"
+    cells = doc["cells"]
+    assert {c["target"] for c in cells} == {"onnxruntime"} and len({c["batch_size"] for c in cells}) == len(cells)
+    assert all(c["p50_ms"] > 0 and c["top1_agreement"] is not None for c in cells)

@@ -97,7 +97,7 @@ THIRD_PARTY = '''
 with graph optimizations off (exactly the canonical Q/DQ semantics)."""
 import shutil
 import deploykit
-from deploykit.backend import Artifact, Availability, Backend, Option
+from deploykit.backend import Artifact, Availability, Backend, Option, Runner
 from deploykit.fileio import atomic_output
 
 
@@ -122,10 +122,10 @@ class EchoBackend(Backend):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         session = ort.InferenceSession(str(artifact.path), opts, providers=["CPUExecutionProvider"])
 
-        class Runner:
+        class EchoRunner(Runner):
             def run(self, feeds):
                 return session.run(None, dict(feeds))
-        return Runner()
+        return EchoRunner()
 
 
 @deploykit.hookimpl

@@ -537,3 +537,30 @@ def test_sigterm_during_a_build_exits_143_and_the_rerun_completes(tiny):
                           text=True)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tiny / "out" / "manifest.json").read_text())["files"] == files_under(tiny / "out")
+
+
+def test_ctrl_c_during_a_target_waits_for_it_and_the_rerun_keeps_it(tiny):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "plugins" / "onnxruntime")]))
+    script = textwrap.dedent("""
+        import os, signal, sys, time
+        # as deploykit.cli.main does before anything starts a thread (numpy's BLAS pool would)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        import deploykit.pipeline as p
+        real = p._build_target
+        def target(*a, **k):
+            os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C mid-target
+            time.sleep(0.5)  # native work: no Python-level interrupt may land here
+            return real(*a, **k)
+        p._build_target = target
+        from deploykit.cli import main
+        sys.exit(main(sys.argv[1:]))
+    """)
+    args = ["build", "m.onnx", "-t", "onnxruntime", "--calib", "c.npz", "--out", "out", "--method", "minmax",
+            "--no-baseline"]
+    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=tiny, env=env, capture_output=True, text=True)
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "deploykit.cli", *args], cwd=tiny, env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "target onnxruntime: kept" in proc.stderr

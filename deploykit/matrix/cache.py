@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import deploykit
+from deploykit._version import __version__
 from deploykit.backend import Artifact, CheckResult
 
 CACHE_ENV = "DEPLOYKIT_CACHE"
@@ -39,7 +39,7 @@ def toolchain_versions() -> dict[str, str]:
     """deploykit, Python and every toolchain package installed here."""
     import platform
 
-    out = {"deploykit": deploykit.__version__, "python": platform.python_version()}
+    out = {"deploykit": __version__, "python": platform.python_version()}
     for dist in _TOOLCHAIN:
         try:
             out[dist] = metadata.version(dist)

@@ -52,7 +52,8 @@ def footer(cells: Sequence[Cell], meta: Mapping[str, Any]) -> list[str]:
         lines.append(f"not run: {n}")
     env = meta.get("env") or {}
     if env.get("cpu"):
-        lines.append(f"environment: {env.get('cpu')}, {env.get('cores')} cores, {env.get('os')}; load average "
+        lines.append(f"environment: {env.get('cpu')} ({env.get('int8_dot_product', '?')}), {env.get('cores')} cores, "
+                     f"{env.get('os')}; load average "
                      f"{meta.get('load_average')}")
     return lines
 
@@ -134,19 +135,23 @@ def html_report(cells: Sequence[Cell], meta: Mapping[str, Any]) -> str:
     # 1. latency vs accuracy, one panel per device
     devices = sorted({c.device for c in ok}) or ["(none)"]
     fig = make_subplots(rows=1, cols=len(devices), subplot_titles=devices, shared_yaxes=True)
+    first_batch = min((x.batch_size for x in ok), default=1)
+    palette = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+    colour = {t: palette[i % len(palette)] for i, t in enumerate(sorted({c.target for c in ok}))}
     for i, dev in enumerate(devices, 1):
-        for prec, symbol in (("fp32", "circle"), ("fp16", "square"), ("int8", "diamond")):
-            pts = [c for c in ok if c.device == dev and c.precision == prec and c.batch_size == min(
-                x.batch_size for x in ok)]
-            if not pts:
-                continue
-            y = [c.accuracy if c.accuracy is not None else c.top1_agreement for c in pts]
-            fig.add_trace(go.Scatter(
-                x=[c.p50_ms for c in pts], y=y, mode="markers+text", name=f"{prec} ({dev})",
-                text=[f"{c.model}/{c.target}" for c in pts], textposition="top center",
-                marker={"symbol": symbol, "size": 11},
-                hovertemplate="%{text}<br>p50 %{x:.3f} ms<br>accuracy %{y:.4f}<extra>" + prec + "</extra>"),
-                row=1, col=i)
+        for target in sorted({c.target for c in ok if c.device == dev}):
+            for prec, symbol in (("fp32", "circle-open"), ("fp16", "square"), ("int8", "diamond")):
+                pts = [c for c in ok if c.device == dev and c.target == target and c.precision == prec
+                       and c.batch_size == first_batch]
+                if not pts:
+                    continue
+                y = [c.accuracy if c.accuracy is not None else c.top1_agreement for c in pts]
+                fig.add_trace(go.Scatter(
+                    x=[c.p50_ms for c in pts], y=y, mode="markers", name=f"{target} {prec}",
+                    text=[c.model for c in pts], marker={"symbol": symbol, "size": 12, "color": colour[target],
+                                                         "line": {"width": 2, "color": colour[target]}},
+                    hovertemplate="%{text}<br>p50 %{x:.3f} ms<br>accuracy %{y:.4f}<extra>" + f"{target} {prec}</extra>"),
+                    row=1, col=i)
         fig.update_xaxes(title_text=f"p50 latency, ms (batch {min((x.batch_size for x in ok), default=1)}, log)",
                          type="log", row=1, col=i)
     fig.update_yaxes(title_text="accuracy (labels; else top-1 agreement with FP32)", row=1, col=1)

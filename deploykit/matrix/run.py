@@ -82,7 +82,7 @@ def resolve_targets(spec: MatrixSpec, registry: Registry) -> list[Target]:
     if path is None and Path("targets.toml").is_file():
         path = Path("targets.toml")
     tf = load_targets(path) if path is not None else TargetsFile(None, {}, {})
-    return [replace(t, batch_sizes=spec.batch_sizes) for t in tf.resolve(list(spec.targets), registry)]
+    return [replace(t, batch_sizes=spec.batch_sizes) for t in registry.resolve(tf, list(spec.targets))]
 
 
 def host_env() -> dict[str, Any]:
@@ -96,8 +96,11 @@ def host_env() -> dict[str, Any]:
                     break
     except OSError:
         pass
+    from deploykit import cpu as cpuinfo
+
+    dot = ("VNNI" if not cpuinfo.u8s8_saturates() else "no VNNI") if cpuinfo.is_x86() else platform.machine()
     return {"cpu": cpu, "cores": os.cpu_count(), "os": platform.platform(), "machine": platform.machine(),
-            "node": platform.node(), "versions": toolchain_versions()}
+            "int8_dot_product": dot, "node": platform.node(), "versions": toolchain_versions()}
 
 
 def load_average() -> list[float]:
@@ -401,6 +404,9 @@ def guard(cell: Cell, art_info: Mapping[str, Any]) -> str:
             causes.append(f"float fallback layers ({c.get('message', '')})")
     if cell.fp32_p50_ms is not None and cell.fp32_p50_ms / max(cell.batch_size, 1) < TINY_CALL_MS:
         causes.append(f"per-call overhead on a tiny model (FP32 takes {cell.fp32_p50_ms:.3f} ms per call)")
+    if not causes and cell.env.get("int8_dot_product") == "no VNNI":
+        causes.append("this x86 CPU has no VNNI: its int8 dot products (vpmaddubsw) are barely faster than FP32 FMA, "
+                      "so this runtime's INT8 kernels do not beat its FP32 ones at this size")
     if not causes:
         causes.append("this runtime's INT8 kernels are no faster than its FP32 ones on this CPU at this size")
     return f"INT8 not faster than {cell.backend} FP32 ({cell.speedup:.2f}x): likely " + "; ".join(causes)

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import onnx
 
-import deploykit
-from deploykit.backend import CanonicalModel
+from deploykit import canonical as rules
+from deploykit._version import __version__
+from deploykit.canonical import CanonicalModel
 from deploykit.data import DataSource
 from deploykit.errors import ConfigError, DeploykitError
 from deploykit.fileio import atomic_output
+from deploykit.model import fixed_batch, input_specs
 from deploykit.progress import bar
-from deploykit.quantize import canonical as rules
 from deploykit.quantize.observe import METHODS, Observer, needs_histograms
 from deploykit.quantize.place import build_table, insert_qdq
 
@@ -31,7 +32,6 @@ class QuantizeResult:
     samples: int
     data_hash: str
     random_data: bool
-    lint_violations: tuple[str, ...] = ()  # always empty: quantize() refuses a model that breaks the contract
 
 
 def quantize(fp32: onnx.ModelProto, calib: DataSource, method: str = "entropy", percentile: float = 99.99,
@@ -39,8 +39,6 @@ def quantize(fp32: onnx.ModelProto, calib: DataSource, method: str = "entropy", 
     """Calibrate the normalised FP32 model on ``calib`` and return the canonical QDQ model."""
     if method not in METHODS:
         raise ConfigError(f"unknown calibration method '{method}'; use one of {', '.join(METHODS)}")
-    from deploykit.model import fixed_batch, input_specs  # local: deploykit.model imports this package
-
     batch_size = fixed_batch(input_specs(fp32)) or batch_size
     observer = Observer(fp32)
     with bar(calib.expected_samples(), "calibrate: ranges", "sample") as b:
@@ -53,7 +51,7 @@ def quantize(fp32: onnx.ModelProto, calib: DataSource, method: str = "entropy", 
     table = build_table(fp32, observer.stats, amax)
     qdq = insert_qdq(fp32, table)
     meta = {
-        rules.META_VERSION: deploykit.__version__,
+        rules.META_VERSION: __version__,
         rules.META_METHOD: method if method != "percentile" else f"percentile:{percentile}",
         rules.META_DATA_HASH: observer.data_hash(),
         rules.META_SOURCE_HASH: source_hash,
@@ -66,12 +64,11 @@ def quantize(fp32: onnx.ModelProto, calib: DataSource, method: str = "entropy", 
             next(p for p in qdq.metadata_props if p.key == key).value = value
         else:
             qdq.metadata_props.add(key=key, value=value)
-    qdq.producer_name, qdq.producer_version = "deploykit", deploykit.__version__
+    qdq.producer_name, qdq.producer_version = "deploykit", __version__
     violations = rules.lint(qdq)
     if violations:  # a bug in placement, never the user's fault: say so
         raise DeploykitError("internal error: the canonical model breaks its contract:\n" + rules.format_violations(violations))
-    return QuantizeResult(qdq, table, method, observer.samples, observer.data_hash(), calib.is_random,
-                          tuple(str(v) for v in violations))
+    return QuantizeResult(qdq, table, method, observer.samples, observer.data_hash(), calib.is_random)
 
 
 def write_canonical(result: QuantizeResult, fp32: onnx.ModelProto, out_dir: Path, stem: str = "canonical") -> CanonicalModel:

@@ -327,7 +327,7 @@ def test_options_validate_through_targets_toml(tmp_path):
     path = tmp_path / "targets.toml"
     path.write_text('[targets.iphone]\nbackend = "coreml"\n[targets.iphone.options]\ncompute_precision = "int4"\n')
     with pytest.raises(ConfigError, match="compute_precision"):
-        load_targets(path).resolve(["iphone"], registry)
+        registry.resolve(load_targets(path), ["iphone"])
 
 
 # ---------------------------------------------------------------------------------------

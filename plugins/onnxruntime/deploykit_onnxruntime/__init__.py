@@ -8,7 +8,7 @@ Two lossless rewrites, both inside this backend (the canonical model is never ch
    with rounding to a grid of step ``s``, so the values are unchanged, and the Conv (or the
    residual Add, or Gemm/MatMul) runs in int8.
 2. Activation zero points int8 0 -> uint8 128 (scales untouched): bit-exact, and on x86
-   onnxruntime's integer kernels want uint8 activations (FINDINGS.md: 1.30 ms -> 0.55 ms).
+   onnxruntime's integer kernels want uint8 activations (docs/toolchain-facts.md: 1.30 ms -> 0.55 ms).
 3. ``DQ(s) -> Relu/Clip -> Q(s)`` becomes one integer Clip on the quantized tensor (Relu:
    ``max(q, zero_point)``), exact for the same reason as 1, instead of three float passes.
 4. Weights int8 -> uint8 with zero point 128 (``weights = "uint8"``, chosen automatically on x86
@@ -30,11 +30,11 @@ import onnx
 from onnx import numpy_helper
 
 import deploykit
+from deploykit.backend import Artifact, Availability, Backend, CanonicalModel, CheckResult, Option, Runner, require
 from deploykit.cpu import cpu_name, u8s8_saturates
-from deploykit.backend import Artifact, Availability, Backend, CanonicalModel, CheckResult, Option, require
 from deploykit.errors import ConfigError, LoweringError
 from deploykit.fileio import atomic_output
-from deploykit.quantize.canonical import QdqGraph
+from deploykit.canonical import QdqGraph
 
 _LEVELS = ("disable", "basic", "extended", "all")
 
@@ -96,7 +96,7 @@ class OnnxRuntimeBackend(Backend):
                 "cpu": cpu_name(), "cores": os.cpu_count(), "machine": platform.machine()}
 
 
-class OrtRunner:
+class OrtRunner(Runner):
     def __init__(self, path: Path, options: Mapping[str, Any], ort: Any) -> None:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = {
@@ -116,6 +116,9 @@ class OrtRunner:
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         return self.session.run(None, {k: feeds[k] for k in self.input_names})
+
+    def close(self) -> None:
+        self.session = None  # onnxruntime frees the session's arena with the last reference
 
 
 _FUSABLE = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Add"})

@@ -8,8 +8,8 @@ import onnxruntime as ort
 import pytest
 
 from deploykit.checks import compare
+from deploykit.canonical import QdqGraph
 from deploykit.errors import ConfigError
-from deploykit.quantize.canonical import QdqGraph
 from deploykit.reference import run_canonical
 from deploykit.testing import eval_feeds, make_canonical, make_target
 from deploykit.testing.conformance import run_conformance

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from deploykit.backend import (Artifact, Availability, Backend, CanonicalModel, CheckResult, Option, Runner, require,
+from deploykit.backend import (Artifact, Availability, Backend, CanonicalModel, Capability, CheckResult, Option, Runner, require,
                                check_feeds, precision_audit)
 from deploykit.cpu import u8s8_saturates
 from deploykit.errors import BackendUnavailable, ConfigError, LoweringError
@@ -73,6 +73,7 @@ class OpenVINOBackend(Backend):
     install_hint = INSTALL_HINT
     artifact_suffix = ".xml"
     metrics = ("int8_fraction",)
+    capabilities = frozenset({Capability.FP32_RUNNER})
     options = {
         "device_name": Option(str, "", "OpenVINO device name (CPU, GPU, GPU.1, NPU, AUTO:GPU,CPU); "
                                   "empty: the targets.toml device kind upper-cased"),
@@ -261,7 +262,7 @@ def _static_batch(model, batch: int):
     return clone
 
 
-class OpenVINORunner:
+class OpenVINORunner(Runner):
     """Runs an IR; compiles once per input-shape signature so any batch size works at full speed."""
 
     def __init__(self, core, model, device: str, config: Mapping[str, Any]) -> None:
@@ -279,6 +280,9 @@ class OpenVINORunner:
         request = self._requests.get(key) or self._compile(key, arrays)
         results = request.infer(arrays)
         return [np.array(results[port]) for port in request.model_outputs]
+
+    def close(self) -> None:
+        self._requests.clear()  # the compiled models and their device memory go with the requests
 
     def compiled_models(self) -> list:
         """The compiled models so far, one per input shape (for audits and properties)."""

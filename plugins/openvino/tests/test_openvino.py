@@ -19,7 +19,7 @@ ort = pytest.importorskip("onnxruntime")
 from deploykit.backend import CanonicalModel, precision_audit  # noqa: E402
 from deploykit.cpu import u8s8_saturates  # noqa: E402
 from deploykit.errors import BackendUnavailable, ConfigError, LoweringError  # noqa: E402
-from deploykit.quantize.canonical import COMPUTE_OPS, CalibrationTable  # noqa: E402
+from deploykit.canonical import COMPUTE_OPS, CalibrationTable  # noqa: E402
 from deploykit.targets import Device, Target  # noqa: E402
 from deploykit.reference import run_canonical, session  # noqa: E402
 from deploykit.testing import eval_feeds, make_canonical, make_target  # noqa: E402
@@ -29,7 +29,7 @@ from deploykit_openvino.verify import runtime_layers, verify_scales  # noqa: E40
 PLUGIN_ROOT = Path(__file__).resolve().parents[1]
 CNNS = ("resnet", "mobilenet", "digits")
 #: Measured: OpenVINO INT8 vs the canonical model in onnxruntime is 0.01-1% relative L2 on these
-#: models (FINDINGS.md: ~0.7-1.1% elsewhere); 3% leaves room without hiding a wrong scale (>10%).
+#: models (docs/toolchain-facts.md: ~0.7-1.1% elsewhere); 3% leaves room without hiding a wrong scale (>10%).
 FIDELITY_REL_L2 = 0.03
 
 
@@ -335,13 +335,13 @@ def test_targets_toml_validates_options_and_int8_threshold(tmp_path):
     good = tmp_path / "good.toml"
     good.write_text('[targets.ov]\nbackend = "openvino"\n[targets.ov.options]\nperformance_hint = "throughput"\n'
                     'num_threads = 2\n[targets.ov.thresholds]\nmin_int8_fraction = 0.9\n')
-    (t,) = load_targets(good).resolve(["ov"], registry)
+    (t,) = registry.resolve(load_targets(good), ["ov"])
     assert t.options["performance_hint"] == "throughput" and t.options["inference_precision"] == "f32"
     assert t.thresholds == {"min_int8_fraction": 0.9}
     bad = tmp_path / "bad.toml"
     bad.write_text('[targets.ov]\nbackend = "openvino"\n[targets.ov.options]\nperformance_hint = "fastest"\n')
     with pytest.raises(ConfigError, match="performance_hint"):
-        load_targets(bad).resolve(["ov"], registry)
+        registry.resolve(load_targets(bad), ["ov"])
 
 
 @pytest.mark.parametrize("device, available, missing", [

@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deploykit.backend import (Artifact, Availability, Backend, CanonicalModel, CheckResult, Option, Runner,
+from deploykit.backend import (Artifact, Availability, Backend, CanonicalModel, Capability, CheckResult, Option, Runner,
                                input_names, output_names)
 from deploykit.errors import BackendUnavailable, LoweringError
 from deploykit.fileio import atomic_output
-from deploykit.quantize.canonical import lint
+from deploykit.canonical import lint
 
 from deploykit_tensorrt import operators
 from deploykit_tensorrt.device import (INSTALL_HINT, EngineFacts, GpuInfo, check_sidecar, cuda_driver_present,
@@ -28,6 +28,7 @@ class TensorRTBackend(Backend):
     install_hint = INSTALL_HINT
     artifact_suffix = ".engine"
     metrics = ("int8_fraction",)
+    capabilities = frozenset({Capability.GPU_TIME})
     options = {
         "workspace_mib": Option(int, 1024, "builder workspace memory pool limit, MiB"),
         "profiles": Option(dict, {}, "optimisation profile per dynamic input: { x = { min = [..], opt = [..], "

@@ -20,8 +20,8 @@ ort = pytest.importorskip("onnxruntime")
 
 from deploykit.backend import CanonicalModel  # noqa: E402
 from deploykit.errors import BackendUnavailable, LoweringError  # noqa: E402
-from deploykit.quantize.canonical import QdqGraph  # noqa: E402
-from deploykit.reference import run_canonical
+from deploykit.canonical import QdqGraph  # noqa: E402
+from deploykit.reference import run_canonical  # noqa: E402
 from deploykit.testing import eval_feeds, make_canonical, make_target  # noqa: E402
 from deploykit.testing.conformance import run_conformance, unsupported_model  # noqa: E402
 from deploykit_tflite import TFLiteBackend  # noqa: E402
