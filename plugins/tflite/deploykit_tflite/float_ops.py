@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from deploykit.quantize.canonical import attrs
+from deploykit.canonical import attrs
 
 if TYPE_CHECKING:
     from deploykit_tflite.lowering import Lowering

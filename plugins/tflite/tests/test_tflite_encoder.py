@@ -23,7 +23,7 @@ from deploykit_tflite.lowering import convert, fixed_input_shapes, lower_graph
 from deploykit_tflite.verify import open_interpreter, verify
 
 from deploykit.errors import LoweringError
-from deploykit.quantize.canonical import QdqGraph
+from deploykit.canonical import QdqGraph
 from deploykit.reference import run_canonical
 from deploykit.testing import eval_feeds, make_canonical, make_target
 
