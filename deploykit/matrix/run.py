@@ -23,8 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from deploykit import checks, data
-from deploykit import model as modelmod
+from deploykit import checks, data, model as modelmod
 from deploykit.errors import ConfigError, DeploykitError
 from deploykit.history import History
 from deploykit.matrix.cache import (
@@ -331,56 +330,62 @@ class _Runner:
                     runners["fp32"] = fp32
             if "fp16" in precisions:
                 notes["fp16"] = f"backend {t.backend} has no fp16 mode on this device"
-            load_s = time.monotonic()
-            accuracy = {p: self._accuracy(r, prep) for p, r in runners.items()}
-            acc_s = time.monotonic() - load_s
-            for b in self.spec.batch_sizes:
-                wanted = [p for p in precisions if (b, p) in todo]
-                if not wanted:
-                    continue
-                timed = {p: runners[p] for p in precisions if p in runners}  # FP32 always, for the speed-up
-                feeds = _latency_feeds(prep.feeds, b if not prep.fixed_batch else prep.fixed_batch)
-                t1 = time.monotonic()
-                try:
-                    timings, ratios = interleaved(timed, feeds, self.spec.rounds, self.spec.warmup,
-                                                  self.spec.min_round_ms) if timed else ({}, {})
-                except Exception as exc:
-                    log.debug("timing %s/%s b%d failed", m.name, t.name, b, exc_info=True)
-                    self._errors(m, t, [(b, p) for p in wanted], f"timing at batch {b}: {type(exc).__name__}: {exc}")
-                    continue
-                load = load_average()
-                for p in wanted:
-                    cell = self.blank(m, t, b, p)
-                    cell.env["load_average"] = load
-                    cell.seconds = {"lower": round(lower_s, 3), "accuracy": round(acc_s, 3),
-                                    "timing": round(time.monotonic() - t1, 3)}
-                    if p == "int8":
-                        cell.artifact = dict(art_info)
-                    elif p == "fp32":
-                        cell.artifact = {"key": prep.canonical_key, "path": str(prep.canonical.fp32_path),
-                                         "rebuilt": prep.canonical_built}
-                    if p not in timings:
-                        cell.status, cell.error = "not_run", notes.get(p, f"no {p} runner")
-                        self.record(cell)
+            try:
+                load_s = time.monotonic()
+                accuracy = {p: self._accuracy(r, prep) for p, r in runners.items()}
+                acc_s = time.monotonic() - load_s
+                for b in self.spec.batch_sizes:
+                    wanted = [p for p in precisions if (b, p) in todo]
+                    if not wanted:
                         continue
-                    tm = timings[p]
-                    cell.p50_ms, cell.p90_ms, cell.p99_ms = tm.p50_ms, tm.p90_ms, tm.p99_ms
-                    cell.spread, cell.round_ms, cell.calls_per_round = tm.spread, tm.round_ms, tm.calls_per_round
-                    cell.throughput = tm.throughput
-                    cell.memory_mb = round(max(0.0, tm.peak_rss_mb - base_rss), 1)
-                    if "fp32" in timings:
-                        cell.fp32_p50_ms = timings["fp32"].p50_ms
-                    if p in ratios:
-                        cell.speedup, cell.speedup_spread = summarise_ratio(ratios[p])
-                    elif p == "fp32":
-                        cell.speedup, cell.speedup_spread = 1.0, 0.0
-                    acc = accuracy.get(p, {})
-                    cell.top1_agreement, cell.cosine = acc.get("top1_agreement"), acc.get("cosine")
-                    cell.accuracy, cell.fp32_accuracy = acc.get("accuracy"), prep.fp32_accuracy
-                    cell.eval_samples = int(acc.get("n", 0))
-                    if p == "int8":
-                        cell.guard = guard(cell, art_info)
-                    self.record(cell)
+                    timed = {p: runners[p] for p in precisions if p in runners}  # FP32 always, for the speed-up
+                    feeds = _latency_feeds(prep.feeds, b if not prep.fixed_batch else prep.fixed_batch)
+                    t1 = time.monotonic()
+                    try:
+                        timings, ratios = interleaved(timed, feeds, self.spec.rounds, self.spec.warmup,
+                                                      self.spec.min_round_ms) if timed else ({}, {})
+                    except Exception as exc:
+                        log.debug("timing %s/%s b%d failed", m.name, t.name, b, exc_info=True)
+                        self._errors(m, t, [(b, p) for p in wanted], f"timing at batch {b}: {type(exc).__name__}: {exc}")
+                        continue
+                    load = load_average()
+                    for p in wanted:
+                        cell = self.blank(m, t, b, p)
+                        cell.env["load_average"] = load
+                        cell.seconds = {"lower": round(lower_s, 3), "accuracy": round(acc_s, 3),
+                                        "timing": round(time.monotonic() - t1, 3)}
+                        if p == "int8":
+                            cell.artifact = dict(art_info)
+                        elif p == "fp32":
+                            cell.artifact = {"key": prep.canonical_key, "path": str(prep.canonical.fp32_path),
+                                             "rebuilt": prep.canonical_built}
+                        if p not in timings:
+                            cell.status, cell.error = "not_run", notes.get(p, f"no {p} runner")
+                            self.record(cell)
+                            continue
+                        tm = timings[p]
+                        cell.p50_ms, cell.p90_ms, cell.p99_ms = tm.p50_ms, tm.p90_ms, tm.p99_ms
+                        cell.spread, cell.round_ms, cell.calls_per_round = tm.spread, tm.round_ms, tm.calls_per_round
+                        cell.throughput = tm.throughput
+                        cell.memory_mb = round(max(0.0, tm.peak_rss_mb - base_rss), 1)
+                        if "fp32" in timings:
+                            cell.fp32_p50_ms = timings["fp32"].p50_ms
+                        if p in ratios:
+                            cell.speedup, cell.speedup_spread = summarise_ratio(ratios[p])
+                        elif p == "fp32":
+                            cell.speedup, cell.speedup_spread = 1.0, 0.0
+                        acc = accuracy.get(p, {})
+                        cell.top1_agreement, cell.cosine = acc.get("top1_agreement"), acc.get("cosine")
+                        cell.accuracy, cell.fp32_accuracy = acc.get("accuracy"), prep.fp32_accuracy
+                        cell.eval_samples = int(acc.get("n", 0))
+                        if p == "int8":
+                            cell.guard = guard(cell, art_info)
+                        self.record(cell)
+            finally:
+                for runner in runners.values():  # runners that hold native sessions say so with close()
+                    close = getattr(runner, "close", None)
+                    if callable(close):
+                        close()
 
     def _accuracy(self, runner: Any, prep: _Prepared) -> dict[str, float]:
         got = checks.run_all(runner, prep.feeds)

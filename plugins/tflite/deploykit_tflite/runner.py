@@ -69,11 +69,12 @@ class LiteRTRunner(Runner):
         check_feeds(self.input_names, feeds)
         batch = int(np.asarray(feeds[self.input_names[0]]).shape[0])
         if batch in self._interpreters:
-            return self._invoke(*self._interpreters[batch], feeds)
+            interpreter, ins, outs = self._interpreters[batch]
+            return self._invoke(interpreter, ins, outs, feeds)
         if not self._cannot_resize:
-            outs = self._resized(batch, feeds)
-            if outs is not None:
-                return outs
+            got = self._resized(batch, feeds)
+            if got is not None:
+                return got
         return self._run_chunks(feeds, batch)  # not resizable: run compiled-size chunks
 
     def _resized(self, batch: int, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray] | None:
@@ -91,7 +92,8 @@ class LiteRTRunner(Runner):
                 raise ValueError("output batch does not follow the input batch")
             step = self.compiled_batch
             for part in ((slice(0, step), slice(batch - step, batch)) if batch >= step else ()):
-                want = self._invoke(*self._interpreters[step], {k: np.asarray(v)[part] for k, v in feeds.items()})
+                base, base_ins, base_outs = self._interpreters[step]
+                want = self._invoke(base, base_ins, base_outs, {k: np.asarray(v)[part] for k, v in feeds.items()})
                 if not all(np.allclose(a[part], b, rtol=1e-4, atol=1e-5 * (np.abs(b).max() + 1))
                            for a, b in zip(got, want)):
                     raise ValueError("resized interpreter does not reproduce the compiled batch")
@@ -110,8 +112,8 @@ class LiteRTRunner(Runner):
             n = next(iter(chunk.values())).shape[0]
             if n < step:  # pad the last chunk to the compiled batch
                 chunk = {k: np.concatenate([v, np.repeat(v[-1:], step - n, axis=0)]) for k, v in chunk.items()}
-            outs = self._invoke(*compiled, chunk)
-            parts.append([o[:n] for o in outs])
+            got = self._invoke(compiled[0], compiled[1], compiled[2], chunk)
+            parts.append([o[:n] for o in got])
         return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
 
     def _invoke(self, it, ins: list[dict], outs: list[dict], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
