@@ -56,9 +56,8 @@ def canonical_outputs(canonical, feeds) -> np.ndarray:
 
 
 def bench(net: str, args) -> dict:
-    from deploykit_tflite import TFLiteBackend
-
     from deploykit.testing import make_target, realnets
+    from deploykit_tflite import TFLiteBackend
 
     t0 = time.monotonic()
     canonical = canonical_cached(net, args.calib, args.seq)

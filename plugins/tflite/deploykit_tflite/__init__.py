@@ -82,8 +82,8 @@ class TFLiteBackend(Backend):
                             f"{' and '.join(missing)} not installed", INSTALL_HINT, versions)
 
     def preflight(self, canonical: CanonicalModel, target) -> tuple[list[CheckResult], dict[str, Any]]:
-        from deploykit_tflite.lowering import fixed_input_shapes
         from deploykit_tflite.float_ops import FLOAT_GRAPH_OPS, needs_islands
+        from deploykit_tflite.lowering import fixed_input_shapes
         from deploykit_tflite.ops import FLOAT_OPS, OPS
 
         # Q/DQ become parameters; shape arithmetic is evaluated at the fixed input shapes

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 #: Ops that only an encoder-like graph has: their presence (or a non-float input) selects islands mode.
 ISLAND_TRIGGERS = frozenset({"LayerNormalization", "Erf", "Gelu", "Gather", "GatherND", "Where", "Expand", "Range",
                              "Cast", "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Not",
-                             "ConstantOfShape"})
+                             "ConstantOfShape", "IsNaN"})
 
 _DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.DOUBLE: "float32", onnx.TensorProto.FLOAT16: "float32",
            onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.BOOL: "bool",
@@ -105,20 +105,36 @@ def find_gelus(lw: Lowering) -> tuple[dict[str, tuple[str, bool]], set[str]]:
             cur = c
         if end is None or x is None:
             continue
-        region = _region(g, x, end, is_const)
-        if region is None:
-            continue
-        inner = {n.name for n in region if n is not end}
-        if any(c.name not in inner and c is not end for n in region if n is not end
-               for c in g.consumers.get(n.output[0], [])) or any(n.output[0] in graph_outputs for n in region
-                                                                  if n is not end):
-            continue
-        form = _evaluate_region(lw, sorted(region, key=lambda n: order[n.name]), x, end)
-        if form is None:
-            continue
-        found[end.name] = (x, form)
-        absorbed |= inner
+        # the legacy exporter scales by 0.5 after the product: x * (1 + erf(x / sqrt 2)) * 0.5
+        ends = [end]
+        for _ in range(2):
+            nxt = g.consumers.get(ends[-1].output[0], [])
+            if len(nxt) != 1 or ends[-1].output[0] in graph_outputs or nxt[0].op_type not in ("Mul", "Div") \
+                    or not any(i != ends[-1].output[0] and is_const(i) for i in nxt[0].input):
+                break
+            ends.append(nxt[0])
+        for end in ends:
+            match = _match(lw, g, x, end, is_const, graph_outputs, order)
+            if match is not None:
+                found[end.name] = (x, match[0])
+                absorbed |= match[1]
+                break
     return found, absorbed
+
+
+def _match(lw: Lowering, g: Any, x: str, end: onnx.NodeProto, is_const: Callable[[str], bool],
+           graph_outputs: set[str], order: dict[str, int]) -> tuple[bool, set[str]] | None:
+    """(tanh form, absorbed node names) if the nodes from x to ``end`` compute GELU of x."""
+    region = _region(g, x, end, is_const)
+    if region is None:
+        return None
+    inner = {n.name for n in region if n is not end}
+    if any(c.name not in inner and c is not end for n in region if n is not end
+           for c in g.consumers.get(n.output[0], [])) or any(n.output[0] in graph_outputs for n in region
+                                                              if n is not end):
+        return None
+    form = _evaluate_region(lw, sorted(region, key=lambda n: order[n.name]), x, end)
+    return None if form is None else (form, inner)
 
 
 def _region(g: Any, x: str, end: onnx.NodeProto, is_const: Callable[[str], bool]) -> list[onnx.NodeProto] | None:
@@ -149,12 +165,12 @@ def _evaluate_region(lw: Lowering, nodes: list[onnx.NodeProto], x: str, end: onn
     values: dict[str, np.ndarray] = {x: xs}
     try:
         for n in nodes:
-            feeds = {}
+            feeds: dict[str, Any] = {}
             for i in n.input:
                 if i:
                     v = values.get(i)
                     feeds[i] = v if v is not None else lw.const(i)
-            outs = ReferenceEvaluator(n).run(None, feeds)
+            outs: Any = ReferenceEvaluator(n).run(None, feeds)
             values[n.output[0]] = np.asarray(outs[0])
     except Exception:  # noqa: BLE001  (the evaluator failing on any node means: not this pattern)
         return None
@@ -209,11 +225,12 @@ def _elementwise(fn: Callable[..., Any], dtype: str | None = None) -> Callable[[
 
 def _where(lw: Lowering, node: onnx.NodeProto) -> None:
     tf = lw.tf
-    cond = lw.values[node.input[0]] if node.input[0] in lw.values else tf.constant(lw.const(node.input[0]).astype(bool))
+    cond = lw.values[node.input[0]] if node.input[0] in lw.values else \
+        tf.constant(lw.require_const(node, 0).astype(bool))
     branch = next((lw.values[n] for n in node.input[1:] if n in lw.values), None)
     dtype = branch.dtype if branch is not None else tf.float32
-    a, b = (lw.values[n] if n in lw.values else tf.constant(lw.const(n).astype(dtype.as_numpy_dtype))
-            for n in node.input[1:])
+    a, b = (lw.values[n] if n in lw.values else tf.constant(lw.require_const(node, i).astype(dtype.as_numpy_dtype))
+            for i, n in enumerate(node.input) if i > 0)
     lw.emit(node, tf.where(cond, a, b))
 
 
@@ -250,9 +267,10 @@ def _slice(lw: Lowering, node: onnx.NodeProto) -> None:
     shape = [int(d) for d in x.shape]
     starts = lw.require_const(node, 1).reshape(-1).tolist()
     ends = lw.require_const(node, 2).reshape(-1).tolist()
-    axes = lw.const(node.input[3]).reshape(-1).tolist() if len(node.input) > 3 and node.input[3] else \
+    axes = lw.require_const(node, 3).reshape(-1).tolist() if len(node.input) > 3 and node.input[3] else \
         list(range(len(starts)))
-    steps = lw.const(node.input[4]).reshape(-1).tolist() if len(node.input) > 4 and node.input[4] else [1] * len(starts)
+    steps = lw.require_const(node, 4).reshape(-1).tolist() if len(node.input) > 4 and node.input[4] else \
+        [1] * len(starts)
     begin, end, stride = [0] * len(shape), list(shape), [1] * len(shape)
     for s, e, a, st in zip(starts, ends, axes, steps):
         a = a + len(shape) if a < 0 else a
@@ -356,6 +374,8 @@ FLOAT_GRAPH_OPS: dict[str, Callable[[Lowering, onnx.NodeProto], None]] = {
     "And": _elementwise(lambda tf, a, b: tf.math.logical_and(a, b), "bool"),
     "Or": _elementwise(lambda tf, a, b: tf.math.logical_or(a, b), "bool"),
     "Not": _elementwise(lambda tf, x: tf.math.logical_not(x), "bool"),
+    "IsNaN": _elementwise(lambda tf, x: tf.math.not_equal(x, x)),  # TFLite has no IS_NAN; NaN != NaN
+    "Abs": _elementwise(lambda tf, x: tf.math.abs(x)),
     "Where": _where,
     "Cast": _cast,
     "Gather": _gather,

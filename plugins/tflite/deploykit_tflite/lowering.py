@@ -81,6 +81,7 @@ class Lowered:
     inputs: list[dict[str, Any]] = field(default_factory=list)
     outputs: list[dict[str, Any]] = field(default_factory=list)
     islands: bool = False  # encoder: float except the tensors the canonical model quantizes
+    float_layers: list[str] = field(default_factory=list)  # declared float islands (canonical metadata)
     #: canonical tensor -> output of the QuantizeLinear that reads it (for the tensor_map)
     q_outputs: dict[str, str] = field(default_factory=dict)
 
@@ -90,6 +91,18 @@ def _tf():
     import tensorflow as tf  # lazy: importing the plugin must not import TensorFlow
 
     return tf
+
+
+def declared_float_layers(model: onnx.ModelProto) -> list[str]:
+    """Node names the canonical model's metadata keeps float (``deploykit.float_layers``)."""
+    import json
+
+    meta = {p.key: p.value for p in model.metadata_props}
+    try:
+        names = json.loads(meta.get("deploykit.float_layers", "[]"))
+    except ValueError:
+        return []
+    return [str(n) for n in names] if isinstance(names, list) else []
 
 
 def safe_name(name: str) -> str:
@@ -147,12 +160,12 @@ def fixed_input_shapes(model: onnx.ModelProto, overrides: Mapping[str, Any], tar
             elif example and vi.name in example and len(example[vi.name]) == len(dims):
                 shape.append(int(example[vi.name][i]))  # e.g. the sequence length of the evaluation data
             else:
-                example = [str(x.dim_value) if x.HasField("dim_value") and x.dim_value > 0 else "?" for x in dims]
-                example[0] = "1" if example[0] == "?" else example[0]
+                hint = [str(x.dim_value) if x.HasField("dim_value") and x.dim_value > 0 else "?" for x in dims]
+                hint[0] = "1" if hint[0] == "?" else hint[0]
                 raise LoweringError(
                     f"input '{vi.name}' has dynamic dimension {i} ('{d.dim_param or '?'}') that the TFLite converter "
                     f"cannot handle; give a fixed shape in targets.toml: [targets.{target_name}.options] "
-                    f"input_shapes = {{ {vi.name} = [{', '.join(example)}] }} (replace ? with the size)")
+                    f"input_shapes = {{ {vi.name} = [{', '.join(hint)}] }} (replace ? with the size)")
         shapes[vi.name] = shape
     return shapes
 
@@ -183,6 +196,9 @@ class Lowering:
         #: fake-quant; everything else (LayerNorm, GELU, Softmax, mask arithmetic) stays float
         #: or integer as in the canonical model, and tensors keep ONNX axis order.
         self.islands = float_ops.needs_islands(canonical.model)
+        #: nodes the canonical model keeps float on purpose (its metadata): lowered float, their
+        #: inputs dequantized and their outputs quantized again where the canonical model does
+        self.float_layers = set(declared_float_layers(canonical.model))
         self.nhwc = not self.islands
         self.gelus: dict[str, tuple[str, bool]] = {}  # last node of an exported GELU -> (x, tanh form)
         if self.islands:
@@ -273,6 +289,10 @@ class Lowering:
         (the canonical per-channel axis) last, where the per-channel fake-quant puts it.
         """
         weight = self.g.weight(node.input[index])
+        if weight is None and node.name in self.float_layers and node.input[index] in self.g.initializers:
+            # a declared float island: float weights, no fake-quant, nothing to verify
+            self._last_weight = None
+            return self.tf.constant(to_tf(self.g.const(node.input[index]).astype(np.float32)))
         if weight is None:
             raise self.error(node, f"weight input '{node.input[index]}' is not an int8 initializer behind a "
                                    "DequantizeLinear; run 'deploykit inspect --lint' on the canonical model")
@@ -297,6 +317,11 @@ class Lowering:
             tf.constant(w.astype(np.float32) * scales), min=-127 * scales, max=127 * scales,
             num_bits=8, narrow_range=True, name=name)
 
+    def table_zero_point(self, tensor: str) -> int:
+        """The calibration table's int8 zero point (asymmetric activations), 0 when symmetric."""
+        zero_point = getattr(self.table, "zero_point", None)
+        return int(zero_point(tensor)) if callable(zero_point) else 0
+
     def set_bias(self, bias: np.ndarray | None, channels: slice | None = None) -> None:
         """The float bias of the weight just made by weight_filter (the patch writes it as int32)."""
         if bias is None or not getattr(self, "_last_weight", None):
@@ -316,13 +341,14 @@ class Lowering:
             s, zp = FIXED_OUTPUT[node.op_type]
             return QuantSpec(s, zp, "fixed", tensor)
         if tensor in self.table:
-            return QuantSpec(self.table.scale(tensor), 0, "calibration", tensor)
+            return QuantSpec(self.table.scale(tensor), self.table_zero_point(tensor), "calibration", tensor)
         return None
 
     def emit(self, node: onnx.NodeProto, t, index: int = 0, spec: QuantSpec | None = None) -> None:
         """Bind a node's output and give it its quantization parameters."""
         name = node.output[index]
-        if self.islands:  # float (or integer) as in the canonical model; its Q, if any, quantizes
+        if self.islands or node.name in self.float_layers:
+            # float (or integer) as in the canonical model; its Q, if any, quantizes
             self.values[name] = t
             return
         if name not in self.unquantized_outputs:
@@ -366,7 +392,7 @@ class Lowering:
         readers = {c.op_type for c in self.g.consumers.get(name, [])}
         if name not in self.table or not readers & SAME_SCALE_OPS:
             return t, fixed
-        spec = QuantSpec(self.table.scale(name), 0, "calibration", name)
+        spec = QuantSpec(self.table.scale(name), self.table_zero_point(name), "calibration", name)
         if same_params(spec, fixed):
             return t, fixed
         return self.requantize(t, fixed, spec), spec
@@ -519,6 +545,7 @@ def lower_graph(canonical: CanonicalModel, shapes: Mapping[str, list[int]], allo
     result = walks[-1].result
     result.concrete, result.module, result.inputs = concrete, module, inputs
     result.islands = walks[-1].islands
+    result.float_layers = sorted(walks[-1].float_layers)
     for o, t in zip(output_names(model), concrete.structured_outputs):
         result.outputs.append({"name": o, "nhwc": len(t.shape) == 4 and nhwc_layout, "shape": [int(d) for d in t.shape]})
     return result

@@ -172,9 +172,11 @@ def _dense(lw: Lowering, node: onnx.NodeProto) -> None:
     if node.op_type == "Gemm":
         if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0:
             raise lw.error(node, "only Gemm with transA=0, alpha=1, beta=1 is supported")
-        to_kn = (lambda w: w.T) if a.get("transB", 0) else (lambda w: w)
-    else:
-        to_kn = lambda w: w
+    transposed = node.op_type == "Gemm" and bool(a.get("transB", 0))
+
+    def to_kn(w: np.ndarray) -> np.ndarray:  # ONNX weight -> [K, N]
+        return w.T if transposed else w
+
     weight = lw.g.weight_of(node.input[1])[0]
     if weight.ndim != 2:
         raise lw.error(node, f"weight of rank {weight.ndim}: only 2-D weights are supported")

@@ -132,10 +132,9 @@ def _rewrite_filter(model: Any, sg: Any, op: Any, kind: str, spec: Any, schema: 
         for c in np.nonzero(limit > INT32_MAX)[0]:
             # dead channel: the bias cannot be an int32 at the canonical scale; smallest scale that fits
             new = np.float32(abs(bias[c]) / (s_in * INT32_MAX) * (1 + 1e-6))
-            ch = [slice(None)] * values.ndim
-            ch[axis] = c
-            w_float = values[tuple(ch)].astype(np.float64) * scales[c]
-            values[tuple(ch)] = np.clip(np.round(w_float / new), -127, 127).astype(np.int8)
+            ch = tuple(int(c) if a == axis else slice(None) for a in range(values.ndim))
+            w_float = values[ch].astype(np.float64) * scales[c]
+            values[ch] = np.clip(np.round(w_float / new), -127, 127).astype(np.int8)
             report.not_kept.append(f"{spec.tensor} channel {c}: bias {bias[c]:.4g} exceeds int32 at input scale "
                                    f"{s_in:.4g} x weight scale {scales[c]:.4g}; weight scale {new:.4g} instead")
             scales[c] = new

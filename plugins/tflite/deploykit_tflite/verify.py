@@ -153,6 +153,11 @@ def verify(model_content: bytes, lowered: Lowered, allow_float_fallback: bool,
                                    "(LayerNorm, GELU, Softmax, residual adds, mask arithmetic): "
                                    + ", ".join(sorted({o['op'] for o in float_ops})),
                            details={"float_ops": float_ops})
+    elif float_ops and lowered.float_layers:
+        full = CheckResult("full_integer", "info", float(len(float_ops)),
+                           message=f"{len(float_ops)} ops run in float: the canonical model declares "
+                                   f"{len(lowered.float_layers)} float layers ({', '.join(lowered.float_layers[:6])})",
+                           details={"float_ops": float_ops, "float_layers": lowered.float_layers})
     elif float_ops and not allow_float_fallback:
         full = CheckResult("full_integer", "fail", float(len(float_ops)),
                            message=f"{len(float_ops)} ops run in float: " + ", ".join(f"{o['op']} ({o['output']})" for o in float_ops[:6])

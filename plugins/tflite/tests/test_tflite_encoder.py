@@ -13,22 +13,21 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-pytest.importorskip("tensorflow")
-pytest.importorskip("ai_edge_litert")
-ort = pytest.importorskip("onnxruntime")
-
+from deploykit.canonical import QdqGraph
+from deploykit.errors import LoweringError
+from deploykit.reference import run_canonical
+from deploykit.testing import eval_feeds, make_canonical, make_target
 from deploykit_tflite import TFLiteBackend
 from deploykit_tflite.float_ops import find_gelus
 from deploykit_tflite.lowering import convert, fixed_input_shapes, lower_graph
 from deploykit_tflite.verify import open_interpreter, verify
 
-from deploykit.errors import LoweringError
-from deploykit.canonical import QdqGraph
-from deploykit.reference import run_canonical
-from deploykit.testing import eval_feeds, make_canonical, make_target
+pytest.importorskip("tensorflow")
+pytest.importorskip("ai_edge_litert")
+pytest.importorskip("onnxruntime")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from zoo import dead_channel_cnn, make_canonical_from
+from zoo import dead_channel_cnn, make_canonical_from  # noqa: E402
 
 
 def canonical_outputs(canonical, feeds) -> list[np.ndarray]:
@@ -123,7 +122,13 @@ def _gelu_graph(form: str, c: float = 0.044715) -> onnx.ModelProto:
     """GELU as the exporters write it: legacy erf (x * 0.5 first) or the tanh approximation."""
     consts = {"half": 0.5, "one": 1.0, "sqrt2": float(np.sqrt(2.0)), "k": float(np.sqrt(2 / np.pi)), "c": c}
     inits = [numpy_helper.from_array(np.array(v, np.float32), k) for k, v in consts.items()]
-    if form == "erf":
+    if form == "erf_half_last":  # the legacy exporter: x * (1 + erf(x / sqrt 2)) * 0.5
+        nodes = [helper.make_node("Div", ["x", "sqrt2"], ["d"], name="d0"),
+                 helper.make_node("Erf", ["d"], ["e"], name="e0"),
+                 helper.make_node("Add", ["e", "one"], ["a"], name="a0"),
+                 helper.make_node("Mul", ["x", "a"], ["xa"], name="m0"),
+                 helper.make_node("Mul", ["xa", "half"], ["y"], name="end")]
+    elif form == "erf":
         nodes = [helper.make_node("Mul", ["x", "half"], ["xh"], name="m0"),
                  helper.make_node("Div", ["x", "sqrt2"], ["d"], name="d0"),
                  helper.make_node("Erf", ["d"], ["e"], name="e0"),
@@ -144,7 +149,7 @@ def _gelu_graph(form: str, c: float = 0.044715) -> onnx.ModelProto:
     return helper.make_model(helper.make_graph(nodes, "gelu", [x], [y], inits))
 
 
-@pytest.mark.parametrize("form,tanh", [("erf", False), ("tanh", True)])
+@pytest.mark.parametrize("form,tanh", [("erf", False), ("erf_half_last", False), ("tanh", True)])
 def test_exported_gelu_forms_are_recognised_and_checked_numerically(form, tanh):
     def walk(model):
         inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -152,13 +157,13 @@ def test_exported_gelu_forms_are_recognised_and_checked_numerically(form, tanh):
 
     found, absorbed = find_gelus(walk(_gelu_graph(form)))
     assert found == {"end": ("x", tanh)}
-    assert "end" not in absorbed and len(absorbed) == (4 if form == "erf" else 8)
+    assert "end" not in absorbed and len(absorbed) == (8 if form == "tanh" else 4)
     # the same structure with another constant is not GELU: left alone (and Erf then errors by name)
-    assert find_gelus(walk(_gelu_graph(form, c=0.1) if form == "tanh" else _bad_erf()))[0] == {}
+    assert find_gelus(walk(_gelu_graph(form, c=0.1) if form == "tanh" else _bad_erf(form)))[0] == {}
 
 
-def _bad_erf() -> onnx.ModelProto:
-    model = _gelu_graph("erf")
+def _bad_erf(form: str) -> onnx.ModelProto:
+    model = _gelu_graph(form)
     for init in model.graph.initializer:
         if init.name == "sqrt2":
             init.CopyFrom(numpy_helper.from_array(np.array(2.0, np.float32), "sqrt2"))
