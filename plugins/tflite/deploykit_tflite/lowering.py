@@ -206,6 +206,7 @@ class Lowering:
             self.absorbed |= absorbed
         self.unquantized_outputs: set[str] = self._fused_activation_inputs()
         self._names: set[str] = set()
+        self._last_weight: str | None = None  # fake-quant name of the weight weight_filter made last
 
     # ---- helpers for op lowerings ---------------------------------------------------
     def error(self, node: onnx.NodeProto, message: str) -> LoweringError:
@@ -292,7 +293,7 @@ class Lowering:
         if weight is None and node.name in self.float_layers and node.input[index] in self.g.initializers:
             # a declared float island: float weights, no fake-quant, nothing to verify
             self._last_weight = None
-            return self.tf.constant(to_tf(self.g.const(node.input[index]).astype(np.float32)))
+            return self.tf.constant(to_tf(self.require_const(node, index).astype(np.float32)))
         if weight is None:
             raise self.error(node, f"weight input '{node.input[index]}' is not an int8 initializer behind a "
                                    "DequantizeLinear; run 'deploykit inspect --lint' on the canonical model")
@@ -324,12 +325,13 @@ class Lowering:
 
     def set_bias(self, bias: np.ndarray | None, channels: slice | None = None) -> None:
         """The float bias of the weight just made by weight_filter (the patch writes it as int32)."""
-        if bias is None or not getattr(self, "_last_weight", None):
+        last = self._last_weight
+        if bias is None or last is None:
             return
-        spec = self.result.weights[self._last_weight]
+        spec = self.result.weights[last]
         b = np.broadcast_to(np.asarray(bias, np.float32).reshape(-1), spec.scales.shape) if channels is None \
             else np.asarray(bias, np.float32).reshape(-1)[channels]
-        self.result.weights[self._last_weight] = dataclasses.replace(spec, bias=np.array(b, np.float32))
+        self.result.weights[last] = dataclasses.replace(spec, bias=np.array(b, np.float32))
 
     def spec_for(self, tensor: str, node: onnx.NodeProto | None = None) -> QuantSpec | None:
         """Parameters for an activation tensor: a canonical Q that reads it, else the table."""
