@@ -132,8 +132,7 @@ def _build(model: Path, targets: str, calib: str | None, eval_: str | None, meth
            percentile: float | None, samples: int | None, eval_samples: int, task: str, calib_batch_size: int | None,
            preprocess: str | None, targets_file: str | None, out_dir: Path, no_baseline: bool, db: Path | None,
            as_json: bool, allow_code: bool, progress: Any) -> None:
-    from deploykit.pipeline import BuildOptions
-    from deploykit.pipeline import build as run_build
+    from deploykit.pipeline import BuildOptions, build as run_build
     from deploykit.report import terminal_table
 
     if as_json:

@@ -14,10 +14,10 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import deploykit
-from deploykit.backend import Artifact, Availability, Backend, CanonicalModel, Capability, CheckResult, Option
+from deploykit.backend import Artifact, Availability, Backend, CanonicalModel, Capability, CheckResult, Option, Target
 from deploykit.errors import BackendUnavailable, LoweringError
 from deploykit.fileio import atomic_output
 
@@ -71,7 +71,7 @@ class TFLiteBackend(Backend):
                                "{ x = [1, 3, 224, 224] }; default: batch 1, other dims as in the model"),
     }
 
-    def probe(self, target) -> Availability:
+    def probe(self, target: Target) -> Availability:
         tf_version, litert = tensorflow_version(), litert_version()
         versions = {k: v for k, v in (("tensorflow", tf_version), ("ai_edge_litert", litert)) if v}
         missing = [name for name, v in (("tensorflow (needed to lower)", tf_version),
@@ -81,7 +81,7 @@ class TFLiteBackend(Backend):
         return Availability(tf_version is not None, litert is not None,
                             f"{' and '.join(missing)} not installed", INSTALL_HINT, versions)
 
-    def preflight(self, canonical: CanonicalModel, target) -> tuple[list[CheckResult], dict[str, Any]]:
+    def preflight(self, canonical: CanonicalModel, target: Target) -> tuple[list[CheckResult], dict[str, Any]]:
         from deploykit_tflite.float_ops import FLOAT_GRAPH_OPS, needs_islands
         from deploykit_tflite.lowering import fixed_input_shapes
         from deploykit_tflite.ops import FLOAT_OPS, OPS
@@ -105,7 +105,7 @@ class TFLiteBackend(Backend):
             checks.append(CheckResult("tflite_input_shapes", "fail", message=str(exc)))
         return checks, meta
 
-    def lower(self, canonical: CanonicalModel, target, dest: Path) -> Artifact:
+    def lower(self, canonical: CanonicalModel, target: Target, dest: Path) -> Artifact:
         if tensorflow_version() is None:
             raise BackendUnavailable(f"target '{target.name}': tensorflow is not importable; it is needed to "
                                      f"lower to TFLite: {INSTALL_HINT}")
@@ -147,7 +147,7 @@ class TFLiteBackend(Backend):
         metadata["seconds"]["verify"] = round(time.monotonic() - converted, 3)
         return Artifact(self.name, dest, (dest,), metadata, tuple(checks))
 
-    def load(self, artifact: Artifact, target):
+    def load(self, artifact: Artifact, target: Target):
         from deploykit_tflite.runner import LiteRTRunner, interpreter_class
 
         interpreter_class()  # BackendUnavailable with the install hint when LiteRT is missing
@@ -158,7 +158,7 @@ class TFLiteBackend(Backend):
             all(o.get("nhwc", True) for o in meta.get("outputs", []) if len(o.get("shape", [])) == 4)
         return LiteRTRunner(Path(artifact.path), inputs, outputs, int(target.options.get("threads") or 0), nhwc)
 
-    def fp32_runner(self, canonical: CanonicalModel, target, workdir: Path):
+    def fp32_runner(self, canonical: CanonicalModel, target: Target, workdir: Path):
         """The same NHWC graph without fake-quant, converted to a float TFLite model."""
         from deploykit_tflite.float_ops import needs_islands
         from deploykit_tflite.lowering import convert, fixed_input_shapes, lower_graph
@@ -173,12 +173,12 @@ class TFLiteBackend(Backend):
         return LiteRTRunner(path, [i["name"] for i in graph.inputs], [o["name"] for o in graph.outputs],
                             int(target.options.get("threads") or 0), not needs_islands(canonical.model))
 
-    def device_info(self, target) -> dict[str, Any]:
+    def device_info(self, target: Target) -> dict[str, Any]:
         return {"tensorflow": tensorflow_version(), "ai_edge_litert": litert_version(),
                 "threads": target.options.get("threads") or "default", "cores": os.cpu_count(),
                 "machine": platform.machine(), "device": target.device.description or target.device.name}
 
 
 @deploykit.hookimpl
-def deploykit_register_backends(register) -> None:
+def deploykit_register_backends(register: Callable[[type], None]) -> None:
     register(TFLiteBackend)
