@@ -28,7 +28,8 @@ def _echo_json(obj) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(deploykit.__version__, prog_name="deploykit")
-@click.option("-v", "--verbose", is_flag=True, help="Log progress details to stderr.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Say what each stage does, and show the vendor SDKs' own start-up logs (quiet by default).")
 def cli(verbose: bool) -> None:
     """Ship one FP32 model to many targets: calibrate once into a canonical QDQ INT8 ONNX model,
     lower it to each target keeping its scales, and check latency and accuracy on target.
@@ -40,10 +41,14 @@ def cli(verbose: bool) -> None:
       deploykit targets             # list and validate targets.toml
       deploykit inspect out/canonical.qdq.onnx --lint
     """
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s")
-    if not verbose:  # vendor SDKs warn about untested versions of each other on import
-        for name in ("coremltools", "tensorflow", "absl", "openvino"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+    from deploykit import vendorlog
+
+    verbose = verbose or vendorlog.verbose()
+    from deploykit.progress import EchoHandler
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[EchoHandler()])  # through the live display, never through its bars
+    vendorlog.set_verbose(verbose)  # -v: vendor start-up lines and loggers shown, here and in child processes
 
 
 @cli.command()
@@ -93,7 +98,7 @@ def build(model, targets, calib, eval_, method, percentile, samples, eval_sample
         method=method, percentile=percentile, samples=samples, eval_samples=eval_samples,
         batch_size=calib_batch_size, preprocess=_parse_preprocess(preprocess) if preprocess else None,
         baseline=not no_baseline, task=task,
-        on_event=(lambda msg: None) if as_json else (lambda msg: click.echo(msg, err=True)))
+        on_event=(lambda msg: None) if as_json else progress.echo)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = run_build(model, opts)
@@ -151,14 +156,18 @@ def backends(as_json: bool) -> None:
     if as_json:
         _echo_json(rows)
         return
+    from deploykit.tables import render
+
+    table = []
     for r in rows:
         state = "ready" if r["can_run"] else ("lower only" if r["can_lower"] else "unavailable")
-        versions = ", ".join(f"{k} {v}" for k, v in r["versions"].items())
-        click.echo(f"{r['backend']:<12} {state:<12} {r['description']}" + (f" [{versions}]" if versions else ""))
+        notes = [r["description"]] + ([", ".join(f"{k} {v}" for k, v in r["versions"].items())] if r["versions"] else [])
         if r["reason"]:
-            click.echo(f"{'':<12} why: {r['reason']}")
+            notes.append(f"why: {r['reason']}")
         if r["install_hint"]:
-            click.echo(f"{'':<12} install: {r['install_hint']}")
+            notes.append(f"install: {r['install_hint']}")
+        table.append([r["backend"], state, "; ".join(notes)])
+    click.echo(render(["backend", "state", "what / why / install"], table))
 
 
 @cli.command()
@@ -173,8 +182,10 @@ def plugins(as_json: bool) -> None:
     if as_json:
         _echo_json(rows)
         return
-    for r in rows:
-        click.echo(f"{r['name']:<12} {r['distribution']} {r['version']}  module {r['module']}  backends: {', '.join(r['backends'])}")
+    from deploykit.tables import render
+
+    click.echo(render(["plugin", "distribution", "version", "module", "backends"],
+                      [[r["name"], r["distribution"], r["version"], r["module"], ", ".join(r["backends"])] for r in rows]))
 
 
 @cli.command()
@@ -197,10 +208,12 @@ def targets(targets_file: str | None, as_json: bool) -> None:
     if as_json:
         _echo_json({"file": str(path), "targets": rows, "devices": sorted(tf.devices)})
         return
-    click.echo(f"{path}: {len(rows)} targets, {len(tf.devices)} devices, valid")
-    for r in rows:
-        th = ", ".join(f"{k}={v:g}" for k, v in r["thresholds"].items()) or "no thresholds"
-        click.echo(f"  {r['name']:<20} {r['backend']:<12} on {r['device']:<14} batch {r['batch_sizes']}  {th}")
+    from deploykit.tables import render
+
+    table = [[r["name"], r["backend"], r["device"], ", ".join(map(str, r["batch_sizes"])),
+              ", ".join(f"{k}={v:g}" for k, v in r["thresholds"].items()) or "-"] for r in rows]
+    click.echo(render(["target", "backend", "device", "batch sizes", "thresholds"], table,
+                      title=f"{path}: {len(rows)} targets, {len(tf.devices)} devices, valid"))
 
 
 @cli.command()
@@ -209,13 +222,13 @@ def targets(targets_file: str | None, as_json: bool) -> None:
 @click.option("--tensorrt", is_flag=True, help="With --lint: only the rules TensorRT's parser enforces.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def inspect(model: Path, run_lint: bool, tensorrt: bool, as_json: bool) -> None:
-    """Show a model's inputs, outputs, ops, Q/DQ counts and deploykit metadata; --lint checks the
-    canonical-model contract and names each offending node and rule."""
-    import collections
-
+    """Show what MODEL really declares: ONNX IR version, the opset domains its nodes use, inputs and
+    outputs with dtype and shape, ops, Q/DQ counts and metadata (control characters escaped);
+    --lint checks the canonical-model contract and names each offending node and rule."""
     import onnx
 
-    from deploykit.model import input_specs
+    from deploykit.modelinfo import describe, render_text
+    from deploykit.tables import escape
     from deploykit.quantize.canonical import META_TABLE, lint
 
     if not model.is_file():
@@ -224,37 +237,35 @@ def inspect(model: Path, run_lint: bool, tensorrt: bool, as_json: bool) -> None:
         m = onnx.load(str(model))
     except Exception as exc:
         raise ConfigError(f"{model}: not a valid ONNX model ({type(exc).__name__})") from None
-    ops = collections.Counter(n.op_type for n in m.graph.node)
-    meta = {p.key: p.value for p in m.metadata_props if p.key != META_TABLE}
-    info = {"model": str(model), "opset": {o.domain or "ai.onnx": o.version for o in m.opset_import},
-            "inputs": {k: [list(map(str, s)), str(d)] for k, (s, d) in input_specs(m).items()},
-            "outputs": [o.name for o in m.graph.output], "nodes": len(m.graph.node), "ops": dict(ops.most_common()),
-            "metadata": meta}
+    info = describe(m, model, meta_skip=(META_TABLE,))
     violations = lint(m, tensorrt_only=tensorrt) if run_lint else []
     if run_lint:
         info["lint"] = [{"rule": v.rule, "node": v.node, "message": v.message, "tensorrt": v.tensorrt} for v in violations]
     if as_json:
         _echo_json(info)
     else:
-        click.echo(f"{model}: opset {info['opset']}, {info['nodes']} nodes")
-        for k, (s, d) in info["inputs"].items():
-            click.echo(f"  input  {k}: {d} {s}")
-        for o in info["outputs"]:
-            click.echo(f"  output {o}")
-        click.echo("  ops: " + ", ".join(f"{k} {v}" for k, v in info["ops"].items()))
-        for k, v in meta.items():
-            click.echo(f"  {k}: {v}")
+        click.echo(render_text(info))
         if run_lint:
             if violations:
                 for v in violations:
-                    click.echo(f"  lint: {v}")
+                    click.echo(f"lint: {escape(str(v))}")
             else:
-                click.echo("  lint: clean (" + ("TensorRT rules" if tensorrt else "every canonical rule") + ")")
+                click.echo("lint: clean (" + ("TensorRT rules" if tensorrt else "every canonical rule") + ")")
     if violations:
         raise CheckFailed(f"{model}: {len(violations)} lint violation(s)")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from deploykit import vendorlog
+
+    vendorlog.install()  # before any vendor import: quiet start-up logs (see deploykit/vendorlog.py)
+    try:
+        return _main(argv)
+    finally:
+        vendorlog.stop()
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         cli.main(args=argv, prog_name="deploykit", standalone_mode=False)
     except DeploykitError as exc:

@@ -42,6 +42,17 @@ class DataSource:
     def _chunks(self) -> Iterator[Batch]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _size(self) -> int | None:
+        """Samples the source holds, when known without reading it (progress totals)."""
+        return None
+
+    def expected_samples(self) -> int | None:
+        """How many samples :meth:`batches` will yield, when known up front (else None)."""
+        size = self._size()
+        if size is None:
+            return self.limit
+        return size if self.limit is None else min(size, self.limit)
+
     def batches(self, batch_size: int) -> Iterator[Batch]:
         """Re-batch the source's chunks to ``batch_size`` (the last batch may be smaller)."""
         if batch_size < 1:  # 0 would yield empty batches forever
@@ -171,6 +182,9 @@ class ArraySource(DataSource):
         if scalars:
             raise DataError(f"{path}: array {scalars} is a scalar; arrays need a leading sample axis")
 
+    def _size(self) -> int | None:
+        return min(len(a) for a in self.arrays.values()) if self.arrays else 0
+
     def _chunks(self) -> Iterator[Batch]:
         n = min(len(a) for a in self.arrays.values()) if self.arrays else 0
         step = 256
@@ -195,6 +209,9 @@ class ImageFolderSource(DataSource):
         self.classes = classes if classes and all(p.parent != path for p in self.files) else []
         shape = specs[self.input][0]
         self.preprocess = preprocess or _default_preprocess(shape)
+
+    def _size(self) -> int | None:
+        return len(self.files)
 
     def _chunks(self) -> Iterator[Batch]:
         idx = {c: i for i, c in enumerate(self.classes)}

@@ -130,10 +130,30 @@ def _ort_basic_optimise(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
             msg = str(exc).strip().splitlines()[0][:300]
             raise ModelError(f"{source}: onnxruntime cannot load the model: {msg}") from None
         out = onnx.load(dst)
-    # keep the original metadata and opset list; the optimiser may drop unused opsets
+    # keep the original metadata; declare only the opset domains the nodes use (onnxruntime's
+    # optimiser writes all nine of its own, which then show up in every tool as if imported)
     del out.metadata_props[:]
     out.metadata_props.extend(model.metadata_props)
+    used = used_domains(out)
+    keep = [o for o in out.opset_import if _domain(o.domain) in used]
+    del out.opset_import[:]
+    out.opset_import.extend(keep)
     return out
+
+
+def _domain(name: str) -> str:
+    return "ai.onnx" if name in ("", "ai.onnx") else name
+
+
+def used_domains(model: onnx.ModelProto) -> set[str]:
+    """The opset domains the model's nodes (and its functions' nodes) really use; "ai.onnx" always."""
+    nodes = list(model.graph.node) + [n for f in model.functions for n in f.node]
+    graphs = [a.g for n in nodes for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+    while graphs:  # If/Loop/Scan bodies
+        g = graphs.pop()
+        nodes.extend(g.node)
+        graphs.extend(a.g for n in g.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH)
+    return {"ai.onnx"} | {_domain(n.domain) for n in nodes}
 
 
 def _fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -43,7 +43,7 @@ def quantize(fp32: onnx.ModelProto, calib: DataSource, method: str = "entropy", 
 
     batch_size = fixed_batch(input_specs(fp32)) or batch_size
     observer = Observer(fp32)
-    with bar(calib.limit, "calibrate: ranges", "sample") as b:
+    with bar(calib.expected_samples(), "calibrate: ranges", "sample") as b:
         observer.observe_ranges(calib.batches(batch_size), b.update)
     if needs_histograms(method):
         with bar(observer.samples, f"calibrate: {method} histograms", "sample") as b:
