@@ -311,6 +311,14 @@ def smooth_quant(model: onnx.ModelProto, data: DataSource, alpha: float = DEFAUL
         for m in mms:
             m.input[0] = smoothed
         new_nodes[tensor] = mul
+        known = {v.name: v for v in list(out.graph.input) + list(out.graph.value_info) + list(out.graph.output)}
+        vi = onnx.ValueInfoProto()
+        if tensor in known:
+            vi.CopyFrom(known[tensor])
+        else:
+            vi.CopyFrom(helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
+        vi.name = smoothed
+        out.graph.value_info.append(vi)  # the calibration observes float tensors it knows the type of
     if new_nodes:
         nodes: list[onnx.NodeProto] = []
         graph_inputs = [t for t in new_nodes if t not in g.producer]
@@ -320,7 +328,15 @@ def smooth_quant(model: onnx.ModelProto, data: DataSource, alpha: float = DEFAUL
             nodes.extend(new_nodes[o] for o in n.output if o in new_nodes)
         del out.graph.node[:]
         out.graph.node.extend(nodes)
+    _drop_unused(out)
     return out, len(groups)
+
+
+def _drop_unused(model: onnx.ModelProto) -> None:
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    kept = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
 
 
 def _safe(name: str) -> str:
@@ -455,7 +471,7 @@ def _int8_weight(g: _Graph, node: onnx.NodeProto) -> tuple[str, np.ndarray, np.n
 
 
 def adaround(fp32: onnx.ModelProto, qdq: onnx.ModelProto, data: DataSource, iterations: int = DEFAULT_ADAROUND_ITERATIONS,
-             samples: int = 32, batch_size: int = 8, float_layers: Iterable[str] = ()) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+             samples: int = 64, batch_size: int = 8, float_layers: Iterable[str] = ()) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Learned rounding of each int8 layer's weights (kept only where it lowers the error)."""
     try:
         import torch
@@ -553,7 +569,7 @@ def _adaround_layer(torch: Any, node: onnx.NodeProto, x: Any, y: Any, w: np.ndar
     zeta, gamma = 1.1, -0.1
     v = torch.log((rest.clamp(0.01, 0.99) - gamma) / (zeta - gamma) / (1 - (rest.clamp(0.01, 0.99) - gamma) / (zeta - gamma)))
     v = v.clone().requires_grad_(True)
-    opt = torch.optim.Adam([v], lr=1e-2)
+    opt = torch.optim.Adam([v], lr=5e-2)
 
     def error(wq: Any) -> float:
         with torch.no_grad():
@@ -563,7 +579,7 @@ def _adaround_layer(torch: Any, node: onnx.NodeProto, x: Any, y: Any, w: np.ndar
     err_nearest = error(nearest)
     lam = 0.01 * max(err_nearest, 1e-12)  # the rounding regulariser, on the scale of this layer's error
     n = x.shape[0]
-    mb = max(1, min(8, n))
+    mb = max(1, min(32, n))
     warm = int(0.2 * iterations)
     for it in range(iterations):
         idx = torch.randint(0, n, (mb,))
@@ -586,7 +602,7 @@ def _adaround_layer(torch: Any, node: onnx.NodeProto, x: Any, y: Any, w: np.ndar
 
 
 def post_placement(fp32: onnx.ModelProto, qdq: onnx.ModelProto, steps: Sequence[Step], data: DataSource,
-                   batch_size: int = 8, float_layers: Iterable[str] = ()) -> Edits:
+                   batch_size: int = 8, float_layers: Iterable[str] = (), adaround_samples: int = 64) -> Edits:
     """Run the post-placement steps on a placed canonical model; returns the edits (not applied)."""
     edits = Edits()
     floats = tuple(float_layers)
@@ -594,7 +610,8 @@ def post_placement(fp32: onnx.ModelProto, qdq: onnx.ModelProto, steps: Sequence[
     for step in steps:
         if step.name == "adaround":
             iters = int(step.value or DEFAULT_ADAROUND_ITERATIONS)
-            new, info = adaround(fp32, current, data, iterations=iters, batch_size=batch_size, float_layers=floats)
+            new, info = adaround(fp32, current, data, iterations=iters, samples=adaround_samples, batch_size=batch_size,
+                                 float_layers=floats)
             edits.int8_weights.update(new)
             edits.summary["adaround"] = info
             current = apply_edits(current, Edits(int8_weights=new), floats)
@@ -649,10 +666,7 @@ def apply_edits(qdq: onnx.ModelProto, edits: Edits, float_layers: Iterable[str] 
                 add = g.only_reader(node.output[0])
                 assert add is not None
                 add.input[1 if add.input[0] == node.output[0] else 0] = name
-    used = {i for n in out.graph.node for i in n.input}
-    kept = [i for i in out.graph.initializer if i.name in used]
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(kept)
+    _drop_unused(out)
     return out
 
 
