@@ -146,6 +146,10 @@ class Backend:
     metrics: ClassVar[tuple[str, ...]] = ()
     #: Artifact file or directory suffix, e.g. ``.xml``, ``.tflite``, ``.mlpackage``, ``.engine``.
     artifact_suffix: ClassVar[str] = ""
+    #: Activation profiles of the canonical model this backend lowers exactly ("symmetric",
+    #: "asymmetric"; see deploykit/quantize/canonical.py). ``deploykit build`` picks asymmetric
+    #: only when every target lists it, so a plugin opts in to zero points explicitly.
+    activation_profiles: ClassVar[tuple[str, ...]] = ("symmetric",)
 
     def probe(self, target: "Target") -> Availability:
         """Say whether this host can lower and run ``target``. Never raises for a missing SDK."""
@@ -209,20 +213,29 @@ def check_feeds(names: Sequence[str], feeds: Mapping[str, np.ndarray]) -> None:
         raise KeyError(f"missing inputs {missing}; expected {list(names)}")
 
 
-def precision_audit(layers: Sequence[tuple[str, str, str]]) -> CheckResult:
+def precision_audit(layers: Sequence[tuple[str, str, str]], declared_float: Sequence[str] = ()) -> CheckResult:
     """The one report format for "which compute layers really run in int8" (OpenVINO, TensorRT).
 
     ``layers``: (layer name, layer type, precision) for every compute layer (convolutions,
     fully connected, matmuls). The check is named ``int8_fraction`` so the
-    ``min_int8_fraction`` threshold applies to it.
+    ``min_int8_fraction`` threshold applies to it. ``declared_float``: the canonical model's
+    float islands; they are named apart and left out of the fraction, which judges only the
+    layers the canonical model quantizes.
     """
+    declared = set(declared_float)
+    kept_float = [{"name": n, "type": t, "precision": p} for n, t, p in layers if n in declared]
+    layers = [l for l in layers if l[0] not in declared]
     int8 = [l for l in layers if l[2].lower() in ("i8", "u8", "int8", "uint8")]
     floats = [{"name": n, "type": t, "precision": p} for n, t, p in layers if (n, t, p) not in int8]
     total = len(layers)
     msg = f"{len(int8)} of {total} compute layers run in int8"
+    if kept_float:
+        msg += f"; {len(kept_float)} declared float: " + ", ".join(
+            f"{f['name']} ({f['precision']})" for f in kept_float[:8]) + (" ..." if len(kept_float) > 8 else "")
     if floats:
         msg += "; float: " + ", ".join(f"{f['name']} ({f['type']}, {f['precision']})" for f in floats[:8])
         if len(floats) > 8:
             msg += f", ... {len(floats) - 8} more"
     return CheckResult("int8_fraction", "info", (len(int8) / total) if total else 0.0, message=msg,
-                       details={"int8_layers": len(int8), "compute_layers": total, "float_layers": floats})
+                       details={"int8_layers": len(int8), "compute_layers": total, "float_layers": floats,
+                                "declared_float_layers": kept_float})

@@ -60,7 +60,15 @@ def cli(verbose: bool) -> None:
 @click.option("--eval", "eval_", metavar="SRC", help="Evaluation data (same forms as --calib; an .npz 'labels' "
               "array or class sub-folders give task accuracy). Default: the calibration data.")
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
-              help="Calibration method [default: entropy, or targets.toml [calibration] method].")
+              help="Calibration method [default: minmax (best on every real network measured), or targets.toml "
+              "[calibration] method].")
+@click.option("--activations", type=click.Choice(["symmetric", "asymmetric"]),
+              help="Activation profile of the canonical model: asymmetric (int8 zero point per tensor: more accurate "
+              "after ReLU) or symmetric (zero point 0: TensorRT needs it) [default: targets.toml [quantization] "
+              "activations, else symmetric when any target needs it, asymmetric otherwise].")
+@click.option("--keep-float", "keep_float", metavar="PATTERNS", help="Comma-separated layers to keep float: node "
+              "names, op types (Gemm) or globs ('/head/*'); a pattern matching no node is an error "
+              "[default: targets.toml [quantization] keep_float].")
 @click.option("--percentile", type=float, help="Percentile for --method percentile [default: 99.99].")
 @click.option("--samples", type=int, help="Calibration samples to use [default: 512].")
 @click.option("--eval-samples", type=int, default=1000, show_default=True, help="Evaluation samples to use.")
@@ -75,7 +83,7 @@ def cli(verbose: bool) -> None:
               help="Output folder (created; refused if it holds files deploykit did not write).")
 @click.option("--no-baseline", is_flag=True, help="Skip the FP32 onnxruntime latency reference row.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout instead of the table.")
-def build(model, targets, calib, eval_, method, percentile, samples, eval_samples, task, calib_batch_size, preprocess,
+def build(model, targets, calib, eval_, method, activations, keep_float, percentile, samples, eval_samples, task, calib_batch_size, preprocess,
           targets_file, out_dir, no_baseline, as_json) -> None:
     """Calibrate MODEL once, lower it for every --target, run the checks, write a manifest and report.
 
@@ -97,7 +105,8 @@ def build(model, targets, calib, eval_, method, percentile, samples, eval_sample
         targets=names, out_dir=out_dir, targets_file=_targets_file(targets_file), calib=calib, eval=eval_,
         method=method, percentile=percentile, samples=samples, eval_samples=eval_samples,
         batch_size=calib_batch_size, preprocess=_parse_preprocess(preprocess) if preprocess else None,
-        baseline=not no_baseline, task=task,
+        baseline=not no_baseline, task=task, activations=activations,
+        keep_float=[p.strip() for p in keep_float.split(",") if p.strip()] if keep_float is not None else None,
         on_event=(lambda msg: None) if as_json else progress.echo)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

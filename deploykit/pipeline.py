@@ -29,7 +29,9 @@ from deploykit.errors import ConfigError, DeploykitError, OutputDirError
 from deploykit.fileio import atomic_output, sha256
 from deploykit.plugins import Registry, load_registry
 from deploykit.progress import bar
-from deploykit.quantize import quantize, write_canonical
+from deploykit.quantize import quantize, requantize, write_canonical
+from deploykit.quantize.canonical import ASYMMETRIC, SYMMETRIC
+from deploykit.quantize.islands import layer_macs, mac_summary, resolve_keep_float
 from deploykit.targets import Calibration, Preprocess, Target, load_targets
 
 log = logging.getLogger("deploykit")
@@ -56,6 +58,9 @@ class BuildOptions:
     example_inputs: tuple | None = None  # with a torch.nn.Module: inputs for the dynamo export
     input_names: list[str] | None = None  # with a torch.nn.Module: ONNX input names
     task: str = "auto"  # classification (top-k, accuracy), other (cosine/L2 only), auto: from the output shape
+    activations: str | None = None  # activation profile; None: targets.toml [quantization], else from the targets
+    keep_float: list[str] | None = None  # float-island patterns; None: targets.toml [quantization] keep_float
+    compare_profiles: bool = True  # also place the other profile from the same statistics and report the difference
     on_event: Callable[[str], None] = field(default=lambda msg: None)
 
 
@@ -116,6 +121,10 @@ def build(model: Any, options: BuildOptions, registry: Registry | None = None) -
     if options.task not in checks.TASKS:
         raise ConfigError(f"task '{options.task}' is not one of {', '.join(checks.TASKS)}")
     calib_cfg = _calibration(tf.calibration, options)
+    profile, profile_reason = choose_profile(targets, registry, options.activations, tf.quantization.activations,
+                                             tf.where("quantization", "activations"))
+    keep_float, keep_where = ((options.keep_float, "--keep-float") if options.keep_float is not None
+                              else (list(tf.quantization.keep_float), tf.where("quantization", "keep_float")))
     preprocess = options.preprocess or tf.preprocess
     owned = claim_out_dir(out_dir)  # files earlier builds wrote here: ours to overwrite, and to keep listing
     events = options.on_event
@@ -143,9 +152,13 @@ def build(model: Any, options: BuildOptions, registry: Registry | None = None) -
     if eval_src is None:
         eval_src = calib_src
 
-    events(f"calibrating ({calib_cfg.method}) on {calib_src.description}")
+    float_layers = resolve_keep_float(fp32, keep_float, keep_where) if keep_float else []
+    events(f"calibrating ({calib_cfg.method}, {profile} activations: {profile_reason}) on {calib_src.description}")
     t0 = time.monotonic()
-    result = quantize(fp32, calib_src, calib_cfg.method, calib_cfg.percentile, calib_cfg.batch_size, source_hash)
+    result = quantize(fp32, calib_src, calib_cfg.method, calib_cfg.percentile, calib_cfg.batch_size, source_hash,
+                      activations=profile)
+    if float_layers:
+        result = requantize(result, fp32, float_layers=float_layers)
     canonical = write_canonical(result, fp32, out_dir)
     # a build that stops after this point must still be able to reuse its own folder
     owned |= {_rel(p, out_dir) for p in out_dir.iterdir() if p.is_file()}
@@ -162,6 +175,9 @@ def build(model: Any, options: BuildOptions, registry: Registry | None = None) -
     classification = checks.classifies(options.task, reference["fp32"][0])
     fp32_acc = checks.task_accuracy(reference["fp32"][0], labels) if labels is not None and classification else None
     baseline = _baseline_latency(canonical, targets, eval_batches) if options.baseline and targets else []
+    quant = quantization_summary(fp32, result, profile_reason)
+    if options.compare_profiles:
+        quant["profile_comparison"] = compare_profiles(fp32, result, eval_batches, reference, classification)
 
     results = []
     for target in targets:
@@ -171,6 +187,7 @@ def build(model: Any, options: BuildOptions, registry: Registry | None = None) -
 
     manifest = _manifest(model, source_hash, canonical, result, calib_src, eval_src, eval_note, classification, fp32_acc,
                          baseline, results, out_dir, calibrate_s, time.monotonic() - started, registry)
+    manifest["quantization"] = _jsonable(quant)
     # artifacts of earlier builds into this folder stay deploykit's (listed, never foreign)
     manifest["files"] = sorted(set(manifest["files"]) | {f for f in owned if (out_dir / f).is_file()})
     _write_json(out_dir / MANIFEST, manifest)
@@ -179,6 +196,71 @@ def build(model: Any, options: BuildOptions, registry: Registry | None = None) -
     with atomic_output(out_dir / REPORT) as tmp:
         tmp.write_text(markdown_report(manifest), encoding="utf-8")
     return BuildResult(out_dir, manifest, results, canonical)
+
+
+def quantization_summary(fp32: Any, result: Any, reason: str) -> dict[str, Any]:
+    """For the manifest: the activation profile and why, the float layers, their MACs and the
+    int8 share of MACs."""
+    return {"activations": result.activations, "activations_reason": reason,
+            **mac_summary(layer_macs(fp32), result.float_layers)}
+
+
+def compare_profiles(fp32: Any, result: Any, batches: list[dict], reference: dict,
+                     classification: bool) -> dict[str, Any]:
+    """Place the other activation profile from the same statistics (no calibration) and measure
+    both canonical models against FP32 in onnxruntime: what the choice cost or saved."""
+    other_profile = SYMMETRIC if result.activations == ASYMMETRIC else ASYMMETRIC
+    try:
+        other = requantize(result, fp32, activations=other_profile)
+    except DeploykitError as exc:
+        return {"status": "not_run", "message": str(exc)}
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(other.model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    with bar(len(batches), f"canonical model, {other_profile} activations", "batch") as b:
+        outs = []
+        for feeds in batches:
+            outs.append(session.run(None, feeds))
+            b.update()
+    got = [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))]
+    chosen = checks.compare(reference["fp32"], reference["canonical"], classification=classification)
+    alt = checks.compare(reference["fp32"], got, classification=classification)
+    metric = "top1_agreement" if classification and "top1_agreement" in chosen else "cosine"
+    delta = chosen[metric] - alt[metric]
+    verdict = "saved" if delta > 0 else "cost" if delta < 0 else "changed nothing in"
+    amount = f"{abs(delta) * 100:.2f} points of" if metric == "top1_agreement" else f"{abs(delta):.5f} of"
+    return {"status": "measured", "metric": metric, "chosen": result.activations, "other": other_profile,
+            "chosen_metrics": chosen, "other_metrics": alt, "difference": delta,
+            "message": f"{result.activations} activations {verdict} {amount} {metric} against {other_profile} "
+                       f"({chosen[metric]:.4f} vs {alt[metric]:.4f}, canonical models in onnxruntime vs FP32)"}
+
+
+def choose_profile(targets: list[Target], registry: Registry, option: str | None, configured: str | None,
+                   where: str) -> tuple[str, str]:
+    """The activation profile of this build and why: the command line, else targets.toml, else
+    symmetric when any target's backend lowers only that (TensorRT), asymmetric otherwise.
+
+    An explicit asymmetric choice with a target that cannot lower it is a ConfigError naming
+    the target, before any calibration."""
+    supported = {t.name: registry.get(t.backend).activation_profiles for t in targets}
+    chosen = option or configured
+    if chosen is not None:
+        source = "--activations" if option else where
+        if chosen not in (SYMMETRIC, ASYMMETRIC):
+            raise ConfigError(f"{source}: '{chosen}' is not symmetric or asymmetric")
+        refused = [n for n, profiles in supported.items() if chosen not in profiles]
+        if refused:
+            t = next(t for t in targets if t.name == refused[0])
+            raise ConfigError(f"{source} {chosen}: target '{t.name}' ({t.backend}) lowers only "
+                              f"{', '.join(supported[t.name])} activations; use --activations symmetric "
+                              f"or drop that target")
+        return chosen, f"chosen by {source}"
+    needs = [n for n, profiles in supported.items() if ASYMMETRIC not in profiles]
+    if needs:
+        return SYMMETRIC, f"target {needs[0]} needs it"
+    return ASYMMETRIC, "every target lowers zero points" if targets else "no target needs symmetric"
 
 
 def _write_json(path: Path, obj: dict) -> None:

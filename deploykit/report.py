@@ -82,6 +82,20 @@ def terminal_table(manifest: dict[str, Any]) -> str:
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
+def _quantization_lines(q: dict | None) -> list[str]:
+    if not q:
+        return []
+    out = [f"- activations: {q['activations']} ({q['activations_reason']})"]
+    cmp = q.get("profile_comparison") or {}
+    if cmp.get("message"):
+        out.append(f"- activation profiles: {cmp['message']}")
+    floats = q.get("float_layers") or []
+    if floats:
+        names = ", ".join(f"`{f['name']}`" for f in floats[:10]) + (f" and {len(floats) - 10} more" if len(floats) > 10 else "")
+        out.append(f"- float layers ({len(floats)}): {names}; int8 share of MACs {q['int8_mac_share'] * 100:.1f}%")
+    return out
+
+
 def markdown_report(manifest: dict[str, Any]) -> str:
     cal, ev, can = manifest["calibration"], manifest["evaluation"], manifest["canonical"]
     out = ["# deploykit build report", "",
@@ -89,6 +103,7 @@ def markdown_report(manifest: dict[str, Any]) -> str:
            f"- canonical model: `{can['path']}` ({can['qdq_nodes']} Q/DQ nodes, {can['tensors_in_table']} tensors "
            f"in the calibration table, lint: {'clean' if not can['lint_violations'] else 'VIOLATIONS'})",
            f"- calibration: {cal['method']} on {cal['samples']} samples of `{cal['data']}`",
+           *_quantization_lines(manifest.get("quantization")),
            f"- evaluation: `{ev['data']}`" + (f" ({ev['note']})" if ev["note"] else "")
            + (f"; FP32 accuracy {ev['fp32_accuracy'] * 100:.2f}%" if ev.get("fp32_accuracy") is not None else ""),
            f"- deploykit {manifest['deploykit']}, {manifest['created']}", ""]

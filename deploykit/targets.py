@@ -30,7 +30,9 @@ _CALIB_KEYS = {"method": str, "samples": int, "percentile": float, "data": str, 
                "batch_size": int, "seed": int}
 _PREPROCESS_KEYS = {"resize": int, "crop": int, "mean": list, "std": list, "layout": str,
                     "scale": float, "color": str}
-_TOP_KEYS = {"devices", "targets", "calibration", "preprocess", "defaults"}
+_QUANT_KEYS = {"activations": str, "keep_float": list}
+ACTIVATION_PROFILES = ("symmetric", "asymmetric")
+_TOP_KEYS = {"devices", "targets", "calibration", "quantization", "preprocess", "defaults"}
 _DEFAULT_KEYS = {"warmup": int, "runs": int, "batch_sizes": list}
 
 
@@ -70,7 +72,7 @@ class Preprocess:
 
 @dataclass(frozen=True)
 class Calibration:
-    method: str = "entropy"
+    method: str = "minmax"  # best of the four on every real network measured (docs/accuracy.md)
     samples: int = 512
     percentile: float = 99.99
     data: str | None = None
@@ -79,12 +81,22 @@ class Calibration:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class Quantization:
+    """``[quantization]``: the activation profile (None: chosen from the targets) and the
+    float islands (node names, op types or globs)."""
+
+    activations: str | None = None
+    keep_float: tuple[str, ...] = ()
+
+
 @dataclass
 class TargetsFile:
     path: Path | None
     devices: dict[str, Device]
     raw_targets: dict[str, dict[str, Any]]
     calibration: Calibration = field(default_factory=Calibration)
+    quantization: Quantization = field(default_factory=Quantization)
     preprocess: Preprocess | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
 
@@ -184,7 +196,7 @@ def load_targets(path: Path | str | None) -> TargetsFile:
     if "calibration" in data:
         raw = data["calibration"]
         _check_keys(raw, _CALIB_KEYS, tf.where("calibration"))
-        if raw.get("method", "entropy") not in CALIBRATION_METHODS:
+        if raw.get("method", "minmax") not in CALIBRATION_METHODS:
             raise ConfigError(f"{tf.where('calibration', 'method')}: '{raw['method']}' is not one of {', '.join(CALIBRATION_METHODS)}")
         if not 0 < raw.get("percentile", 99.99) <= 100:
             raise ConfigError(f"{tf.where('calibration', 'percentile')} must be in (0, 100]")
@@ -192,6 +204,18 @@ def load_targets(path: Path | str | None) -> TargetsFile:
             if raw.get(key, 1) < 1:
                 raise ConfigError(f"{tf.where('calibration', key)} must be >= 1")
         tf.calibration = Calibration(**raw)
+    if "quantization" in data:
+        raw = data["quantization"]
+        _check_keys(raw, _QUANT_KEYS, tf.where("quantization"))
+        profile = raw.get("activations")
+        if profile is not None and profile not in ACTIVATION_PROFILES:
+            raise ConfigError(f"{tf.where('quantization', 'activations')}: '{profile}' is not one of "
+                              f"{', '.join(ACTIVATION_PROFILES)}")
+        keep = raw.get("keep_float", [])
+        if not all(isinstance(k, str) and k.strip() for k in keep):
+            raise ConfigError(f"{tf.where('quantization', 'keep_float')} must be a list of node names, op types "
+                              f"or globs (non-empty strings)")
+        tf.quantization = Quantization(profile, tuple(keep))
     if "preprocess" in data:
         tf.preprocess = parse_preprocess(data["preprocess"], tf.where("preprocess"))
     return tf

@@ -332,6 +332,7 @@ def test_mobilenet_concat_shares_scale_and_breaks_when_table_changed(canonicals)
 
 def test_every_rule_has_a_test():
     covered = {rule for rule, _, _ in MUTATIONS.values()} | {"concat-scale", "scale-preserving"}
+    covered |= {"profile", "float-layers", "shared-zero-point"}  # tests/test_profiles.py
     assert covered == set(RULES)
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Mapping, Sequence
 
 import onnx
 
@@ -17,7 +18,8 @@ from deploykit.errors import ConfigError, DeploykitError
 from deploykit.fileio import atomic_output
 from deploykit.progress import bar
 from deploykit.quantize import canonical as rules
-from deploykit.quantize.observe import METHODS, Observer, needs_histograms
+from deploykit.quantize.islands import resolve_keep_float
+from deploykit.quantize.observe import METHODS, Observer, TensorStats, needs_histograms
 from deploykit.quantize.place import build_table, insert_qdq
 
 log = logging.getLogger("deploykit")
@@ -32,15 +34,32 @@ class QuantizeResult:
     data_hash: str
     random_data: bool
     lint_violations: tuple[str, ...] = ()  # always empty: quantize() refuses a model that breaks the contract
+    activations: str = rules.SYMMETRIC  # the activation profile
+    float_layers: tuple[str, ...] = ()  # declared float islands (node names)
+    percentile: float = 99.99
+    source_hash: str = ""
+    #: The observed statistics of every float tensor: :func:`requantize` places Q/DQ again from
+    #: these (another profile, method or set of float layers) without calibrating again.
+    stats: Mapping[str, TensorStats] = field(default_factory=dict, repr=False, compare=False)
 
 
-def quantize(fp32: onnx.ModelProto, calib: DataSource, method: str = "entropy", percentile: float = 99.99,
-             batch_size: int = 8, source_hash: str = "") -> QuantizeResult:
-    """Calibrate the normalised FP32 model on ``calib`` and return the canonical QDQ model."""
+def quantize(fp32: onnx.ModelProto, calib: DataSource, method: str = "minmax", percentile: float = 99.99,
+             batch_size: int = 8, source_hash: str = "", activations: str = rules.SYMMETRIC,
+             keep_float: Sequence[str] = ()) -> QuantizeResult:
+    """Calibrate the normalised FP32 model on ``calib`` and return the canonical QDQ model.
+
+    ``activations``: the activation profile, ``symmetric`` (every backend lowers it, the default
+    here) or ``asymmetric`` (``deploykit build`` picks it when all its targets support it: more
+    accurate after ReLU, where half the symmetric range is never used). ``keep_float``:
+    patterns (node name, op type or glob) of layers to keep float; one that matches nothing is
+    a ConfigError. Histogram statistics are gathered only when ``method`` needs them.
+    """
     if method not in METHODS:
         raise ConfigError(f"unknown calibration method '{method}'; use one of {', '.join(METHODS)}")
+    _check_profile(activations)
     from deploykit.model import fixed_batch, input_specs  # local: deploykit.model imports this package
 
+    float_layers = resolve_keep_float(fp32, keep_float) if keep_float else []
     batch_size = fixed_batch(input_specs(fp32)) or batch_size
     observer = Observer(fp32)
     with bar(calib.expected_samples(), "calibrate: ranges", "sample") as b:
@@ -48,17 +67,49 @@ def quantize(fp32: onnx.ModelProto, calib: DataSource, method: str = "entropy", 
     if needs_histograms(method):
         with bar(observer.samples, f"calibrate: {method} histograms", "sample") as b:
             observer.observe_histograms(calib.batches(batch_size), b.update)
+    observed = QuantizeResult(fp32, rules.CalibrationTable(), method, observer.samples, observer.data_hash(),
+                              calib.is_random, percentile=percentile, source_hash=source_hash, stats=observer.stats)
+    return requantize(observed, fp32, activations=activations, float_layers=float_layers)
+
+
+def requantize(result: QuantizeResult, fp32: onnx.ModelProto, *, activations: str | None = None,
+               method: str | None = None, percentile: float | None = None,
+               float_layers: Iterable[str] | None = None) -> QuantizeResult:
+    """Place Q/DQ again from ``result``'s observed statistics: no calibration pass.
+
+    Anything not given is kept from ``result``. ``float_layers`` are exact node names (see
+    :func:`deploykit.quantize.islands.resolve_keep_float` for patterns). A histogram method
+    needs statistics gathered with one (``quantize(method=...)`` with percentile/entropy/mse).
+    """
+    method = method or result.method
+    activations = activations or result.activations
+    percentile = result.percentile if percentile is None else percentile
+    floats = tuple(result.float_layers if float_layers is None else float_layers)
+    if method not in METHODS:
+        raise ConfigError(f"unknown calibration method '{method}'; use one of {', '.join(METHODS)}")
+    _check_profile(activations)
+    if not result.stats:
+        raise ConfigError("requantize: this result carries no observed statistics (it was loaded, not calibrated)")
+    if needs_histograms(method) and any(s.hist is None for s in result.stats.values()):
+        raise ConfigError(f"requantize: method '{method}' needs histograms, and the statistics were gathered "
+                          f"for '{result.method}'; calibrate with a histogram method first")
+    nodes = {n.name for n in fp32.graph.node}
+    unknown = [f for f in floats if f not in nodes]
+    if unknown:
+        raise ConfigError(f"float layers {unknown[:3]} are not nodes of the model")
     choose = METHODS[method]
-    amax = {t: choose(s, percentile=percentile) for t, s in observer.stats.items()}
-    table = build_table(fp32, observer.stats, amax)
-    qdq = insert_qdq(fp32, table)
+    amax = {t: choose(s, percentile=percentile) for t, s in result.stats.items()}
+    table = build_table(fp32, result.stats, amax, activations)
+    qdq = insert_qdq(fp32, table, frozenset(floats))
     meta = {
         rules.META_VERSION: deploykit.__version__,
         rules.META_METHOD: method if method != "percentile" else f"percentile:{percentile}",
-        rules.META_DATA_HASH: observer.data_hash(),
-        rules.META_SOURCE_HASH: source_hash,
+        rules.META_DATA_HASH: result.data_hash,
+        rules.META_SOURCE_HASH: result.source_hash,
         rules.META_TABLE: table.to_json(),
-        rules.META_RANDOM: json.dumps(calib.is_random),
+        rules.META_RANDOM: json.dumps(result.random_data),
+        rules.META_PROFILE: activations,
+        rules.META_FLOAT_LAYERS: json.dumps(list(floats)),
     }
     existing = {p.key for p in qdq.metadata_props}
     for key, value in meta.items():
@@ -70,8 +121,13 @@ def quantize(fp32: onnx.ModelProto, calib: DataSource, method: str = "entropy", 
     violations = rules.lint(qdq)
     if violations:  # a bug in placement, never the user's fault: say so
         raise DeploykitError("internal error: the canonical model breaks its contract:\n" + rules.format_violations(violations))
-    return QuantizeResult(qdq, table, method, observer.samples, observer.data_hash(), calib.is_random,
-                          tuple(str(v) for v in violations))
+    return QuantizeResult(qdq, table, method, result.samples, result.data_hash, result.random_data, (),
+                          activations, floats, percentile, result.source_hash, result.stats)
+
+
+def _check_profile(activations: str) -> None:
+    if activations not in rules.PROFILES:
+        raise ConfigError(f"unknown activation profile '{activations}'; use one of {', '.join(rules.PROFILES)}")
 
 
 def write_canonical(result: QuantizeResult, fp32: onnx.ModelProto, out_dir: Path, stem: str = "canonical") -> CanonicalModel:

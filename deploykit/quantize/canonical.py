@@ -5,7 +5,12 @@ the same in prose):
 
 - ONNX opset 18 (``OPSET``); every node has a unique, non-empty name; metadata records the
   deploykit version, calibration method, calibration-data hash and source-model hash.
-- Activations: per-tensor int8, zero point 0, scale = amax / 127, range [-128, 127].
+- Activations: per-tensor int8 in one of two profiles (``PROFILES``, named in metadata
+  ``META_PROFILE``): ``symmetric`` (zero point 0, scale = amax / 127; TensorRT needs it) or
+  ``asymmetric`` (an int8 zero point per tensor, scale = (hi - lo) / 255, the range [lo, hi]
+  always holding 0 exactly). A model without the key is symmetric. Even in the asymmetric
+  profile, both inputs of an activation x activation MatMul (attention) have zero point 0:
+  OpenVINO runs that MatMul in f32 otherwise.
 - Weights: int8 initializers feeding DequantizeLinear, per-channel on the output-channel
   axis (``weight_axis``), narrow range [-127, 127], zero point 0.
 - Biases stay float (TensorRT rejects an int32 bias DequantizeLinear).
@@ -13,6 +18,9 @@ the same in prose):
   MatMul) and of ``POOLING_OPS`` over rank-4 activations; a residual Add of two rank-4 activations where one comes from a Conv gets both
   inputs quantized (TensorRT fuses Conv+Add); Concat inputs and output share one scale;
   ``SCALE_PRESERVING_OPS`` give their output the scale of their input.
+- Float islands: nodes listed in metadata ``META_FLOAT_LAYERS`` (chosen by the user with
+  ``--keep-float``, or by an accuracy search) keep float inputs and float weights. Every other
+  compute node must read through Q/DQ: the lint accepts exactly the declared islands.
 - Everything else stays float: LayerNorm, Softmax, the attention-mask Add. Softmax and
   Sigmoid outputs have TFLite-fixed parameters (1/256, -128) that zero point 0 cannot meet;
   the TFLite lowering applies them.
@@ -53,6 +61,11 @@ META_METHOD = "deploykit.calibration_method"
 META_DATA_HASH = "deploykit.calibration_data_hash"
 META_SOURCE_HASH = "deploykit.source_model_hash"
 META_RANDOM = "deploykit.calibrated_on_random_data"
+META_PROFILE = "deploykit.activation_profile"
+META_FLOAT_LAYERS = "deploykit.float_layers"  # JSON list of node names kept float on purpose
+SYMMETRIC, ASYMMETRIC = "symmetric", "asymmetric"
+PROFILES = (SYMMETRIC, ASYMMETRIC)
+INT8_MIN = -128
 REQUIRED_METADATA = (META_VERSION, META_METHOD, META_DATA_HASH, META_SOURCE_HASH, META_TABLE)
 
 
@@ -62,6 +75,36 @@ def activation_scale(amax: float) -> float:
     if not np.isfinite(amax) or amax <= 0:
         amax = 1.0
     return float(np.float32(amax / INT8_MAX))
+
+
+def asymmetric_params(lo: float, hi: float) -> tuple[float, int]:
+    """(scale, int8 zero point) covering [lo, hi] widened to hold 0, so 0.0 is exact.
+
+    scale = (hi - lo) / 255 and zero point = round(-128 - lo / scale), clipped to int8. A dead
+    tensor (lo == hi == 0) gets scale 1/127 and zero point 0, as in the symmetric profile.
+    """
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if not (np.isfinite(lo) and np.isfinite(hi)) or hi - lo <= 0:
+        return activation_scale(0.0), 0
+    scale = float(np.float32((hi - lo) / 255.0))
+    zp = int(np.clip(np.round(INT8_MIN - lo / scale), INT8_MIN, INT8_MAX))
+    return scale, zp
+
+
+def model_profile(model: onnx.ModelProto) -> str:
+    """The activation profile a canonical model declares (``symmetric`` when it says nothing)."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    return meta.get(META_PROFILE, SYMMETRIC)
+
+
+def model_float_layers(model: onnx.ModelProto) -> list[str]:
+    """Node names the canonical model keeps float on purpose (empty when it declares none)."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    try:
+        value = json.loads(meta.get(META_FLOAT_LAYERS, "[]"))
+    except ValueError:
+        return []
+    return [str(v) for v in value] if isinstance(value, list) else []
 
 
 def weight_axis(op_type: str, attrs: Mapping[str, int], weight_rank: int) -> int:
@@ -85,12 +128,27 @@ def weight_axis(op_type: str, attrs: Mapping[str, int], weight_rank: int) -> int
 # --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TensorRange:
-    """Calibrated range of one float activation tensor (zero point is always 0)."""
+    """Calibrated range of one float activation tensor.
+
+    Symmetric profile: zero point 0, scale = amax / 127. Asymmetric profile: the int8 zero
+    point and scale of :func:`asymmetric_params`; amax is then max(|lo|, |hi|) of that range.
+    """
 
     amax: float  # threshold chosen by the calibration method, after shared-scale constraints
-    scale: float  # amax / 127
+    scale: float
     min: float  # observed
     max: float  # observed
+    zero_point: int = 0  # int8
+
+    @property
+    def lo(self) -> float:
+        """Smallest representable value: (-128 - zero_point) * scale."""
+        return float((INT8_MIN - self.zero_point) * np.float32(self.scale))
+
+    @property
+    def hi(self) -> float:
+        """Largest representable value: (127 - zero_point) * scale."""
+        return float((INT8_MAX - self.zero_point) * np.float32(self.scale))
 
 
 class CalibrationTable(dict):
@@ -100,11 +158,19 @@ class CalibrationTable(dict):
         return self[tensor].scale
 
     def to_json(self) -> str:
-        return json.dumps({k: [v.amax, v.scale, v.min, v.max] for k, v in sorted(self.items())})
+        # [amax, scale, min, max] (+ zero point when not 0: older readers keep working)
+        return json.dumps({k: [v.amax, v.scale, v.min, v.max] + ([v.zero_point] if v.zero_point else [])
+                           for k, v in sorted(self.items())})
+
+    def zero_point(self, tensor: str) -> int:
+        return self[tensor].zero_point
 
     @classmethod
     def from_json(cls, text: str) -> "CalibrationTable":
-        return cls({k: TensorRange(*map(float, v)) for k, v in json.loads(text).items()})
+        out = cls()
+        for k, v in json.loads(text).items():
+            out[k] = TensorRange(float(v[0]), float(v[1]), float(v[2]), float(v[3]), int(v[4]) if len(v) > 4 else 0)
+        return out
 
     @classmethod
     def from_model(cls, model: onnx.ModelProto) -> "CalibrationTable":
@@ -226,18 +292,23 @@ RULES = {
     "opset": "default-domain opset is 18 (TensorRT needs >= 13)",
     "node-names": "every node has a unique, non-empty name",
     "metadata": "metadata records version, calibration method, data and source hashes, calibration table",
-    "zero-point": "every Q/DQ zero point is 0 (TensorRT rejects others)",
+    "profile": "metadata names a known activation profile (symmetric or asymmetric)",
+    "zero-point": "weight zero points are 0; activation zero points are 0 in the symmetric profile, and on "
+                  "both inputs of an activation x activation MatMul in both",
     "dq-input-type": "DequantizeLinear inputs are int8 (no int32 bias DQ, no uint8)",
     "activation-per-tensor": "activation Q/DQ are per-tensor",
-    "qdq-pair": "every activation DequantizeLinear is fed by a QuantizeLinear with the same scale",
+    "qdq-pair": "every activation DequantizeLinear is fed by a QuantizeLinear with the same scale and zero point",
     "weight-range": "int8 weights are narrow range [-127, 127]",
     "weight-axis": "weight scales are per-channel on the output-channel axis",
-    "compute-inputs-quantized": "inputs of Conv/ConvTranspose/Gemm/MatMul come from DequantizeLinear",
+    "compute-inputs-quantized": "inputs of Conv/ConvTranspose/Gemm/MatMul come from DequantizeLinear, "
+                                "unless the node is a declared float layer",
+    "float-layers": "declared float layers exist and really are float (no Q/DQ on their inputs)",
     "float-bias": "biases are float initializers",
     "residual-add": "a residual Add has both inputs quantized, or neither",
     "concat-scale": "Concat inputs and output share one scale",
     "scale-preserving": "pooling/reshape-like ops keep their input's scale",
-    "table-scale": "every activation Q scale equals the calibration table's scale for that tensor",
+    "shared-zero-point": "tensors that share a scale (Concat, pooling, reshape-like ops) share the zero point",
+    "table-scale": "every activation Q scale and zero point equal the calibration table's for that tensor",
 }
 
 
@@ -272,9 +343,17 @@ def lint(model: onnx.ModelProto, tensorrt_only: bool = False) -> list[Violation]
         except (ValueError, TypeError) as exc:
             out.append(Violation("metadata", gname, f"{META_TABLE} is not a valid table: {exc}"))
 
-    def scale_of(tensor: str) -> float | None:
+    profile = meta.get(META_PROFILE, SYMMETRIC)
+    if profile not in PROFILES:
+        out.append(Violation("profile", gname, f"{META_PROFILE} is '{profile}', not one of {', '.join(PROFILES)}"))
+    floats = set(model_float_layers(model))
+    names = {n.name for n in model.graph.node}
+    for missing_node in sorted(floats - names):
+        out.append(Violation("float-layers", missing_node, "declared float layer is not a node of the graph"))
+
+    def scale_of(tensor: str) -> tuple[float, int] | None:
         src = g.activation_source(tensor)
-        return float(src[1].scale.reshape(-1)[0]) if src else None
+        return (float(src[1].scale.reshape(-1)[0]), int(src[1].zero_point.reshape(-1)[0])) if src else None
 
     for node in model.graph.node:
         name = node.name or node.op_type
@@ -284,8 +363,11 @@ def lint(model: onnx.ModelProto, tensorrt_only: bool = False) -> list[Violation]
             except ValueError as exc:
                 out.append(Violation("qdq-pair", name, str(exc)))
                 continue
-            if np.any(p.zero_point != 0):
-                out.append(Violation("zero-point", name, f"zero point {p.zero_point.reshape(-1)[:4].tolist()} is not 0", True))
+            weight = g.is_weight_dq(node)
+            if np.any(p.zero_point != 0) and (weight or profile != ASYMMETRIC):
+                why = "weights are symmetric" if weight else f"the activation profile is {profile}"
+                out.append(Violation("zero-point", name,
+                                     f"zero point {p.zero_point.reshape(-1)[:4].tolist()} is not 0 ({why})", True))
             if p.zero_point.dtype != np.int8:
                 out.append(Violation("dq-input-type", name, f"zero point type {p.zero_point.dtype} is not int8", True))
             if node.op_type == "DequantizeLinear" and g.is_weight_dq(node):
@@ -298,38 +380,63 @@ def lint(model: onnx.ModelProto, tensorrt_only: bool = False) -> list[Violation]
                     out.append(Violation("qdq-pair", name, "activation DequantizeLinear is not fed by a QuantizeLinear"))
                 elif not np.array_equal(g.params(q).scale, p.scale):
                     out.append(Violation("qdq-pair", name, f"scale differs from its QuantizeLinear '{q.name}'"))
+                elif not np.array_equal(g.params(q).zero_point, p.zero_point):
+                    out.append(Violation("qdq-pair", name, f"zero point differs from its QuantizeLinear '{q.name}'"))
             elif node.op_type == "QuantizeLinear" and table is not None:
                 src = node.input[0]
                 if src in table and not np.isclose(float(p.scale.reshape(-1)[0]), table.scale(src), rtol=1e-6, atol=0):
                     out.append(Violation("table-scale", name,
                                          f"scale {float(p.scale.reshape(-1)[0]):.6g} != table scale {table.scale(src):.6g} of '{src}'"))
+                elif src in table and int(p.zero_point.reshape(-1)[0]) != table.zero_point(src):
+                    out.append(Violation("table-scale", name, f"zero point {int(p.zero_point.reshape(-1)[0])} != table "
+                                                              f"zero point {table.zero_point(src)} of '{src}'"))
 
-        if node.op_type in COMPUTE_OPS:
+        if node.name in floats:
+            quantized_inputs = [i for i in node.input if i and g.dq_feeding(i) is not None]
+            if quantized_inputs:
+                out.append(Violation("float-layers", name, f"declared float layer reads '{quantized_inputs[0]}' "
+                                                          f"through DequantizeLinear"))
+        elif node.op_type in COMPUTE_OPS:
+            sources = [g.activation_source(i) for i in node.input[:2]]
+            if node.op_type == "MatMul" and len(sources) == 2 and all(sources):
+                if any(np.any(src[1].zero_point != 0) for src in sources if src):
+                    out.append(Violation("zero-point", name, "an input of an activation x activation MatMul "
+                                                            "has a zero point (it must be 0 in every profile)"))
             for idx in range(min(2, len(node.input))):
                 if not g.dq_feeding(node.input[idx]):
                     out.append(Violation("compute-inputs-quantized", name,
-                                         f"input {idx} '{node.input[idx]}' is not produced by DequantizeLinear"))
+                                         f"input {idx} '{node.input[idx]}' is not produced by DequantizeLinear "
+                                         f"(and the node is not a declared float layer)"))
             if node.op_type in ("Conv", "ConvTranspose", "Gemm") and len(node.input) > 2 and node.input[2]:
                 bias_dq = g.dq_feeding(node.input[2])
                 if bias_dq is not None:
                     out.append(Violation("float-bias", name, "bias is dequantized (int32 bias DequantizeLinear)", True))
 
-        if node.op_type == "Add" and len(node.input) == 2:
+        if node.op_type == "Add" and len(node.input) == 2 and node.name not in floats:
             quantized = [g.dq_feeding(i) is not None for i in node.input]
             consts = [i in g.initializers for i in node.input]
             if not any(consts) and quantized[0] != quantized[1]:
                 out.append(Violation("residual-add", name, "one input is quantized and the other is not"))
 
         if node.op_type == CONCAT:
-            scales = {s for s in (scale_of(i) for i in node.input) if s is not None}
+            params = {s for s in (scale_of(i) for i in node.input) if s is not None}
             if table is not None:
-                scales |= {table.scale(t) for t in list(node.input) + list(node.output) if t in table}
-            if len({round(s, 12) for s in scales}) > 1:
-                out.append(Violation("concat-scale", name, f"inputs/output use {len(scales)} different scales"))
+                params |= {(table.scale(t), table.zero_point(t)) for t in list(node.input) + list(node.output) if t in table}
+            if len({round(s, 12) for s, _ in params}) > 1:
+                out.append(Violation("concat-scale", name, f"inputs/output use {len(params)} different scales"))
+            elif len({z for _, z in params}) > 1:
+                out.append(Violation("shared-zero-point", name, "Concat inputs/output use different zero points"))
 
-        if preserves_scale(node) and table is not None and node.input[0] in table and node.output[0] in table:
-            if not np.isclose(table.scale(node.input[0]), table.scale(node.output[0]), rtol=1e-6, atol=0):
+        src_in = None
+        if preserves_scale(node) and node.input:  # a pooling op reads its input through Q/DQ
+            source = g.activation_source(node.input[0])
+            src_in = source[0] if source else node.input[0]
+        if src_in is not None and table is not None and src_in in table and node.output[0] in table:
+            if not np.isclose(table.scale(src_in), table.scale(node.output[0]), rtol=1e-6, atol=0):
                 out.append(Violation("scale-preserving", name, "output scale differs from input scale in the calibration table"))
+            elif table.zero_point(src_in) != table.zero_point(node.output[0]):
+                out.append(Violation("shared-zero-point", name, "output zero point differs from input zero point "
+                                                               "in the calibration table"))
 
     if tensorrt_only:
         out = [v for v in out if v.tensorrt]

@@ -78,7 +78,8 @@ def export_kind(kind: str, path, seed: int = 0):
     return path, module
 
 
-def canonical_from_onnx(src, calib: dict, workdir, stem: str, method: str = "minmax"):
+def canonical_from_onnx(src, calib: dict, workdir, stem: str, method: str = "minmax", activations: str = "symmetric",
+                        keep_float: tuple[str, ...] = ()):
     """Normalise an FP32 .onnx, calibrate it on ``calib`` (one dict of arrays) and write
     ``<stem>.qdq.onnx`` and friends under ``workdir``. Returns the CanonicalModel."""
     from deploykit import data, model
@@ -86,12 +87,15 @@ def canonical_from_onnx(src, calib: dict, workdir, stem: str, method: str = "min
 
     fp32 = model.normalise(model.load_onnx(src), str(src))
     source = data.open_source(lambda: [calib], model.input_specs(fp32))
-    result = quantize(fp32, source, method, source_hash=model.model_hash(fp32))
+    result = quantize(fp32, source, method, source_hash=model.model_hash(fp32), activations=activations,
+                      keep_float=keep_float)
     return write_canonical(result, fp32, workdir, stem)
 
 
-def make_canonical(kind: str, workdir, method: str = "minmax", samples: int = 64):
-    """Export a test model, calibrate it on real-looking data and write its canonical model.
+def make_canonical(kind: str, workdir, method: str = "minmax", samples: int = 64, activations: str = "symmetric",
+                   keep_float: tuple[str, ...] = ()):
+    """Export a test model, calibrate it on real-looking data and write its canonical model
+    (``activations``: the activation profile; ``keep_float``: float-island patterns).
 
     Returns a :class:`deploykit.backend.CanonicalModel` (files under ``workdir``).
     """
@@ -103,4 +107,4 @@ def make_canonical(kind: str, workdir, method: str = "minmax", samples: int = 64
     workdir.mkdir(parents=True, exist_ok=True)
     src, _ = export_kind(kind, workdir / f"{kind}.onnx")
     calib = {"x": models.digits().x_train[:samples]} if kind == "digits" else eval_feeds(kind, samples, seed=0)
-    return canonical_from_onnx(src, calib, workdir, kind, method)
+    return canonical_from_onnx(src, calib, workdir, kind, method, activations, keep_float)

@@ -7,10 +7,14 @@ Two lossless rewrites, both inside this backend (the canonical model is never ch
    Q/DQ pair with the same scale ``s`` is inserted on the Conv output. Relu and Clip commute
    with rounding to a grid of step ``s``, so the values are unchanged, and the Conv (or the
    residual Add, or Gemm/MatMul) runs in int8.
-2. Activation zero points int8 0 -> uint8 128 (scales untouched): bit-exact, and on x86
-   onnxruntime's integer kernels want uint8 activations (FINDINGS.md: 1.30 ms -> 0.55 ms).
+2. Activation zero points int8 z -> uint8 z + 128 (scales untouched): bit-exact in both
+   activation profiles, and on x86 onnxruntime's integer kernels want uint8 activations
+   (symmetric CNN, batch 1: 1.30 ms -> 0.55 ms).
 3. ``DQ(s) -> Relu/Clip -> Q(s)`` becomes one integer Clip on the quantized tensor (Relu:
-   ``max(q, zero_point)``), exact for the same reason as 1, instead of three float passes.
+   ``max(q, zero_point)``), exact for the same reason as 1, instead of three float passes. A
+   clip whose integer bounds are the whole type range (a ReLU6 over an asymmetric [0, 6]
+   range) clips nothing and is dropped: this is where the asymmetric profile gets its speed,
+   as onnxruntime then fuses the convolution and the requantization into one kernel.
 Weights stay int8 per-channel.
 """
 
@@ -29,7 +33,7 @@ import deploykit
 from deploykit.backend import Artifact, Availability, Backend, CanonicalModel, CheckResult, Option, require
 from deploykit.errors import LoweringError
 from deploykit.fileio import atomic_output
-from deploykit.quantize.canonical import QdqGraph
+from deploykit.quantize.canonical import QdqGraph, model_float_layers, model_profile
 
 _LEVELS = ("disable", "basic", "extended", "all")
 
@@ -39,6 +43,7 @@ class OnnxRuntimeBackend(Backend):
     description = "onnxruntime CPU: canonical QDQ model with uint8 activations (x86 fast path)"
     install_hint = "pip install onnxruntime"
     artifact_suffix = ".onnx"
+    activation_profiles = ("symmetric", "asymmetric")
     options = {
         "threads": Option(int, 0, "intra-op threads (0: onnxruntime's default, one per core)"),
         "graph_optimization_level": Option(str, "all", "onnxruntime graph optimisation level", _LEVELS),
@@ -63,14 +68,19 @@ class OnnxRuntimeBackend(Backend):
         model.CopyFrom(canonical.model)
         fused = add_output_qdq(model)
         rewritten = to_uint8_activations(model) if target.options["activations"] == "uint8" else 0
-        folded = integer_activations(model)
+        folded, dropped = integer_activations(model)
         with atomic_output(dest) as tmp:
             onnx.save(model, str(tmp))
         check = verify_scales(canonical.model, model, set(folded))
+        floats = model_float_layers(canonical.model)
         return Artifact(self.name, dest, (dest,), {"activation_type": target.options["activations"],
+                                                    "activation_profile": model_profile(canonical.model),
                                                     "rewritten_qdq_nodes": rewritten,
                                                     "output_qdq_added": fused,
-                                                    "integer_relu_clip": len(folded) // 2}, (check,))
+                                                    "integer_relu_clip": len(folded) // 2 - len(dropped),
+                                                    "noop_clips_dropped": dropped,
+                                                    "float_layers": floats},
+                        (check, float_layer_audit(floats)) if floats else (check,))
 
     def load(self, artifact: Artifact, target) -> "OrtRunner":
         return OrtRunner(artifact.path, target.options, require("onnxruntime", self.install_hint))
@@ -146,11 +156,13 @@ def add_output_qdq(model: onnx.ModelProto) -> int:
     return len(inserted)
 
 
-def integer_activations(model: onnx.ModelProto) -> list[str]:
+def integer_activations(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     """Replace ``DQ(s, zp) -> Relu/Clip -> Q(s, zp)`` by ``Clip`` on the quantized values.
 
     Q(clip(DQ(q), a, b)) == clip(q, round(a/s) + zp, round(b/s) + zp) for integer q, since
-    rounding is monotone. Returns the names of the Q/DQ nodes folded away. Edits ``model`` in place.
+    rounding is monotone. When both integer bounds are the type's own limits the clip is the
+    identity and is dropped (its readers read the quantized input). Returns (names of the Q/DQ
+    nodes folded away, names of the Relu/Clip nodes dropped). Edits ``model`` in place.
     """
     g = QdqGraph(model)
     graph_outputs = {o.name for o in model.graph.output}
@@ -158,6 +170,8 @@ def integer_activations(model: onnx.ModelProto) -> list[str]:
     new_inits: list[onnx.TensorProto] = []
     replace: dict[int, onnx.NodeProto] = {}
     folded: list[str] = []
+    dropped: list[str] = []
+    rename: dict[str, str] = {}
     for act in model.graph.node:
         if act.op_type not in _COMMUTES_WITH_ROUNDING:
             continue
@@ -179,20 +193,31 @@ def integer_activations(model: onnx.ModelProto) -> list[str]:
         except ValueError:  # bounds computed at run time: leave the float chain
             continue
         bound = lambda v, default: default if v is None else int(np.clip(np.round(v / scale) + zp, info.min, info.max))
-        lo_name, hi_name = f"{act.name}_int_lo", f"{act.name}_int_hi"
-        new_inits += [numpy_helper.from_array(np.array(bound(lo, info.min), dtype), lo_name),
-                      numpy_helper.from_array(np.array(bound(hi, info.max), dtype), hi_name)]
-        clip = onnx.helper.make_node("Clip", [dq.input[0], lo_name, hi_name], [q.output[0]], name=f"{act.name}_int")
+        int_lo, int_hi = bound(lo, info.min), bound(hi, info.max)
         idx = {id(n): i for i, n in enumerate(model.graph.node)}
-        replace[idx[id(act)]] = clip
         drop.update({idx[id(dq)], idx[id(q)]})
         folded += [dq.name, q.name]
-    if replace:
+        if int_lo == info.min and int_hi == info.max and q.output[0] not in graph_outputs:  # clips nothing
+            drop.add(idx[id(act)])
+            dropped.append(act.name)
+            rename[q.output[0]] = dq.input[0]
+            continue
+        lo_name, hi_name = f"{act.name}_int_lo", f"{act.name}_int_hi"
+        new_inits += [numpy_helper.from_array(np.array(int_lo, dtype), lo_name),
+                      numpy_helper.from_array(np.array(int_hi, dtype), hi_name)]
+        replace[idx[id(act)]] = onnx.helper.make_node("Clip", [dq.input[0], lo_name, hi_name], [q.output[0]],
+                                                      name=f"{act.name}_int")
+    if replace or drop:
         nodes = [replace.get(i, n) for i, n in enumerate(model.graph.node) if i not in drop]
+        for node in nodes:
+            for k, name in enumerate(node.input):
+                while name in rename:  # chains of dropped clips
+                    name = rename[name]
+                node.input[k] = name
         del model.graph.node[:]
         model.graph.node.extend(nodes)
         model.graph.initializer.extend(new_inits)
-    return folded
+    return folded, dropped
 
 
 def _clip_bounds(g: QdqGraph, clip: onnx.NodeProto) -> tuple[float | None, float | None]:
@@ -208,28 +233,31 @@ def _clip_bounds(g: QdqGraph, clip: onnx.NodeProto) -> tuple[float | None, float
 
 
 def to_uint8_activations(model: onnx.ModelProto) -> int:
-    """Rewrite activation Q/DQ pairs from int8 zero point 0 to uint8 zero point 128, in place.
+    """Rewrite activation Q/DQ pairs from int8 zero point z to uint8 zero point z + 128, in place.
 
-    Bit-exact: clip(round(x/s), -128, 127) + 128 == clip(round(x/s) + 128, 0, 255).
+    Bit-exact: clip(round(x/s) + z, -128, 127) + 128 == clip(round(x/s) + z + 128, 0, 255).
     Returns the number of Q/DQ nodes rewritten.
     """
     g = QdqGraph(model)
-    zp_u8 = "deploykit_ort_zero_point_uint8"
     count = 0
+    used_zps: dict[int, str] = {}
     for node in model.graph.node:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or g.is_weight_dq(node):
             continue
         params = g.params(node)
-        if params.axis is not None or np.any(params.zero_point != 0):
-            raise LoweringError(f"node '{node.name}': activation Q/DQ is not per-tensor with zero point 0; "
+        if params.axis is not None or params.zero_point.dtype != np.int8:
+            raise LoweringError(f"node '{node.name}': activation Q/DQ is not per-tensor int8; "
                                 f"run 'deploykit inspect --lint' on the canonical model")
+        z = int(params.zero_point.reshape(-1)[0]) + 128
+        zp_u8 = used_zps.setdefault(z, f"deploykit_ort_zero_point_uint8_{z}")
         if len(node.input) < 3:
             node.input.append(zp_u8)
         else:
             node.input[2] = zp_u8
         count += 1
+    for z, name in used_zps.items():
+        model.graph.initializer.append(numpy_helper.from_array(np.array(z, np.uint8), name))
     if count:
-        model.graph.initializer.append(numpy_helper.from_array(np.array(128, np.uint8), zp_u8))
         used = {i for n in model.graph.node for i in n.input}
         keep = [i for i in model.graph.initializer if i.name in used]
         del model.graph.initializer[:]
@@ -262,6 +290,14 @@ def verify_scales(canonical: onnx.ModelProto, lowered: onnx.ModelProto, folded: 
     msg = f"{compared} Q/DQ scales compared ({len(folded)} folded into integer Clip), {len(mismatches)} mismatches"
     return CheckResult("scales_match", status, float(len(mismatches)), message=msg,
                        details={"compared": compared, "mismatches": mismatches[:50]})
+
+
+def float_layer_audit(floats: list[str]) -> CheckResult:
+    """The declared float islands the artifact computes in float (named for the report)."""
+    msg = f"{len(floats)} declared float layer(s)" + (": " + ", ".join(floats[:8]) if floats else "")
+    if len(floats) > 8:
+        msg += f", ... {len(floats) - 8} more"
+    return CheckResult("float_layers", "info", float(len(floats)), message=msg, details={"float_layers": floats})
 
 
 def cpu_name() -> str:

@@ -15,6 +15,7 @@ from deploykit.backend import (Artifact, Availability, Backend, CanonicalModel, 
                                check_feeds, precision_audit)
 from deploykit.errors import BackendUnavailable, ConfigError, LoweringError
 from deploykit.fileio import atomic_output, remove
+from deploykit.quantize.canonical import model_float_layers, model_profile
 
 INSTALL_HINT = "pip install 'deploykit[openvino]'"
 #: Virtual devices that name real ones after a colon ("AUTO:GPU,CPU").
@@ -71,6 +72,7 @@ class OpenVINOBackend(Backend):
     description = "OpenVINO IR (.xml + .bin) on OpenVINO CPU / GPU / NPU"
     install_hint = INSTALL_HINT
     artifact_suffix = ".xml"
+    activation_profiles = ("symmetric", "asymmetric")  # zero points become FakeQuantize ranges, exactly
     metrics = ("int8_fraction",)
     options = {
         "device_name": Option(str, "", "OpenVINO device name (CPU, GPU, GPU.1, NPU, AUTO:GPU,CPU); "
@@ -180,7 +182,10 @@ class OpenVINOBackend(Backend):
             precision = _text(compiled.get_property("INFERENCE_PRECISION_HINT"))
         except RuntimeError:  # AUTO and some plugins do not report it
             precision = ""
-        return precision_audit(layers), {"compiled_inference_precision": precision}
+        floats = model_float_layers(canonical.model)
+        return precision_audit(layers, floats), {"compiled_inference_precision": precision,
+                                                 "activation_profile": model_profile(canonical.model),
+                                                 "float_layers": floats}
 
     # -- running -------------------------------------------------------------------------
     def load(self, artifact: Artifact, target) -> Runner:

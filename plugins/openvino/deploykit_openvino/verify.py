@@ -1,7 +1,7 @@
 """Verification of a lowered OpenVINO model against the canonical QDQ model.
 
-- ``verify_scales``: the saved IR keeps every canonical scale. OpenVINO's ONNX front end turns
-  QuantizeLinear into FakeQuantize(x, -128*s, 127*s, -128, 127) + Convert(i8) and
+- ``verify_scales``: the saved IR keeps every canonical scale and zero point. OpenVINO's ONNX
+  front end turns QuantizeLinear(s, zp) into FakeQuantize(x, (-128-zp)*s, (127-zp)*s, -128, 127) + Convert(i8) and
   DequantizeLinear into Convert/Subtract/Multiply; weights stay int8 constants followed by the
   same dequantize chain. We compare the FakeQuantize input range with the canonical Q scale, the
   dequantized output range with the canonical DQ scale, and the int8 weight values and their
@@ -101,13 +101,14 @@ def verify_scales(ir_model: Any, canonical: onnx.ModelProto) -> CheckResult:
         if node.op_type == "QuantizeLinear":
             n_act += 1
             scale = float(g.params(node).scale.reshape(-1)[0])
+            zp = int(g.params(node).zero_point.reshape(-1)[0])
             fqs = fq_by_input.get(node.input[0], [])
             if not fqs:
                 mismatches.append(f"QuantizeLinear '{node.name}': no FakeQuantize on '{node.input[0]}' in the IR")
                 continue
             for fq in fqs:
                 matched_fq.add(fq.get_friendly_name())
-                mismatches += _check_fake_quantize(fq, node, scale, g, producer)
+                mismatches += _check_fake_quantize(fq, node, scale, zp, g, producer)
         elif node.op_type == "DequantizeLinear" and g.is_weight_dq(node):
             n_weight += 1
             mismatches += _check_weight(node, g, producer)
@@ -127,7 +128,7 @@ def verify_scales(ir_model: Any, canonical: onnx.ModelProto) -> CheckResult:
                                 "fake_quantize": len(fake_quantizes)})
 
 
-def _check_fake_quantize(fq: Any, q: onnx.NodeProto, scale: float, g: QdqGraph,
+def _check_fake_quantize(fq: Any, q: onnx.NodeProto, scale: float, zp: int, g: QdqGraph,
                          producer: dict[str, Any]) -> list[str]:
     name = f"FakeQuantize '{fq.get_friendly_name()}' (QuantizeLinear '{q.name}')"
     out = []
@@ -138,9 +139,10 @@ def _check_fake_quantize(fq: Any, q: onnx.NodeProto, scale: float, g: QdqGraph,
     if fq.get_attributes().get("levels") != 256:
         out.append(f"{name}: {fq.get_attributes().get('levels')} levels, expected 256")
     s = np.float32(scale)
-    if not (_close(in_low, np.float32(-128) * s) and _close(in_high, np.float32(127) * s)):
+    lo, hi = np.float32(-128 - zp), np.float32(127 - zp)
+    if not (_close(in_low, lo * s) and _close(in_high, hi * s)):
         out.append(f"{name}: input range [{in_low.min():.6g}, {in_high.max():.6g}] != "
-                   f"[-128*s, 127*s] = [{-128 * scale:.6g}, {127 * scale:.6g}]")
+                   f"[(-128-zp)*s, (127-zp)*s] = [{lo * s:.6g}, {hi * s:.6g}] (zp={zp})")
     # The dequantized output range, through whatever Convert/Subtract/Multiply chain follows.
     for dq in g.consumers.get(q.output[0], []):
         if dq.op_type != "DequantizeLinear":
@@ -156,9 +158,10 @@ def _check_fake_quantize(fq: Any, q: onnx.NodeProto, scale: float, g: QdqGraph,
         except _NotEvaluable as exc:
             out.append(f"{name}: cannot follow its dequantize chain ({exc})")
             continue
-        if not _close(deq.reshape(-1), np.array([-128, 127], np.float32) * dq_scale):
+        dq_zp = int(g.params(dq).zero_point.reshape(-1)[0])
+        if not _close(deq.reshape(-1), np.array([-128 - dq_zp, 127 - dq_zp], np.float32) * dq_scale):
             out.append(f"{name}: dequantized range {deq.reshape(-1).tolist()} != "
-                       f"[-128*s, 127*s] of DequantizeLinear '{dq.name}' (s={float(dq_scale):.6g})")
+                       f"[(-128-zp)*s, (127-zp)*s] of DequantizeLinear '{dq.name}' (s={float(dq_scale):.6g}, zp={dq_zp})")
     return out
 
 

@@ -57,10 +57,12 @@ def compute_layers(engine_info: str | dict[str, Any]) -> tuple[list[tuple[str, s
     return compute, opaque
 
 
-def int8_audit(engine_info: str | dict[str, Any]) -> CheckResult:
-    """The shared ``int8_fraction`` check (deploykit.backend.precision_audit) for a TensorRT engine."""
+def int8_audit(engine_info: str | dict[str, Any], declared_float: list[str] | tuple[str, ...] = ()) -> CheckResult:
+    """The shared ``int8_fraction`` check (deploykit.backend.precision_audit) for a TensorRT engine;
+    ``declared_float``: the canonical model's float islands, named apart (strongly typed: they
+    build as the FP32 layers the ONNX model has)."""
     layers, opaque = compute_layers(engine_info)
-    result = precision_audit(layers)
+    result = precision_audit(layers, declared_float)
     if not opaque:
         return result
     details = dict(result.details)

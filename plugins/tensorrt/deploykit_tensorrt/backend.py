@@ -10,7 +10,7 @@ from deploykit.backend import (Artifact, Availability, Backend, CanonicalModel, 
                                input_names, output_names)
 from deploykit.errors import BackendUnavailable, LoweringError
 from deploykit.fileio import atomic_output
-from deploykit.quantize.canonical import lint
+from deploykit.quantize.canonical import ASYMMETRIC, lint, model_float_layers, model_profile
 
 from deploykit_tensorrt import operators
 from deploykit_tensorrt.device import (INSTALL_HINT, EngineFacts, GpuInfo, check_sidecar, cuda_driver_present,
@@ -27,6 +27,7 @@ class TensorRTBackend(Backend):
     description = "NVIDIA TensorRT engine built from the canonical Q/DQ model (explicit INT8, strongly typed)"
     install_hint = INSTALL_HINT
     artifact_suffix = ".engine"
+    activation_profiles = ("symmetric",)  # the ONNX parser rejects non-zero zero points
     metrics = ("int8_fraction",)
     options = {
         "workspace_mib": Option(int, 1024, "builder workspace memory pool limit, MiB"),
@@ -75,6 +76,8 @@ class TensorRTBackend(Backend):
 
     # -- pre-flight -----------------------------------------------------------------------------
     def preflight(self, canonical: CanonicalModel, target: "Target") -> tuple[list[CheckResult], dict[str, Any]]:
+        if model_profile(canonical.model) == ASYMMETRIC:
+            return [CheckResult("tensorrt_lint", "fail", 1.0, message=refusal(target))], {}
         model = canonical.model
         counts = operators.op_counts(model)
         problems = operators.unsupported_nodes(model)
@@ -122,6 +125,8 @@ class TensorRTBackend(Backend):
 
     # -- lowering -------------------------------------------------------------------------------
     def lower(self, canonical: CanonicalModel, target: "Target", dest: Path) -> Artifact:
+        if model_profile(canonical.model) == ASYMMETRIC:
+            raise LoweringError(refusal(target))
         settings = build_settings(canonical.model, target)  # config errors before any SDK is needed
         rejected = [p for p in operators.unsupported_nodes(canonical.model) if p.op_type != "opset"
                     and ("::" in p.op_type or p.op_type in operators.UNSUPPORTED)]
@@ -149,7 +154,7 @@ class TensorRTBackend(Backend):
         with atomic_output(dest) as tmp:
             tmp.write_bytes(built.engine)
         reuse = "reused" if built.timing_cache_loaded else "created"
-        checks = (int8_audit(built.engine_information),
+        checks = (int8_audit(built.engine_information, model_float_layers(canonical.model)),
                   CheckResult("build_seconds", "info", built.build_seconds,
                               message=f"engine built in {built.build_seconds:.1f} s; timing cache {reuse}"
                                       + (f" at {cache}" if cache else " (disabled)")))
@@ -179,6 +184,12 @@ class TensorRTBackend(Backend):
             raise LoweringError(f"{artifact.path}: artifact metadata lacks the canonical input/output names; "
                                 "lower it again with deploykit")
         return TensorRTRunner(Path(artifact.path).read_bytes(), inputs, outputs)
+
+
+def refusal(target: "Target") -> str:
+    """One line: TensorRT's ONNX parser rejects every non-zero zero point."""
+    return (f"target '{target.name}': TensorRT rejects the canonical model's asymmetric activations (non-zero "
+            f"zero points); rebuild with --activations symmetric (or [quantization] activations = \"symmetric\")")
 
 
 def _versions(version: str | None, gpu: GpuInfo | None) -> dict[str, str]:
