@@ -94,15 +94,10 @@ def prepare_eval(fp32: onnx.ModelProto, source: DataSource, batch_size: int = 32
         if batch.labels is not None:
             labels.append(batch.labels)
     ref = np.concatenate(outs)
-    classification = task == "classification" or task == "auto" and ref.ndim == 2 and ref.shape[1] > 1 and _looks_like_logits(fp32)
+    from deploykit.checks import classifies
+
+    classification = classifies(task, ref)  # the build's rule, so analyze and build judge alike
     return EvalData(source, batch_size, ref, np.concatenate(labels) if labels else None, classification)
-
-
-def _looks_like_logits(model: onnx.ModelProto) -> bool:
-    """A [N, C] output right after a Gemm/MatMul/Softmax is a classifier; a pooled embedding is not."""
-    out = model.graph.output[0].name
-    producer = next((n for n in model.graph.node if out in n.output), None)
-    return producer is not None and producer.op_type in ("Gemm", "MatMul", "Softmax", "Add", "Flatten", "Reshape")
 
 
 def run_model(model: onnx.ModelProto, data: EvalData, progress: Callable[[int], None] | None = None) -> np.ndarray:
@@ -142,18 +137,18 @@ def primary_metric(data: EvalData) -> str:
 class Quantized:
     """One calibration and what re-places it: ``variant(float_layers)`` -> canonical model."""
 
-    fp32: onnx.ModelProto  # the model calibrated (after the recipe's FP32 rewrites)
-    result: Any  # deploykit.quantize.QuantizeResult with observed statistics
-    edits: Any = None  # deploykit.quantize.recipes.Edits, re-applied to every variant
+    fp32: onnx.ModelProto  # the source FP32 model
+    result: Any  # deploykit.quantize.QuantizeResult with observed statistics (and the recipe's edits)
+
+    @property
+    def graph(self) -> onnx.ModelProto:
+        """The graph the statistics belong to (the recipe may have rewritten the source)."""
+        return self.result.calibrated if self.result.calibrated is not None else self.fp32
 
     def variant(self, float_layers: Iterable[str]) -> onnx.ModelProto:
-        from deploykit.quantize import recipes, requantize
+        from deploykit.quantize import requantize
 
-        floats = tuple(float_layers)
-        model = requantize(self.result, self.fp32, float_layers=floats).model
-        if self.edits:
-            model = recipes.apply_edits(model, self.edits, floats)
-        return model
+        return requantize(self.result, self.fp32, float_layers=tuple(float_layers)).model
 
 
 def quantized_layers(q: Quantized) -> list[str]:
@@ -199,8 +194,8 @@ def analyze(q: Quantized, data: EvalData, layers: Sequence[str] | None = None, b
 
     start = time.perf_counter()
     names = list(layers) if layers is not None else quantized_layers(q)
-    ops = {n.name: n.op_type for n in q.fp32.graph.node}
-    macs = layer_macs(q.fp32)
+    ops = {n.name: n.op_type for n in q.graph.graph.node}
+    macs = layer_macs(q.graph)
     metric = primary_metric(data)
     runs = 1 + len(names) * (2 if both else 1)
     with step("analyze: per-layer variants", runs * data.samples, "sample") as bar:
@@ -249,7 +244,7 @@ def search_float_layers(q: Quantized, data: EvalData, target: AccuracyTarget, an
     if target.metric == "top1_agreement" and not data.classification:
         raise ConfigError("--accuracy-target top1_agreement needs a classifier (use cosine= for other models, "
                           "or --task classification)")
-    macs = layer_macs(q.fp32)
+    macs = layer_macs(q.graph)
     total = sum(macs.values()) or 1
     cache: dict[int, dict[str, float]] = {}
 
@@ -299,7 +294,7 @@ def search_float_layers(q: Quantized, data: EvalData, target: AccuracyTarget, an
             hit = hi
     if hit is None:  # best found: the prefix with the best metric
         better = min if metric == "accuracy_drop" else max
-        best_k = better(cache, key=lambda k: (cache[k][metric] if metric != "accuracy_drop" else cache[k][metric], -k))
+        best_k = better(cache, key=lambda k: cache[k][metric])
         chosen, met = best_k, False
     else:
         chosen, met = hit, True
@@ -344,10 +339,10 @@ def write_outputs(analysis: Analysis, out_dir: Path) -> dict[str, Path]:
     base = analysis.baseline
     lines = [
         "# Per-layer quantization sensitivity", "",
-        f"{analysis.samples} evaluation samples; every layer int8: {m} {base[m]:.4f}, SQNR {base['sqnr']:.1f} dB "
-        f"({analysis.seconds:.0f} s, one calibration).",
-        "Ranked by what keeping the layer alone in float recovers. *only float*: that layer float, the others "
-        "int8; *only int8*: that layer int8, the others float.", "",
+        (f"{analysis.samples} evaluation samples; every layer int8: {m} {base[m]:.4f}, SQNR {base['sqnr']:.1f} dB "
+         f"({analysis.seconds:.0f} s, one calibration)."),
+        ("Ranked by what keeping the layer alone in float recovers. *only float*: that layer float, the others "
+         "int8; *only int8*: that layer int8, the others float."), "",
         "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     plots = _plot(analysis, out_dir)

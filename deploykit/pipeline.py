@@ -24,6 +24,7 @@ import numpy as np
 
 import deploykit
 from deploykit import checks, data, model as modelmod
+from deploykit.analyze import AccuracyTarget, parse_accuracy_target
 from deploykit.backend import Artifact, Availability, CanonicalModel, CheckResult
 from deploykit.errors import ConfigError, DeploykitError, OutputDirError
 from deploykit.fileio import atomic_output, sha256
@@ -61,6 +62,8 @@ class BuildOptions:
     activations: str | None = None  # activation profile; None: targets.toml [quantization], else from the targets
     keep_float: list[str] | None = None  # float-island patterns; None: targets.toml [quantization] keep_float
     compare_profiles: bool = True  # also place the other profile from the same statistics and report the difference
+    recipe: str | None = None  # accuracy-recovering recipe; None: targets.toml [calibration] recipe (default auto)
+    accuracy_target: str | None = None  # e.g. top1_agreement=0.95: fewest float layers meeting it (deploykit.analyze)
     on_event: Callable[[str], None] = field(default=lambda msg: None)
 
 
@@ -108,7 +111,12 @@ class BuildResult:
 
     @property
     def ok(self) -> bool:
-        return all(t.status in ("ok", "skipped") for t in self.targets)
+        return self.accuracy_target_met and all(t.status in ("ok", "skipped") for t in self.targets)
+
+    @property
+    def accuracy_target_met(self) -> bool:
+        search = self.manifest.get("quantization", {}).get("accuracy_target")
+        return search is None or bool(search.get("met"))
 
 
 def build(model: Any, options: BuildOptions, registry: Registry | None = None) -> BuildResult:
@@ -153,12 +161,19 @@ def build(model: Any, options: BuildOptions, registry: Registry | None = None) -
         eval_src = calib_src
 
     float_layers = resolve_keep_float(fp32, keep_float, keep_where) if keep_float else []
-    events(f"calibrating ({calib_cfg.method}, {profile} activations: {profile_reason}) on {calib_src.description}")
+    recipe = _recipe(options.recipe, calib_cfg.recipe, tf.where("calibration", "recipe"), fp32)
+    target_spec = parse_accuracy_target(options.accuracy_target) if options.accuracy_target else None
+    events(f"calibrating ({calib_cfg.method}, {profile} activations: {profile_reason}; recipe {recipe}) "
+           f"on {calib_src.description}")
     t0 = time.monotonic()
     result = quantize(fp32, calib_src, calib_cfg.method, calib_cfg.percentile, calib_cfg.batch_size, source_hash,
-                      activations=profile)
+                      activations=profile, recipe=recipe)
     if float_layers:
         result = requantize(result, fp32, float_layers=float_layers)
+    search = None
+    if target_spec is not None:
+        result, search = _meet_accuracy_target(fp32, result, eval_src, target_spec, options.task, float_layers, events)
+        targets = [_judged_on(t, target_spec) for t in targets]  # and checked on every target
     canonical = write_canonical(result, fp32, out_dir)
     # a build that stops after this point must still be able to reuse its own folder
     owned |= {_rel(p, out_dir) for p in out_dir.iterdir() if p.is_file()}
@@ -176,6 +191,8 @@ def build(model: Any, options: BuildOptions, registry: Registry | None = None) -
     fp32_acc = checks.task_accuracy(reference["fp32"][0], labels) if labels is not None and classification else None
     baseline = _baseline_latency(canonical, targets, eval_batches) if options.baseline and targets else []
     quant = quantization_summary(fp32, result, profile_reason)
+    if search is not None:
+        quant["accuracy_target"] = search
     if options.compare_profiles:
         quant["profile_comparison"] = compare_profiles(fp32, result, eval_batches, reference, classification)
 
@@ -201,8 +218,61 @@ def build(model: Any, options: BuildOptions, registry: Registry | None = None) -
 def quantization_summary(fp32: Any, result: Any, reason: str) -> dict[str, Any]:
     """For the manifest: the activation profile and why, the float layers, their MACs and the
     int8 share of MACs."""
+    graph = result.calibrated if getattr(result, "calibrated", None) is not None else fp32
     return {"activations": result.activations, "activations_reason": reason,
-            **mac_summary(layer_macs(fp32), result.float_layers)}
+            "recipe": getattr(result, "recipe", "none"), "recipe_summary": dict(getattr(result, "recipe_summary", {})),
+            **mac_summary(layer_macs(graph), result.float_layers)}
+
+
+def _recipe(option: str | None, configured: str, where: str, fp32: Any) -> str:
+    """The recipe to run (``auto`` resolved for this network), validated: a bad one names its source."""
+    from deploykit.quantize import recipes
+
+    spec, source = (option, "--recipe") if option is not None else (configured, where)
+    try:
+        return recipes.format_recipe(recipes.parse_recipe(recipes.resolve_auto(spec, fp32)))
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _meet_accuracy_target(fp32: Any, result: Any, eval_src: Any, target: Any, task: str, declared: list[str],
+                          events: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
+    """Fewest float layers (beyond the declared ones) meeting ``target`` on the evaluation data,
+    from the same calibration; their latency cost measured on the canonical models in onnxruntime."""
+    from deploykit import analyze
+
+    data = analyze.prepare_eval(fp32, eval_src, task=task)
+    q = analyze.Quantized(fp32, result)
+    found = analyze.search_float_layers(q, data, target)
+    floats = list(dict.fromkeys(list(declared) + found.float_layers))
+    chosen = requantize(result, fp32, float_layers=floats) if found.float_layers else result
+    events(f"accuracy target {target}: {'met' if found.met else 'NOT met'} with {len(found.float_layers)} float "
+           f"layer(s), {found.metrics.get(target.metric, float('nan')):.4f} (int8 share of MACs "
+           f"{found.int8_mac_share:.1%})")
+    summary = found.to_json()
+    summary["latency_cost"] = _latency_cost(result, chosen, eval_src) if found.float_layers else None
+    return chosen, summary
+
+
+def _latency_cost(all_int8: Any, chosen: Any, source: Any, rounds: int = 15) -> dict[str, Any]:
+    """Batch-1 latency of the all-int8 and the chosen canonical model in onnxruntime (default
+    optimizations, interleaved rounds, medians): what the float layers cost."""
+    import onnxruntime as ort
+
+    feeds = {k: v[:1] for k, v in next(iter(source.batches(1))).feeds.items()}
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sessions = {name: ort.InferenceSession(m.model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+                for name, m in (("all_int8", all_int8), ("chosen", chosen))}
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for name, sess in sessions.items():
+            t = time.perf_counter()
+            sess.run(None, feeds)
+            times[name].append((time.perf_counter() - t) * 1000)
+    med = {k: float(np.median(v[2:])) for k, v in times.items()}
+    return {"runtime": "onnxruntime (canonical models, CPU, batch 1)", "all_int8_ms": med["all_int8"],
+            "chosen_ms": med["chosen"], "ratio": med["chosen"] / med["all_int8"] if med["all_int8"] else None}
 
 
 def compare_profiles(fp32: Any, result: Any, batches: list[dict], reference: dict,
@@ -299,6 +369,13 @@ def claim_out_dir(out_dir: Path) -> set[str]:
         raise OutputDirError(f"{out_dir}: holds files deploykit did not write ({foreign[0]}{more}); "
                              f"choose an empty or new --out folder")
     return ours - {MANIFEST, REPORT}
+
+
+def _judged_on(target: Target, goal: AccuracyTarget) -> Target:
+    """The accuracy target as this target's threshold for that metric (the command line wins
+    over targets.toml and the defaults: the build was asked for exactly this)."""
+    key = f"{'max' if goal.metric == 'accuracy_drop' else 'min'}_{goal.metric}"
+    return dataclasses.replace(target, thresholds={**target.thresholds, key: goal.value})
 
 
 def _at_batch(target: Target, batch: int, events: Callable[[str], None]) -> Target:
