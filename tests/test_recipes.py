@@ -170,17 +170,18 @@ def test_adaround_lowers_the_layer_error_and_keeps_only_improvements(tmp_path):
     pytest.importorskip("torch", reason="adaround runs torch on the CPU (pip install torch==2.13.0)")
     rng = np.random.default_rng(5)
     basis = rng.normal(0, 1, (4, 48))
-    x = rng.normal(0, 1, (160, 4)) @ basis + 0.05 * rng.normal(0, 1, (160, 48))  # correlated inputs
+    x = rng.normal(0, 1, (260, 4)) @ basis + 0.05 * rng.normal(0, 1, (260, 48))  # correlated inputs
     w = rng.normal(0, 0.05, (48, 20))
+    w[0, :] = 2.0  # one large row sets every column's scale: the other weights sit on ~3 int8 steps
     m = _model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], {"w": w}, [1, 48], [1, 20])
     src = _source(tmp_path, m, x[:128])
     res = quantize(m, src, method="minmax")
-    edits = recipes.post_placement(m, res.model, recipes.parse_recipe("adaround:400"), src)
+    edits = recipes.post_placement(m, res.model, recipes.parse_recipe("adaround:300"), src, adaround_samples=128)
     info = edits.summary["adaround"]
     assert info["layers"] == 1 and info["kept"] == 1
     rounded = recipes.apply_edits(res.model, edits)
     _lint_clean(rounded)
     ref = _run(m, x[128:])
-    assert _err(ref, _run(rounded, x[128:])) < 0.9 * _err(ref, _run(res.model, x[128:]))
+    assert _err(ref, _run(rounded, x[128:])) < 0.85 * _err(ref, _run(res.model, x[128:]))  # measured 0.030 vs 0.043
     changed = edits.int8_weights["mm"]
     assert changed.dtype == np.int8 and np.abs(changed.astype(int)).max() <= 127
