@@ -14,6 +14,7 @@ evaluation set). ``accuracy_drop`` needs labels: FP32 task accuracy minus the mo
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -83,6 +84,15 @@ class EvalData:
     @property
     def samples(self) -> int:
         return len(self.reference)
+
+    def head(self, n: int) -> EvalData:
+        """The first ``n`` samples (ranking layers needs fewer samples than judging the target)."""
+        if n >= self.samples:
+            return self
+        source = copy.copy(self.source)
+        source.limit = n if source.limit is None else min(source.limit, n)
+        return EvalData(source, self.batch_size, self.reference[:n],
+                        None if self.labels is None else self.labels[:n], self.classification)
 
 
 def prepare_eval(fp32: onnx.ModelProto, source: DataSource, batch_size: int = 32, task: str = "auto") -> EvalData:
@@ -229,12 +239,16 @@ class SearchResult:
                 "int8_mac_share": self.int8_mac_share}
 
 
-def search_float_layers(q: Quantized, data: EvalData, target: AccuracyTarget, analysis: Analysis | None = None
-                        ) -> SearchResult:
+RANK_SAMPLES = 128
+
+
+def search_float_layers(q: Quantized, data: EvalData, target: AccuracyTarget, analysis: Analysis | None = None,
+                        rank_samples: int = RANK_SAMPLES) -> SearchResult:
     """Fewest float layers meeting ``target``: layers ranked by sensitivity per MAC (the recovery
     keeping a layer float buys, divided by the compute it moves to float), prefixes of that
     ranking tried by doubling (1, 2, 4, ...) then bisected between the last miss and the first
-    hit. Ships the best prefix found when none meets the target."""
+    hit. Ships the best prefix found when none meets the target. The ranking runs on the first
+    ``rank_samples`` evaluation samples (one pass per layer); every prefix is judged on all."""
     from deploykit.progress import echo
     from deploykit.quantize.islands import layer_macs
 
@@ -254,16 +268,21 @@ def search_float_layers(q: Quantized, data: EvalData, target: AccuracyTarget, an
         if target.met(baseline[target.metric]):
             return SearchResult(target, True, [], baseline[target.metric], baseline,
                                 [{"float_layers": 0, target.metric: baseline[target.metric]}], 1.0)
-        analysis = analyze(q, data, both=False)
-    baseline = analysis.baseline
-    cache[0] = baseline
+        analysis = analyze(q, data.head(rank_samples), both=False)
+    else:
+        baseline = analysis.baseline
+        cache[0] = baseline
     metric = target.metric
 
-    def per_mac(s: LayerSensitivity) -> float:
-        return s.gain(metric, baseline) / max(s.macs, 1) * total
+    rank_base = analysis.baseline
 
-    ranked = sorted(analysis.layers, key=per_mac, reverse=True)
-    ranked = [s for s in ranked if s.gain(metric, baseline) > 0] + [s for s in ranked if s.gain(metric, baseline) <= 0]
+    # top-1 agreement moves in whole samples: on a small ranking set many layers tie at 0 gain,
+    # so SQNR recovery breaks ties (and ranks the rest)
+    def key(s: LayerSensitivity) -> tuple[float, float]:
+        cost = max(s.macs, 1) / total
+        return (s.gain(metric, rank_base) / cost, (s.only_float["sqnr"] - rank_base["sqnr"]) / cost)
+
+    ranked = sorted(analysis.layers, key=key, reverse=True)
     names = [s.name for s in ranked]
 
     def evaluate(k: int) -> dict[str, float]:
