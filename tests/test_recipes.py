@@ -99,6 +99,21 @@ def test_bias_correction_removes_the_mean_shift_of_systematic_weight_rounding(tm
     np.testing.assert_array_equal(_run(untouched, x[128:]), before)
 
 
+def test_bias_correction_reaches_a_matmul_bias_add(tmp_path):
+    # the exported form of a transformer Linear: MatMul then Add(bias)
+    rng = np.random.default_rng(6)
+    w = rng.normal(0, 0.3, (32, 16))
+    m = _model([helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+                helper.make_node("Add", ["h", "b"], ["y"], name="add")], {"w": w, "b": np.ones(16)}, [1, 6, 32], [1, 6, 16])
+    src = _source(tmp_path, m, 3 + rng.normal(0, 1, (64, 6, 32)))
+    res = quantize(m, src, method="minmax")
+    edits = recipes.post_placement(m, res.model, recipes.parse_recipe("bias_correction"), src)
+    assert list(edits.bias_delta) == ["mm"] and edits.bias_delta["mm"].shape == (16,)
+    fixed = recipes.apply_edits(res.model, edits)
+    assert next(n for n in fixed.graph.node if n.name == "add").input[1] == "mm_corrected_bias"
+    _lint_clean(fixed)
+
+
 def test_smoothquant_rescues_a_matmul_with_an_outlier_channel(tmp_path):
     rng = np.random.default_rng(1)
     x = rng.normal(0, 1, (128, 6, 128))

@@ -367,7 +367,10 @@ def _bias_target(g: _Graph, node: onnx.NodeProto) -> tuple[str, int, str | None]
         if _attr(node, "transA", 0):
             return None
         return node.output[0], -1, node.input[2] if len(node.input) > 2 and node.input[2] else None
-    if node.op_type == "MatMul" and node.input[1] in g.inits:  # MatMul + Add(bias) as exported
+    weight = g.producer.get(node.input[1]) if len(node.input) > 1 else None
+    constant = len(node.input) > 1 and (node.input[1] in g.inits or (
+        weight is not None and weight.op_type == "DequantizeLinear" and weight.input[0] in g.inits))
+    if node.op_type == "MatMul" and constant:  # MatMul + Add(bias) as exported
         add = g.only_reader(node.output[0])
         if add is not None and add.op_type == "Add":
             other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
