@@ -12,79 +12,25 @@ machine that has none of them.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+import enum
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, ClassVar, Mapping, Sequence, TypeVar
 
 import numpy as np
+import onnx
 
+from deploykit.canonical import CalibrationTable, CanonicalModel
 from deploykit.errors import BackendUnavailable
+from deploykit.results import Artifact, Availability, CheckResult
+from deploykit.targets import Target
 
-if TYPE_CHECKING:  # pragma: no cover
-    import onnx
-
-    from deploykit.quantize.canonical import CalibrationTable
-    from deploykit.targets import Target
-
-
-@dataclass(frozen=True)
-class Availability:
-    """What this host can do with a backend.
-
-    ``can_lower`` without ``can_run`` is a real state: Core ML packages build on Linux but only
-    run on macOS. ``reason`` says what is missing; ``install_hint`` how to get it.
-    """
-
-    can_lower: bool
-    can_run: bool
-    reason: str = ""
-    install_hint: str = ""
-    versions: Mapping[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def ready(cls, **versions: str) -> "Availability":
-        return cls(True, True, versions=dict(versions))
-
-    @classmethod
-    def missing(cls, reason: str, install_hint: str = "") -> "Availability":
-        return cls(False, False, reason, install_hint)
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """One measured fact about an artifact, optionally judged against a threshold.
-
-    status: "pass", "fail", "info" (measured, no threshold), or "not_run" (with ``message``
-    saying why, e.g. "needs macOS"). ``value`` is a number, or None when not run.
-    """
-
-    name: str
-    status: str
-    value: float | None = None
-    threshold: float | None = None
-    bound: str | None = None  # "min" or "max"
-    message: str = ""
-    details: Mapping[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in dataclasses.asdict(self).items()}
-
-
-@dataclass(frozen=True)
-class Artifact:
-    """A lowered model on disk (a file or a directory such as an .mlpackage).
-
-    ``files`` lists every file that belongs to it (IR .xml + .bin, ...) for hashing.
-    ``metadata`` is backend-specific and goes to the manifest (build command, op list, ...).
-    ``checks`` are the backend's own verification results (stored scales, precision audit).
-    """
-
-    backend: str
-    path: Path
-    files: tuple[Path, ...]
-    metadata: Mapping[str, Any] = field(default_factory=dict)
-    checks: tuple[CheckResult, ...] = ()
+# Plugins import the contract's types from here: the canonical model and the result types
+# live in deploykit.canonical and deploykit.results, and are re-exported under these names.
+__all__ = [
+    "Artifact", "Availability", "Backend", "CalibrationTable", "Capability", "CanonicalModel", "CheckResult", "Option", "Runner",
+    "Target", "check_feeds", "input_names", "output_names", "precision_audit", "require",
+]
 
 
 @dataclass(frozen=True)
@@ -97,31 +43,41 @@ class Option:
     choices: tuple[Any, ...] | None = None
 
 
-@dataclass(frozen=True)
-class CanonicalModel:
-    """The one canonical QDQ model every backend lowers.
-
-    path: the canonical ``.qdq.onnx`` on disk (passes ``deploykit inspect --lint``).
-    model: the same model loaded (treat as read-only; copy before rewriting).
-    calibration: calibrated range of *every* float activation tensor (scale with zero point 0),
-        including tensors the canonical model leaves unwrapped; use it where a target must
-        quantize more tensors than the canonical model does.
-    fp32_path: the normalised FP32 model, the accuracy reference.
-    """
-
-    path: Path
-    model: "onnx.ModelProto"
-    calibration: "CalibrationTable"
-    fp32_path: Path
+_R = TypeVar("_R", bound="Runner")
 
 
-@runtime_checkable
-class Runner(Protocol):
+class Runner:
     """Runs an artifact. Feeds are NCHW numpy arrays keyed by the canonical model's input
     names, exactly as for onnxruntime; outputs come back in the canonical output order.
-    A backend with another layout (TFLite's NHWC) converts inside its runner."""
+    A backend with another layout (TFLite's NHWC) converts inside its runner.
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]: ...
+    A runner is a context manager and is always closed (``with backend.load(...) as runner``),
+    also when a check raises: ``close()`` frees what it holds (a CUDA context, an interpreter).
+    """
+
+    #: Device time of the last ``run`` in ms, for a backend that declares ``Capability.GPU_TIME``.
+    last_gpu_ms: float | None = None
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the runtime's resources; called exactly once, idempotent is kind."""
+
+    def __enter__(self: _R) -> _R:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Capability(str, enum.Enum):
+    """Optional features a backend declares in :attr:`Backend.capabilities` (never probed)."""
+
+    #: ``Backend.fp32_runner`` returns the FP32 model on the same runtime (speed-up vs itself).
+    FP32_RUNNER = "fp32_runner"
+    #: The runner sets ``last_gpu_ms``, the device's own timing of the last run.
+    GPU_TIME = "gpu_time"
 
 
 class Backend:
@@ -146,16 +102,24 @@ class Backend:
     metrics: ClassVar[tuple[str, ...]] = ()
     #: Artifact file or directory suffix, e.g. ``.xml``, ``.tflite``, ``.mlpackage``, ``.engine``.
     artifact_suffix: ClassVar[str] = ""
+    #: Optional features this backend implements (:class:`Capability`).
+    capabilities: ClassVar[frozenset[Capability]] = frozenset()
     #: Activation profiles of the canonical model this backend lowers exactly ("symmetric",
-    #: "asymmetric"; see deploykit/quantize/canonical.py). ``deploykit build`` picks asymmetric
+    #: "asymmetric"; see deploykit/canonical.py). ``deploykit build`` picks asymmetric
     #: only when every target lists it, so a plugin opts in to zero points explicitly.
     activation_profiles: ClassVar[tuple[str, ...]] = ("symmetric",)
 
-    def probe(self, target: "Target") -> Availability:
+    @classmethod
+    def validate_options(cls, options: Mapping[str, Any]) -> None:
+        """Check option values together, at load time (types, choices and defaults are already
+        applied from :attr:`options`). Raise ``ValueError`` with one line saying what is wrong
+        and what to write instead; the registry prefixes the file and table."""
+
+    def probe(self, target: Target) -> Availability:
         """Say whether this host can lower and run ``target``. Never raises for a missing SDK."""
         raise NotImplementedError
 
-    def preflight(self, canonical: CanonicalModel, target: "Target") -> tuple[list[CheckResult], dict[str, Any]]:
+    def preflight(self, canonical: CanonicalModel, target: Target) -> tuple[list[CheckResult], dict[str, Any]]:
         """Checks and notes that need no SDK (lint rules, equivalent build commands).
 
         Runs even when the backend is unavailable, so the report still says what would happen.
@@ -163,7 +127,7 @@ class Backend:
         """
         return [], {}
 
-    def lower(self, canonical: CanonicalModel, target: "Target", dest: Path) -> Artifact:
+    def lower(self, canonical: CanonicalModel, target: Target, dest: Path) -> Artifact:
         """Lower the canonical model to ``dest`` (final path, ``artifact_suffix`` applied).
 
         Write through :func:`deploykit.fileio.atomic_output` so a failure leaves nothing behind.
@@ -171,19 +135,21 @@ class Backend:
         """
         raise NotImplementedError
 
-    def load(self, artifact: Artifact, target: "Target") -> Runner:
-        """Return a runner for the artifact on ``target.device``."""
+    def load(self, artifact: Artifact, target: Target) -> Runner:
+        """Return a runner for the artifact on ``target.device`` (the caller closes it)."""
         raise NotImplementedError
 
-    def device_info(self, target: "Target") -> dict[str, Any]:
+    def device_info(self, target: Target) -> dict[str, Any]:
         """Facts about the device for the manifest (versions, full name, capabilities)."""
         return {}
 
-    def fp32_runner(self, canonical: CanonicalModel, target: "Target", workdir: Path) -> Runner | None:
-        """The FP32 model on this same runtime and device, for the INT8 speed-up (optional).
+    def fp32_runner(self, canonical: CanonicalModel, target: Target, workdir: Path) -> Runner | None:
+        """The FP32 model on this same runtime and device, for the INT8 speed-up; declare
+        ``Capability.FP32_RUNNER`` when you implement it (the registry refuses it undeclared).
 
         ``None``: the report compares with FP32 onnxruntime instead. Must be real FP32 (no
-        bf16/fp16 defaults), or the speed-up means nothing. ``workdir`` is a scratch folder.
+        bf16/fp16 defaults), or the speed-up means nothing. ``workdir`` is a scratch folder
+        that lives as long as the runner.
         """
         return None
 
@@ -198,11 +164,11 @@ def require(module: str, install_hint: str) -> Any:
         raise BackendUnavailable(f"{module} is not importable ({exc}); install it: {install_hint}") from None
 
 
-def output_names(model: "onnx.ModelProto") -> list[str]:
+def output_names(model: onnx.ModelProto) -> list[str]:
     return [o.name for o in model.graph.output]
 
 
-def input_names(model: "onnx.ModelProto") -> list[str]:
+def input_names(model: onnx.ModelProto) -> list[str]:
     inits = {i.name for i in model.graph.initializer}
     return [i.name for i in model.graph.input if i.name not in inits]
 

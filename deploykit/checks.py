@@ -3,27 +3,14 @@ against the FP32 reference (and labels), fidelity against the canonical model in
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
-from deploykit.backend import CheckResult, Runner
-
-
-@dataclass(frozen=True)
-class LatencyStats:
-    batch_size: int
-    runs: int
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    mean_ms: float
-    throughput: float  # samples per second at the median
-
-    def to_json(self) -> dict:
-        return self.__dict__.copy()
+from deploykit.backend import Runner
+from deploykit.results import CheckResult, LatencyStats
 
 
 def measure_latency(runner: Runner, feeds: Mapping[str, np.ndarray], warmup: int = 10, runs: int = 100) -> LatencyStats:
@@ -86,7 +73,7 @@ def compare(reference: list[np.ndarray], candidate: list[np.ndarray], prefix: st
     denom = np.linalg.norm(ref) * np.linalg.norm(cand)
     metrics = {
         f"{prefix}cosine": float(ref @ cand / denom) if denom > 0 else float(np.array_equal(ref, cand)),
-        f"{prefix}rel_l2": float(np.linalg.norm(ref - cand) / max(np.linalg.norm(ref), 1e-12)),
+        f"{prefix}rel_l2": float(np.linalg.norm(ref - cand)) / max(float(np.linalg.norm(ref)), 1e-12),
         f"{prefix}max_abs" + ("" if prefix else "_error"): float(np.abs(ref - cand).max(initial=0.0)),
     }
     if classification is None:
@@ -106,17 +93,25 @@ def task_accuracy(output: np.ndarray, labels: np.ndarray) -> float:
 
 
 def judge(name: str, value: float | None, thresholds: Mapping[str, float], message: str = "",
-          details: Mapping | None = None) -> CheckResult:
-    """A CheckResult for ``value``, pass/fail when targets.toml has min_/max_<name>."""
+          details: Mapping[str, Any] | None = None) -> CheckResult:
+    """A CheckResult for ``value``, pass/fail when targets.toml has min_/max_<name> (both are
+    judged when both are set). A NaN or infinite value never passes: it is a failure even
+    without a threshold, since it means the target computed garbage."""
     lo, hi = thresholds.get(f"min_{name}"), thresholds.get(f"max_{name}")
     if value is None:
         return CheckResult(name, "not_run", None, message=message, details=details or {})
+    if not math.isfinite(value):
+        bound, kind = (lo, "min") if lo is not None else (hi, "max") if hi is not None else (None, None)
+        return CheckResult(name, "fail", float(value), bound, kind,
+                           f"{value} is not a finite number" + (f"; {message}" if message else ""), details or {})
+    if lo is not None and value < lo:
+        return CheckResult(name, "fail", value, lo, "min", message, details or {})
+    if hi is not None and value > hi:
+        return CheckResult(name, "fail", value, hi, "max", message, details or {})
     if lo is not None:
-        ok = value >= lo
-        return CheckResult(name, "pass" if ok else "fail", value, lo, "min", message, details or {})
+        return CheckResult(name, "pass", value, lo, "min", message, details or {})
     if hi is not None:
-        ok = value <= hi
-        return CheckResult(name, "pass" if ok else "fail", value, hi, "max", message, details or {})
+        return CheckResult(name, "pass", value, hi, "max", message, details or {})
     return CheckResult(name, "info", value, message=message, details=details or {})
 
 

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import logging
+import math
+import os
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
-import deploykit
-from deploykit.errors import CheckFailed, ConfigError, DeploykitError
+from deploykit._version import __version__
+from deploykit.errors import BuildFault, CheckFailed, ConfigError, DeploykitError, Terminated
+
+if TYPE_CHECKING:  # imported where used: `deploykit --help` stays fast
+    from deploykit.targets import Preprocess
 
 DEFAULT_TARGETS_FILE = "targets.toml"
 
@@ -22,12 +27,17 @@ def _targets_file(value: str | None) -> Path | None:
     return Path(DEFAULT_TARGETS_FILE) if Path(DEFAULT_TARGETS_FILE).is_file() else None
 
 
-def _echo_json(obj) -> None:
-    click.echo(json.dumps(obj, indent=2, default=str))
+def _echo_json(obj: Any) -> None:
+    from deploykit.outdir import dumps
+
+    click.echo(dumps(obj))  # strict JSON: NaN/inf become null
+
+
+_VERBOSE = {"on": False}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(deploykit.__version__, prog_name="deploykit")
+@click.version_option(__version__, prog_name="deploykit")
 @click.option("-v", "--verbose", is_flag=True,
               help="Say what each stage does, and show the vendor SDKs' own start-up logs (quiet by default).")
 def cli(verbose: bool) -> None:
@@ -40,10 +50,17 @@ def cli(verbose: bool) -> None:
       deploykit backends            # what this machine can build and run
       deploykit targets             # list and validate targets.toml
       deploykit inspect out/canonical.qdq.onnx --lint
+      deploykit run-job JOB_DIR     # a saved check job, in this process
     """
     from deploykit import vendorlog
 
     verbose = verbose or vendorlog.verbose()
+    _VERBOSE["on"] = verbose
+    ctx = click.get_current_context()
+    if ctx.invoked_subcommand != "build":  # only a build defers Ctrl-C to safe points
+        from deploykit import signals
+
+        signals.unblock()
     from deploykit.progress import EchoHandler
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
@@ -75,48 +92,83 @@ def cli(verbose: bool) -> None:
 @click.option("--accuracy-target", "accuracy_target", metavar="METRIC=VALUE", help="Keep the fewest layers float "
               "(by sensitivity per MAC) that meet top1_agreement=0.95, cosine=0.998 or accuracy_drop=0.01 on the "
               "evaluation data; checked on every target; exit 1 (shipping the best found) when not met.")
-@click.option("--percentile", type=float, help="Percentile for --method percentile [default: 99.99].")
-@click.option("--samples", type=int, help="Calibration samples to use [default: 512].")
-@click.option("--eval-samples", type=int, default=1000, show_default=True, help="Evaluation samples to use.")
+@click.option("--percentile", type=float, callback=lambda c, p, v: _percentile(v),
+              help="Percentile for --method percentile, in (0, 100] [default: 99.99].")
+@click.option("--samples", type=click.IntRange(min=1), help="Calibration samples to use [default: 512].")
+@click.option("--eval-samples", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Evaluation samples to use.")
 @click.option("--task", type=click.Choice(["auto", "classification", "other"]), default="auto", show_default=True,
               help="classification: top-1/top-5 agreement and accuracy on the first output; other (encoders, "
               "detectors): cosine and L2 only; auto: classification when the first output is [N, classes].")
-@click.option("--calib-batch-size", type=int, help="Batch size while calibrating (scales do not depend on it).")
+@click.option("--calib-batch-size", type=click.IntRange(min=1), help="Batch size while calibrating (scales do not depend on it).")
 @click.option("--preprocess", metavar="K=V,...", help="Image preprocessing, e.g. "
               "'resize=256,crop=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,layout=NCHW'.")
 @click.option("--targets-file", metavar="FILE", help="Targets file [default: ./targets.toml if present].")
 @click.option("-o", "--out", "out_dir", default="deploykit-out", show_default=True, type=click.Path(path_type=Path),
               help="Output folder (created; refused if it holds files deploykit did not write).")
 @click.option("--no-baseline", is_flag=True, help="Skip the FP32 onnxruntime latency reference row.")
+@click.option("--db", type=click.Path(dir_okay=False, path_type=Path),
+              help="Results history to record this build in [default: $DEPLOYKIT_DB, else the user's data folder].")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout instead of the table.")
-def build(model, targets, calib, eval_, method, activations, keep_float, recipe, accuracy_target, percentile, samples, eval_samples, task, calib_batch_size, preprocess,
-          targets_file, out_dir, no_baseline, as_json) -> None:
+@click.option("--allow-code", is_flag=True, help="Let targets.toml name Python code as data ('module:function' or "
+              "'file.py:function' in [calibration]); without it only data files and folders are read from it. "
+              "Code given with --calib/--eval always runs: you typed it.")
+def build(model: Path, targets: str, calib: str | None, eval_: str | None, method: str | None,
+          activations: str | None, keep_float: str | None, recipe: str | None, accuracy_target: str | None,
+          percentile: float | None, samples: int | None, eval_samples: int, task: str, calib_batch_size: int | None,
+          preprocess: str | None, targets_file: str | None, out_dir: Path, no_baseline: bool, db: Path | None,
+          as_json: bool, allow_code: bool) -> None:
     """Calibrate MODEL once, lower it for every --target, run the checks, write a manifest and report.
 
     Writes OUT/canonical.qdq.onnx (+ .calib.json, + .fp32.onnx), OUT/<target>/<artifact>,
     OUT/manifest.json and OUT/report.md. A target whose backend is unavailable here is
     skipped with the reason; the others still build. Exit code 1 when a check fails its
-    threshold or a target errors, 2 for bad input.
+    threshold or a target errors, 2 for bad input, 3 for an unexpected fault, 130 on Ctrl-C,
+    143 on SIGTERM.
+
+    OUT is locked while a build runs (a second build into it fails at once). Each step is
+    journaled in OUT/.deploykit: after an interruption, rerunning the same command keeps the
+    finished steps and redoes the rest; the new outputs replace the old ones only at the end.
     """
-    from deploykit import progress
+    from deploykit import progress, signals
+
+    with signals.deferred():  # before any vendor SDK starts a thread: they inherit the blocked mask
+        _build(model, targets, calib, eval_, method, percentile, samples, eval_samples, task, calib_batch_size,
+               preprocess, targets_file, out_dir, no_baseline, db, as_json, allow_code, progress,
+               activations, keep_float, recipe, accuracy_target)
+
+
+def _percentile(value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and 0 < value <= 100):
+        raise click.BadParameter(f"{value} is not in (0, 100]", param_hint="'--percentile'")
+    return value
+
+
+def _build(model: Path, targets: str, calib: str | None, eval_: str | None, method: str | None,
+           percentile: float | None, samples: int | None, eval_samples: int, task: str, calib_batch_size: int | None,
+           preprocess: str | None, targets_file: str | None, out_dir: Path, no_baseline: bool, db: Path | None,
+           as_json: bool, allow_code: bool, progress: Any, activations: str | None = None,
+           keep_float: str | None = None, recipe: str | None = None, accuracy_target: str | None = None) -> None:
     from deploykit.pipeline import BuildOptions, build as run_build
     from deploykit.report import terminal_table
 
     if as_json:
         progress.set_enabled(False)
-    names = [t.strip() for t in targets.split(",") if t.strip()]
+    names = list(dict.fromkeys(t.strip() for t in targets.split(",") if t.strip()))  # a target given twice builds once
     if not names:
         raise ConfigError("--target: give at least one target name")
     opts = BuildOptions(
         targets=names, out_dir=out_dir, targets_file=_targets_file(targets_file), calib=calib, eval=eval_,
         method=method, percentile=percentile, samples=samples, eval_samples=eval_samples,
         batch_size=calib_batch_size, preprocess=_parse_preprocess(preprocess) if preprocess else None,
-        baseline=not no_baseline, task=task, activations=activations, recipe=recipe, accuracy_target=accuracy_target,
+        baseline=not no_baseline, task=task, allow_code=allow_code, activations=activations, recipe=recipe,
+        accuracy_target=accuracy_target,
         keep_float=[p.strip() for p in keep_float.split(",") if p.strip()] if keep_float is not None else None,
         on_event=(lambda msg: None) if as_json else progress.echo)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = run_build(model, opts)
+    _record_build(result.manifest, db, out_dir, quiet=as_json)
     if as_json:
         _echo_json(result.manifest)
     else:
@@ -130,6 +182,20 @@ def build(model, targets, calib, eval_, method, activations, keep_float, recipe,
     if not result.ok:
         bad = [t.target.name for t in result.targets if t.status not in ("ok", "skipped")]
         raise CheckFailed(f"targets with failed checks or errors: {', '.join(bad)} (see {out_dir / 'report.md'})")
+
+
+def _record_build(manifest: dict[str, Any], db: Path | None, out_dir: Path, quiet: bool) -> None:
+    """Every build goes to the results history; a history that cannot be written costs a
+    warning, never the build."""
+    from deploykit.history import record_build
+
+    try:
+        run_id = record_build(manifest, db, str(out_dir.resolve()))
+    except DeploykitError as exc:
+        click.echo(f"deploykit: warning: build not recorded in the results history: {exc}", err=True)
+        return
+    if not quiet:
+        click.echo(f"recorded as run {run_id} in the results history ('deploykit results')", err=True)
 
 
 @cli.command()
@@ -192,24 +258,34 @@ def analyze(model, calib, eval_, method, activations, recipe, samples, eval_samp
     click.echo(f"\nwrote {', '.join(str(p) for p in paths.values())}")
 
 
-def _parse_preprocess(text: str):
+def _parse_preprocess(text: str) -> Preprocess:
     from deploykit.targets import parse_preprocess
 
-    raw = {}
+    raw: dict[str, Any] = {}
     for part in text.split(","):
         key, sep, value = part.partition("=")
         if not sep:
             raise ConfigError(f"--preprocess: '{part}' is not key=value")
         key = key.strip()
-        if key in ("mean", "std"):
-            raw[key] = [float(v) for v in value.split("/")]
-        elif key in ("resize", "crop"):
-            raw[key] = int(value)
-        elif key == "scale":
-            raw[key] = float(value)
-        else:
-            raw[key] = value.strip()
+        try:
+            if key in ("mean", "std"):
+                raw[key] = [_finite(v) for v in value.split("/")]
+            elif key in ("resize", "crop"):
+                raw[key] = int(value)
+            elif key == "scale":
+                raw[key] = _finite(value)
+            else:
+                raw[key] = value.strip()
+        except ValueError:
+            raise ConfigError(f"--preprocess: '{part}': {value!r} is not a valid number for '{key}'") from None
     return parse_preprocess(raw, "--preprocess")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
 
 
 @cli.command()
@@ -221,7 +297,7 @@ def backends(as_json: bool) -> None:
     from deploykit.testing import make_target
 
     registry = load_registry()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in registry.names():
         cls = registry.backends[name]
         try:
@@ -257,7 +333,7 @@ def plugins(as_json: bool) -> None:
     from deploykit.plugins import load_registry
 
     registry = load_registry()
-    rows = [{"name": p.name, "module": p.module, "distribution": p.distribution, "version": p.version,
+    rows: list[dict[str, Any]] = [{"name": p.name, "module": p.module, "distribution": p.distribution, "version": p.version,
              "backends": p.backends} for p in registry.plugins.values()]
     if as_json:
         _echo_json(rows)
@@ -281,8 +357,8 @@ def targets(targets_file: str | None, as_json: bool) -> None:
         raise ConfigError(f"no {DEFAULT_TARGETS_FILE} here; pass --targets-file")
     tf = load_targets(path)
     registry = load_registry()
-    resolved = tf.all_targets(registry)
-    rows = [{"name": t.name, "backend": t.backend, "device": t.device.name, "device_kind": t.device.kind,
+    resolved = registry.all_targets(tf)
+    rows: list[dict[str, Any]] = [{"name": t.name, "backend": t.backend, "device": t.device.name, "device_kind": t.device.kind,
              "batch_sizes": list(t.batch_sizes), "options": dict(t.options), "thresholds": dict(t.thresholds),
              "description": t.description} for t in resolved]
     if as_json:
@@ -307,9 +383,9 @@ def inspect(model: Path, run_lint: bool, tensorrt: bool, as_json: bool) -> None:
     --lint checks the canonical-model contract and names each offending node and rule."""
     import onnx
 
+    from deploykit.canonical import META_TABLE, lint
     from deploykit.modelinfo import describe, render_text
     from deploykit.tables import escape
-    from deploykit.quantize.canonical import META_TABLE, lint
 
     if not model.is_file():
         raise ConfigError(f"{model}: model file not found")
@@ -335,26 +411,92 @@ def inspect(model: Path, run_lint: bool, tensorrt: bool, as_json: bool) -> None:
         raise CheckFailed(f"{model}: {len(violations)} lint violation(s)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    from deploykit import vendorlog
+@cli.command("run-job")
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout instead of a table.")
+def run_job(folder: Path, as_json: bool) -> None:
+    """Run the check job saved in FOLDER (job.json + arrays.npz) in this process.
 
+    The artifact the job names must be readable here. Writes FOLDER/result.json; exit code 1
+    when a check fails its threshold, 2 when FOLDER is not a check job. See docs/check-jobs.md.
+    """
+    from deploykit import progress
+    from deploykit.fileio import atomic_output
+    from deploykit.jobs import RESULT_FILE, CheckJob, LocalExecutor
+    from deploykit.outdir import dumps
+
+    if as_json:
+        progress.set_enabled(False)
+    job = CheckJob.load(folder)
+    result = LocalExecutor().run(job)
+    payload = result.to_json()
+    with atomic_output(folder / RESULT_FILE) as tmp:
+        tmp.write_text(dumps(payload), encoding="utf-8")  # strict JSON: a NaN metric becomes null
+    if as_json:
+        _echo_json(payload)
+    else:
+        for c in result.checks:
+            value = "-" if c.value is None else f"{c.value:.6g}"
+            bound = "" if c.threshold is None else f" ({c.bound} {c.threshold:g})"
+            click.echo(f"{c.name:<20} {c.status:<8} {value}{bound}")
+        click.echo(f"\nwrote {folder / RESULT_FILE}")
+    failed = [c.name for c in result.checks if c.status == "fail"]
+    if failed:
+        raise CheckFailed(f"{job.target.name}: failed checks: {', '.join(failed)}")
+
+
+def _register_matrix_commands() -> None:
+    from deploykit.matrix.cli import compare, matrix, results
+
+    for command in (matrix, results, compare):
+        cli.add_command(command)
+
+
+_register_matrix_commands()
+
+
+def _on_sigterm(signo: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; every outcome is an exit code and at most one error line (``-v``: tracebacks)."""
+    from deploykit import signals, vendorlog
+
+    mask = signals.block()  # before numpy/SDK threads exist: they inherit it (see deploykit/signals.py)
     vendorlog.install()  # before any vendor import: quiet start-up logs (see deploykit/vendorlog.py)
     try:
         return _main(argv)
     finally:
         vendorlog.stop()
+        signals.restore(mask)
 
 
 def _main(argv: list[str] | None) -> int:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         cli.main(args=argv, prog_name="deploykit", standalone_mode=False)
+    except BuildFault as exc:
+        if _VERBOSE["on"]:
+            import traceback
+
+            traceback.print_exception(exc.original, file=sys.stderr)
+        click.echo(f"deploykit: error: {exc}", err=True)
+        return exc.exit_code
     except DeploykitError as exc:
         click.echo(f"deploykit: error: {exc}", err=True)
         return exc.exit_code
+    except Terminated:
+        click.echo("deploykit: terminated (SIGTERM)", err=True)
+        return Terminated.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
-        click.echo("deploykit: aborted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        click.echo("deploykit: interrupted (finished steps are kept: rerun the same command to continue)", err=True)
         return 130
     except click.ClickException as exc:  # usage errors too: one line, like every handled error
         hint = ""
@@ -362,11 +504,30 @@ def _main(argv: list[str] | None) -> int:
             hint = f" (see '{exc.ctx.command_path} --help')"
         click.echo(f"deploykit: error: {exc.format_message()}{hint}", err=True)
         return exc.exit_code
-    except KeyboardInterrupt:
-        click.echo("deploykit: interrupted", err=True)
-        return 130
+    except Exception as exc:  # a bug: still one line, the traceback only with -v
+        if _VERBOSE["on"]:
+            import traceback
+
+            traceback.print_exc()
+        click.echo(f"deploykit: error: {BuildFault('running the command', exc)}", err=True)
+        return BuildFault.exit_code
     return 0
 
 
+#: vendor SDKs whose native threads can crash Python's own teardown (seen: SIGSEGV at exit)
+_NATIVE_SDKS = ("tensorflow", "openvino", "ai_edge_litert", "tensorrt", "coremltools")
+
+
+def entry() -> None:
+    """The console script: ``main``, then leave without interpreter teardown once a vendor SDK
+    is loaded (its threads may still be running native code; results are already on disk)."""
+    code = main()
+    if any(name in sys.modules for name in _NATIVE_SDKS):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

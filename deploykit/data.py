@@ -4,13 +4,13 @@ validated against the model's inputs; labels travel beside them when the source 
 
 from __future__ import annotations
 
-import hashlib
 import importlib
+import importlib.util
 import itertools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import numpy as np
 
@@ -20,7 +20,8 @@ from deploykit.targets import Preprocess
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".gif", ".tif", ".tiff", ".webp"}
 LABEL_KEYS = ("labels", "label", "y")
 
-Specs = Mapping[str, tuple[list, Any]]  # name -> (shape, numpy dtype), from model.input_specs
+T = TypeVar("T")
+Specs = Mapping[str, tuple[list[int | str], Any]]  # name -> (shape, numpy dtype), from model.input_specs
 
 
 @dataclass
@@ -34,6 +35,7 @@ class DataSource:
 
     description = ""
     is_random = False
+    exact_batches = False  # a fixed-batch model: every batch full (see batches())
 
     def __init__(self, specs: Specs, limit: int | None = None) -> None:
         self.specs = specs
@@ -54,7 +56,9 @@ class DataSource:
         return size if self.limit is None else min(size, self.limit)
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
-        """Re-batch the source's chunks to ``batch_size`` (the last batch may be smaller)."""
+        """Re-batch the source's chunks to ``batch_size``. The last batch may be smaller, unless
+        ``exact_batches`` (a fixed-batch model): then a partial last batch is dropped, or, when
+        it is the only one, filled by repeating its samples."""
         if batch_size < 1:  # 0 would yield empty batches forever
             raise DataError(f"{self.description}: batch size {batch_size} must be >= 1")
         if self.limit is not None and self.limit < 0:  # a negative limit would slice from the end
@@ -80,10 +84,17 @@ class DataSource:
                 yield batch
             if self.limit is not None and count >= self.limit:
                 break
-        if held:
-            yield _concat(pending)
         if count == 0:
             raise DataError(f"{self.description}: no samples")
+        if held and self.exact_batches and count > held:
+            return  # the model runs only full batches: drop the remainder
+        if held and self.exact_batches:
+            last = _concat(pending)
+            reps = -(-batch_size // held)
+            yield Batch({k: np.concatenate([v] * reps)[:batch_size] for k, v in last.feeds.items()},
+                        None if last.labels is None else np.concatenate([last.labels] * reps)[:batch_size])
+        elif held:
+            yield _concat(pending)
 
     def _validate(self, chunk: Batch) -> None:
         feeds = chunk.feeds
@@ -151,7 +162,12 @@ def _concat(parts: list[Batch]) -> Batch:
 
 
 class ArraySource(DataSource):
-    """.npy (one input) or .npz (arrays named after inputs, optional ``labels``)."""
+    """.npy (one input) or .npz (arrays named after inputs, optional ``labels``).
+
+    Neither is read whole: a .npy is memory-mapped and each .npz member is decompressed as a
+    stream, so only the samples used are ever materialised (a 1 GB array behind a 1 MB
+    compressed file costs what ``--samples`` asks for). Object arrays (pickles) are refused.
+    """
 
     def __init__(self, path: Path, specs: Specs, limit: int | None = None) -> None:
         super().__init__(specs, limit)
@@ -159,38 +175,136 @@ class ArraySource(DataSource):
         self.description = str(path)
         if not path.exists():
             raise DataError(f"{path}: data file not found")
+        self.labels: _NpzMember | np.ndarray | None
         try:
             if path.suffix == ".npy":
-                arr = np.load(path, mmap_mode="r")  # mmap: calibration never holds the whole file
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)  # mmap: never the whole file
                 if len(specs) != 1:
                     raise DataError(f"{path}: a .npy file feeds one input, the model has {sorted(specs)}; use .npz with named arrays")
-                self.arrays, self.labels = {next(iter(specs)): arr}, None
+                self.arrays: dict[str, Any] = {next(iter(specs)): arr}
+                self.labels = None
             else:
-                npz = np.load(path, allow_pickle=False)
-                keys = list(npz.files)
-                self.labels = next((npz[k] for k in LABEL_KEYS if k in keys), None)
-                data_keys = [k for k in keys if k not in LABEL_KEYS]
+                members = _npz_members(path)
+                self.labels = next((members[k] for k in LABEL_KEYS if k in members), None)
+                data_keys = [k for k in members if k not in LABEL_KEYS]
                 if len(specs) == 1 and len(data_keys) == 1 and data_keys[0] not in specs:
-                    self.arrays = {next(iter(specs)): npz[data_keys[0]]}  # single unnamed array
+                    self.arrays = {next(iter(specs)): members[data_keys[0]]}  # single unnamed array
                 else:
-                    self.arrays = {k: npz[k] for k in data_keys}
+                    self.arrays = {k: members[k] for k in data_keys}
         except DataError:
             raise
         except Exception as exc:
             raise DataError(f"{path}: cannot read ({type(exc).__name__}: {exc}); expected .npy or .npz") from None
-        scalars = [k for k, a in self.arrays.items() if np.ndim(a) == 0]
+        for name, a in [*self.arrays.items(), *([("labels", self.labels)] if self.labels is not None else [])]:
+            if a.dtype.hasobject:
+                raise DataError(f"{path}: array '{name}' holds Python objects; deploykit never unpickles data, "
+                                f"save numeric arrays")
+        scalars = [k for k, a in self.arrays.items() if a.ndim == 0]
         if scalars:
             raise DataError(f"{path}: array {scalars} is a scalar; arrays need a leading sample axis")
+        if self.labels is not None and self.labels.ndim == 0:
+            raise DataError(f"{path}: 'labels' is a scalar; give one label per sample")
+        sizes = {k: a.shape[0] for k, a in self.arrays.items()}
+        if len(set(sizes.values())) > 1:
+            raise DataError(f"{path}: inputs have different sample counts {sizes}")
+        if self.labels is not None and sizes and self.labels.shape[0] != next(iter(sizes.values())):
+            raise DataError(f"{path}: {self.labels.shape[0]} labels for {next(iter(sizes.values()))} samples")
 
     def _size(self) -> int | None:
-        return min(len(a) for a in self.arrays.values()) if self.arrays else 0
+        return min(a.shape[0] for a in self.arrays.values()) if self.arrays else 0
 
     def _chunks(self) -> Iterator[Batch]:
-        n = min(len(a) for a in self.arrays.values()) if self.arrays else 0
+        n = min(a.shape[0] for a in self.arrays.values()) if self.arrays else 0
+        if self.limit is not None:
+            n = min(n, self.limit)
         step = 256
-        for i in range(0, n, step):
-            labels = None if self.labels is None else np.asarray(self.labels[i:i + step])
-            yield Batch({k: np.ascontiguousarray(v[i:i + step]) for k, v in self.arrays.items()}, labels)
+        readers = {k: _reader(a) for k, a in self.arrays.items()}
+        labels = None if self.labels is None else _reader(self.labels)
+        try:
+            for i in range(0, n, step):
+                m = min(step, n - i)
+                yield Batch({k: r(i, m) for k, r in readers.items()}, None if labels is None else labels(i, m))
+        finally:
+            for r in [*readers.values(), *([labels] if labels is not None else [])]:
+                getattr(r, "close", lambda: None)()
+
+
+class _NpzMember:
+    """One array of an .npz, known by its header; rows are decompressed only when read."""
+
+    def __init__(self, path: Path, member: str, shape: tuple[int, ...], dtype: np.dtype, fortran: bool) -> None:
+        self.path, self.member, self.shape, self.dtype, self.fortran = path, member, shape, dtype, fortran
+        self.ndim = len(shape)
+
+    def open(self) -> "_MemberReader":
+        return _MemberReader(self)
+
+
+class _MemberReader:
+    """Sequential reads of rows from an .npz member (one decompression pass per use)."""
+
+    def __init__(self, member: _NpzMember) -> None:
+        import zipfile
+
+        self.m = member
+        self.zf = zipfile.ZipFile(member.path)
+        self.fh = self.zf.open(member.member)
+        _read_npy_header(self.fh)
+        self.row_items = int(np.prod(member.shape[1:], dtype=np.int64))
+        self.pos = 0
+        self.whole: np.ndarray | None = None
+
+    def __call__(self, start: int, count: int) -> np.ndarray:
+        m = self.m
+        if m.fortran:  # column-major rows are not contiguous: read it whole (rare for sample data)
+            if self.whole is None:
+                self.whole = np.lib.format.read_array(self.fh, allow_pickle=False)
+            return np.ascontiguousarray(self.whole[start:start + count])
+        if start != self.pos:
+            raise ValueError("rows of an .npz member are read in order")
+        nbytes = count * self.row_items * m.dtype.itemsize
+        buf = self.fh.read(nbytes)
+        if len(buf) != nbytes:
+            raise DataError(f"{m.path}: array '{m.member[:-4]}' is truncated")
+        self.pos += count
+        return np.frombuffer(buf, dtype=m.dtype).reshape((count, *m.shape[1:])).copy()
+
+    def close(self) -> None:
+        self.fh.close()
+        self.zf.close()
+
+
+def _reader(a: Any) -> Callable[[int, int], np.ndarray]:
+    if isinstance(a, _NpzMember):
+        return a.open()
+    return lambda start, count: np.ascontiguousarray(a[start:start + count])
+
+
+def _read_npy_header(fh: Any) -> tuple[tuple[int, ...], bool, np.dtype[Any]]:
+    fmt = np.lib.format
+    version = fmt.read_magic(fh)
+    if version == (1, 0):
+        return fmt.read_array_header_1_0(fh)
+    if version == (2, 0):
+        return fmt.read_array_header_2_0(fh)
+    header: tuple[tuple[int, ...], bool, np.dtype[Any]] = fmt._read_array_header(  # type: ignore[attr-defined]
+        fh, version)  # 3.0: utf-8 field names; numpy has no public reader for it
+    return header
+
+
+def _npz_members(path: Path) -> dict[str, _NpzMember]:
+    """The arrays of an .npz by name, from their headers alone."""
+    import zipfile
+
+    out = {}
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with zf.open(info) as fh:
+                shape, fortran, dtype = _read_npy_header(fh)
+            out[info.filename[:-4]] = _NpzMember(path, info.filename, tuple(shape), np.dtype(dtype), fortran)
+    return out
 
 
 class ImageFolderSource(DataSource):
@@ -227,7 +341,7 @@ class ImageFolderSource(DataSource):
             yield Batch({self.input: images}, labels)
 
 
-def _default_preprocess(shape: list) -> Preprocess:
+def _default_preprocess(shape: list[int | str]) -> Preprocess:
     layout = "NHWC" if len(shape) == 4 and shape[-1] in (1, 3) and shape[1] not in (1, 3) else "NCHW"
     channels = shape[1] if layout == "NCHW" else shape[-1]
     h = shape[2] if layout == "NCHW" else shape[1]
@@ -245,7 +359,7 @@ def load_image(path: Path, pp: Preprocess) -> np.ndarray:
     if pp.resize:
         w, h = img.size
         k = pp.resize / min(w, h)
-        img = img.resize((max(1, round(w * k)), max(1, round(h * k))), Image.BILINEAR)
+        img = img.resize((max(1, round(w * k)), max(1, round(h * k))), Image.Resampling.BILINEAR)
     if pp.crop:
         w, h = img.size
         left, top = (w - pp.crop) // 2, (h - pp.crop) // 2
@@ -253,7 +367,7 @@ def load_image(path: Path, pp: Preprocess) -> np.ndarray:
     arr = np.asarray(img, dtype=np.float32) / pp.scale
     if arr.ndim == 2:
         arr = arr[..., None]
-    arr = (arr - np.asarray(pp.mean, np.float32)) / np.asarray(pp.std, np.float32)
+    arr = ((arr - np.asarray(pp.mean, np.float32)) / np.asarray(pp.std, np.float32)).astype(np.float32)
     return arr.transpose(2, 0, 1) if pp.layout == "NCHW" else arr
 
 
@@ -272,8 +386,14 @@ class CallableSource(DataSource):
     def _chunks(self) -> Iterator[Batch]:
         try:
             result = self.fn()
+        except SystemExit as exc:  # must not end deploykit with the function's exit code
+            raise DataError(f"{self.description}: the data function called sys.exit({exc.code!r}); "
+                            f"return the data instead") from None
         except Exception as exc:
             raise DataError(f"{self.description}: the data function raised {type(exc).__name__}: {exc}") from None
+        if result is None:
+            raise DataError(f"{self.description}: the data function returned nothing; return feed dicts "
+                            f"(a dict, a list or a generator)")
         if isinstance(result, Mapping):
             result = [result]
         try:
@@ -286,6 +406,9 @@ class CallableSource(DataSource):
                 item = next(items)
             except StopIteration:
                 break
+            except SystemExit as exc:
+                raise DataError(f"{self.description}: the data function called sys.exit({exc.code!r}); "
+                                f"yield the data instead") from None
             except Exception as exc:
                 raise DataError(f"{self.description}: the data function raised {type(exc).__name__}: {exc}") from None
             labels = None
@@ -306,6 +429,8 @@ def _resolve_callable(spec: str) -> Callable[[], Any]:
             if not path.exists():
                 raise DataError(f"{path}: file not found")
             spec_ = importlib.util.spec_from_file_location(path.stem, path)
+            if spec_ is None or spec_.loader is None:
+                raise DataError(f"{path}: not importable as a Python module")
             module = importlib.util.module_from_spec(spec_)
             sys.modules.setdefault(path.stem, module)
             spec_.loader.exec_module(module)
@@ -314,11 +439,13 @@ def _resolve_callable(spec: str) -> Callable[[], Any]:
         fn = getattr(module, attr)
     except DataError:
         raise
+    except SystemExit as exc:
+        raise DataError(f"'{spec}': importing it called sys.exit({exc.code!r})") from None
     except Exception as exc:
         raise DataError(f"'{spec}': cannot import ({type(exc).__name__}: {exc})") from None
     if not callable(fn):
         raise DataError(f"'{spec}': {attr} is not callable")
-    return fn
+    return fn  # type: ignore[no-any-return]  # callable() checked it
 
 
 class RandomSource(DataSource):
@@ -349,7 +476,17 @@ class RandomSource(DataSource):
             yield Batch(feeds)
 
 
-def open_source(src: str | Path | Callable | None, specs: Specs, preprocess: Preprocess | None = None,
+def is_code(src: Any) -> bool:
+    """Whether ``src`` names code to run (``module:function`` or ``file.py:function``) rather
+    than data: such a source runs only when the user asked for it explicitly."""
+    if src is None or callable(src):
+        return callable(src)
+    text = str(src)
+    path = Path(text)
+    return ":" in text and not path.is_dir() and path.suffix not in (".npy", ".npz") and not path.exists()
+
+
+def open_source(src: str | Path | Callable[[], Any] | None, specs: Specs, preprocess: Preprocess | None = None,
                 limit: int | None = None) -> DataSource | None:
     """Pick the source for ``src``: a .npy/.npz file, an image folder, or ``module:function``."""
     if src is None:
@@ -372,23 +509,7 @@ def open_source(src: str | Path | Callable | None, specs: Specs, preprocess: Pre
     raise DataError(f"{text}: unsupported data ({path.suffix or 'no suffix'}); use .npy/.npz, an image folder, or module:function")
 
 
-class Hasher:
-    """Hash of the data as it streams past (names, dtypes, shapes, bytes)."""
-
-    def __init__(self) -> None:
-        self.h = hashlib.sha256()
-
-    def update(self, feeds: Mapping[str, np.ndarray]) -> None:
-        for k in sorted(feeds):
-            a = np.ascontiguousarray(feeds[k])
-            self.h.update(f"{k}:{a.dtype}:{a.shape[1:]}".encode())
-            self.h.update(a.tobytes())
-
-    def hexdigest(self) -> str:
-        return self.h.hexdigest()
-
-
-def _batched(items: list, n: int) -> Iterator[list]:
+def _batched(items: list[T], n: int) -> Iterator[list[T]]:
     it = iter(items)
     while chunk := list(itertools.islice(it, n)):
         yield chunk

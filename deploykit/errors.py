@@ -41,3 +41,23 @@ class CheckFailed(DeploykitError):
     """At least one check failed its threshold (exit code 1, results are still written)."""
 
     exit_code = 1
+
+
+class BuildFault(DeploykitError):
+    """An unexpected fault (a bug, here or in a vendor SDK) in one named step of a build.
+    Printed as one line; ``-v`` shows the traceback of the original exception."""
+
+    exit_code = 3
+
+    def __init__(self, step: str, exc: BaseException) -> None:
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        super().__init__(f"unexpected fault while {step}: {type(exc).__name__}"
+                         + (f": {first}" if first else "") + " (rerun with -v for the traceback)")
+        self.step = step
+        self.original = exc
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: the build stops like on Ctrl-C, exit code 143 (128 + SIGTERM)."""
+
+    exit_code = 143

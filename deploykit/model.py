@@ -10,15 +10,16 @@ import contextlib
 import hashlib
 import io
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import onnx
 from onnx import external_data_helper
 
+from deploykit.canonical import OPSET
 from deploykit.errors import ModelError
-from deploykit.quantize.canonical import OPSET
 
 
 def load_onnx(path: Path | str) -> onnx.ModelProto:
@@ -34,6 +35,8 @@ def load_onnx(path: Path | str) -> onnx.ModelProto:
         raise ModelError(f"{path}: not a valid ONNX model ({type(exc).__name__}: {exc}); re-export it") from None
     if not model.graph.node:
         raise ModelError(f"{path}: the ONNX graph has no nodes; re-export the model")
+    if not model.graph.output:
+        raise ModelError(f"{path}: the ONNX graph has no outputs; re-export the model naming its outputs")
     base = path.parent.resolve()
     for tensor in external_data_helper._get_all_tensors(model):
         if not external_data_helper.uses_external_data(tensor):
@@ -60,9 +63,9 @@ def load_onnx(path: Path | str) -> onnx.ModelProto:
     return model
 
 
-def export_torch(module: Any, example_inputs: tuple, path: Path | str, input_names: list[str] | None = None,
+def export_torch(module: Any, example_inputs: tuple[Any, ...], path: Path | str, input_names: list[str] | None = None,
                  dynamic_batch: bool = True) -> Path:
-    """Export a torch.nn.Module with the dynamo exporter at opset 18 (FINDINGS.md: the one that
+    """Export a torch.nn.Module with the dynamo exporter at opset 18 (docs/toolchain-facts.md: the one that
     works), batch dimension dynamic unless ``dynamic_batch`` is False."""
     try:
         import torch
@@ -87,12 +90,20 @@ def model_hash(model: onnx.ModelProto) -> str:
     return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
 
 
-def normalise(model: onnx.ModelProto, source: str = "model") -> onnx.ModelProto:
-    """Opset 18, constant folding, BatchNorm folding, shape inference, unique node names."""
+def normalise(model: onnx.ModelProto, source: str = "model", fed: frozenset[str] = frozenset()) -> onnx.ModelProto:
+    """Opset 18, constant folding, BatchNorm folding, shape inference, unique node names.
+
+    Graph inputs backed by an initializer (every weight, in the IR-3 model-zoo layout) become
+    constants unless named in ``fed``, as onnxruntime treats them when nobody feeds them."""
     named = onnx.ModelProto()
     named.CopyFrom(model)
     unique_node_names(named)  # onnxruntime refuses to load a graph with duplicate node names
+    if constant_initializers(named, fed) and named.ir_version < 4:
+        named.ir_version = 4  # IR 3 required initializers to be listed as inputs
     model = _to_opset(named, source)
+    constant_initializers(model, fed)  # the converter may add initializer-backed inputs of its own
+    if model.ir_version < 8:  # opset 18 needs IR 8; IR < 4 also demanded initializers be inputs
+        model.ir_version = 8
     model = _ort_basic_optimise(model, source)
     model = _fold_batchnorm(model)
     try:
@@ -103,14 +114,43 @@ def normalise(model: onnx.ModelProto, source: str = "model") -> onnx.ModelProto:
     return model
 
 
+def constant_initializers(model: onnx.ModelProto, fed: frozenset[str] = frozenset()) -> list[str]:
+    """Drop graph inputs that an initializer backs (unless ``fed``); returns their names."""
+    inits = {i.name for i in model.graph.initializer}
+    dropped = [i.name for i in model.graph.input if i.name in inits and i.name not in fed]
+    if dropped:
+        keep = [i for i in model.graph.input if i.name not in dropped]
+        del model.graph.input[:]
+        model.graph.input.extend(keep)
+    return dropped
+
+
 def _to_opset(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
     current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if current is None or current == OPSET:
         return model
+    if current > OPSET:
+        raise ModelError(f"{source}: opset {current} is newer than deploykit's {OPSET}; re-export at opset {OPSET}")
     try:
-        return onnx.version_converter.convert_version(model, OPSET)
+        converted = onnx.version_converter.convert_version(model, OPSET)
+        converted.ir_version = max(converted.ir_version, 8)
+        onnx.checker.check_model(converted)
+        return converted
     except Exception as exc:
-        raise ModelError(f"{source}: cannot convert opset {current} to {OPSET} ({exc}); re-export at opset {OPSET}") from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = re.sub(r"^.*?: operator\(\): ", "", first)[:200]  # drop the converter's C++ source location
+        ops = sorted({n.op_type for n in model.graph.node} & _NO_CONVERTER)
+        attr = re.search(r"Attribute (\w+)", first)
+        if attr:  # name the node whose attribute blocks the adapter
+            ops += [f"{n.op_type} '{n.name}'" for n in model.graph.node if any(a.name == attr.group(1) for a in n.attribute)][:3]
+        blocker = f" (blocked by {', '.join(ops)})" if ops else ""
+        raise ModelError(f"{source}: cannot convert opset {current} to {OPSET}{blocker}: {first}; "
+                         f"re-export the model at opset {OPSET}") from None
+
+
+#: ops the ONNX version converter cannot carry across to opset 18
+_NO_CONVERTER = {"Upsample", "Scatter", "ScaledTanh", "ImageScaler", "Crop", "Affine", "ParametricSoftplus",
+                 "ThresholdedRelu", "GRUUnit", "GivenTensorFill", "ConstantFill", "MeanVarianceNormalization"}
 
 
 def _ort_basic_optimise(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
@@ -210,7 +250,7 @@ def unique_node_names(model: onnx.ModelProto) -> None:
         seen.add(name)
 
 
-def fixed_batch(specs) -> int | None:
+def fixed_batch(specs: Mapping[str, tuple[list[int | str], Any]]) -> int | None:
     """The batch a model was exported with when its batch dimension is not dynamic (it only
     runs at that batch), else None. ``specs`` as from :func:`input_specs`."""
     fixed = {shape[0] for shape, _ in specs.values() if shape and isinstance(shape[0], int) and shape[0] > 0}

@@ -6,38 +6,49 @@ manifest and report are written for all of them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
+import errno
+import hashlib
 import json
 import logging
+import math
 import os
 import platform
-import tempfile
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 import numpy as np
 
-import deploykit
-from deploykit import checks, data, model as modelmod
+from deploykit import checks, data, signals
+from deploykit import model as modelmod
+from deploykit._version import __version__
 from deploykit.analyze import AccuracyTarget, parse_accuracy_target
-from deploykit.backend import Artifact, Availability, CanonicalModel, CheckResult
-from deploykit.errors import ConfigError, DeploykitError, OutputDirError
-from deploykit.fileio import atomic_output, sha256
+from deploykit.canonical import ASYMMETRIC, SYMMETRIC, CanonicalModel
+from deploykit.errors import BuildFault, ConfigError, DataError, DeploykitError, OutputDirError
+from deploykit.fileio import sha256
+from deploykit.jobs import CheckJob, CheckSettings, Executor, LocalExecutor, latency_feeds
+from deploykit.outdir import OutDir
 from deploykit.plugins import Registry, load_registry
 from deploykit.progress import bar
-from deploykit.quantize import quantize, requantize, write_canonical
-from deploykit.quantize.canonical import ASYMMETRIC, SYMMETRIC
+from deploykit.quantize import load_canonical, quantize, requantize, write_canonical
 from deploykit.quantize.islands import layer_macs, mac_summary, resolve_keep_float
-from deploykit.targets import Calibration, Preprocess, Target, load_targets
+from deploykit.quantize.observe import METHODS
+from deploykit.reference import canonical_runner, fp32_runner
+from deploykit.results import SCHEMA_VERSION, Artifact, Availability, CheckResult, TargetResult, jsonable
+from deploykit.targets import Calibration, Preprocess, Target, TargetsFile, load_targets
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
 
 log = logging.getLogger("deploykit")
-MANIFEST = "manifest.json"
-REPORT = "report.md"
+T = TypeVar("T")
 RANDOM_WARNING = ("calibrated on random data: no --calib data was given, so the scales are NOT meaningful; "
                   "pass --calib with real samples before shipping")
 
@@ -56,50 +67,16 @@ class BuildOptions:
     batch_size: int | None = None  # calibration batch size
     preprocess: Preprocess | None = None
     baseline: bool = True  # measure FP32 onnxruntime latency as the reference row
-    example_inputs: tuple | None = None  # with a torch.nn.Module: inputs for the dynamo export
+    example_inputs: tuple[Any, ...] | None = None  # with a torch.nn.Module: inputs for the dynamo export
     input_names: list[str] | None = None  # with a torch.nn.Module: ONNX input names
     task: str = "auto"  # classification (top-k, accuracy), other (cosine/L2 only), auto: from the output shape
+    allow_code: bool = False  # let targets.toml name Python code as data (module:function)
     activations: str | None = None  # activation profile; None: targets.toml [quantization], else from the targets
     keep_float: list[str] | None = None  # float-island patterns; None: targets.toml [quantization] keep_float
     compare_profiles: bool = True  # also place the other profile from the same statistics and report the difference
     recipe: str | None = None  # accuracy-recovering recipe; None: targets.toml [calibration] recipe (default auto)
     accuracy_target: str | None = None  # e.g. top1_agreement=0.95: fewest float layers meeting it (deploykit.analyze)
     on_event: Callable[[str], None] = field(default=lambda msg: None)
-
-
-@dataclass
-class TargetResult:
-    target: Target
-    status: str = "ok"  # ok | failed (a check failed) | skipped (backend unavailable) | error
-    reason: str = ""
-    availability: Availability | None = None
-    artifact: Artifact | None = None
-    checks: list[CheckResult] = field(default_factory=list)
-    latency: list[dict] = field(default_factory=list)
-    metadata: dict[str, Any] = field(default_factory=dict)
-    device_info: dict[str, Any] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    def to_json(self, out_dir: Path) -> dict[str, Any]:
-        art = None
-        if self.artifact is not None:
-            art = {"path": _rel(self.artifact.path, out_dir), "sha256": sha256(self.artifact.path),
-                   "files": {_rel(f, out_dir): sha256(f) for f in self.artifact.files if f.exists()},
-                   "metadata": _jsonable(self.artifact.metadata)}
-        t = self.target
-        return {
-            "name": t.name, "backend": t.backend, "device": {"name": t.device.name, "kind": t.device.kind,
-                                                             "address": t.device.address},
-            "options": _jsonable(t.options), "thresholds": dict(t.thresholds), "batch_sizes": list(t.batch_sizes),
-            "status": self.status, "reason": self.reason,
-            "availability": None if self.availability is None else {
-                "can_lower": self.availability.can_lower, "can_run": self.availability.can_run,
-                "reason": self.availability.reason, "install_hint": self.availability.install_hint,
-                "versions": dict(self.availability.versions)},
-            "artifact": art, "checks": [c.to_json() for c in self.checks], "latency": self.latency,
-            "preflight": _jsonable(self.metadata), "device_info": _jsonable(self.device_info),
-            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
-        }
 
 
 @dataclass
@@ -119,99 +96,173 @@ class BuildResult:
         return search is None or bool(search.get("met"))
 
 
-def build(model: Any, options: BuildOptions, registry: Registry | None = None) -> BuildResult:
+def build(model: Any, options: BuildOptions, registry: Registry | None = None,
+          executor: Executor | None = None) -> BuildResult:
     """Build every target of ``options`` from an .onnx path, or a torch.nn.Module plus
-    ``options.example_inputs`` (exported with the dynamo exporter at opset 18, dynamic batch)."""
-    registry = registry or load_registry()
-    out_dir = Path(options.out_dir)
-    tf = load_targets(options.targets_file)
-    targets = tf.resolve(options.targets, registry)  # fail fast on an unknown target, before any work
-    if options.task not in checks.TASKS:
-        raise ConfigError(f"task '{options.task}' is not one of {', '.join(checks.TASKS)}")
-    calib_cfg = _calibration(tf.calibration, options)
-    profile, profile_reason = choose_profile(targets, registry, options.activations, tf.quantization.activations,
-                                             tf.where("quantization", "activations"))
-    keep_float, keep_where = ((options.keep_float, "--keep-float") if options.keep_float is not None
-                              else (list(tf.quantization.keep_float), tf.where("quantization", "keep_float")))
-    preprocess = options.preprocess or tf.preprocess
-    owned = claim_out_dir(out_dir)  # files earlier builds wrote here: ours to overwrite, and to keep listing
-    events = options.on_event
+    ``options.example_inputs`` (exported with the dynamo exporter at opset 18, dynamic batch).
+    Each target's checks run as a :class:`deploykit.jobs.CheckJob` on ``executor`` (default:
+    :class:`deploykit.jobs.LocalExecutor`, this process).
 
+    Everything that can be checked is checked before calibration starts. The output folder
+    is locked, each step journaled and staged (see :mod:`deploykit.outdir`): a rerun after an
+    interruption keeps the finished steps, and the new outputs replace the old only at the end.
+    """
+    registry = registry or load_registry()
+    executor = executor or LocalExecutor(registry)
+    events = options.on_event
+    with stage("reading the configuration"):
+        tf = load_targets(options.targets_file)
+        targets = registry.resolve(tf, options.targets)  # fail fast on an unknown target, before any work
+        _validate_options(options)
+        calib_cfg = _calibration(tf.calibration, options)
+        _refuse_code_from_config(calib_cfg, options, tf)
+        preprocess = options.preprocess or tf.preprocess
+        profile = choose_profile(targets, registry, options.activations, tf.quantization.activations,
+                                 tf.where("quantization", "activations"))
+    with OutDir(options.out_dir) as out:
+        return _build_in(model, options, registry, executor, tf, targets, calib_cfg, preprocess, out, events, profile)
+
+
+def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: Executor, tf: TargetsFile,
+              targets: list[Target], calib_cfg: Calibration, preprocess: Preprocess | None, out: OutDir,
+              events: Callable[[str], None], profile: tuple[str, str]) -> BuildResult:
+    activations, activations_reason = profile
+    out_dir = out.root
+    started = time.monotonic()
+    layout = {"calibration": ""}
     if not isinstance(model, (str, os.PathLike)):
         if options.example_inputs is None:
             raise DeploykitError("building from a torch module needs BuildOptions.example_inputs (a tuple of tensors)")
-        model = modelmod.export_torch(model, options.example_inputs, out_dir / "source.onnx", options.input_names)
+        with stage("exporting the torch module"), out.step("source", uuid.uuid4().hex) as step:
+            modelmod.export_torch(model, options.example_inputs, step.dir / "source.onnx", options.input_names)
+        model = out.step_dir("source") / "source.onnx"
+        layout["source"] = ""
     model = Path(model)
-    started = time.monotonic()
-    raw = modelmod.load_onnx(model)
-    fp32 = modelmod.normalise(raw, str(model))
-    specs = modelmod.input_specs(fp32)
-    source_hash = sha256(model)
+    with stage("loading the model"):
+        raw = modelmod.load_onnx(model)
+        fp32 = modelmod.normalise(raw, str(model))
+        specs = modelmod.input_specs(fp32)
+        source_hash = sha256(model)
+        fixed_batch = modelmod.fixed_batch(specs)
+        keep_float, keep_where = ((options.keep_float, "--keep-float") if options.keep_float is not None
+                                  else (list(tf.quantization.keep_float), tf.where("quantization", "keep_float")))
+        float_layers = resolve_keep_float(fp32, keep_float, keep_where) if keep_float else []
+        recipe = _recipe(options.recipe, calib_cfg.recipe, tf.where("calibration", "recipe"), fp32)
+        target_spec = parse_accuracy_target(options.accuracy_target) if options.accuracy_target else None
+        if target_spec is not None:  # the accuracy target is checked on every target
+            targets = [_judged_on(t, target_spec) for t in targets]
 
-    calib_src = data.open_source(calib_cfg.data, specs, preprocess, calib_cfg.samples)
-    if calib_src is None:
-        warnings.warn(RANDOM_WARNING, stacklevel=2)
-        events("WARNING: " + RANDOM_WARNING)
-        calib_src = data.RandomSource(specs, min(calib_cfg.samples, 64), calib_cfg.seed)
-    eval_spec = options.eval if options.eval is not None else calib_cfg.eval
-    eval_src = data.open_source(eval_spec, specs, preprocess, options.eval_samples) if eval_spec is not None else None
-    eval_note = "" if eval_src is not None else (
-        "evaluated on the calibration data (no --eval given)" if not calib_src.is_random else "evaluated on random data")
-    if eval_src is None:
-        eval_src = calib_src
+    with stage("opening the data"):
+        calib_src = data.open_source(calib_cfg.data, specs, preprocess, calib_cfg.samples)
+        if calib_src is None:
+            warnings.warn(RANDOM_WARNING, stacklevel=3)
+            events("WARNING: " + RANDOM_WARNING)
+            calib_src = data.RandomSource(specs, min(calib_cfg.samples, 64), calib_cfg.seed)
+        eval_spec = options.eval if options.eval is not None else calib_cfg.eval
+        eval_src = data.open_source(eval_spec, specs, preprocess, options.eval_samples) if eval_spec is not None else None
+        eval_note = "" if eval_src is not None else (
+            "evaluated on the calibration data (no --eval given)" if not calib_src.is_random else "evaluated on random data")
+        if eval_src is None:
+            eval_src = calib_src
+        if fixed_batch:  # a fixed-batch model runs only full batches
+            calib_src.exact_batches = eval_src.exact_batches = True
+            targets = [_at_batch(t, fixed_batch, events) for t in targets]
 
-    float_layers = resolve_keep_float(fp32, keep_float, keep_where) if keep_float else []
-    recipe = _recipe(options.recipe, calib_cfg.recipe, tf.where("calibration", "recipe"), fp32)
-    target_spec = parse_accuracy_target(options.accuracy_target) if options.accuracy_target else None
-    events(f"calibrating ({calib_cfg.method}, {profile} activations: {profile_reason}; recipe {recipe}) "
-           f"on {calib_src.description}")
+    with stage("checking the data against the model"):
+        eval_batch = fixed_batch or (max(t.batch_sizes[0] for t in targets) if targets else 1)
+        session = _ort_session_from_model(fp32)
+        _try_first_batch(session, calib_src, calib_cfg.batch_size if not fixed_batch else fixed_batch)
+        eval_batches, labels = _eval_batches(eval_src, eval_batch)
+        first_output = _try_first_batch(session, eval_src, eval_batch) if eval_src is not calib_src else \
+            session.run(None, eval_batches[0])[0]
+        classification = _check_task(first_output, options.task, labels, eval_src.description)
+        del session
+    with stage("probing the backends"):
+        availability = {t.name: registry.get(t.backend).probe(t) for t in targets}
+
+    calib_key = _key(__version__, source_hash, calib_cfg.method, calib_cfg.percentile, calib_cfg.samples,
+                     calib_cfg.batch_size, calib_cfg.seed, _source_key(calib_cfg.data), options.task, activations,
+                     float_layers, recipe, options.accuracy_target)
+    calib_info = out.finished("calibration", calib_key)
+    other_model = None  # the other activation profile, placed from the same statistics
     t0 = time.monotonic()
-    result = quantize(fp32, calib_src, calib_cfg.method, calib_cfg.percentile, calib_cfg.batch_size, source_hash,
-                      activations=profile, recipe=recipe)
-    if float_layers:
-        result = requantize(result, fp32, float_layers=float_layers)
-    search = None
-    if target_spec is not None:
-        result, search = _meet_accuracy_target(fp32, result, eval_src, target_spec, options.task, float_layers, events)
-        targets = [_judged_on(t, target_spec) for t in targets]  # and checked on every target
-    canonical = write_canonical(result, fp32, out_dir)
-    # a build that stops after this point must still be able to reuse its own folder
-    owned |= {_rel(p, out_dir) for p in out_dir.iterdir() if p.is_file()}
-    _write_json(out_dir / MANIFEST, {"deploykit": deploykit.__version__, "status": "incomplete", "files": sorted(owned)})
-    calibrate_s = time.monotonic() - t0
-    events(f"canonical model: {canonical.path} ({result.samples} samples, {calib_cfg.method})")
+    if calib_info is None:
+        events(f"calibrating ({calib_cfg.method}, {activations} activations: {activations_reason}; recipe {recipe}) "
+               f"on {calib_src.description}")
+        with stage("calibrating"), out.step("calibration", calib_key) as step:
+            result = quantize(fp32, calib_src, calib_cfg.method, calib_cfg.percentile, calib_cfg.batch_size,
+                              source_hash, activations=activations, recipe=recipe)
+            if float_layers:  # from the same statistics: no second calibration
+                result = requantize(result, fp32, float_layers=float_layers)
+            search = None
+            if target_spec is not None:
+                result, search = _meet_accuracy_target(fp32, result, eval_src, target_spec, options.task,
+                                                       float_layers, events)
+            write_canonical(result, fp32, step.dir)
+            if options.compare_profiles:
+                other_profile = SYMMETRIC if activations == ASYMMETRIC else ASYMMETRIC
+                other_model = requantize(result, fp32, activations=other_profile).model
+            step.payload.update(method=result.method, samples=result.samples, data_hash=result.data_hash,
+                                random_data=result.random_data, seconds=time.monotonic() - t0,
+                                quantization=quantization_summary(fp32, result, activations_reason))
+            if search is not None:
+                step.payload["quantization"]["accuracy_target"] = search
+        calib_info = out.finished("calibration", calib_key) or {}
+    else:
+        events(f"calibration kept from the interrupted build ({calib_info['samples']} samples)")
+    if calib_info is not None and other_model is None and options.compare_profiles:
+        calib_info.setdefault("quantization", {})["profile_comparison"] = {
+            "status": "not_run", "message": "calibration kept from an interrupted build: other profile not placed"}
+    canonical = load_canonical(out.step_dir("calibration") / "canonical.qdq.onnx")
+    if eval_batches:  # what a target that needs fixed shapes (TFLite) fixes dynamic dims to
+        canonical = dataclasses.replace(canonical, example_shapes={
+            name: (1, *array.shape[1:]) for name, array in eval_batches[0].items()})
+    events(f"canonical model: {out_dir / canonical.path.name} ({calib_info['samples']} samples, {calib_cfg.method})")
+    signals.checkpoint()
 
-    fixed_batch = modelmod.fixed_batch(specs)
-    if fixed_batch:
-        targets = [_at_batch(t, fixed_batch, events) for t in targets]
-    eval_batch = fixed_batch or (max(t.batch_sizes[0] for t in targets) if targets else 1)
-    eval_batches, labels = _eval_batches(eval_src, eval_batch)
-    reference = _reference_outputs(canonical, eval_batches)
-    classification = checks.classifies(options.task, reference["fp32"][0])
-    fp32_acc = checks.task_accuracy(reference["fp32"][0], labels) if labels is not None and classification else None
-    baseline = _baseline_latency(canonical, targets, eval_batches) if options.baseline and targets else []
-    quant = quantization_summary(fp32, result, profile_reason)
-    if search is not None:
-        quant["accuracy_target"] = search
-    if options.compare_profiles:
-        quant["profile_comparison"] = compare_profiles(fp32, result, eval_batches, reference, classification)
+    with stage("computing the reference outputs"):
+        reference = _reference_outputs(canonical, eval_batches)
+        fp32_acc = checks.task_accuracy(reference["fp32"][0], labels) if labels is not None and classification else None
+        baseline = _baseline_latency(canonical, targets, eval_batches) if options.baseline and targets else []
+    quantization = dict(calib_info.get("quantization") or {})
+    if other_model is not None:
+        with stage("measuring the other activation profile"):
+            quantization["profile_comparison"] = compare_profiles(other_model, activations, eval_batches, reference,
+                                                                  classification)
+    settings = CheckSettings(classification, fp32_acc, {entry["batch_size"]: entry["p50_ms"] for entry in baseline})
+
+    def job_for(target: Target, artifact: Artifact) -> CheckJob:
+        return CheckJob(target, artifact, canonical.path, canonical.fp32_path, tuple(eval_batches), labels,
+                        tuple(reference["fp32"]), tuple(reference["canonical"]), settings)
 
     results = []
     for target in targets:
+        name = f"target-{target.name}"
+        layout[name] = target.name
+        key = _key(calib_key, jsonable(dataclasses.asdict(target)), _source_key(eval_spec), options.eval_samples,
+                   options.baseline)
+        kept = out.finished(name, key)
+        if kept is not None:
+            events(f"target {target.name}: kept from the interrupted build ({kept['status']})")
+            results.append(TargetResult(target, kept["status"], kept["reason"], stored=kept))
+            continue
         events(f"target {target.name} ({target.backend})")
-        results.append(_build_target(target, registry, canonical, out_dir, eval_batches, labels, reference, fp32_acc,
-                                     {l["batch_size"]: l["p50_ms"] for l in baseline}, classification))
+        with signals.hold(f"target {target.name}"), out.step(name, key) as step:
+            res = _build_target(target, registry, executor, canonical, step.dir, job_for, availability[target.name])
+            step.payload.update(res.to_json(step.dir, prefix=target.name))
+        res.stored = out.finished(name, key)  # the entry as written, while the files were in staging
+        results.append(res)
 
-    manifest = _manifest(model, source_hash, canonical, result, calib_src, eval_src, eval_note, classification, fp32_acc,
-                         baseline, results, out_dir, calibrate_s, time.monotonic() - started, registry)
-    manifest["quantization"] = _jsonable(quant)
-    # artifacts of earlier builds into this folder stay deploykit's (listed, never foreign)
-    manifest["files"] = sorted(set(manifest["files"]) | {f for f in owned if (out_dir / f).is_file()})
-    _write_json(out_dir / MANIFEST, manifest)
-    from deploykit.report import markdown_report
+    with stage("publishing the outputs"):
+        manifest = _manifest(model, source_hash, canonical, calib_info, calib_src, eval_src, eval_note, classification,
+                             fp32_acc, baseline, results, out_dir, time.monotonic() - started)
+        manifest["quantization"] = jsonable(quantization)
+        from deploykit.report import markdown_report
 
-    with atomic_output(out_dir / REPORT) as tmp:
-        tmp.write_text(markdown_report(manifest), encoding="utf-8")
+        manifest["files"] = out.publish(layout, manifest, markdown_report(manifest))
+        canonical = _moved(canonical, out_dir)
+        for r in results:
+            r.relocate(out_dir)
     return BuildResult(out_dir, manifest, results, canonical)
 
 
@@ -275,20 +326,17 @@ def _latency_cost(all_int8: Any, chosen: Any, source: Any, rounds: int = 15) -> 
             "chosen_ms": med["chosen"], "ratio": med["chosen"] / med["all_int8"] if med["all_int8"] else None}
 
 
-def compare_profiles(fp32: Any, result: Any, batches: list[dict], reference: dict,
+def compare_profiles(other: "onnx.ModelProto", chosen_profile: str, batches: list[dict], reference: dict,
                      classification: bool) -> dict[str, Any]:
-    """Place the other activation profile from the same statistics (no calibration) and measure
-    both canonical models against FP32 in onnxruntime: what the choice cost or saved."""
-    other_profile = SYMMETRIC if result.activations == ASYMMETRIC else ASYMMETRIC
-    try:
-        other = requantize(result, fp32, activations=other_profile)
-    except DeploykitError as exc:
-        return {"status": "not_run", "message": str(exc)}
+    """Measure the other activation profile's canonical model (placed from the same statistics)
+    and the chosen one against FP32: what the choice cost or saved."""
+    other_profile = SYMMETRIC if chosen_profile == ASYMMETRIC else ASYMMETRIC
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    session = ort.InferenceSession(other.model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # exact Q/DQ, as the reference
+    session = ort.InferenceSession(other.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     with bar(len(batches), f"canonical model, {other_profile} activations", "batch") as b:
         outs = []
         for feeds in batches:
@@ -301,10 +349,10 @@ def compare_profiles(fp32: Any, result: Any, batches: list[dict], reference: dic
     delta = chosen[metric] - alt[metric]
     verdict = "saved" if delta > 0 else "cost" if delta < 0 else "changed nothing in"
     amount = f"{abs(delta) * 100:.2f} points of" if metric == "top1_agreement" else f"{abs(delta):.5f} of"
-    return {"status": "measured", "metric": metric, "chosen": result.activations, "other": other_profile,
+    return {"status": "measured", "metric": metric, "chosen": chosen_profile, "other": other_profile,
             "chosen_metrics": chosen, "other_metrics": alt, "difference": delta,
-            "message": f"{result.activations} activations {verdict} {amount} {metric} against {other_profile} "
-                       f"({chosen[metric]:.4f} vs {alt[metric]:.4f}, canonical models in onnxruntime vs FP32)"}
+            "message": f"{chosen_profile} activations {verdict} {amount} {metric} against {other_profile} "
+                       f"({chosen[metric]:.4f} vs {alt[metric]:.4f}: both canonical models vs FP32, exact Q/DQ in onnxruntime)"}
 
 
 def choose_profile(targets: list[Target], registry: Registry, option: str | None, configured: str | None,
@@ -333,42 +381,114 @@ def choose_profile(targets: list[Target], registry: Registry, option: str | None
     return ASYMMETRIC, "every target lowers zero points" if targets else "no target needs symmetric"
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
+@contextlib.contextmanager
+def stage(step: str) -> Iterator[None]:
+    """Name the step an unexpected fault happened in (one line, exit 3; -v shows the traceback);
+    a full or read-only disk is an output-folder error, not a bug."""
+    try:
+        yield
+    except DeploykitError:
+        raise
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise OutputDirError(f"while {step}: {exc.strerror} ({exc.filename or 'the output folder'}); "
+                                 f"free space or choose another --out, then rerun to continue") from exc
+        raise BuildFault(step, exc) from exc
+    except MemoryError as exc:
+        raise BuildFault(step, exc) from exc
+    except Exception as exc:
+        raise BuildFault(step, exc) from exc
+
+
+def _validate_options(o: BuildOptions) -> None:
+    if o.task not in checks.TASKS:
+        raise ConfigError(f"task '{o.task}' is not one of {', '.join(checks.TASKS)}")
+    if o.percentile is not None and not (math.isfinite(o.percentile) and 0 < o.percentile <= 100):
+        raise ConfigError(f"percentile {o.percentile} is not in (0, 100]")
+    for name in ("samples", "eval_samples", "batch_size"):
+        value = getattr(o, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{name.replace('_', '-')} {value!r} must be a positive integer")
+    if o.method is not None and o.method not in METHODS:
+        raise ConfigError(f"unknown calibration method '{o.method}'; use one of {', '.join(METHODS)}")
+
+
+def _refuse_code_from_config(cfg: Calibration, o: BuildOptions, tf: TargetsFile) -> None:
+    """A data source that is code runs only when the user typed it (CLI/API) or --allow-code."""
+    for key, given, value in (("data", o.calib, cfg.data), ("eval", o.eval, cfg.eval)):
+        if given is None and value is not None and data.is_code(value) and not o.allow_code:
+            raise ConfigError(f"{tf.where('calibration', key)} = '{value}' names Python code to run; deploykit "
+                              f"does not run code from a configuration file unless you pass --allow-code "
+                              f"(or give it with --{'calib' if key == 'data' else 'eval'})")
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, default=str, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _source_key(src: Any) -> Any:
+    """What identifies a data source across runs: its name, and for files their size and mtime."""
+    if src is None or callable(src):
+        return None if src is None else f"callable:{getattr(src, '__qualname__', src)}:{uuid.uuid4().hex}"
+    path = Path(str(src))
+    try:
+        st = path.stat()
+        return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+    except OSError:
+        return str(src)
+
+
+def _ort_session_from_model(model: "onnx.ModelProto") -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _try_first_batch(session: Any, src: data.DataSource, batch_size: int) -> np.ndarray:
+    """Run the first batch through FP32 onnxruntime before calibrating: data that the model
+    cannot run on (ids out of range, wrong dynamic dims) fails now, in one line. Returns the
+    first output."""
+    batch = next(iter(src.batches(batch_size)))
+    try:
+        return np.asarray(session.run(None, batch.feeds)[0])
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        hint = "; pass --calib with real samples" if src.is_random else ""
+        raise DataError(f"{src.description}: the model cannot run on this data: {first}{hint}") from None
+
+
+def _check_task(out0: np.ndarray, task: str, labels: np.ndarray | None, where: str) -> bool:
+    """Decide classification from the first output; check labels against it (shape, type, range)."""
+    out0 = np.asarray(out0)
+    if task == "classification" and not checks.is_classifier(out0):
+        raise ConfigError(f"--task classification needs a first output of shape [N, classes], the model gives "
+                          f"{list(out0.shape)}; use --task other")
+    classification = checks.classifies(task, out0)
+    if labels is not None and classification:
+        if labels.ndim > 1 and int(np.prod(labels.shape[1:])) != 1:
+            raise DataError(f"{where}: labels have shape {list(labels.shape)}; give one class index per sample")
+        flat = labels.reshape(-1)
+        if not np.issubdtype(flat.dtype, np.integer) and not (
+                np.issubdtype(flat.dtype, np.floating) and np.all(np.isfinite(flat)) and np.all(flat == np.round(flat))):
+            raise DataError(f"{where}: labels are {flat.dtype}, not class indices")
+        classes = out0.shape[1]
+        if flat.size and (flat.min() < 0 or flat.max() >= classes):
+            raise DataError(f"{where}: labels range over [{flat.min():g}, {flat.max():g}] but the model has "
+                            f"{classes} classes (0..{classes - 1}); check the labels or the model")
+    return classification
+
+
+def _moved(canonical: CanonicalModel, out_dir: Path) -> CanonicalModel:
+    return dataclasses.replace(canonical, path=out_dir / canonical.path.name,
+                               fp32_path=out_dir / canonical.fp32_path.name)
 
 
 def _calibration(cfg: Calibration, o: BuildOptions) -> Calibration:
-    from dataclasses import replace
-
     changes = {k: v for k, v in {"method": o.method, "percentile": o.percentile, "samples": o.samples,
                                  "data": o.calib, "batch_size": o.batch_size}.items() if v is not None}
-    return replace(cfg, **changes)
-
-
-def claim_out_dir(out_dir: Path) -> set[str]:
-    """Refuse an output folder with files deploykit did not write (never delete those).
-
-    Returns the files earlier deploykit builds wrote there (from their manifest)."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputDirError(f"{out_dir}: exists and is not a folder; choose another --out")
-    if not out_dir.exists():
-        return set()  # created by the first atomic write, so a failed build leaves no empty folder
-    ours = {MANIFEST, REPORT}
-    manifest = out_dir / MANIFEST
-    if manifest.is_file():
-        try:
-            previous = json.loads(manifest.read_text(encoding="utf-8"))
-            ours |= set(previous.get("files", []))
-        except (ValueError, OSError):
-            raise OutputDirError(f"{manifest}: not a deploykit manifest; choose an empty --out folder") from None
-    foreign = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*")
-                     if p.is_file() and str(p.relative_to(out_dir)) not in ours)
-    if foreign:
-        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-        raise OutputDirError(f"{out_dir}: holds files deploykit did not write ({foreign[0]}{more}); "
-                             f"choose an empty or new --out folder")
-    return ours - {MANIFEST, REPORT}
+    return dataclasses.replace(cfg, **changes)
 
 
 def _judged_on(target: Target, goal: AccuracyTarget) -> Target:
@@ -387,80 +507,60 @@ def _at_batch(target: Target, batch: int, events: Callable[[str], None]) -> Targ
 
 
 def _eval_batches(src: data.DataSource, batch_size: int) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None]:
-    feeds, labels = [], []
+    feeds: list[dict[str, np.ndarray]] = []
+    labels: list[np.ndarray] = []
+    has_labels = True
     for b in src.batches(batch_size):
         feeds.append(b.feeds)
-        labels.append(b.labels)
-    has_labels = all(l is not None for l in labels)
+        if b.labels is None:
+            has_labels = False
+        else:
+            labels.append(b.labels)
     return feeds, (np.concatenate(labels) if has_labels and labels else None)
 
 
-def _ort_runner(path: Path) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-    class _Runner:
-        def run(self, feeds):
-            return session.run(None, dict(feeds))
-
-    return _Runner()
-
-
-def _reference_outputs(canonical: CanonicalModel, batches: list[dict]) -> dict[str, list[np.ndarray]]:
-    """FP32 (accuracy reference) and canonical QDQ (fidelity reference) outputs, in onnxruntime."""
+def _reference_outputs(canonical: CanonicalModel, batches: list[dict[str, np.ndarray]]) -> dict[str, list[np.ndarray]]:
+    """FP32 (accuracy reference) and canonical QDQ (fidelity reference, exact Q/DQ semantics)
+    outputs, in onnxruntime."""
     with bar(2, "reference outputs", "model") as b:
-        fp32 = checks.run_all(_ort_runner(canonical.fp32_path), batches)
+        fp32 = checks.run_all(fp32_runner(canonical.fp32_path), batches)
         b.update()
-        qdq = checks.run_all(_ort_runner(canonical.path), batches)
+        qdq = checks.run_all(canonical_runner(canonical.path), batches)
         b.update()
     return {"fp32": fp32, "canonical": qdq}
 
 
-def _latency_feeds(batches: list[dict], batch_size: int) -> dict[str, np.ndarray]:
-    """The first ``batch_size`` evaluation samples (repeated if there are fewer)."""
-    taken, n = [], 0
-    for b in batches:  # only as many batches as needed, not the whole evaluation set
-        taken.append(b)
-        n += len(next(iter(b.values())))
-        if n >= batch_size:
-            break
-    reps = -(-batch_size // n)
-    return {k: np.concatenate([b[k] for b in taken] * reps)[:batch_size] for k in taken[0]}
-
-
-def _baseline_latency(canonical: CanonicalModel, targets: list[Target], batches: list[dict]) -> list[dict]:
-    runner = _ort_runner(canonical.fp32_path)
+def _baseline_latency(canonical: CanonicalModel, targets: list[Target],
+                      batches: list[dict[str, np.ndarray]]) -> list[dict[str, Any]]:
+    runner = fp32_runner(canonical.fp32_path)
     sizes = sorted({b for t in targets for b in t.batch_sizes})
     warmup, runs = max(t.warmup for t in targets), max(t.runs for t in targets)
     out = []
     for b in bar_iter(sizes, "FP32 baseline latency"):
-        out.append(checks.measure_latency(runner, _latency_feeds(batches, b), warmup, runs).to_json())
+        out.append(checks.measure_latency(runner, latency_feeds(batches, b), warmup, runs).to_json())
     return out
 
 
-def bar_iter(items: list, desc: str):
+def bar_iter(items: list[T], desc: str) -> Iterator[T]:
     with bar(len(items), desc) as b:
         for item in items:
             yield item
             b.update()
 
 
-def _build_target(target: Target, registry: Registry, canonical: CanonicalModel, out_dir: Path,
-                  batches: list[dict], labels: np.ndarray | None, reference: dict, fp32_acc: float | None,
-                  ort_fp32_ms: dict[int, float], classification: bool) -> TargetResult:
+def _build_target(target: Target, registry: Registry, executor: Executor, canonical: CanonicalModel, folder: Path,
+                  job_for: Callable[[Target, Artifact], CheckJob], availability: Availability) -> TargetResult:
+    """Preflight, lower, then run the target's check job on ``executor``."""
     res = TargetResult(target)
     try:
         backend = registry.get(target.backend)
-        res.availability = backend.probe(target)
+        res.availability = availability
         pre_checks, res.metadata = backend.preflight(canonical, target)
         res.checks.extend(checks.apply_thresholds(c, target.thresholds) for c in pre_checks)
         if not res.availability.can_lower:
             res.status, res.reason = "skipped", _missing(res.availability)
             return res
-        dest = out_dir / target.name / f"{target.name}{backend.artifact_suffix}"
+        dest = folder / f"{target.name}{backend.artifact_suffix}"
         t0 = time.monotonic()
         with bar(1, f"{target.name}: lower", "model") as b:
             res.artifact = backend.lower(canonical, target, dest)
@@ -475,7 +575,11 @@ def _build_target(target: Target, registry: Registry, canonical: CanonicalModel,
             for name in ("top1_agreement", "cosine", "fidelity_rel_l2", "latency_p50_ms"):
                 res.checks.append(CheckResult(name, "not_run", message=not_here))
         else:
-            _run_checks(res, backend, canonical, batches, labels, reference, fp32_acc, ort_fp32_ms, classification)
+            checked = executor.run(job_for(target, res.artifact))
+            res.checks.extend(checked.checks)
+            res.latency.extend(checked.latency)
+            res.seconds.update(checked.seconds)
+            res.metadata.update(checked.notes)
         try:
             res.device_info = backend.device_info(target)
         except Exception as exc:  # device facts are nice to have, never fatal
@@ -498,90 +602,8 @@ def _missing(av: Availability) -> str:
     return av.reason + (f" (install: {av.install_hint})" if av.install_hint else "")
 
 
-def _run_checks(res: TargetResult, backend, canonical: CanonicalModel, batches: list[dict],
-                labels: np.ndarray | None, reference: dict, fp32_acc: float | None,
-                ort_fp32_ms: dict[int, float], classification: bool) -> None:
-    target = res.target
-    th = target.thresholds
-    rss0 = _rss_mb()
-    t0 = time.monotonic()
-    runner = backend.load(res.artifact, target)
-    res.seconds["load"] = time.monotonic() - t0
-    with bar(len(batches), f"{target.name}: accuracy", "batch") as b:
-        outputs = []
-        for feeds in batches:
-            outputs.append(runner.run(feeds))
-            b.update()
-    got = [np.concatenate([o[i] for o in outputs]) for i in range(len(outputs[0]))]
-    measured = checks.compare(reference["fp32"], got, classification=classification)
-    for name, value in measured.items():
-        res.checks.append(checks.judge(name, value, th, "vs FP32 in onnxruntime"))
-    for key in th:  # a threshold on a metric this task has no value for is said, not dropped
-        metric = key.partition("_")[2]
-        if metric in ("top1_agreement", "top5_agreement", "accuracy", "accuracy_drop") and not classification:
-            res.checks.append(checks.judge(metric, None, th, "not a classification task (--task)"))
-        elif metric in ("accuracy", "accuracy_drop") and labels is None:
-            res.checks.append(checks.judge(metric, None, th, "no labels in the evaluation data"))
-    for name, value in checks.compare(reference["canonical"], got, prefix="fidelity_").items():
-        res.checks.append(checks.judge(name, value, th, "vs the canonical QDQ model in onnxruntime"))
-    if labels is not None and classification:
-        acc = checks.task_accuracy(got[0], labels)
-        res.checks.append(checks.judge("accuracy", acc, th, f"on {len(labels)} labelled samples"))
-        res.checks.append(checks.judge("accuracy_drop", (fp32_acc or 0.0) - acc, th,
-                                       f"FP32 accuracy {fp32_acc:.4f} minus target accuracy"))
-    memory_mb = max(0.0, _rss_mb() - rss0)  # before a baseline runner adds its own
-    with tempfile.TemporaryDirectory(prefix="deploykit-fp32-") as scratch:
-        _measure_latency(res, runner, _fp32_runner(res, backend, canonical, Path(scratch)), batches, ort_fp32_ms)
-    res.checks.append(checks.judge("memory_mb", memory_mb, th,
-                                   "resident memory added by loading and running the artifact"))
-
-
-def _measure_latency(res: TargetResult, runner, fp32, batches: list[dict], ort_fp32_ms: dict[int, float]) -> None:
-    target, th = res.target, res.target.thresholds
-    for i, b in enumerate(bar_iter(list(target.batch_sizes), f"{target.name}: latency")):
-        feeds = _latency_feeds(batches, b)
-        stats = checks.measure_latency(runner, feeds, target.warmup, target.runs)
-        entry = stats.to_json()
-        extra = getattr(runner, "last_gpu_ms", None)
-        if extra is not None:
-            entry["gpu_compute_ms"] = extra
-        if fp32 is not None:  # same runtime, same device, measured right after: the fair ratio
-            base = checks.measure_latency(fp32, feeds, target.warmup, target.runs)
-            entry.update(fp32_p50_ms=base.p50_ms, speedup=base.p50_ms / stats.p50_ms, speedup_vs=f"{target.backend} fp32")
-        elif b in ort_fp32_ms:
-            entry.update(fp32_p50_ms=ort_fp32_ms[b], speedup=ort_fp32_ms[b] / stats.p50_ms, speedup_vs="onnxruntime fp32")
-        res.latency.append(entry)
-        if i == 0:  # thresholds apply to the first batch size
-            note = f"batch {b}, {target.runs} runs after {target.warmup} warm-up"
-            res.checks.append(checks.judge("latency_p50_ms", stats.p50_ms, th, note))
-            res.checks.append(checks.judge("latency_p99_ms", stats.p99_ms, th, note))
-            res.checks.append(checks.judge("throughput", stats.throughput, th, f"samples/s at batch {b}"))
-            if "speedup" in entry:
-                res.checks.append(checks.judge("speedup", entry["speedup"], th,
-                                               f"INT8 vs {entry['speedup_vs']} p50 at batch {b}"))
-
-
-def _fp32_runner(res: TargetResult, backend, canonical: CanonicalModel, scratch: Path):
-    """The backend's own FP32 runner, or None (then the onnxruntime FP32 row is the baseline)."""
-    try:
-        return backend.fp32_runner(canonical, res.target, scratch)
-    except Exception as exc:  # a baseline is worth having, never worth failing the target for
-        res.metadata["fp32_baseline_error"] = f"{type(exc).__name__}: {exc}"
-        return None
-
-
-def _rss_mb() -> float:
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:  # not Linux
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _versions(registry: Registry) -> dict[str, str]:
-    out = {"deploykit": deploykit.__version__, "python": platform.python_version()}
+def _versions() -> dict[str, str]:
+    out = {"deploykit": __version__, "python": platform.python_version()}
     for dist in ("numpy", "onnx", "onnxruntime", "pluggy", "openvino", "tensorflow", "ai-edge-litert",
                  "coremltools", "tensorrt", "torch"):
         try:
@@ -591,51 +613,33 @@ def _versions(registry: Registry) -> dict[str, str]:
     return out
 
 
-def _manifest(model: Path, source_hash: str, canonical: CanonicalModel, q, calib_src, eval_src, eval_note,
-              classification: bool, fp32_acc, baseline, results: list[TargetResult], out_dir: Path, calibrate_s: float, total_s: float,
-              registry: Registry) -> dict[str, Any]:
+def _manifest(model: Path, source_hash: str, canonical: CanonicalModel, calib: dict[str, Any],
+              calib_src: data.DataSource, eval_src: data.DataSource, eval_note: str, classification: bool,
+              fp32_acc: float | None, baseline: list[dict[str, Any]], results: list[TargetResult], out_dir: Path,
+              total_s: float) -> dict[str, Any]:
+    """The manifest; ``files`` is filled in by the publish step (exactly what it moved into OUT)."""
     qdq_nodes = [n for n in canonical.model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
-    files = [canonical.path, canonical.fp32_path, canonical.path.with_name(canonical.path.name.replace(".qdq.onnx", ".calib.json"))]
-    if model.parent.resolve() == out_dir.resolve():  # exported from a torch module into the output folder
-        files.append(model)
-    for r in results:
-        if r.artifact is not None:
-            files.extend(f for f in (r.artifact.files or (r.artifact.path,)))
-            files.append(r.artifact.path)
-    listed: set[str] = set()
-    for f in files:
-        f = Path(f)
-        for p in ([f] if f.is_file() else [p for p in f.rglob("*") if p.is_file()] if f.is_dir() else []):
-            listed.add(_rel(p, out_dir))
+    table = canonical.path.with_name(canonical.path.name.replace(".qdq.onnx", ".calib.json"))
     return {
-        "deploykit": deploykit.__version__,
+        "schema_version": SCHEMA_VERSION,
+        "deploykit": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "host": {"machine": platform.machine(), "system": platform.system(), "node": platform.node()},
-        "versions": _versions(registry),
-        "model": {"path": str(model), "sha256": source_hash},
-        "calibration": {"method": q.method, "samples": q.samples, "data": calib_src.description,
-                        "data_sha256": q.data_hash, "random_data": q.random_data,
-                        "warning": RANDOM_WARNING if q.random_data else "", "seconds": round(calibrate_s, 3)},
+        "versions": _versions(),
+        "model": {"path": str(out_dir / model.name) if model.parent.name == "source" and model.parent.parent.name == "done"
+                  else str(model), "sha256": source_hash},
+        "calibration": {"method": calib["method"], "samples": calib["samples"], "data": calib_src.description,
+                        "data_sha256": calib["data_hash"], "random_data": calib["random_data"],
+                        "warning": RANDOM_WARNING if calib["random_data"] else "",
+                        "seconds": round(calib.get("seconds") or 0.0, 3)},
         "evaluation": {"data": eval_src.description, "note": eval_note, "classification": classification,
                        "fp32_accuracy": fp32_acc},
-        "canonical": {"path": _rel(canonical.path, out_dir), "sha256": sha256(canonical.path),
-                      "fp32_path": _rel(canonical.fp32_path, out_dir),
-                      "calibration_table": _rel(files[2], out_dir), "calibration_table_sha256": sha256(files[2]),
-                      "qdq_nodes": len(qdq_nodes), "tensors_in_table": len(canonical.calibration),
-                      "lint_violations": list(q.lint_violations)},
+        "canonical": {"path": canonical.path.name, "sha256": sha256(canonical.path),
+                      "fp32_path": canonical.fp32_path.name,
+                      "calibration_table": table.name, "calibration_table_sha256": sha256(table),
+                      "qdq_nodes": len(qdq_nodes), "tensors_in_table": len(canonical.calibration)},
         "baseline": {"backend": "onnxruntime", "precision": "fp32", "latency": baseline},
         "targets": [r.to_json(out_dir) for r in results],
-        "files": sorted(listed | {MANIFEST, REPORT}),
+        "files": [],
         "seconds": round(total_s, 3),
     }
-
-
-def _rel(path: Path, base: Path) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(base.resolve()))
-    except ValueError:
-        return str(path)
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))

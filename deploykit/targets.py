@@ -1,26 +1,19 @@
 """targets.toml: devices, targets (backend + device + options + thresholds), calibration and
-preprocessing defaults. Every key is validated here, at the config boundary; errors name the
-file, the table and the key."""
+preprocessing defaults. A pure parser: every key's type and range is checked here, at the
+config boundary, with errors naming the file, the table and the key. Which backend a target
+names, and whether its options and thresholds suit that backend, is the registry's job
+(:meth:`deploykit.plugins.Registry.resolve`)."""
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 from deploykit.errors import ConfigError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from deploykit.plugins import Registry
-
-#: Metrics every target reports; thresholds are ``min_<metric>`` / ``max_<metric>``.
-CORE_METRICS = (
-    "top1_agreement", "top5_agreement", "cosine", "rel_l2", "max_abs_error",
-    "accuracy", "accuracy_drop",
-    "fidelity_cosine", "fidelity_rel_l2", "fidelity_max_abs",
-    "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "throughput", "memory_mb", "speedup",
-)
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
 
 _DEVICE_KEYS = {"kind": str, "description": str, "address": str}
@@ -106,41 +99,13 @@ class TargetsFile:
         loc = f"{self.path or 'targets.toml'} [{table}]"
         return f"{loc} key '{key}'" if key else loc
 
-    def resolve(self, names: list[str], registry: "Registry") -> list[Target]:
-        """Turn command-line target names into validated targets.
-
-        A name is an entry of ``[targets]``; a bare backend name works when no entry has it.
-        """
-        out = []
-        for name in names:
-            if name in self.raw_targets:
-                out.append(self._target(name, self.raw_targets[name], registry))
-            elif name in registry.backends:
-                out.append(self._target(name, {"backend": name}, registry))
-            else:
-                entries = ", ".join(sorted(self.raw_targets)) or "none"
-                backends = ", ".join(registry.names()) or "none"
-                raise ConfigError(
-                    f"unknown target '{name}': not an entry of {self.path or 'targets.toml'} "
-                    f"(entries: {entries}) nor a backend (backends: {backends})"
-                )
-        return out
-
-    def all_targets(self, registry: "Registry") -> list[Target]:
-        return [self._target(n, raw, registry) for n, raw in self.raw_targets.items()]
-
-    def _target(self, name: str, raw: dict[str, Any], registry: "Registry") -> Target:
+    def target(self, name: str, raw: Mapping[str, Any] | None = None) -> Target:
+        """The ``[targets.<name>]`` entry (or ``raw``, e.g. ``{"backend": name}`` for a bare
+        backend name) parsed, its device resolved; ``options`` and ``thresholds`` come back as
+        written, for the registry to check against the backend."""
+        raw = self.raw_targets[name] if raw is None else raw
         table = f"targets.{name}"
         _check_keys(raw, _TARGET_KEYS, self.where(table))
-        backend_name = raw.get("backend")
-        if not backend_name:
-            raise ConfigError(f"{self.where(table, 'backend')} is missing: name one of {', '.join(registry.names())}")
-        if backend_name not in registry.backends:
-            raise ConfigError(
-                f"{self.where(table, 'backend')}: unknown backend '{backend_name}' "
-                f"(registered: {', '.join(registry.names()) or 'none'}); see 'deploykit backends'"
-            )
-        backend = registry.backends[backend_name]
         device_name = raw.get("device", "local")
         if device_name in self.devices:
             device = self.devices[device_name]
@@ -151,9 +116,6 @@ class TargetsFile:
                 f"{self.where(table, 'device')}: unknown device '{device_name}'; define "
                 f"[devices.{device_name}] (known: {', '.join(sorted(self.devices)) or 'none'})"
             )
-        options = _validate_options(raw.get("options", {}), backend.options, self.where(f"{table}.options"))
-        thresholds = _validate_thresholds(raw.get("thresholds", {}), CORE_METRICS + tuple(backend.metrics),
-                                          self.where(f"{table}.thresholds"))
         batch_sizes = raw.get("batch_sizes", self.defaults.get("batch_sizes", [1]))
         if not batch_sizes or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in batch_sizes):
             raise ConfigError(f"{self.where(table, 'batch_sizes')} must be a non-empty list of positive integers")
@@ -163,8 +125,8 @@ class TargetsFile:
             raise ConfigError(f"{self.where(table, 'warmup')} must be >= 0")
         if runs < 1:
             raise ConfigError(f"{self.where(table, 'runs')} must be >= 1")
-        return Target(name, backend_name, device, options, thresholds, tuple(batch_sizes), warmup, runs,
-                      raw.get("description", ""))
+        return Target(name, raw.get("backend", ""), device, dict(raw.get("options", {})),
+                      dict(raw.get("thresholds", {})), tuple(batch_sizes), warmup, runs, raw.get("description", ""))
 
 
 def load_targets(path: Path | str | None) -> TargetsFile:
@@ -189,6 +151,9 @@ def load_targets(path: Path | str | None) -> TargetsFile:
         _check_keys(raw, _DEVICE_KEYS, where)
         tf.devices[name] = Device(name, raw.get("kind", "cpu"), raw.get("description", ""), raw.get("address", ""))
     for name, raw in data.get("targets", {}).items():
+        from deploykit.outdir import check_name  # a target name becomes a folder name in --out
+
+        check_name(name, f"{path} [targets.{name!r}]: target")
         if not isinstance(raw, dict):
             raise ConfigError(f"{tf.where(f'targets.{name}')} must be a table")
         tf.raw_targets[name] = raw
@@ -200,11 +165,14 @@ def load_targets(path: Path | str | None) -> TargetsFile:
         _check_keys(raw, _CALIB_KEYS, tf.where("calibration"))
         if raw.get("method", "minmax") not in CALIBRATION_METHODS:
             raise ConfigError(f"{tf.where('calibration', 'method')}: '{raw['method']}' is not one of {', '.join(CALIBRATION_METHODS)}")
-        if not 0 < raw.get("percentile", 99.99) <= 100:
-            raise ConfigError(f"{tf.where('calibration', 'percentile')} must be in (0, 100]")
+        percentile = raw.get("percentile", 99.99)
+        if not (math.isfinite(percentile) and 0 < percentile <= 100):
+            raise ConfigError(f"{tf.where('calibration', 'percentile')} must be in (0, 100], got {percentile}")
         for key in ("samples", "batch_size"):
             if raw.get(key, 1) < 1:
                 raise ConfigError(f"{tf.where('calibration', key)} must be >= 1")
+        if not 0 <= raw.get("seed", 0) < 2**32:
+            raise ConfigError(f"{tf.where('calibration', 'seed')} must be in [0, 2**32)")
         tf.calibration = Calibration(**raw)
     if "quantization" in data:
         raw = data["quantization"]
@@ -234,9 +202,16 @@ def parse_preprocess(raw: Mapping[str, Any], where: str) -> Preprocess:
     for key in ("resize", "crop"):
         if key in raw and raw[key] <= 0:
             raise ConfigError(f"{where} key '{key}' must be a positive integer")
+    for key in ("mean", "std"):
+        values = raw.get(key, [0.0])
+        if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                 for v in values):
+            raise ConfigError(f"{where} key '{key}' must be a non-empty list of finite numbers, got {values!r}")
     std = tuple(float(s) for s in raw.get("std", [1.0]))
     if any(s == 0 for s in std):
         raise ConfigError(f"{where} key 'std' must not contain 0")
+    if "scale" in raw and not (math.isfinite(raw["scale"]) and raw["scale"] > 0):
+        raise ConfigError(f"{where} key 'scale' must be a positive number")
     return Preprocess(raw.get("resize"), raw.get("crop"), tuple(float(m) for m in raw.get("mean", [0.0])), std,
                       float(raw.get("scale", 255.0)), layout, color)
 
@@ -250,39 +225,3 @@ def _check_keys(raw: Mapping[str, Any], allowed: Mapping[str, type], where: str)
             isinstance(value, expected) and not (expected is int and isinstance(value, bool)))
         if not ok:
             raise ConfigError(f"{where} key '{key}': expected {expected.__name__}, got {type(value).__name__} {value!r}")
-
-
-def _validate_options(raw: Mapping[str, Any], schema: Mapping[str, Any], where: str) -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where} must be a table")
-    out = {name: opt.default for name, opt in schema.items()}
-    for key, value in raw.items():
-        if key not in schema:
-            allowed = ", ".join(sorted(schema)) or "none"
-            raise ConfigError(f"{where}: unknown key '{key}' (this backend accepts: {allowed})")
-        opt = schema[key]
-        types = opt.type if isinstance(opt.type, tuple) else (opt.type,)
-        if float in types and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            names = " or ".join(t.__name__ for t in types)
-            raise ConfigError(f"{where} key '{key}': expected {names}, got {value!r}")
-        if opt.choices is not None and value not in opt.choices:
-            raise ConfigError(f"{where} key '{key}': {value!r} is not one of {', '.join(map(str, opt.choices))}")
-        out[key] = value
-    return out
-
-
-def _validate_thresholds(raw: Mapping[str, Any], metrics: tuple[str, ...], where: str) -> dict[str, float]:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where} must be a table")
-    out = {}
-    for key, value in raw.items():
-        bound, _, metric = key.partition("_")
-        if bound not in ("min", "max") or metric not in metrics:
-            known = ", ".join(f"min_/max_{m}" for m in metrics)
-            raise ConfigError(f"{where}: unknown key '{key}' (thresholds are {known})")
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{where} key '{key}': expected a number, got {value!r}")
-        out[key] = float(value)
-    return out

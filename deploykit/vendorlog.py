@@ -23,6 +23,7 @@ import io
 import logging
 import os
 import re
+import signal
 import sys
 import threading
 from typing import BinaryIO
@@ -102,6 +103,8 @@ class _Filter:
         self.thread.start()
 
     def _pump(self) -> None:
+        if hasattr(signal, "pthread_sigmask"):  # signals go to the main thread (see deploykit/signals.py)
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         pending = b""
         while True:
             try:

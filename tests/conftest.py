@@ -17,6 +17,22 @@ class DigitsFiles:
     fp32_accuracy: float
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_history(tmp_path_factory):
+    """CLI builds and matrices record into the results history: a test run never writes
+    the user's."""
+    import os
+
+    saved = {k: os.environ.get(k) for k in ("DEPLOYKIT_DB",)}
+    os.environ["DEPLOYKIT_DB"] = str(tmp_path_factory.mktemp("history") / "history.sqlite")
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def digits_files(tmp_path_factory) -> DigitsFiles:
     torch = pytest.importorskip("torch", reason="training the test CNN needs torch (pip install torch==2.13.0)")

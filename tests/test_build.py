@@ -13,7 +13,7 @@ from deploykit.backend import Availability, Backend
 from deploykit.pipeline import BuildOptions, build
 from deploykit.cli import main
 from deploykit.plugins import PluginInfo
-from deploykit.quantize.canonical import lint
+from deploykit.canonical import lint
 
 METHODS = ["minmax", "percentile", "entropy", "mse"]
 
@@ -287,7 +287,7 @@ def test_python_api_builds_from_a_torch_module(tmp_path, monkeypatch):
                              out_dir=tmp_path / "out", baseline=False)
     assert result.ok and result.targets[0].status == "ok"
     assert (tmp_path / "out" / "source.onnx").is_file() and "source.onnx" in result.manifest["files"]
-    assert result.manifest["canonical"]["lint_violations"] == []
+    assert lint(onnx.load(str(result.canonical.path))) == []  # the manifest no longer carries an always-empty list
 
 
 def test_remote_device_is_lowered_here_and_not_checked_with_fake_numbers(digits_files, ort_registry, tmp_path):
@@ -306,22 +306,27 @@ def test_remote_device_is_lowered_here_and_not_checked_with_fake_numbers(digits_
 
 def test_a_build_that_stops_midway_can_reuse_its_folder(digits_files, ort_registry, tmp_path, monkeypatch):
     import deploykit.pipeline as pipeline
+    from deploykit.errors import BuildFault
 
     def crash(*args, **kwargs):
         raise RuntimeError("power cut")
 
     out = tmp_path / "out"
     monkeypatch.setattr(pipeline, "_reference_outputs", crash)
-    with pytest.raises(RuntimeError, match="power cut"):
+    with pytest.raises(BuildFault, match="while computing the reference outputs: RuntimeError: power cut"):
         _build(digits_files, ort_registry, out, method="minmax")
-    assert json.loads((out / "manifest.json").read_text())["status"] == "incomplete"
+    assert not (out / "manifest.json").exists()  # nothing published, the calibration step journaled
     monkeypatch.undo()
-    result = _build(digits_files, ort_registry, out, method="minmax")  # its own files are not "foreign"
+    events = []
+    result = _build(digits_files, ort_registry, out, method="minmax", on_event=events.append)
+    assert any("calibration kept" in e for e in events)
     assert result.ok and "canonical.qdq.onnx" in result.manifest["files"]
-    # a later build with another target keeps listing the earlier target's artifact as deploykit's
+    # a later build with another target replaces the folder's contents: exactly what its manifest lists
     ort_registry.add_plugin(_TestBackends(), PluginInfo("test-backends", "tests"))
     result = _build(digits_files, ort_registry, out, method="minmax", targets=["unavailable"])
-    assert "onnxruntime/onnxruntime.onnx" in result.manifest["files"]
+    assert "onnxruntime/onnxruntime.onnx" not in result.manifest["files"]
+    on_disk = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and ".deploykit" not in p.parts)
+    assert on_disk == result.manifest["files"]
 
 
 @pytest.mark.slow
@@ -335,7 +340,7 @@ def test_speedup_is_against_fp32_on_the_same_runtime(digits_files, tmp_path):
     opts = BuildOptions(targets=["ov", "onnxruntime"], out_dir=tmp_path / "out", targets_file=toml,
                         calib=str(digits_files.calib), method="minmax")
     result = build(digits_files.model, opts, load_registry())
-    ov, ort_ = (t.latency[0] for t in result.targets)
+    ov, ort_ = (t.latency[0].to_json() for t in result.targets)
     assert ov["speedup_vs"] == "openvino fp32" and ov["fp32_p50_ms"] > 0
     assert ov["speedup"] == pytest.approx(ov["fp32_p50_ms"] / ov["p50_ms"])
     assert ort_["speedup_vs"] == "onnxruntime fp32"  # the reference row is onnxruntime itself

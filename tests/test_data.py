@@ -364,7 +364,7 @@ def test_generator_failing_midway_is_a_data_error():
 
 
 def test_data_function_returning_none():
-    with pytest.raises(DataError, match="returned NoneType"):
+    with pytest.raises(DataError, match="returned nothing"):
         list(open_source(lambda: None, ONE).batches(1))
 
 

@@ -12,8 +12,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from deploykit.quantize import canonical
-from deploykit.quantize.canonical import META_SOURCE_HASH, META_TABLE, RULES, lint
+from deploykit import canonical
+from deploykit.canonical import META_SOURCE_HASH, META_TABLE, RULES, lint
 
 pytest.importorskip("torch", reason="the canonical test models are exported from torch (pip install torch==2.13.0)")
 

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from deploykit.errors import ModelError
 from deploykit.model import input_specs, load_onnx, normalise, unique_node_names
-from deploykit.quantize.canonical import OPSET
+from deploykit.canonical import OPSET
 
 
 def _run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:

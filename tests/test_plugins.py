@@ -93,10 +93,11 @@ def test_plugin_import_error_names_the_plugin(tmp_path, monkeypatch):
 
 
 THIRD_PARTY = '''
-"""A third-party backend: runs the canonical model unchanged in onnxruntime, single-threaded."""
+"""A third-party backend: runs the canonical model unchanged in onnxruntime, single-threaded,
+with graph optimizations off (exactly the canonical Q/DQ semantics)."""
 import shutil
 import deploykit
-from deploykit.backend import Artifact, Availability, Backend, Option
+from deploykit.backend import Artifact, Availability, Backend, Option, Runner
 from deploykit.fileio import atomic_output
 
 
@@ -118,12 +119,13 @@ class EchoBackend(Backend):
         import onnxruntime as ort
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = target.options["threads"]
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         session = ort.InferenceSession(str(artifact.path), opts, providers=["CPUExecutionProvider"])
 
-        class Runner:
+        class EchoRunner(Runner):
             def run(self, feeds):
                 return session.run(None, dict(feeds))
-        return Runner()
+        return EchoRunner()
 
 
 @deploykit.hookimpl

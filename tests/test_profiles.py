@@ -10,13 +10,24 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from deploykit import data, model as modelmod
+from deploykit import data
+from deploykit import model as modelmod
+from deploykit.canonical import (
+    ASYMMETRIC,
+    META_FLOAT_LAYERS,
+    META_PROFILE,
+    META_TABLE,
+    SYMMETRIC,
+    CalibrationTable,
+    QdqGraph,
+    TensorRange,
+    asymmetric_params,
+    lint,
+    model_float_layers,
+    model_profile,
+)
 from deploykit.errors import ConfigError
 from deploykit.quantize import quantize, requantize
-from deploykit.quantize.canonical import (
-    ASYMMETRIC, META_FLOAT_LAYERS, META_PROFILE, META_TABLE, SYMMETRIC, CalibrationTable, QdqGraph, TensorRange,
-    asymmetric_params, lint, model_float_layers, model_profile,
-)
 from deploykit.quantize.islands import layer_macs, mac_summary, resolve_keep_float
 
 pytest.importorskip("torch", reason="the test models are exported from torch (pip install torch==2.13.0)")
@@ -119,7 +130,7 @@ def test_concat_and_pooling_groups_share_scale_and_zero_point(asym):
 def test_requantize_reuses_statistics_without_calibrating(fp32s, asym, monkeypatch):
     fp32, src = fp32s["resnet"]
     direct = quantize(fp32, src, "minmax", activations=SYMMETRIC)
-    import deploykit.quantize.observe as observe
+    from deploykit.quantize import observe
 
     monkeypatch.setattr(observe.Observer, "observe_ranges", lambda *a, **k: pytest.fail("calibrated again"))
     again = requantize(asym["resnet"], fp32, activations=SYMMETRIC)

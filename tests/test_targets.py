@@ -24,7 +24,7 @@ def _target_error(tmp_path, registry, text: str, name: str = "t") -> str:
     path = _write(tmp_path, text)
     tf = load_targets(path)
     with pytest.raises(ConfigError) as exc:
-        tf.resolve([name], registry)
+        registry.resolve(tf, [name])
     msg = str(exc.value)
     assert str(path) in msg, msg
     assert "\n" not in msg
@@ -53,7 +53,7 @@ def test_repo_targets_toml_validates_with_all_backends(monkeypatch):
     if missing:
         pytest.skip(f"backend plugins not registering yet: {', '.join(sorted(missing))}")
     tf = load_targets(REPO_TARGETS)
-    targets = {t.name: t for t in tf.all_targets(registry)}
+    targets = {t.name: t for t in registry.all_targets(tf)}
     assert {t.backend for t in targets.values()} == ALL_BACKENDS
     assert ALL_BACKENDS <= set(targets)  # one entry named after each backend
     assert targets["onnxruntime"].batch_sizes == (1, 8)
@@ -65,7 +65,7 @@ def test_repo_targets_toml_onnxruntime_entry(ort_registry):
     tf = load_targets(REPO_TARGETS)
     assert tf.calibration.method in ("minmax", "percentile", "entropy", "mse")
     assert "jetson-orin" in tf.devices and tf.devices["jetson-orin"].address
-    (target,) = tf.resolve(["onnxruntime"], ort_registry)
+    (target,) = ort_registry.resolve(tf, ["onnxruntime"])
     assert target.backend == "onnxruntime"
     assert target.device == tf.devices["x86-cpu"]
     assert target.options["threads"] == 2 and target.options["activations"] == "uint8"
@@ -82,7 +82,7 @@ def test_missing_file(tmp_path):
 def test_no_file_is_an_empty_configuration(ort_registry):
     tf = load_targets(None)
     assert tf.raw_targets == {} and tf.devices == {} and tf.calibration == Calibration()
-    (target,) = tf.resolve(["onnxruntime"], ort_registry)
+    (target,) = ort_registry.resolve(tf, ["onnxruntime"])
     assert target.name == "onnxruntime"
 
 
@@ -263,7 +263,7 @@ def test_bare_backend_name_resolves(tmp_path, ort_registry):
         batch_sizes = [1, 4]
         runs = 7
     """))
-    (target,) = tf.resolve(["onnxruntime"], ort_registry)
+    (target,) = ort_registry.resolve(tf, ["onnxruntime"])
     backend = ort_registry.backends["onnxruntime"]
     assert target.name == "onnxruntime" and target.backend == "onnxruntime"
     assert target.device == Device("local", "cpu", "this machine")
@@ -281,7 +281,7 @@ def test_entry_wins_over_backend_name_and_options_merge_with_defaults(tmp_path, 
         batch_sizes = [2]
         options = { threads = 3 }
     """))
-    (target,) = tf.resolve(["onnxruntime"], ort_registry)
+    (target,) = ort_registry.resolve(tf, ["onnxruntime"])
     assert target.device.name == "box" and target.batch_sizes == (2,)
     assert target.options["threads"] == 3
     assert target.options["graph_optimization_level"] == ort_registry.backends["onnxruntime"].options[

@@ -12,13 +12,14 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import onnx
 
-import deploykit
-from deploykit.backend import CanonicalModel
+from deploykit import canonical as rules
+from deploykit._version import __version__
+from deploykit.canonical import CanonicalModel
 from deploykit.data import DataSource
 from deploykit.errors import ConfigError, DeploykitError
 from deploykit.fileio import atomic_output
+from deploykit.model import fixed_batch, input_specs
 from deploykit.progress import bar
-from deploykit.quantize import canonical as rules
 from deploykit.quantize.islands import resolve_keep_float
 from deploykit.quantize.observe import METHODS, Observer, TensorStats, needs_histograms
 from deploykit.quantize.place import build_table, insert_qdq
@@ -35,7 +36,6 @@ class QuantizeResult:
     samples: int
     data_hash: str
     random_data: bool
-    lint_violations: tuple[str, ...] = ()  # always empty: quantize() refuses a model that breaks the contract
     activations: str = rules.SYMMETRIC  # the activation profile
     float_layers: tuple[str, ...] = ()  # declared float islands (node names)
     percentile: float = 99.99
@@ -72,8 +72,6 @@ def quantize(fp32: onnx.ModelProto, calib: DataSource, method: str = "minmax", p
     if method not in METHODS:
         raise ConfigError(f"unknown calibration method '{method}'; use one of {', '.join(METHODS)}")
     _check_profile(activations)
-    from deploykit.model import fixed_batch, input_specs  # local: deploykit.model imports this package
-
     from deploykit.quantize import recipes
 
     steps = recipes.parse_recipe(recipes.resolve_auto(recipe, fp32))
@@ -135,7 +133,7 @@ def requantize(result: QuantizeResult, fp32: onnx.ModelProto, *, activations: st
 
         qdq = apply_edits(qdq, result.edits, floats)
     meta = {
-        rules.META_VERSION: deploykit.__version__,
+        rules.META_VERSION: __version__,
         rules.META_METHOD: method if method != "percentile" else f"percentile:{percentile}",
         rules.META_DATA_HASH: result.data_hash,
         rules.META_SOURCE_HASH: result.source_hash,
@@ -151,11 +149,11 @@ def requantize(result: QuantizeResult, fp32: onnx.ModelProto, *, activations: st
             next(p for p in qdq.metadata_props if p.key == key).value = value
         else:
             qdq.metadata_props.add(key=key, value=value)
-    qdq.producer_name, qdq.producer_version = "deploykit", deploykit.__version__
+    qdq.producer_name, qdq.producer_version = "deploykit", __version__
     violations = rules.lint(qdq)
     if violations:  # a bug in placement, never the user's fault: say so
         raise DeploykitError("internal error: the canonical model breaks its contract:\n" + rules.format_violations(violations))
-    return QuantizeResult(qdq, table, method, result.samples, result.data_hash, result.random_data, (),
+    return QuantizeResult(qdq, table, method, result.samples, result.data_hash, result.random_data,
                           activations, floats, percentile, result.source_hash, result.stats, result.recipe,
                           result.edits, result.calibrated, result.recipe_summary)
 

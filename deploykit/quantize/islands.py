@@ -10,13 +10,13 @@ Concat); matching a node that is float anyway (a Softmax) is allowed and changes
 from __future__ import annotations
 
 import fnmatch
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import onnx
 
+from deploykit.canonical import COMPUTE_OPS, attrs
 from deploykit.errors import ConfigError
-from deploykit.quantize.canonical import COMPUTE_OPS, attrs
 
 
 def resolve_keep_float(model: onnx.ModelProto, patterns: Iterable[str], where: str = "--keep-float") -> list[str]:
@@ -49,7 +49,7 @@ def layer_macs(model: onnx.ModelProto) -> dict[str, int]:
     """
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # shape inference is best effort; unknown shapes count as 0 MACs
+    except Exception:  # noqa: BLE001 -- shape inference is best effort; unknown shapes count as 0 MACs
         inferred = model
     shapes: dict[str, list[int]] = {}
     for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):

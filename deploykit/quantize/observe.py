@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx
 
 from deploykit.data import Batch
 
-HIST_BINS = 2048  # FINDINGS.md: onnxruntime's 128-bin entropy path collapses to minmax
+HIST_BINS = 2048  # docs/toolchain-facts.md: onnxruntime's 128-bin entropy path collapses to minmax
 QUANT_LEVELS = 128  # |x| maps onto 128 levels of symmetric int8 (0..127)
 
 
@@ -205,9 +205,3 @@ METHODS: dict[str, Callable[..., float]] = {
 
 def needs_histograms(method: str) -> bool:
     return method != "minmax"
-
-
-def passes(method: str) -> Iterator[str]:
-    yield "ranges"
-    if needs_histograms(method):
-        yield "histograms"

@@ -1,18 +1,30 @@
-"""Place Q/DQ by the canonical rules (deploykit/quantize/canonical.py) and build the table."""
+"""Place Q/DQ by the canonical rules (deploykit/canonical.py) and build the table."""
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import AbstractSet, Mapping
+from typing import AbstractSet, Any, Mapping
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from deploykit.quantize.canonical import (
-    ASYMMETRIC, CONCAT, COMPUTE_OPS, INT8_MAX, POOLING_OPS, SYMMETRIC, CalibrationTable, QdqGraph, TensorRange,
-    activation_scale, asymmetric_params, attrs, preserves_scale, weight_axis,
+from deploykit.canonical import (
+    ASYMMETRIC,
+    COMPUTE_OPS,
+    CONCAT,
+    INT8_MAX,
+    POOLING_OPS,
+    SYMMETRIC,
+    CalibrationTable,
+    QdqGraph,
+    TensorRange,
+    activation_scale,
+    asymmetric_params,
+    attrs,
+    preserves_scale,
+    weight_axis,
 )
 from deploykit.quantize.observe import TensorStats
 
@@ -124,11 +136,6 @@ def _wrapped_tensors(model: onnx.ModelProto, wrap: Mapping[str, tuple[int, ...]]
     return {n.input[i] for n in model.graph.node if n.name in wrap for i in wrap[n.name]}
 
 
-def tensors_to_quantize(model: onnx.ModelProto, float_layers: AbstractSet[str] = frozenset()) -> set[str]:
-    """Activation tensors that get a Q/DQ pair."""
-    return _wrapped_tensors(model, placement(model, float_layers))
-
-
 def _from_conv(g: QdqGraph, tensor: str, depth: int = 2) -> bool:
     node = g.producer.get(tensor)
     while node is not None and depth >= 0:
@@ -157,10 +164,10 @@ def quantize_weight(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.nda
     """Symmetric narrow-range int8 per-channel (or per-tensor) weights: (int8 values, scales)."""
     w = w.astype(np.float32)
     if axis is None:
-        amax = np.abs(w).max(initial=0.0)
-        scale = np.float32(amax / INT8_MAX) if amax > 0 else np.float32(1.0)
-        q = np.clip(np.round(w / scale), -INT8_MAX, INT8_MAX).astype(np.int8)
-        return q, np.asarray(scale, np.float32)
+        amax_all = float(np.abs(w).max(initial=0.0))
+        scalar = np.float32(amax_all / INT8_MAX) if amax_all > 0 else np.float32(1.0)
+        q = np.clip(np.round(w / scalar), -INT8_MAX, INT8_MAX).astype(np.int8)
+        return q, np.asarray(scalar, np.float32)
     reduce = tuple(a for a in range(w.ndim) if a != axis)
     amax = np.abs(w).max(axis=reduce) if reduce else np.abs(w)
     scale = np.where(amax > 0, amax / INT8_MAX, 1.0).astype(np.float32)
@@ -222,11 +229,11 @@ def insert_qdq(model: onnx.ModelProto, table: CalibrationTable,
                 key = (name, axis)
                 if key not in weight_dq:
                     s = _safe(name) + ("" if axis is None else f"_axis{axis}")
-                    q, scale = quantize_weight(w, axis)
-                    new_inits += [numpy_helper.from_array(q, f"{s}_quantized"),
-                                  numpy_helper.from_array(scale, f"{s}_scale"),
-                                  numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{s}_zero_point")]
-                    kwargs = {} if axis is None else {"axis": axis}
+                    w_int8, w_scale = quantize_weight(w, axis)
+                    new_inits += [numpy_helper.from_array(w_int8, f"{s}_quantized"),
+                                  numpy_helper.from_array(w_scale, f"{s}_scale"),
+                                  numpy_helper.from_array(np.zeros(w_scale.shape, np.int8), f"{s}_zero_point")]
+                    kwargs: dict[str, Any] = {} if axis is None else {"axis": axis}
                     head_nodes.append(helper.make_node(
                         "DequantizeLinear", [f"{s}_quantized", f"{s}_scale", f"{s}_zero_point"], [f"{s}_dequantized"],
                         name=f"{s}_DequantizeLinear", **kwargs))

@@ -1,110 +1,14 @@
 """Helpers for plugin authors and deploykit's own tests: targets with defaults, small canonical
-models, and the backend conformance suite (``deploykit.testing.conformance``)."""
+models (:mod:`deploykit.testing.fixtures`), and the backend conformance suite
+(``deploykit.testing.conformance``)."""
 
-from __future__ import annotations
+from deploykit.testing.fixtures import (
+    KINDS,
+    canonical_from_onnx,
+    eval_feeds,
+    export_kind,
+    make_canonical,
+    make_target,
+)
 
-from typing import Any
-
-from deploykit.backend import Backend
-from deploykit.targets import Device, Target
-
-
-def make_target(backend: type[Backend], name: str | None = None, device: str = "local",
-                batch_sizes: tuple[int, ...] = (1,), thresholds: dict[str, float] | None = None,
-                warmup: int = 2, runs: int = 10, **options: Any) -> Target:
-    """A Target for ``backend`` with its option defaults, overridden by ``options``."""
-    unknown = set(options) - set(backend.options)
-    if unknown:
-        raise KeyError(f"{backend.name} has no options {sorted(unknown)}")
-    opts = {k: o.default for k, o in backend.options.items()}
-    opts.update(options)
-    return Target(name or backend.name, backend.name, Device(device, "cpu"), opts, dict(thresholds or {}),
-                  tuple(batch_sizes), warmup, runs)
-
-
-# ---------------------------------------------------------------------------------------
-# small canonical models
-# ---------------------------------------------------------------------------------------
-#: kind -> (builder, example input shapes); "digits" is the trained ResNet-style CNN
-KINDS = ("resnet", "mobilenet", "encoder", "digits")
-
-
-def eval_feeds(kind: str, n: int, seed: int = 1) -> dict:
-    """Inputs for a test model kind (digits: held-out digits images)."""
-    import numpy as np
-
-    from deploykit.testing import models
-
-    if kind == "encoder":
-        return models.encoder_inputs(n, seed=seed)
-    if kind == "digits":
-        return {"x": models.digits().x_test[:n]}
-    rng = np.random.default_rng(seed)
-    shape = (n, 1, 8, 8) if kind == "resnet" else (n, 3, 32, 32)
-    return {"x": rng.random(shape, dtype=np.float32)}
-
-
-_EXPORTED: dict = {}  # (kind, seed) -> (onnx bytes, module): train and export once per process
-
-
-def export_kind(kind: str, path, seed: int = 0):
-    """Export a test model kind to ONNX (dynamic batch). Returns (path, torch module)."""
-    from pathlib import Path
-
-    if (kind, seed) in _EXPORTED:
-        blob, module = _EXPORTED[(kind, seed)]
-        Path(path).write_bytes(blob)
-        return path, module
-    import torch
-
-    from deploykit.testing import models
-
-    torch.manual_seed(seed)
-    if kind == "digits":
-        module, _, _ = models.train_digits_cnn(seed=seed)
-    elif kind == "resnet":
-        module = models.resnet_cnn()
-    elif kind == "mobilenet":
-        module = models.mobilenet_cnn()
-    elif kind == "encoder":
-        module = models.tiny_encoder()
-    else:
-        raise ValueError(f"unknown kind {kind!r}; one of {KINDS}")
-    module.eval()
-    feeds = eval_feeds(kind, 2, seed=seed)
-    example = tuple(torch.from_numpy(v) for v in feeds.values())
-    models.export_onnx(module, example, path, list(feeds))
-    _EXPORTED[(kind, seed)] = (Path(path).read_bytes(), module)
-    return path, module
-
-
-def canonical_from_onnx(src, calib: dict, workdir, stem: str, method: str = "minmax", activations: str = "symmetric",
-                        keep_float: tuple[str, ...] = ()):
-    """Normalise an FP32 .onnx, calibrate it on ``calib`` (one dict of arrays) and write
-    ``<stem>.qdq.onnx`` and friends under ``workdir``. Returns the CanonicalModel."""
-    from deploykit import data, model
-    from deploykit.quantize import quantize, write_canonical
-
-    fp32 = model.normalise(model.load_onnx(src), str(src))
-    source = data.open_source(lambda: [calib], model.input_specs(fp32))
-    result = quantize(fp32, source, method, source_hash=model.model_hash(fp32), activations=activations,
-                      keep_float=keep_float)
-    return write_canonical(result, fp32, workdir, stem)
-
-
-def make_canonical(kind: str, workdir, method: str = "minmax", samples: int = 64, activations: str = "symmetric",
-                   keep_float: tuple[str, ...] = ()):
-    """Export a test model, calibrate it on real-looking data and write its canonical model
-    (``activations``: the activation profile; ``keep_float``: float-island patterns).
-
-    Returns a :class:`deploykit.backend.CanonicalModel` (files under ``workdir``).
-    """
-    from pathlib import Path
-
-    from deploykit.testing import models
-
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    src, _ = export_kind(kind, workdir / f"{kind}.onnx")
-    calib = {"x": models.digits().x_train[:samples]} if kind == "digits" else eval_feeds(kind, samples, seed=0)
-    return canonical_from_onnx(src, calib, workdir, kind, method, activations, keep_float)
+__all__ = ["KINDS", "canonical_from_onnx", "eval_feeds", "export_kind", "make_canonical", "make_target"]

@@ -23,7 +23,9 @@ from onnx import helper
 from deploykit.backend import Artifact, Availability, Backend, CanonicalModel, Runner
 from deploykit.checks import compare
 from deploykit.errors import DeploykitError
-from deploykit.testing import eval_feeds, make_canonical, make_target
+from deploykit.reference import run_canonical
+from deploykit.targets import Target
+from deploykit.testing.fixtures import eval_feeds, make_canonical, make_target
 
 UNSUPPORTED_OP = "DeploykitConformanceUnsupportedOp"
 
@@ -64,7 +66,7 @@ def run_conformance(backend_cls: type[Backend], workdir: Path | str, kind: str =
     return report
 
 
-def check_lowering(backend: Backend, canonical: CanonicalModel, target, workdir: Path) -> Artifact:
+def check_lowering(backend: Backend, canonical: CanonicalModel, target: Target, workdir: Path) -> Artifact:
     dest = workdir / f"{target.name}{backend.artifact_suffix}"
     artifact = backend.lower(canonical, target, dest)
     assert isinstance(artifact, Artifact), f"lower() must return an Artifact, got {artifact!r}"
@@ -79,23 +81,22 @@ def check_lowering(backend: Backend, canonical: CanonicalModel, target, workdir:
     return artifact
 
 
-def check_runner_agrees(backend: Backend, artifact: Artifact, target, canonical: CanonicalModel, kind: str,
+def check_runner_agrees(backend: Backend, artifact: Artifact, target: Target, canonical: CanonicalModel, kind: str,
                         min_cosine: float) -> dict[str, float]:
-    import onnxruntime as ort
-
     runner = backend.load(artifact, target)
-    assert isinstance(runner, Runner), f"load() must return a Runner (with run(feeds)), got {runner!r}"
-    feeds = eval_feeds(kind, 4)
-    session = ort.InferenceSession(str(canonical.path), providers=["CPUExecutionProvider"])
-    want = session.run(None, feeds)
-    got = [np.asarray(o) for o in runner.run(feeds)]
-    assert len(got) == len(want), f"runner returned {len(got)} outputs, the canonical model has {len(want)}"
-    for i, (g, w) in enumerate(zip(got, want)):
-        assert g.shape == w.shape, f"output {i}: shape {g.shape}, canonical {w.shape} (NCHW in, canonical order out)"
-    metrics = compare(want, got)
-    assert metrics["cosine"] >= min_cosine, f"runner disagrees with the canonical model: cosine {metrics['cosine']:.5f} < {min_cosine}"
-    single = runner.run({k: v[:1] for k, v in feeds.items()})
-    assert single[0].shape[0] == 1, "runner must accept batch size 1 as well as the calibration batch"
+    assert isinstance(runner, Runner), f"load() must return a deploykit.backend.Runner subclass, got {runner!r}"
+    with runner:
+        feeds = eval_feeds(kind, 4)
+        want = run_canonical(canonical.path, feeds)
+        got = [np.asarray(o) for o in runner.run(feeds)]
+        assert len(got) == len(want), f"runner returned {len(got)} outputs, the canonical model has {len(want)}"
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert g.shape == w.shape, f"output {i}: shape {g.shape}, canonical {w.shape} (NCHW in, canonical order out)"
+        metrics = compare(want, got)
+        assert metrics["cosine"] >= min_cosine, \
+            f"runner disagrees with the canonical model: cosine {metrics['cosine']:.5f} < {min_cosine}"
+        single = runner.run({k: v[:1] for k, v in feeds.items()})
+        assert single[0].shape[0] == 1, "runner must accept batch size 1 as well as the calibration batch"
     return metrics
 
 
@@ -112,7 +113,8 @@ def unsupported_model(canonical: CanonicalModel) -> onnx.ModelProto:
     return m
 
 
-def check_rejects_unsupported(backend: Backend, target, canonical: CanonicalModel, workdir: Path, can_run: bool) -> str:
+def check_rejects_unsupported(backend: Backend, target: Target, canonical: CanonicalModel, workdir: Path,
+                              can_run: bool) -> str:
     """Lowering (or loading) a model with an unknown op must raise a DeploykitError naming it."""
     workdir.mkdir(parents=True, exist_ok=True)
     model = unsupported_model(canonical)
@@ -123,7 +125,7 @@ def check_rejects_unsupported(backend: Backend, target, canonical: CanonicalMode
     try:
         artifact = backend.lower(bad, target, dest)
         if can_run:
-            backend.load(artifact, target)
+            backend.load(artifact, target).close()
     except DeploykitError as exc:
         msg = str(exc)
         assert "conformance_unsupported" in msg or UNSUPPORTED_OP in msg, \

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from deploykit.errors import ConfigError, LoweringError
-from deploykit.quantize.canonical import QdqGraph
+from deploykit.canonical import QdqGraph
 
 #: Deployment targets that have int8 activation quantize/dequantize (the iOS17 opset).
 DEPLOYMENT_TARGETS = ("iOS17", "macOS14", "iOS18", "macOS15")

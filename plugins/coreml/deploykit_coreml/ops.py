@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from deploykit.quantize.canonical import attrs
+from deploykit.canonical import attrs
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx

@@ -14,14 +14,14 @@ from typing import Mapping
 
 import numpy as np
 
-from deploykit.backend import check_feeds, require
+from deploykit.backend import Runner, check_feeds, require
 from deploykit.errors import BackendUnavailable
 
 META_INPUTS = "deploykit.inputs"
 MACOS_ONLY = "needs macOS: Core ML prediction has no Linux runtime"
 
 
-class CoreMLRunner:
+class CoreMLRunner(Runner):
     """``run(feeds)`` with NCHW numpy feeds keyed by canonical input names; outputs in canonical order."""
 
     def __init__(self, package: Path | str, compute_units: str = "ALL") -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from deploykit.backend import CheckResult
-from deploykit.quantize.canonical import QdqGraph
+from deploykit.canonical import QdqGraph
 
 #: add_fp16_cast renames every op it rewrites "<name>_cast_fp16".
 FP16_SUFFIX = "_cast_fp16"

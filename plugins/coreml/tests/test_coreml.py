@@ -20,6 +20,7 @@ pytest.importorskip("coremltools", reason="the Core ML backend needs coremltools
 pytest.importorskip("torch", reason="the test models need torch (pip install torch==2.13.0)")
 
 from deploykit.errors import BackendUnavailable, ConfigError, LoweringError  # noqa: E402
+from deploykit.reference import run_canonical  # noqa: E402
 from deploykit.testing import eval_feeds, make_canonical, make_target  # noqa: E402
 from deploykit_coreml import CoreMLBackend, lowering, verify  # noqa: E402
 from deploykit_coreml.runner import MACOS_ONLY  # noqa: E402
@@ -219,7 +220,7 @@ def test_lowered_program_computes_the_canonical_model(kind, deployment_target, c
     lowered = lowering.build_program(canonical.model, deployment_target)
     mlmodel = lowering.convert(lowered, options, max_batch=8)
     feeds = eval_feeds(kind, 8)
-    want = ort.InferenceSession(str(canonical.path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    want = run_canonical(canonical.path, feeds)
     mil_feeds = {i.coreml_name: feeds[i.onnx_name].astype(np.float32 if i.dtype == "fp32" else np.int32)
                  for i in lowered.inputs}
     got = run_program(mlmodel._mil_program, mil_feeds)  # the program the package stores (after passes)
@@ -326,7 +327,7 @@ def test_options_validate_through_targets_toml(tmp_path):
     path = tmp_path / "targets.toml"
     path.write_text('[targets.iphone]\nbackend = "coreml"\n[targets.iphone.options]\ncompute_precision = "int4"\n')
     with pytest.raises(ConfigError, match="compute_precision"):
-        load_targets(path).resolve(["iphone"], registry)
+        registry.resolve(load_targets(path), ["iphone"])
 
 
 # ---------------------------------------------------------------------------------------
@@ -366,7 +367,7 @@ def test_runs_on_macos_and_agrees_with_canonical(kind, artifacts, canonicals):
 
     runner = CoreMLBackend().load(artifacts[kind], make_target(CoreMLBackend, compute_units="CPU_ONLY"))
     feeds = eval_feeds(kind, 4)
-    want = ort.InferenceSession(str(canonicals[kind].path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    want = run_canonical(canonicals[kind].path, feeds)
     got = runner.run(feeds)
     assert [g.shape for g in got] == [w.shape for w in want]
     assert compare(want, got)["cosine"] > 0.99

@@ -9,13 +9,17 @@ Two lossless rewrites, both inside this backend (the canonical model is never ch
    residual Add, or Gemm/MatMul) runs in int8.
 2. Activation zero points int8 z -> uint8 z + 128 (scales untouched): bit-exact in both
    activation profiles, and on x86 onnxruntime's integer kernels want uint8 activations
-   (symmetric CNN, batch 1: 1.30 ms -> 0.55 ms).
+   (symmetric CNN, batch 1, docs/toolchain-facts.md: 1.30 ms -> 0.55 ms).
 3. ``DQ(s) -> Relu/Clip -> Q(s)`` becomes one integer Clip on the quantized tensor (Relu:
    ``max(q, zero_point)``), exact for the same reason as 1, instead of three float passes. A
    clip whose integer bounds are the whole type range (a ReLU6 over an asymmetric [0, 6]
    range) clips nothing and is dropped: this is where the asymmetric profile gets its speed,
    as onnxruntime then fuses the convolution and the requantization into one kernel.
-Weights stay int8 per-channel.
+4. Weights int8 -> uint8 with zero point 128 (``weights = "uint8"``, chosen automatically on x86
+   CPUs without VNNI): bit-exact, and it moves onnxruntime from its u8 x s8 kernels, whose
+   ``vpmaddubsw`` saturates int16 pair sums on those CPUs (measured: 18% relative L2 on a small
+   ResNet), to u8 x u8 kernels that widen first and are exact. See :mod:`deploykit.cpu`.
+Otherwise weights stay int8 per-channel.
 """
 
 from __future__ import annotations
@@ -30,10 +34,11 @@ import onnx
 from onnx import numpy_helper
 
 import deploykit
-from deploykit.backend import Artifact, Availability, Backend, CanonicalModel, CheckResult, Option, require
-from deploykit.errors import LoweringError
+from deploykit.backend import Artifact, Availability, Backend, CanonicalModel, CheckResult, Option, Runner, require
+from deploykit.cpu import cpu_name, u8s8_saturates
+from deploykit.errors import ConfigError, LoweringError
 from deploykit.fileio import atomic_output
-from deploykit.quantize.canonical import QdqGraph, model_float_layers, model_profile
+from deploykit.canonical import QdqGraph, model_float_layers, model_profile
 
 _LEVELS = ("disable", "basic", "extended", "all")
 
@@ -50,6 +55,9 @@ class OnnxRuntimeBackend(Backend):
         "activations": Option(str, "uint8", "activation type in the lowered model: uint8 (x86 fast path, "
                               "bit-exact) or int8 (the canonical model unchanged)", ("uint8", "int8")),
         "execution_provider": Option(str, "CPUExecutionProvider", "onnxruntime execution provider"),
+        "weights": Option(str, "auto", "weight type in the lowered model: int8, uint8 (zero point 128, bit-exact; "
+                          "exact u8 x u8 kernels on x86 without VNNI, where u8 x s8 saturates), or auto "
+                          "(uint8 exactly when this CPU lacks VNNI)", ("auto", "int8", "uint8")),
     }
 
     def probe(self, target) -> Availability:
@@ -58,6 +66,9 @@ class OnnxRuntimeBackend(Backend):
         except ImportError as exc:
             return Availability.missing(f"onnxruntime is not importable ({exc})", self.install_hint)
         provider = target.options.get("execution_provider", "CPUExecutionProvider")
+        if provider not in ort.get_all_providers():  # a typo, not a missing install: no silent "ok"
+            raise ConfigError(f"target '{target.name}': execution_provider '{provider}' is not an onnxruntime "
+                              f"provider (known: {', '.join(ort.get_all_providers())})")
         if provider not in ort.get_available_providers():
             return Availability(True, False, f"execution provider {provider} is not available "
                                 f"(available: {', '.join(ort.get_available_providers())})", self.install_hint)
@@ -69,12 +80,15 @@ class OnnxRuntimeBackend(Backend):
         fused = add_output_qdq(model)
         rewritten = to_uint8_activations(model) if target.options["activations"] == "uint8" else 0
         folded, dropped = integer_activations(model)
+        weights = resolve_weight_type(target.options.get("weights", "auto"))
+        shifted = to_uint8_weights(model) if weights == "uint8" else 0
         with atomic_output(dest) as tmp:
             onnx.save(model, str(tmp))
         check = verify_scales(canonical.model, model, set(folded))
         floats = model_float_layers(canonical.model)
         return Artifact(self.name, dest, (dest,), {"activation_type": target.options["activations"],
                                                     "activation_profile": model_profile(canonical.model),
+                                                    "weight_type": weights, "uint8_weight_tensors": shifted,
                                                     "rewritten_qdq_nodes": rewritten,
                                                     "output_qdq_added": fused,
                                                     "integer_relu_clip": len(folded) // 2 - len(dropped),
@@ -92,7 +106,7 @@ class OnnxRuntimeBackend(Backend):
                 "cpu": cpu_name(), "cores": os.cpu_count(), "machine": platform.machine()}
 
 
-class OrtRunner:
+class OrtRunner(Runner):
     def __init__(self, path: Path, options: Mapping[str, Any], ort: Any) -> None:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = {
@@ -112,6 +126,9 @@ class OrtRunner:
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         return self.session.run(None, {k: feeds[k] for k in self.input_names})
+
+    def close(self) -> None:
+        self.session = None  # onnxruntime frees the session's arena with the last reference
 
 
 _FUSABLE = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Add"})
@@ -284,8 +301,11 @@ def verify_scales(canonical: onnx.ModelProto, lowered: onnx.ModelProto, folded: 
         compared += 1
         if not np.array_equal(a.scale, b.scale):
             mismatches.append(f"{node.name}: scale differs")
-        if got.is_weight_dq(other) and not np.array_equal(want.const(node.input[0]), got.const(other.input[0])):
+        if got.is_weight_dq(other) and not np.array_equal(_signed(want.const(node.input[0])),
+                                                          _signed(got.const(other.input[0]))):
             mismatches.append(f"{node.name}: int8 weights differ")
+        if got.is_weight_dq(other) and not np.array_equal(_signed(a.zero_point), _signed(b.zero_point)):
+            mismatches.append(f"{node.name}: weight zero point differs")
     status = "fail" if mismatches or compared == 0 else "pass"
     msg = f"{compared} Q/DQ scales compared ({len(folded)} folded into integer Clip), {len(mismatches)} mismatches"
     return CheckResult("scales_match", status, float(len(mismatches)), message=msg,
@@ -300,14 +320,35 @@ def float_layer_audit(floats: list[str]) -> CheckResult:
     return CheckResult("float_layers", "info", float(len(floats)), message=msg, details={"float_layers": floats})
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def _signed(values: np.ndarray) -> np.ndarray:
+    """int8 values as stored, or uint8 values shifted back by 128 (the uint8-weights rewrite)."""
+    return values.astype(np.int16) - 128 if values.dtype == np.uint8 else values.astype(np.int16)
+
+
+def resolve_weight_type(option: str) -> str:
+    """``auto``: uint8 where this CPU's u8 x s8 kernels saturate, else int8."""
+    if option != "auto":
+        return option
+    return "uint8" if u8s8_saturates() else "int8"
+
+
+def to_uint8_weights(model: onnx.ModelProto) -> int:
+    """Rewrite every int8 weight initializer feeding a DequantizeLinear to uint8 (w + 128,
+    zero point + 128). DQ gives (w + 128 - (z + 128)) * s: bit-exact. Edits in place; returns
+    the number of weight tensors rewritten."""
+    inits = {i.name: i for i in model.graph.initializer}
+    done: set[str] = set()
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits or len(node.input) < 3:
+            continue
+        weight, zero_point = inits[node.input[0]], inits.get(node.input[2])
+        if weight.data_type != onnx.TensorProto.INT8 or zero_point is None or node.input[0] in done:
+            continue
+        for tensor in (weight, zero_point):
+            shifted = (numpy_helper.to_array(tensor).astype(np.int16) + 128).astype(np.uint8)
+            tensor.CopyFrom(numpy_helper.from_array(shifted, tensor.name))
+        done.add(node.input[0])
+    return len(done)
 
 
 @deploykit.hookimpl

@@ -8,7 +8,9 @@ import onnxruntime as ort
 import pytest
 
 from deploykit.checks import compare
-from deploykit.quantize.canonical import QdqGraph
+from deploykit.canonical import QdqGraph
+from deploykit.errors import ConfigError
+from deploykit.reference import run_canonical
 from deploykit.testing import eval_feeds, make_canonical, make_target
 from deploykit.testing.conformance import run_conformance
 from deploykit_onnxruntime import OnnxRuntimeBackend
@@ -38,7 +40,7 @@ def test_lowering_is_lossless(kind, activations, canonicals, tmp_path):
     # With every fusion on, onnxruntime's integer kernels (e.g. uint8 pooling) round on their
     # own; stay within a hair of the canonical model.
     fused = make_target(OnnxRuntimeBackend, activations=activations, threads=1)
-    want = ort.InferenceSession(str(canonical.path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    want = run_canonical(canonical.path, feeds)
     assert compare(want, backend.load(artifact, fused).run(feeds))["rel_l2"] < 1e-3
     lowered = onnx.load(str(artifact.path))
     g = QdqGraph(lowered)
@@ -68,8 +70,13 @@ def test_runner_options_reach_the_session(canonicals, tmp_path):
 
 
 def test_unavailable_provider_is_reported(canonicals):
-    av = OnnxRuntimeBackend().probe(make_target(OnnxRuntimeBackend, execution_provider="NoSuchExecutionProvider"))
-    assert av.can_lower and not av.can_run and "NoSuchExecutionProvider" in av.reason
+    av = OnnxRuntimeBackend().probe(make_target(OnnxRuntimeBackend, execution_provider="CoreMLExecutionProvider"))
+    assert av.can_lower and not av.can_run and "CoreMLExecutionProvider" in av.reason
+
+
+def test_unknown_provider_is_a_config_error(canonicals):
+    with pytest.raises(ConfigError, match="NoSuchExecutionProvider"):
+        OnnxRuntimeBackend().probe(make_target(OnnxRuntimeBackend, execution_provider="NoSuchExecutionProvider"))
 
 
 def test_conformance(canonicals, tmp_path):

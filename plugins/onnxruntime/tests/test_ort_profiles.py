@@ -8,8 +8,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from deploykit.canonical import QdqGraph
 from deploykit.checks import compare
-from deploykit.quantize.canonical import QdqGraph
 from deploykit.testing import eval_feeds, make_canonical, make_target
 from deploykit_onnxruntime import OnnxRuntimeBackend
 

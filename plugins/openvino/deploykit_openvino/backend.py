@@ -11,11 +11,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from deploykit.backend import (Artifact, Availability, Backend, CanonicalModel, CheckResult, Option, Runner, require,
+from deploykit.backend import (Artifact, Availability, Backend, CanonicalModel, Capability, CheckResult, Option, Runner, require,
                                check_feeds, precision_audit)
+from deploykit.cpu import u8s8_saturates
 from deploykit.errors import BackendUnavailable, ConfigError, LoweringError
 from deploykit.fileio import atomic_output, remove
-from deploykit.quantize.canonical import model_float_layers, model_profile
+from deploykit.canonical import model_float_layers, model_profile
 
 INSTALL_HINT = "pip install 'deploykit[openvino]'"
 #: Virtual devices that name real ones after a colon ("AUTO:GPU,CPU").
@@ -74,6 +75,7 @@ class OpenVINOBackend(Backend):
     artifact_suffix = ".xml"
     activation_profiles = ("symmetric", "asymmetric")  # zero points become FakeQuantize ranges, exactly
     metrics = ("int8_fraction",)
+    capabilities = frozenset({Capability.FP32_RUNNER})
     options = {
         "device_name": Option(str, "", "OpenVINO device name (CPU, GPU, GPU.1, NPU, AUTO:GPU,CPU); "
                                   "empty: the targets.toml device kind upper-cased"),
@@ -144,6 +146,12 @@ class OpenVINOBackend(Backend):
             checks = [verify_scales(saved, canonical.model)]
             audit, audit_meta = self._audit(core, saved, canonical, target)
             checks.append(audit)
+            if device_name(target).startswith("CPU") and u8s8_saturates():
+                checks.append(CheckResult(
+                    "int8_saturation", "info", 1.0,
+                    message="this CPU has no VNNI: OpenVINO's u8 x s8 kernels add pairs of products in a "
+                            "saturating int16, so outputs can depart from the canonical model (see the "
+                            "fidelity checks); a CPU with VNNI computes them exactly"))
             # the .bin first, the .xml last: a complete .xml means a complete pair
             remove(dest)
             with atomic_output(bin_dest) as tmp:
@@ -259,7 +267,7 @@ def _static_batch(model, batch: int):
     return clone
 
 
-class OpenVINORunner:
+class OpenVINORunner(Runner):
     """Runs an IR; compiles once per input-shape signature so any batch size works at full speed."""
 
     def __init__(self, core, model, device: str, config: Mapping[str, Any]) -> None:
@@ -277,6 +285,9 @@ class OpenVINORunner:
         request = self._requests.get(key) or self._compile(key, arrays)
         results = request.infer(arrays)
         return [np.array(results[port]) for port in request.model_outputs]
+
+    def close(self) -> None:
+        self._requests.clear()  # the compiled models and their device memory go with the requests
 
     def compiled_models(self) -> list:
         """The compiled models so far, one per input shape (for audits and properties)."""

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from deploykit.backend import CheckResult
-from deploykit.quantize.canonical import COMPUTE_OPS, QdqGraph
+from deploykit.canonical import COMPUTE_OPS, QdqGraph
 
 RTOL = 1e-6  # scales are float32: OpenVINO computes (-128 - zp) * s in float32 as well
 #: Runtime layer types that are compute layers even when no canonical node maps to them.

@@ -17,9 +17,11 @@ ov = pytest.importorskip("openvino")
 ort = pytest.importorskip("onnxruntime")
 
 from deploykit.backend import CanonicalModel, precision_audit  # noqa: E402
+from deploykit.cpu import u8s8_saturates  # noqa: E402
 from deploykit.errors import BackendUnavailable, ConfigError, LoweringError  # noqa: E402
-from deploykit.quantize.canonical import COMPUTE_OPS, CalibrationTable  # noqa: E402
+from deploykit.canonical import COMPUTE_OPS, CalibrationTable  # noqa: E402
 from deploykit.targets import Device, Target  # noqa: E402
+from deploykit.reference import run_canonical, session  # noqa: E402
 from deploykit.testing import eval_feeds, make_canonical, make_target  # noqa: E402
 from deploykit_openvino import OpenVINOBackend  # noqa: E402
 from deploykit_openvino.verify import runtime_layers, verify_scales  # noqa: E402
@@ -27,7 +29,7 @@ from deploykit_openvino.verify import runtime_layers, verify_scales  # noqa: E40
 PLUGIN_ROOT = Path(__file__).resolve().parents[1]
 CNNS = ("resnet", "mobilenet", "digits")
 #: Measured: OpenVINO INT8 vs the canonical model in onnxruntime is 0.01-1% relative L2 on these
-#: models (FINDINGS.md: ~0.7-1.1% elsewhere); 3% leaves room without hiding a wrong scale (>10%).
+#: models (docs/toolchain-facts.md: ~0.7-1.1% elsewhere); 3% leaves room without hiding a wrong scale (>10%).
 FIDELITY_REL_L2 = 0.03
 
 
@@ -143,24 +145,35 @@ def test_scale_check_fails_on_a_different_scale(lowered):
 
 
 # -- running ------------------------------------------------------------------------------
+def skip_exactness_without_vnni(artifact) -> None:
+    """On x86 without VNNI OpenVINO's u8 x s8 kernels saturate (measured 14% relative L2 on the
+    ResNet-style model): the lowering must say so; the tolerance needs a VNNI CPU."""
+    if u8s8_saturates():
+        assert "int8_saturation" in {c.name for c in artifact.checks}
+        pytest.skip("this CPU has no VNNI: OpenVINO's int8 kernels saturate here (reported by the "
+                    "int8_saturation check); the fidelity tolerance is checked on VNNI CPUs")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["resnet", "mobilenet", "encoder"])
 def test_runner_matches_canonical_in_onnxruntime_at_any_batch(lowered, backend, target, kind):
     canonical, artifact = lowered(kind)
     runner = backend.load(artifact, target)
-    reference = ort.InferenceSession(str(canonical.path), providers=["CPUExecutionProvider"])
+    reference = session(canonical.path, exact=True)
     feeds = eval_feeds(kind, 8)
     got = runner.run(feeds)
     want = reference.run(None, feeds)
     assert len(got) == len(want) == len(canonical.model.graph.output)
     for g, w in zip(got, want):
         assert g.shape == w.shape
-        assert rel_l2(g, w) < FIDELITY_REL_L2, f"{kind}: relative L2 {rel_l2(g, w):.4f}, max abs {np.abs(g - w).max():.4g}"
+        if not u8s8_saturates():
+            assert rel_l2(g, w) < FIDELITY_REL_L2, f"{kind}: relative L2 {rel_l2(g, w):.4f}, max abs {np.abs(g - w).max():.4g}"
     for batch in (1, 3):  # the dynamic batch dim: other sizes compile on first use
         part = {k: v[:batch] for k, v in feeds.items()}
         out = runner.run(part)[0]
         assert out.shape[0] == batch
         np.testing.assert_allclose(out, got[0][:batch], rtol=1e-4, atol=1e-4)
+    skip_exactness_without_vnni(artifact)
 
 
 @pytest.mark.slow
@@ -172,11 +185,12 @@ def test_digits_top1_agreement_and_fidelity(lowered, backend, target):
     assert n > 300
     got = np.concatenate([runner.run({"x": feeds["x"][i:i + 64]})[0] for i in range(0, n, 64)])
     fp32 = ort.InferenceSession(str(canonical.fp32_path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-    qdq = ort.InferenceSession(str(canonical.path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    qdq = run_canonical(canonical.path, feeds)[0]
     agreement = float((got.argmax(1) == fp32.argmax(1)).mean())
     fidelity_rel_l2, fidelity_max_abs = rel_l2(got, qdq), float(np.abs(got - qdq).max())
     print(f"digits: top-1 agreement {agreement:.4f} on {n}; vs canonical in onnxruntime: "
           f"relative L2 {fidelity_rel_l2:.4f}, max abs {fidelity_max_abs:.4f}")
+    skip_exactness_without_vnni(artifact)
     assert agreement >= 0.99
     assert fidelity_rel_l2 < FIDELITY_REL_L2
     assert fidelity_max_abs < 0.1 * float(np.abs(qdq).max())
@@ -282,7 +296,7 @@ def test_lower_and_run_on_accelerator(lowered, backend, workdir, device):
     assert check(artifact, "int8_fraction").status == "info"
     feeds = eval_feeds("resnet", 4)
     got = backend.load(artifact, t).run(feeds)[0]
-    want = ort.InferenceSession(str(canonical.path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    want = run_canonical(canonical.path, feeds)[0]
     assert rel_l2(got, want) < FIDELITY_REL_L2
 
 
@@ -321,13 +335,13 @@ def test_targets_toml_validates_options_and_int8_threshold(tmp_path):
     good = tmp_path / "good.toml"
     good.write_text('[targets.ov]\nbackend = "openvino"\n[targets.ov.options]\nperformance_hint = "throughput"\n'
                     'num_threads = 2\n[targets.ov.thresholds]\nmin_int8_fraction = 0.9\n')
-    (t,) = load_targets(good).resolve(["ov"], registry)
+    (t,) = registry.resolve(load_targets(good), ["ov"])
     assert t.options["performance_hint"] == "throughput" and t.options["inference_precision"] == "f32"
     assert t.thresholds == {"min_int8_fraction": 0.9}
     bad = tmp_path / "bad.toml"
     bad.write_text('[targets.ov]\nbackend = "openvino"\n[targets.ov.options]\nperformance_hint = "fastest"\n')
     with pytest.raises(ConfigError, match="performance_hint"):
-        load_targets(bad).resolve(["ov"], registry)
+        registry.resolve(load_targets(bad), ["ov"])
 
 
 @pytest.mark.parametrize("device, available, missing", [

@@ -8,15 +8,14 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from deploykit.backend import CanonicalModel
+from deploykit.canonical import QdqGraph
 from deploykit.checks import compare
-from deploykit.quantize.canonical import QdqGraph
 from deploykit.testing import eval_feeds, make_canonical, make_target
 
 pytest.importorskip("openvino", reason="pip install 'deploykit[openvino]'")
 pytest.importorskip("torch", reason="the test models are exported from torch (pip install torch==2.13.0)")
-from deploykit_openvino import OpenVINOBackend  # noqa: E402
-from deploykit_openvino.verify import verify_scales  # noqa: E402
+from deploykit_openvino import OpenVINOBackend
+from deploykit_openvino.verify import verify_scales
 
 
 def _plain(path, feeds):

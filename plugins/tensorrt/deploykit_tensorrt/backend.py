@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deploykit.backend import (Artifact, Availability, Backend, CanonicalModel, CheckResult, Option, Runner,
+from deploykit.backend import (Artifact, Availability, Backend, CanonicalModel, Capability, CheckResult, Option, Runner,
                                input_names, output_names)
 from deploykit.errors import BackendUnavailable, LoweringError
 from deploykit.fileio import atomic_output
-from deploykit.quantize.canonical import ASYMMETRIC, lint, model_float_layers, model_profile
+from deploykit.canonical import ASYMMETRIC, lint, model_float_layers, model_profile
 
 from deploykit_tensorrt import operators
 from deploykit_tensorrt.device import (INSTALL_HINT, EngineFacts, GpuInfo, check_sidecar, cuda_driver_present,
@@ -29,6 +29,7 @@ class TensorRTBackend(Backend):
     artifact_suffix = ".engine"
     activation_profiles = ("symmetric",)  # the ONNX parser rejects non-zero zero points
     metrics = ("int8_fraction",)
+    capabilities = frozenset({Capability.GPU_TIME})
     options = {
         "workspace_mib": Option(int, 1024, "builder workspace memory pool limit, MiB"),
         "profiles": Option(dict, {}, "optimisation profile per dynamic input: { x = { min = [..], opt = [..], "

@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from deploykit.backend import check_feeds
+from deploykit.backend import Runner, check_feeds
 from deploykit.errors import BackendUnavailable
 
 
@@ -54,7 +54,7 @@ class _GpuTimer:
             self._rt.cudaEventDestroy(event)
 
 
-class TensorRTRunner:
+class TensorRTRunner(Runner):
     """Feeds NCHW numpy arrays by the canonical model's input names; returns outputs in its order."""
 
     def __init__(self, engine: bytes, inputs: Sequence[str], outputs: Sequence[str]) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from deploykit.checks import compare
+from deploykit.reference import run_canonical
 from deploykit.testing import eval_feeds, make_canonical, make_target
 
 from deploykit_tensorrt import TensorRTBackend
@@ -70,12 +71,10 @@ def test_encoder_matmuls_are_audited(built):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_runner_agrees_with_canonical_model_in_onnxruntime(built, kind):
-    import onnxruntime as ort
-
     canonical, target, artifact = built[kind]
     runner = TensorRTBackend().load(artifact, target)
     feeds = eval_feeds(kind, 4)
-    want = ort.InferenceSession(str(canonical.path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    want = run_canonical(canonical.path, feeds)
     got = runner.run(feeds)
     assert [g.shape for g in got] == [w.shape for w in want]
     metrics = compare(want, got)

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from deploykit.backend import CanonicalModel
 from deploykit.errors import BackendUnavailable, LoweringError
 from deploykit.plugins import Registry
-from deploykit.quantize.canonical import CalibrationTable
+from deploykit.canonical import CalibrationTable
 from deploykit.targets import load_targets
 from deploykit.testing import make_target
 
@@ -253,7 +253,7 @@ profiles = { x = { min = [1, 3, 8, 8], opt = [8, 3, 8, 8], max = [8, 3, 8, 8] } 
 [targets.orin.thresholds]
 min_int8_fraction = 0.9
 """)
-    (target,) = load_targets(good).resolve(["orin"], registry)
+    (target,) = registry.resolve(load_targets(good), ["orin"])
     settings = build_settings(tiny_qdq(), target)
     assert settings.profiles[0].max == (8, 3, 8, 8) and settings.dla_core == 0 and settings.workspace_mib == 512
     assert settings.hardware_compatibility_level == "same_compute_capability" and settings.strongly_typed
@@ -262,7 +262,7 @@ min_int8_fraction = 0.9
     from deploykit.errors import ConfigError
 
     with pytest.raises(ConfigError, match="hardware_compatibility_level"):
-        load_targets(bad).resolve(["t"], registry)
+        registry.resolve(load_targets(bad), ["t"])
 
 
 # ----------------------------------------------------------------------------------------------

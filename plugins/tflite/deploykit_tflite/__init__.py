@@ -1,7 +1,7 @@
 """TFLite backend: the canonical QDQ model rebuilt in TensorFlow with its scales as fake-quant
 ranges, converted to a full-integer .tflite, verified tensor by tensor, run with LiteRT.
 
-No public converter keeps QDQ scales (FINDINGS.md); this one does, and checks it did: every
+No public converter keeps QDQ scales (docs/toolchain-facts.md); this one does, and checks it did: every
 int8 tensor of the flatbuffer is compared with the canonical model after every build.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import deploykit
-from deploykit.backend import Artifact, Availability, Backend, CanonicalModel, CheckResult, Option
+from deploykit.backend import Artifact, Availability, Backend, CanonicalModel, Capability, CheckResult, Option
 from deploykit.errors import BackendUnavailable, LoweringError
 from deploykit.fileio import atomic_output
 
@@ -54,6 +54,7 @@ class TFLiteBackend(Backend):
     install_hint = INSTALL_HINT
     artifact_suffix = ".tflite"
     metrics = ("int8_fraction",)
+    capabilities = frozenset({Capability.FP32_RUNNER})
     options = {
         "input_type": Option(str, "int8", "type of the model's input tensors", ("int8", "float32")),
         "output_type": Option(str, "int8", "type of the model's output tensors", ("int8", "float32")),

@@ -1,7 +1,7 @@
 """Rebuild the canonical QDQ graph in TensorFlow (NHWC) with fake-quant ops carrying the canonical
 scales, then convert it to a full-integer TFLite flatbuffer.
 
-Why this works (FINDINGS.md): the TFLite converter turns each ``fake_quant_with_min_max_vars``
+Why this works (docs/toolchain-facts.md): the TFLite converter turns each ``fake_quant_with_min_max_vars``
 into the quantization parameters of the tensor it follows, without calibrating. So every
 tensor the TFLite model keeps between int8 ops gets a fake-quant whose range gives exactly
 the scale the canonical model (or its calibration table) says:
@@ -27,7 +27,7 @@ import onnx
 
 from deploykit.backend import CanonicalModel, input_names, output_names
 from deploykit.errors import LoweringError
-from deploykit.quantize.canonical import QdqGraph, attrs
+from deploykit.canonical import QdqGraph, attrs
 
 #: TFLite's int8 kernels fix these outputs' parameters (scale, zero point); the canonical
 #: model leaves them float because zero point 0 cannot meet them.

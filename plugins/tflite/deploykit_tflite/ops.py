@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from deploykit.backend import output_names
-from deploykit.quantize.canonical import attrs
+from deploykit.canonical import attrs
 from deploykit_tflite.lowering import NCHW_TO_NHWC, NHWC_TO_NCHW, Lowering, QuantSpec, same_params
 
 

@@ -7,7 +7,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from deploykit.backend import check_feeds
+from deploykit.backend import Runner, check_feeds
 from deploykit.errors import BackendUnavailable
 from deploykit_tflite.lowering import NCHW_TO_NHWC, NHWC_TO_NCHW, safe_name
 
@@ -22,7 +22,7 @@ def interpreter_class():
     return Interpreter
 
 
-class LiteRTRunner:
+class LiteRTRunner(Runner):
     """NCHW in, canonical output order out. 4-D tensors are transposed to/from NHWC, int8 I/O is
     quantized/dequantized with the tensor's own parameters (round half to even, as onnxruntime).
     A batch other than the compiled one resizes the interpreter, or runs one compiled batch at

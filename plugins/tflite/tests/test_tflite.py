@@ -20,7 +20,8 @@ ort = pytest.importorskip("onnxruntime")
 
 from deploykit.backend import CanonicalModel  # noqa: E402
 from deploykit.errors import BackendUnavailable, LoweringError  # noqa: E402
-from deploykit.quantize.canonical import QdqGraph  # noqa: E402
+from deploykit.canonical import QdqGraph  # noqa: E402
+from deploykit.reference import run_canonical  # noqa: E402
 from deploykit.testing import eval_feeds, make_canonical, make_target  # noqa: E402
 from deploykit.testing.conformance import run_conformance, unsupported_model  # noqa: E402
 from deploykit_tflite import TFLiteBackend  # noqa: E402
@@ -68,7 +69,8 @@ def feeds_for(kind: str, n: int) -> dict[str, np.ndarray]:
 
 
 def ort_run(path: Path, feeds) -> list[np.ndarray]:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    """The model's exact Q/DQ semantics (onnxruntime's integer kernels round on their own)."""
+    return run_canonical(path, feeds)
 
 
 def tflite_tensors(path: Path) -> list[dict]:

@@ -36,7 +36,7 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -151,11 +151,11 @@ class TensorRange:
         return float((INT8_MAX - self.zero_point) * np.float32(self.scale))
 
 
-class CalibrationTable(dict):
+class CalibrationTable(dict[str, TensorRange]):
     """tensor name -> :class:`TensorRange` for every float activation tensor."""
 
     def scale(self, tensor: str) -> float:
-        return self[tensor].scale
+        return float(self[tensor].scale)
 
     def to_json(self) -> str:
         # [amax, scale, min, max] (+ zero point when not 0: older readers keep working)
@@ -249,7 +249,8 @@ class QdqGraph:
         dq = self.dq_feeding(tensor)
         if dq is None or not self.is_weight_dq(dq):
             return None
-        return self.const(dq.input[0]), self.params(dq)
+        values = self.const(dq.input[0])
+        return None if values is None else (values, self.params(dq))
 
     def activation_source(self, tensor: str) -> tuple[str, QuantParams] | None:
         """For the output of an activation DQ: (the float tensor before its Q, params)."""
@@ -262,7 +263,29 @@ class QdqGraph:
         return q.input[0], self.params(dq)
 
 
-def attrs(node: onnx.NodeProto) -> dict:
+@dataclass(frozen=True)
+class CanonicalModel:
+    """The one canonical QDQ model every backend lowers.
+
+    path: the canonical ``.qdq.onnx`` on disk (passes ``deploykit inspect --lint``).
+    model: the same model loaded (treat as read-only; copy before rewriting).
+    calibration: calibrated range of *every* float activation tensor (scale with zero point 0),
+        including tensors the canonical model leaves unwrapped; use it where a target must
+        quantize more tensors than the canonical model does.
+    fp32_path: the normalised FP32 model, the accuracy reference.
+    example_shapes: the shape of each input in the evaluation data at batch 1 (None when the
+        build has no data yet); a target that needs fixed shapes (TFLite) reads dynamic
+        non-batch dims, such as a sequence length, from here.
+    """
+
+    path: Path
+    model: onnx.ModelProto
+    calibration: CalibrationTable
+    fp32_path: Path
+    example_shapes: Mapping[str, tuple[int, ...]] | None = None
+
+
+def attrs(node: onnx.NodeProto) -> dict[str, Any]:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 

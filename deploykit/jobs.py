@@ -1,0 +1,332 @@
+"""Check jobs: one target's on-target checks as a plain value that can run anywhere.
+
+A :class:`CheckJob` holds everything the checks need and nothing of the build's process: a
+reference to the lowered artifact, the evaluation inputs (and labels), the reference outputs
+(FP32 and canonical QDQ, both from onnxruntime) and the :class:`CheckSettings`. It is saved as
+a folder (``job.json`` + ``arrays.npz``, read back with ``allow_pickle=False``: loading a job
+never runs code) and pickles as it is (Ray). An :class:`Executor` runs it and returns a
+:class:`deploykit.results.JobResult`; the build uses :class:`LocalExecutor`, this process.
+
+    job.save("job-dir")                       # or CheckJob.load("job-dir")
+    deploykit run-job job-dir                 # same checks, another process or machine
+
+docs/check-jobs.md describes the format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Protocol, Sequence
+
+import numpy as np
+import onnx
+
+from deploykit import checks
+from deploykit.backend import Backend, Capability, Runner
+from deploykit.canonical import CalibrationTable, CanonicalModel
+from deploykit.errors import ConfigError
+from deploykit.fileio import atomic_output
+from deploykit.plugins import Registry, load_registry
+from deploykit.progress import bar
+from deploykit.results import (
+    SCHEMA_VERSION,
+    Artifact,
+    CheckResult,
+    JobResult,
+    LatencyResult,
+    jsonable,
+)
+from deploykit.targets import Device, Target
+
+JOB_FILE = "job.json"
+ARRAYS_FILE = "arrays.npz"
+RESULT_FILE = "result.json"
+#: Metrics that exist only for a classifier.
+CLASSIFICATION_METRICS = ("top1_agreement", "top5_agreement", "accuracy", "accuracy_drop")
+
+
+@dataclass(frozen=True)
+class CheckSettings:
+    """How to judge the artifact (the thresholds, batch sizes and runs are the target's)."""
+
+    classification: bool  # top-k agreement and accuracy on the first output
+    fp32_accuracy: float | None = None  # FP32 task accuracy on the same labelled samples
+    #: FP32 onnxruntime p50 per batch size: the speed-up reference when the backend has no FP32 runner
+    baseline_fp32_ms: Mapping[int, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CheckJob:
+    """One target's checks: a plain value (no open handles, no callables)."""
+
+    target: Target
+    artifact: Artifact
+    canonical_path: Path  # the canonical .qdq.onnx (the backend's FP32 runner is built from its FP32 model)
+    fp32_path: Path
+    inputs: tuple[Mapping[str, np.ndarray], ...]  # evaluation batches, keyed by input name
+    labels: np.ndarray | None
+    reference_fp32: tuple[np.ndarray, ...]  # each output over all batches, FP32 in onnxruntime
+    reference_canonical: tuple[np.ndarray, ...]  # the same from the canonical QDQ model
+    settings: CheckSettings
+    schema_version: int = SCHEMA_VERSION
+
+    # -- on disk -------------------------------------------------------------------------
+    def save(self, folder: Path | str) -> Path:
+        """Write ``job.json`` and ``arrays.npz`` into ``folder`` (atomically, each).
+
+        Paths inside ``folder`` are stored relative to it, so the folder can move together with
+        the artifact; other paths are stored absolute."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays: dict[str, np.ndarray] = {}
+        for i, batch in enumerate(self.inputs):
+            for name, value in batch.items():
+                arrays[f"inputs/{i}/{name}"] = np.asarray(value)
+        for i, value in enumerate(self.reference_fp32):
+            arrays[f"reference_fp32/{i}"] = np.asarray(value)
+        for i, value in enumerate(self.reference_canonical):
+            arrays[f"reference_canonical/{i}"] = np.asarray(value)
+        if self.labels is not None:
+            arrays["labels"] = np.asarray(self.labels)
+        with atomic_output(folder / ARRAYS_FILE) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, allow_pickle=False, **arrays)
+        with atomic_output(folder / JOB_FILE) as tmp:
+            tmp.write_text(json.dumps(self.to_json(folder), indent=2), encoding="utf-8")
+        return folder
+
+    def to_json(self, folder: Path | None = None) -> dict[str, Any]:
+        """Everything but the arrays (``arrays.npz``), paths relative to ``folder`` where inside it."""
+        t, a = self.target, self.artifact
+        return {
+            "schema_version": self.schema_version,
+            "kind": "deploykit.check_job",
+            "target": {"name": t.name, "backend": t.backend, "description": t.description,
+                       "device": dataclasses.asdict(t.device), "options": jsonable(dict(t.options)),
+                       "thresholds": dict(t.thresholds), "batch_sizes": list(t.batch_sizes),
+                       "warmup": t.warmup, "runs": t.runs},
+            "artifact": {"backend": a.backend, "path": _store(a.path, folder),
+                         "files": [_store(f, folder) for f in a.files], "metadata": jsonable(dict(a.metadata)),
+                         "checks": [c.to_json() for c in a.checks]},
+            "canonical_path": _store(self.canonical_path, folder),
+            "fp32_path": _store(self.fp32_path, folder),
+            "batches": len(self.inputs),
+            "outputs": len(self.reference_fp32),
+            "settings": {"classification": self.settings.classification,
+                         "fp32_accuracy": self.settings.fp32_accuracy,
+                         "baseline_fp32_ms": {str(k): v for k, v in self.settings.baseline_fp32_ms.items()}},
+        }
+
+    @classmethod
+    def load(cls, folder: Path | str) -> CheckJob:
+        """Read a job written by :meth:`save`; a folder that is not one is a one-line ConfigError."""
+        folder = Path(folder)
+        job_file, arrays_file = folder / JOB_FILE, folder / ARRAYS_FILE
+        if not job_file.is_file():
+            raise ConfigError(f"{folder}: not a check job (no {JOB_FILE}); write one with CheckJob.save()")
+        try:
+            raw = json.loads(job_file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{job_file}: not valid JSON ({exc})") from None
+        if not isinstance(raw, dict) or raw.get("kind") != "deploykit.check_job":
+            raise ConfigError(f"{job_file}: not a deploykit check job")
+        if raw.get("schema_version") != SCHEMA_VERSION:
+            raise ConfigError(f"{job_file}: schema version {raw.get('schema_version')} but this deploykit reads "
+                              f"{SCHEMA_VERSION}; write the job again with this version")
+        if not arrays_file.is_file():
+            raise ConfigError(f"{folder}: {ARRAYS_FILE} is missing; the job is incomplete")
+        try:
+            with np.load(arrays_file, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"{arrays_file}: unreadable ({exc})") from None
+        try:
+            return cls._from_json(raw, arrays, folder)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"{job_file}: malformed check job ({type(exc).__name__}: {exc})") from None
+
+    @classmethod
+    def _from_json(cls, raw: Mapping[str, Any], arrays: Mapping[str, np.ndarray], folder: Path) -> CheckJob:
+        t, a, s = raw["target"], raw["artifact"], raw["settings"]
+        target = Target(t["name"], t["backend"], Device(**t["device"]), dict(t["options"]), dict(t["thresholds"]),
+                        tuple(t["batch_sizes"]), int(t["warmup"]), int(t["runs"]), t.get("description", ""))
+        artifact = Artifact(a["backend"], _load(a["path"], folder), tuple(_load(f, folder) for f in a["files"]),
+                            dict(a["metadata"]), tuple(CheckResult.from_json(c) for c in a["checks"]))
+        inputs: list[dict[str, np.ndarray]] = [{} for _ in range(int(raw["batches"]))]
+        for key, value in arrays.items():
+            if key.startswith("inputs/"):
+                _, index, name = key.split("/", 2)
+                inputs[int(index)][name] = value
+        outputs = int(raw["outputs"])
+        settings = CheckSettings(bool(s["classification"]), s.get("fp32_accuracy"),
+                                 {int(k): float(v) for k, v in s.get("baseline_fp32_ms", {}).items()})
+        return cls(target, artifact, _load(raw["canonical_path"], folder), _load(raw["fp32_path"], folder),
+                   tuple(inputs), arrays.get("labels"),
+                   tuple(arrays[f"reference_fp32/{i}"] for i in range(outputs)),
+                   tuple(arrays[f"reference_canonical/{i}"] for i in range(outputs)), settings)
+
+
+def _store(path: Path, folder: Path | None) -> str:
+    if folder is not None:
+        try:
+            return str(Path(path).resolve().relative_to(folder.resolve()))
+        except ValueError:
+            pass
+    return str(Path(path).resolve())
+
+
+def _load(text: str, folder: Path) -> Path:
+    path = Path(text)
+    return path if path.is_absolute() else folder / path
+
+
+# ---------------------------------------------------------------------------------------
+# executors
+# ---------------------------------------------------------------------------------------
+class Executor(Protocol):
+    """Runs check jobs somewhere: this process, a device agent, a Ray worker."""
+
+    def run(self, job: CheckJob) -> JobResult: ...
+
+
+class LocalExecutor:
+    """Runs a job in this process, with this registry's backends."""
+
+    def __init__(self, registry: Registry | None = None) -> None:
+        self.registry = registry
+
+    def run(self, job: CheckJob) -> JobResult:
+        if self.registry is None:
+            self.registry = load_registry()
+        return run_job(job, self.registry)
+
+
+def run_job(job: CheckJob, registry: Registry | None = None) -> JobResult:
+    """Load the artifact with its backend and run every check of ``job``.
+
+    Accuracy against FP32, fidelity against the canonical model, task accuracy (with labels),
+    resident memory, latency at each batch size and the speed-up against FP32 on the same
+    runtime (``Capability.FP32_RUNNER``) or onnxruntime. Runners are closed, also on error."""
+    registry = registry or load_registry()
+    backend = registry.get(job.target.backend)
+    target, th = job.target, job.target.thresholds
+    result = JobResult()
+    rss0 = _rss_mb()
+    t0 = time.monotonic()
+    with backend.load(job.artifact, target) as runner:
+        result.seconds["load"] = time.monotonic() - t0
+        t0 = time.monotonic()
+        got = _outputs(runner, job.inputs, f"{target.name}: accuracy")
+        result.seconds["accuracy"] = time.monotonic() - t0
+        result.checks.extend(_accuracy_checks(job, got))
+        memory_mb = max(0.0, _rss_mb() - rss0)  # before a baseline runner adds its own
+        t0 = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="deploykit-fp32-") as scratch:
+            fp32 = _fp32_runner(backend, job, Path(scratch), result)
+            try:
+                _latency(job, backend, runner, fp32, result)
+            finally:
+                if fp32 is not None:
+                    fp32.close()
+        result.seconds["latency"] = time.monotonic() - t0
+    result.checks.append(checks.judge("memory_mb", memory_mb, th,
+                                      "resident memory added by loading and running the artifact"))
+    return result
+
+
+def _outputs(runner: Runner, batches: Sequence[Mapping[str, np.ndarray]], desc: str) -> list[np.ndarray]:
+    with bar(len(batches), desc, "batch") as b:
+        outputs = []
+        for feeds in batches:
+            outputs.append(runner.run(feeds))
+            b.update()
+    return [np.concatenate([o[i] for o in outputs]) for i in range(len(outputs[0]))]
+
+
+def _accuracy_checks(job: CheckJob, got: list[np.ndarray]) -> list[CheckResult]:
+    th, s, labels = job.target.thresholds, job.settings, job.labels
+    out = [checks.judge(name, value, th, "vs FP32 in onnxruntime")
+           for name, value in checks.compare(list(job.reference_fp32), got, classification=s.classification).items()]
+    for key in th:  # a threshold on a metric this task has no value for is said, not dropped
+        metric = key.partition("_")[2]
+        if metric in CLASSIFICATION_METRICS and not s.classification:
+            out.append(checks.judge(metric, None, th, "not a classification task (--task)"))
+        elif metric in ("accuracy", "accuracy_drop") and labels is None:
+            out.append(checks.judge(metric, None, th, "no labels in the evaluation data"))
+    out += [checks.judge(name, value, th, "vs the canonical QDQ model in onnxruntime")
+            for name, value in checks.compare(list(job.reference_canonical), got, prefix="fidelity_").items()]
+    if labels is not None and s.classification:
+        acc = checks.task_accuracy(got[0], labels)
+        out.append(checks.judge("accuracy", acc, th, f"on {len(labels)} labelled samples"))
+        out.append(checks.judge("accuracy_drop", (s.fp32_accuracy or 0.0) - acc, th,
+                                f"FP32 accuracy {s.fp32_accuracy or 0.0:.4f} minus target accuracy"))
+    return out
+
+
+def _fp32_runner(backend: Backend, job: CheckJob, scratch: Path, result: JobResult) -> Runner | None:
+    """The backend's own FP32 runner when it declares one, else None (onnxruntime's FP32 row)."""
+    if Capability.FP32_RUNNER not in backend.capabilities:
+        return None
+    try:
+        model = onnx.load(str(job.canonical_path))
+        canonical = CanonicalModel(job.canonical_path, model, CalibrationTable.from_model(model), job.fp32_path)
+        return backend.fp32_runner(canonical, job.target, scratch)
+    except Exception as exc:  # a baseline is worth having, never worth failing the target for
+        result.notes["fp32_baseline_error"] = f"{type(exc).__name__}: {exc}"
+        return None
+
+
+def latency_feeds(batches: Sequence[Mapping[str, np.ndarray]], batch_size: int) -> dict[str, np.ndarray]:
+    """The first ``batch_size`` evaluation samples (repeated if there are fewer)."""
+    taken, n = [], 0
+    for b in batches:  # only as many batches as needed, not the whole evaluation set
+        taken.append(b)
+        n += len(next(iter(b.values())))
+        if n >= batch_size:
+            break
+    reps = -(-batch_size // n)
+    return {k: np.concatenate([b[k] for b in taken] * reps)[:batch_size] for k in taken[0]}
+
+
+def _latency(job: CheckJob, backend: Backend, runner: Runner, fp32: Runner | None, result: JobResult) -> None:
+    target, th = job.target, job.target.thresholds
+    gpu_time = Capability.GPU_TIME in backend.capabilities
+    with bar(len(target.batch_sizes), f"{target.name}: latency") as progress:
+        for i, b in enumerate(target.batch_sizes):
+            feeds = latency_feeds(job.inputs, b)
+            stats = checks.measure_latency(runner, feeds, target.warmup, target.runs)
+            gpu_ms = runner.last_gpu_ms if gpu_time else None
+            baseline = job.settings.baseline_fp32_ms
+            if fp32 is not None:  # same runtime, same device, measured right after: the fair ratio
+                base = checks.measure_latency(fp32, feeds, target.warmup, target.runs)
+                entry = LatencyResult(stats, gpu_ms, base.p50_ms, base.p50_ms / stats.p50_ms, f"{target.backend} fp32")
+            elif b in baseline:
+                entry = LatencyResult(stats, gpu_ms, baseline[b], baseline[b] / stats.p50_ms, "onnxruntime fp32")
+            else:
+                entry = LatencyResult(stats, gpu_ms)
+            result.latency.append(entry)
+            if i == 0:  # thresholds apply to the first batch size
+                note = f"batch {b}, {target.runs} runs after {target.warmup} warm-up"
+                result.checks.append(checks.judge("latency_p50_ms", stats.p50_ms, th, note))
+                result.checks.append(checks.judge("latency_p99_ms", stats.p99_ms, th, note))
+                result.checks.append(checks.judge("throughput", stats.throughput, th, f"samples/s at batch {b}"))
+                if entry.speedup is not None:
+                    result.checks.append(checks.judge("speedup", entry.speedup, th,
+                                                      f"INT8 vs {entry.speedup_vs} p50 at batch {b}"))
+            progress.update()
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:  # not Linux
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
