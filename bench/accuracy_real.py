@@ -146,8 +146,7 @@ def net_setup(net: str, n_calib: int, n_eval: int) -> tuple[Path, Feeds, Feeds, 
 
 
 def bench_net(net: str, n_calib: int, n_eval: int, use_nncf: bool, root: Path, configs: list[tuple[str, str]]) -> list[dict]:
-    from deploykit import data
-    from deploykit import model as modelmod
+    from deploykit import data, model as modelmod
     from deploykit.quantize import quantize, requantize, write_canonical
 
     path, calib, evaluation, metric_name, metric = net_setup(net, n_calib, n_eval)

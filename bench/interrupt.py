@@ -113,6 +113,9 @@ def main() -> int:
             print(f"round {i + 1}: SIGINT at {at:5.1f} s -> exit {proc.returncode} after {stop_s:4.1f} s; rerun exit "
                   f"{rerun.returncode}, kept: {', '.join(kept) or 'nothing'}"
                   + (f"  MISBEHAVES: {'; '.join(problems)}" if problems else ""))
+            if problems:  # where it went wrong: the last lines that are not traceback bodies
+                tail = [line for line in err1.splitlines() if line and not line.startswith(" ")][-3:]
+                print("    interrupted run's stderr: " + " / ".join(tail))
         print(f"\n{bad} of {args.rounds} rounds misbehave")
         return 1 if bad else 0
 

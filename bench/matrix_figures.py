@@ -95,7 +95,7 @@ def reruns(args: argparse.Namespace) -> None:
     d = _dir(args)
     out, db = d / "reruns-out", d / "reruns.sqlite"
     runs = []
-    for i in range(args.n + 1):
+    for _ in range(args.n + 1):
         code, doc, wall = _matrix(Path(args.spec), out, db, *args.extra)
         run = doc.get("run", {})
         runs.append(run.get("run_id"))

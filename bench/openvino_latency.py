@@ -58,13 +58,12 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=400, help="timed calls per runner and batch size")
     args = ap.parse_args()
 
+    import onnx
     import openvino as ov
 
+    from deploykit.backend import precision_audit
     from deploykit.testing import make_target
     from deploykit_openvino import OpenVINOBackend
-    import onnx
-
-    from deploykit.backend import precision_audit
     from deploykit_openvino.backend import compile_config
     from deploykit_openvino.verify import runtime_layers
 

@@ -27,9 +27,9 @@ import tempfile
 import textwrap
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -95,7 +95,10 @@ def _snapshot(root: Path, skip: Path) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------- the cases
 def cases() -> list[Case]:
     cs: list[Case] = []
-    target_toml = lambda name: f'[targets.{json.dumps(name)}]\nbackend = "onnxruntime"\n'  # noqa: E731
+
+    def target_toml(name: str) -> str:
+        return f'[targets.{json.dumps(name)}]\nbackend = "onnxruntime"\n'
+
 
     # 1. names from configuration
     for name in ["../x", "../../victim/owned", "/tmp/deploykit-redteam-victim", "a/b", "a\\b", ".hidden", "..",
@@ -374,7 +377,7 @@ def run_case(case: Case) -> tuple[str | None, float, str]:
                 if manifest["files"] != on_disk:
                     problems.append("folder differs from its manifest")
                 json.loads(stdout.getvalue(), parse_constant=lambda c: 1 / 0)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 problems.append(f"manifest/JSON: {type(exc).__name__}: {exc}")
         if case.check is not None:
             complaint = case.check(work, err)

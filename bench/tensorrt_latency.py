@@ -20,7 +20,6 @@ import onnx
 from deploykit.backend import CanonicalModel
 from deploykit.checks import measure_latency
 from deploykit.testing import eval_feeds, make_canonical, make_target
-
 from deploykit_tensorrt import TensorRTBackend
 
 

@@ -18,8 +18,7 @@ def build(model: Any, targets: str | Sequence[str], **options: Any) -> BuildResu
     (then pass ``example_inputs=(tensor, ...)``); ``options`` are
     :class:`deploykit.pipeline.BuildOptions` fields (``calib``, ``eval``, ``method``, ``out_dir``, ...).
     Returns a :class:`deploykit.pipeline.BuildResult` (``.manifest``, ``.targets``, ``.ok``)."""
-    from deploykit.pipeline import BuildOptions
-    from deploykit.pipeline import build as _build
+    from deploykit.pipeline import BuildOptions, build as _build
 
     names = [t.strip() for t in targets.split(",") if t.strip()] if isinstance(targets, str) else list(targets)
     return _build(model, BuildOptions(targets=names, **options))

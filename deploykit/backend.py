@@ -78,6 +78,9 @@ class Capability(str, enum.Enum):
     FP32_RUNNER = "fp32_runner"
     #: The runner sets ``last_gpu_ms``, the device's own timing of the last run.
     GPU_TIME = "gpu_time"
+    #: ``Backend.layer_runner(artifact, canonical, target, cut)`` computes every quantized tensor
+    #: from the canonical model's own inputs (deploykit.layers, layer-by-layer fidelity).
+    LAYER_RUNNER = "layer_runner"
 
 
 class Backend:
@@ -152,6 +155,13 @@ class Backend:
         that lives as long as the runner.
         """
         return None
+
+    def layer_runner(self, artifact: Artifact, canonical: CanonicalModel, target: Target, cut: Any) -> Any:
+        """A :class:`deploykit.layers.LayerRunner` computing every tensor of ``cut`` as the
+        artifact does, from the canonical model's own inputs (layer-by-layer fidelity); declare
+        ``Capability.LAYER_RUNNER`` when you implement it. Raise BackendUnavailable with the
+        reason when it cannot run here."""
+        raise BackendUnavailable(f"backend '{self.name}' has no per-layer runner")
 
 
 def require(module: str, install_hint: str) -> Any:

@@ -94,7 +94,7 @@ def asymmetric_params(lo: float, hi: float) -> tuple[float, int]:
 def model_profile(model: onnx.ModelProto) -> str:
     """The activation profile a canonical model declares (``symmetric`` when it says nothing)."""
     meta = {p.key: p.value for p in model.metadata_props}
-    return meta.get(META_PROFILE, SYMMETRIC)
+    return str(meta.get(META_PROFILE, SYMMETRIC))
 
 
 def model_float_layers(model: onnx.ModelProto) -> list[str]:
@@ -219,6 +219,13 @@ class QdqGraph:
         init = self.initializers.get(name)
         return None if init is None else numpy_helper.to_array(init)
 
+    def constant(self, name: str) -> np.ndarray:
+        """The initializer ``name`` as an array; a ValueError naming it when it is not one."""
+        value = self.const(name)
+        if value is None:
+            raise ValueError(f"'{name}' is not a constant initializer")
+        return value
+
     def params(self, node: onnx.NodeProto) -> QuantParams:
         """Scale / zero point / axis of a QuantizeLinear or DequantizeLinear node."""
         scale = self.const(node.input[1])
@@ -251,6 +258,13 @@ class QdqGraph:
             return None
         values = self.const(dq.input[0])
         return None if values is None else (values, self.params(dq))
+
+    def weight_of(self, tensor: str) -> tuple[np.ndarray, QuantParams]:
+        """:meth:`weight` where the caller knows ``tensor`` is a dequantized weight; a ValueError otherwise."""
+        found = self.weight(tensor)
+        if found is None:
+            raise ValueError(f"'{tensor}' is not a dequantized weight initializer")
+        return found
 
     def activation_source(self, tensor: str) -> tuple[str, QuantParams] | None:
         """For the output of an activation DQ: (the float tensor before its Q, params)."""

@@ -180,7 +180,9 @@ def _build(model: Path, targets: str, calib: str | None, eval_: str | None, meth
                           f"{len(search['float_layers'])} layer(s) float and reaches {search['measured']:.4f}; "
                           f"that model was written (see {out_dir / 'report.md'})")
     if not result.ok:
-        bad = [t.target.name for t in result.targets if t.status not in ("ok", "skipped")]
+        from deploykit.pipeline import SUCCESS
+
+        bad = [t.target.name for t in result.targets if t.status not in SUCCESS]
         raise CheckFailed(f"targets with failed checks or errors: {', '.join(bad)} (see {out_dir / 'report.md'})")
 
 
@@ -217,17 +219,15 @@ def _record_build(manifest: dict[str, Any], db: Path | None, out_dir: Path, quie
 @click.option("-o", "--out", "out_dir", default="deploykit-analyze", show_default=True, type=click.Path(path_type=Path),
               help="Folder for analysis.json, analysis.md and sensitivity.png/.svg.")
 @click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON on stdout.")
-def analyze(model, calib, eval_, method, activations, recipe, samples, eval_samples, task, only_float, top, out_dir,
-            as_json) -> None:
+def analyze(model: Path, calib: str, eval_: str | None, method: str, activations: str, recipe: str, samples: int,
+            eval_samples: int, task: str, only_float: bool, top: int | None, out_dir: Path, as_json: bool) -> None:
     """Per-layer quantization sensitivity of MODEL: for every layer the canonical model runs in
     int8, the metric against FP32 (top-1 agreement or cosine) and the SQNR with only that layer
     float and with only that layer int8. One calibration: every variant is placed again from
     the observed ranges. Ranked, most sensitive first; writes OUT/analysis.json, analysis.md and
     sensitivity.png/.svg.
     """
-    from deploykit import analyze as an
-    from deploykit import data, progress
-    from deploykit import model as modelmod
+    from deploykit import analyze as an, data, model as modelmod, progress
     from deploykit.quantize import quantize
     from deploykit.tables import render
 
@@ -333,8 +333,9 @@ def plugins(as_json: bool) -> None:
     from deploykit.plugins import load_registry
 
     registry = load_registry()
-    rows: list[dict[str, Any]] = [{"name": p.name, "module": p.module, "distribution": p.distribution, "version": p.version,
-             "backends": p.backends} for p in registry.plugins.values()]
+    rows: list[dict[str, Any]] = [
+        {"name": p.name, "module": p.module, "distribution": p.distribution, "version": p.version,
+         "backends": p.backends} for p in registry.plugins.values()]
     if as_json:
         _echo_json(rows)
         return
@@ -411,6 +412,43 @@ def inspect(model: Path, run_lint: bool, tensorrt: bool, as_json: bool) -> None:
         raise CheckFailed(f"{model}: {len(violations)} lint violation(s)")
 
 
+@cli.command("compare-layers")
+@click.argument("out_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--eval", "eval_", metavar="SRC", help="Inputs to compare on [default: the build's evaluation data].")
+@click.option("--samples", type=int, default=32, show_default=True, help="Samples to run (every layer of each).")
+@click.option("-t", "--target", "targets", metavar="NAME[,NAME]", help="Only these targets of the build.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the per-layer plot here [default: OUT_DIR/layers.png].")
+@click.option("--all-layers", is_flag=True, help="List every layer in graph order instead of the 10 worst.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (every layer of every target).")
+def compare_layers(out_dir: Path, eval_: str | None, samples: int, targets: str | None, plot_path: Path | None,
+                   all_layers: bool, as_json: bool) -> None:
+    """Compare each target's artifact in OUT_DIR with the canonical model, layer by layer.
+
+    The model is cut at every quantized tensor; each layer is fed the canonical model's own
+    inputs (so errors do not compound) and its int8 output compared with the canonical one:
+    the fraction of values within one int8 step, the exact fraction, the largest difference,
+    the gain, and a verdict: exact, rounding (the runtime's integer rounding), wrong_scale (the
+    lowering's), beyond_rounding (right scale, more than one step off). Writes
+    OUT_DIR/layers.json and a plot.
+    """
+    from deploykit import layers
+
+    names = [n.strip() for n in targets.split(",") if n.strip()] if targets else None
+    reports = layers.compare_out_dir(out_dir, eval_, samples, names)
+    layers.save_json(reports, out_dir / "layers.json")
+    plotted = layers.plot(reports, plot_path or out_dir / "layers.png") if any(r.layers for r in reports) else None
+    if as_json:
+        _echo_json({"layers": [r.to_json() for r in reports]})
+        return
+    for report in reports:
+        click.echo(report.summary())
+        if report.layers:
+            click.echo(layers.table(report, None if all_layers else layers.WORST_LISTED, worst_first=not all_layers))
+        click.echo("")
+    click.echo(f"wrote {out_dir / 'layers.json'}" + (f" and {plotted}" if plotted else ""))
+
+
 @cli.command("run-job")
 @click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout instead of a table.")
@@ -435,10 +473,11 @@ def run_job(folder: Path, as_json: bool) -> None:
     if as_json:
         _echo_json(payload)
     else:
-        for c in result.checks:
-            value = "-" if c.value is None else f"{c.value:.6g}"
-            bound = "" if c.threshold is None else f" ({c.bound} {c.threshold:g})"
-            click.echo(f"{c.name:<20} {c.status:<8} {value}{bound}")
+        from deploykit.tables import render
+
+        click.echo(render(["check", "status", "value", "threshold"], [
+            [c.name, c.status, "-" if c.value is None else f"{c.value:.6g}",
+             "-" if c.threshold is None else f"{c.bound} {c.threshold:g}"] for c in result.checks]))
         click.echo(f"\nwrote {folder / RESULT_FILE}")
     failed = [c.name for c in result.checks if c.status == "fail"]
     if failed:
@@ -446,13 +485,12 @@ def run_job(folder: Path, as_json: bool) -> None:
 
 
 def _register_matrix_commands() -> None:
+    """Add ``matrix``/``results``/``compare``. Called from :func:`main`, not at import: their
+    imports (numpy, onnx) start threads, which must inherit the signal mask main() sets first."""
     from deploykit.matrix.cli import compare, matrix, results
 
     for command in (matrix, results, compare):
         cli.add_command(command)
-
-
-_register_matrix_commands()
 
 
 def _on_sigterm(signo: int, frame: Any) -> None:
@@ -466,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     mask = signals.block()  # before numpy/SDK threads exist: they inherit it (see deploykit/signals.py)
     vendorlog.install()  # before any vendor import: quiet start-up logs (see deploykit/vendorlog.py)
     try:
+        _register_matrix_commands()
         return _main(argv)
     finally:
         vendorlog.stop()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import tempfile
 import time
@@ -27,13 +28,13 @@ from typing import Any, Mapping, Protocol, Sequence
 import numpy as np
 import onnx
 
-from deploykit import checks
+from deploykit import checks, layers
 from deploykit.backend import Backend, Capability, Runner
 from deploykit.canonical import CalibrationTable, CanonicalModel
 from deploykit.errors import ConfigError
 from deploykit.fileio import atomic_output
 from deploykit.plugins import Registry, load_registry
-from deploykit.progress import bar
+from deploykit.progress import bar, step
 from deploykit.results import (
     SCHEMA_VERSION,
     Artifact,
@@ -43,6 +44,8 @@ from deploykit.results import (
     jsonable,
 )
 from deploykit.targets import Device, Target
+
+log = logging.getLogger("deploykit")
 
 JOB_FILE = "job.json"
 ARRAYS_FILE = "arrays.npz"
@@ -225,10 +228,17 @@ def run_job(job: CheckJob, registry: Registry | None = None) -> JobResult:
         got = _outputs(runner, job.inputs, f"{target.name}: accuracy")
         result.seconds["accuracy"] = time.monotonic() - t0
         result.checks.extend(_accuracy_checks(job, got))
+        t0 = time.monotonic()
+        result.checks.append(_layer_check(backend, job))
+        result.seconds["layers"] = time.monotonic() - t0
         memory_mb = max(0.0, _rss_mb() - rss0)  # before a baseline runner adds its own
         t0 = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="deploykit-fp32-") as scratch:
-            fp32 = _fp32_runner(backend, job, Path(scratch), result)
+            fp32 = None
+            if Capability.FP32_RUNNER in backend.capabilities:  # e.g. float TFLite: a conversion, seconds
+                with step(f"{target.name}: FP32 baseline model", total=1, unit="model") as prepared:
+                    fp32 = _fp32_runner(backend, job, Path(scratch), result)
+                    prepared.update()
             try:
                 _latency(job, backend, runner, fp32, result)
             finally:
@@ -269,14 +279,28 @@ def _accuracy_checks(job: CheckJob, got: list[np.ndarray]) -> list[CheckResult]:
     return out
 
 
+def _canonical(job: CheckJob) -> CanonicalModel:
+    model = onnx.load(str(job.canonical_path))
+    return CanonicalModel(job.canonical_path, model, CalibrationTable.from_model(model), job.fp32_path)
+
+
+def _layer_check(backend: Backend, job: CheckJob) -> CheckResult:
+    """``layer_within_one_step``: every layer of the artifact fed the canonical model's own inputs
+    (deploykit.layers); "not run" with the reason where the backend cannot run layers here."""
+    try:
+        check, _ = layers.layer_check(backend, job.artifact, _canonical(job), job.target, job.inputs)
+    except Exception as exc:  # the per-layer view is a diagnosis: never worth losing the target's checks
+        return checks.judge(layers.CHECK, None, job.target.thresholds,
+                            f"not run: per-layer comparison failed: {type(exc).__name__}: {exc}")
+    return check
+
+
 def _fp32_runner(backend: Backend, job: CheckJob, scratch: Path, result: JobResult) -> Runner | None:
     """The backend's own FP32 runner when it declares one, else None (onnxruntime's FP32 row)."""
     if Capability.FP32_RUNNER not in backend.capabilities:
         return None
     try:
-        model = onnx.load(str(job.canonical_path))
-        canonical = CanonicalModel(job.canonical_path, model, CalibrationTable.from_model(model), job.fp32_path)
-        return backend.fp32_runner(canonical, job.target, scratch)
+        return backend.fp32_runner(_canonical(job), job.target, scratch)
     except Exception as exc:  # a baseline is worth having, never worth failing the target for
         result.notes["fp32_baseline_error"] = f"{type(exc).__name__}: {exc}"
         return None
@@ -311,6 +335,9 @@ def _latency(job: CheckJob, backend: Backend, runner: Runner, fp32: Runner | Non
             else:
                 entry = LatencyResult(stats, gpu_ms)
             result.latency.append(entry)
+            log.debug("%s: batch %d: p50 %.3f ms, p99 %.3f ms%s", target.name, b, stats.p50_ms, stats.p99_ms,
+                      f"; {entry.speedup_vs} p50 {entry.fp32_p50_ms:.3f} ms -> {entry.speedup:.2f}x"
+                      if entry.speedup is not None else "")
             if i == 0:  # thresholds apply to the first batch size
                 note = f"batch {b}, {target.runs} runs after {target.warmup} warm-up"
                 result.checks.append(checks.judge("latency_p50_ms", stats.p50_ms, th, note))

@@ -64,9 +64,10 @@ def load_onnx(path: Path | str) -> onnx.ModelProto:
 
 
 def export_torch(module: Any, example_inputs: tuple[Any, ...], path: Path | str, input_names: list[str] | None = None,
-                 dynamic_batch: bool = True) -> Path:
+                 dynamic_batch: bool = True, dynamic_sequence: bool = False) -> Path:
     """Export a torch.nn.Module with the dynamo exporter at opset 18 (docs/toolchain-facts.md: the one that
-    works), batch dimension dynamic unless ``dynamic_batch`` is False."""
+    works), batch dimension dynamic unless ``dynamic_batch`` is False; ``dynamic_sequence`` also makes
+    dimension 1 of every input dynamic (token sequences)."""
     try:
         import torch
     except ImportError as exc:
@@ -75,6 +76,9 @@ def export_torch(module: Any, example_inputs: tuple[Any, ...], path: Path | str,
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=1024)
         dynamic = tuple({0: batch} for _ in example_inputs)
+    if dynamic_sequence:
+        sequence = torch.export.Dim("sequence", min=2, max=512)
+        dynamic = tuple({**(d or {}), 1: sequence} for d in (dynamic or (None,) * len(example_inputs)))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:

@@ -32,9 +32,10 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from deploykit.errors import ConfigError, OutputDirError
 from deploykit.fileio import sha256
@@ -42,6 +43,8 @@ from deploykit.fileio import sha256
 STATE = ".deploykit"
 MANIFEST = "manifest.json"
 REPORT = "report.md"
+#: Files other deploykit commands write beside a build (deploykit compare-layers): never foreign.
+DERIVED = ("layers.json", "layers.png")
 RESERVED = {MANIFEST, REPORT, STATE}
 _SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 _JOURNAL_VERSION = 1
@@ -104,7 +107,7 @@ class OutDir:
         self._retired = False
 
     # -- opening ------------------------------------------------------------------------
-    def __enter__(self) -> "OutDir":
+    def __enter__(self) -> OutDir:
         self.open()
         return self
 
@@ -200,7 +203,7 @@ class OutDir:
                 files |= set(journal["publish"].get("remove", [])) | set(journal["publish"].get("files", []))
         for f in files:
             self.inside(f)  # a manifest naming a path outside OUT is refused, never followed
-        return files | {MANIFEST, REPORT}
+        return files | {MANIFEST, REPORT, *DERIVED}
 
     def _refuse_foreign(self, ours: set[str]) -> None:
         foreign = []
@@ -272,7 +275,9 @@ class OutDir:
         self.journal = self._read_journal()
         self.journal.setdefault("steps", {})
         if not self.journal.get("published"):
-            self.journal["published"] = sorted(self._previous_files(read_journal=False) - {MANIFEST, REPORT})
+            # derived files (compare-layers) count only when present: a rebuild then removes them as stale
+            absent = {d for d in DERIVED if not (self.root / d).is_file()}
+            self.journal["published"] = sorted(self._previous_files(read_journal=False) - {MANIFEST, REPORT} - absent)
         if self.journal.get("publish"):  # interrupted while publishing: finish it
             self._roll_forward()
         for name, entry in list(self.journal["steps"].items()):

@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 import numpy as np
 
-from deploykit import checks, data, signals
-from deploykit import model as modelmod
+from deploykit import checks, data, model as modelmod, signals
 from deploykit._version import __version__
 from deploykit.analyze import AccuracyTarget, parse_accuracy_target
 from deploykit.canonical import ASYMMETRIC, SYMMETRIC, CanonicalModel
@@ -36,7 +35,7 @@ from deploykit.fileio import sha256
 from deploykit.jobs import CheckJob, CheckSettings, Executor, LocalExecutor, latency_feeds
 from deploykit.outdir import OutDir
 from deploykit.plugins import Registry, load_registry
-from deploykit.progress import bar
+from deploykit.progress import Step, bar, step as progress_step
 from deploykit.quantize import load_canonical, quantize, requantize, write_canonical
 from deploykit.quantize.islands import layer_macs, mac_summary, resolve_keep_float
 from deploykit.quantize.observe import METHODS
@@ -49,6 +48,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("deploykit")
 T = TypeVar("T")
+#: Target statuses that do not fail a build: checked and passed, lowered and verified where the
+#: checks cannot run here (Core ML off macOS, a remote device without an agent), or skipped
+#: because the backend is not installed (said with the install hint).
+SUCCESS = ("ok", "lowered", "skipped")
 RANDOM_WARNING = ("calibrated on random data: no --calib data was given, so the scales are NOT meaningful; "
                   "pass --calib with real samples before shipping")
 
@@ -88,7 +91,7 @@ class BuildResult:
 
     @property
     def ok(self) -> bool:
-        return self.accuracy_target_met and all(t.status in ("ok", "skipped") for t in self.targets)
+        return self.accuracy_target_met and all(t.status in SUCCESS for t in self.targets)
 
     @property
     def accuracy_target_met(self) -> bool:
@@ -129,6 +132,7 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
     activations, activations_reason = profile
     out_dir = out.root
     started = time.monotonic()
+    stages: dict[str, float] = {}  # wall seconds per stage, for the manifest and "Where the time went"
     layout = {"calibration": ""}
     if not isinstance(model, (str, os.PathLike)):
         if options.example_inputs is None:
@@ -151,6 +155,8 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
         target_spec = parse_accuracy_target(options.accuracy_target) if options.accuracy_target else None
         if target_spec is not None:  # the accuracy target is checked on every target
             targets = [_judged_on(t, target_spec) for t in targets]
+    log.debug("normalised %s: opset 18, constants and BatchNorm folded, %d nodes; inputs %s", model,
+              len(fp32.graph.node), ", ".join(f"{k} {d} {list(s)}" for k, (s, d) in specs.items()))
 
     with stage("opening the data"):
         calib_src = data.open_source(calib_cfg.data, specs, preprocess, calib_cfg.samples)
@@ -179,6 +185,7 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
         del session
     with stage("probing the backends"):
         availability = {t.name: registry.get(t.backend).probe(t) for t in targets}
+    stages["load_and_check"] = time.monotonic() - started
 
     calib_key = _key(__version__, source_hash, calib_cfg.method, calib_cfg.percentile, calib_cfg.samples,
                      calib_cfg.batch_size, calib_cfg.seed, _source_key(calib_cfg.data), options.task, activations,
@@ -189,6 +196,9 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
     if calib_info is None:
         events(f"calibrating ({calib_cfg.method}, {activations} activations: {activations_reason}; recipe {recipe}) "
                f"on {calib_src.description}")
+        log.debug("calibrate: %s on up to %s samples of %s, batch %s; every activation and weight gets one scale "
+                  "in the canonical model", calib_cfg.method, calib_cfg.samples, calib_src.description,
+                  calib_cfg.batch_size)
         with stage("calibrating"), out.step("calibration", calib_key) as step:
             result = quantize(fp32, calib_src, calib_cfg.method, calib_cfg.percentile, calib_cfg.batch_size,
                               source_hash, activations=activations, recipe=recipe)
@@ -213,6 +223,7 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
     if calib_info is not None and other_model is None and options.compare_profiles:
         calib_info.setdefault("quantization", {})["profile_comparison"] = {
             "status": "not_run", "message": "calibration kept from an interrupted build: other profile not placed"}
+    stages["calibrate"] = time.monotonic() - t0
     canonical = load_canonical(out.step_dir("calibration") / "canonical.qdq.onnx")
     if eval_batches:  # what a target that needs fixed shapes (TFLite) fixes dynamic dims to
         canonical = dataclasses.replace(canonical, example_shapes={
@@ -220,10 +231,17 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
     events(f"canonical model: {out_dir / canonical.path.name} ({calib_info['samples']} samples, {calib_cfg.method})")
     signals.checkpoint()
 
+    log.debug("reference outputs: FP32 (accuracy reference) and canonical QDQ (fidelity reference) in onnxruntime "
+              "on %d evaluation batches of %d", len(eval_batches), eval_batch)
+    t0 = time.monotonic()
     with stage("computing the reference outputs"):
         reference = _reference_outputs(canonical, eval_batches)
         fp32_acc = checks.task_accuracy(reference["fp32"][0], labels) if labels is not None and classification else None
+        stages["reference_outputs"] = time.monotonic() - t0
+        t0 = time.monotonic()
         baseline = _baseline_latency(canonical, targets, eval_batches) if options.baseline and targets else []
+        if baseline:
+            stages["baseline_latency"] = time.monotonic() - t0
     quantization = dict(calib_info.get("quantization") or {})
     if other_model is not None:
         with stage("measuring the other activation profile"):
@@ -236,6 +254,7 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
                         tuple(reference["fp32"]), tuple(reference["canonical"]), settings)
 
     results = []
+    t0 = time.monotonic()
     for target in targets:
         name = f"target-{target.name}"
         layout[name] = target.name
@@ -247,16 +266,24 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
             results.append(TargetResult(target, kept["status"], kept["reason"], stored=kept))
             continue
         events(f"target {target.name} ({target.backend})")
-        with signals.hold(f"target {target.name}"), out.step(name, key) as step:
-            res = _build_target(target, registry, executor, canonical, step.dir, job_for, availability[target.name])
-            step.payload.update(res.to_json(step.dir, prefix=target.name))
+        log.debug("%s: %s on device %s (%s), batch sizes %s, options %s, thresholds %s", target.name, target.backend,
+                  target.device.name, target.device.kind, list(target.batch_sizes), dict(target.options) or "default",
+                  dict(target.thresholds) or "none")
+        with signals.hold(f"target {target.name}"), out.step(name, key) as journal:
+            res = _build_target(target, registry, executor, canonical, journal.dir, job_for, availability[target.name])
+            journal.payload.update(res.to_json(journal.dir, prefix=target.name))
         res.stored = out.finished(name, key)  # the entry as written, while the files were in staging
         results.append(res)
+        log.debug("%s: %s%s in %.1f s", target.name, res.status, f" ({res.reason})" if res.reason else "",
+                  res.seconds.get("total", 0.0))
+    stages["targets"] = time.monotonic() - t0
+    stages["total"] = time.monotonic() - started
 
     with stage("publishing the outputs"):
         manifest = _manifest(model, source_hash, canonical, calib_info, calib_src, eval_src, eval_note, classification,
                              fp32_acc, baseline, results, out_dir, time.monotonic() - started)
         manifest["quantization"] = jsonable(quantization)
+        manifest["stages"] = {k: round(v, 3) for k, v in stages.items()}
         from deploykit.report import markdown_report
 
         manifest["files"] = out.publish(layout, manifest, markdown_report(manifest))
@@ -326,7 +353,7 @@ def _latency_cost(all_int8: Any, chosen: Any, source: Any, rounds: int = 15) -> 
             "chosen_ms": med["chosen"], "ratio": med["chosen"] / med["all_int8"] if med["all_int8"] else None}
 
 
-def compare_profiles(other: "onnx.ModelProto", chosen_profile: str, batches: list[dict], reference: dict,
+def compare_profiles(other: "onnx.ModelProto", chosen_profile: str, batches: list[dict[str, np.ndarray]], reference: dict[str, Any],
                      classification: bool) -> dict[str, Any]:
     """Measure the other activation profile's canonical model (placed from the same statistics)
     and the chosen one against FP32: what the choice cost or saved."""
@@ -550,32 +577,58 @@ def bar_iter(items: list[T], desc: str) -> Iterator[T]:
 
 def _build_target(target: Target, registry: Registry, executor: Executor, canonical: CanonicalModel, folder: Path,
                   job_for: Callable[[Target, Artifact], CheckJob], availability: Availability) -> TargetResult:
-    """Preflight, lower, then run the target's check job on ``executor``."""
+    """Preflight, lower, then run the target's check job on ``executor``, under one progress
+    step whose lower / accuracy / latency steps nest beneath it."""
     res = TargetResult(target)
+    started = time.monotonic()
+    with progress_step(f"target {target.name} ({target.backend})", unit="stage") as progress:
+        _target_stages(res, progress, registry, executor, canonical, folder, job_for, availability)
+    res.seconds["total"] = time.monotonic() - started
+    return res
+
+
+def _target_stages(res: TargetResult, progress: Step, registry: Registry, executor: Executor,
+                   canonical: CanonicalModel, folder: Path, job_for: Callable[[Target, Artifact], CheckJob],
+                   availability: Availability) -> None:
+    target = res.target
     try:
+        t0 = time.monotonic()
         backend = registry.get(target.backend)
         res.availability = availability
         pre_checks, res.metadata = backend.preflight(canonical, target)
+        res.seconds["preflight"] = time.monotonic() - t0
+        progress.total = 4 if availability.can_run else 2  # preflight, lower[, accuracy, latency]
+        progress.update()
         res.checks.extend(checks.apply_thresholds(c, target.thresholds) for c in pre_checks)
         if not res.availability.can_lower:
             res.status, res.reason = "skipped", _missing(res.availability)
-            return res
+            log.debug("%s: skipped: %s", target.name, res.reason)
+            return
         dest = folder / f"{target.name}{backend.artifact_suffix}"
         t0 = time.monotonic()
         with bar(1, f"{target.name}: lower", "model") as b:
             res.artifact = backend.lower(canonical, target, dest)
             b.update()
         res.seconds["lower"] = time.monotonic() - t0
+        progress.update()
         res.checks.extend(checks.apply_thresholds(c, target.thresholds) for c in res.artifact.checks)
+        log.debug("%s: lowered to %s (%.1f MB) in %.1f s; verification: %s", target.name, res.artifact.path.name,
+                  _size_mb(res.artifact.path), res.seconds["lower"],
+                  ", ".join(f"{c.name} {c.status}" for c in res.artifact.checks) or "none")
         not_here = res.availability.reason if not res.availability.can_run else (
             f"device '{target.device.name}' is remote ({target.device.address}) and this version has no remote "
             f"agent; copy {dest.name} to the device to check it there" if target.device.address else "")
-        if not_here:
-            res.reason = f"checks not run: {not_here}"
+        if not_here:  # lowered and verified, never "ok": nothing was measured
+            res.status, res.reason = "lowered", f"lowered and verified; checks not run: {not_here}"
             for name in ("top1_agreement", "cosine", "fidelity_rel_l2", "latency_p50_ms"):
                 res.checks.append(CheckResult(name, "not_run", message=not_here))
         else:
-            checked = executor.run(job_for(target, res.artifact))
+            job = job_for(target, res.artifact)
+            log.debug("%s: check job: %d evaluation batches against FP32 and the canonical model, latency at batch "
+                      "sizes %s (%d warm-up, %d runs each)", target.name, len(job.inputs), list(target.batch_sizes),
+                      target.warmup, target.runs)
+            checked = executor.run(job)
+            progress.update(2)
             res.checks.extend(checked.checks)
             res.latency.extend(checked.latency)
             res.seconds.update(checked.seconds)
@@ -586,16 +639,22 @@ def _build_target(target: Target, registry: Registry, executor: Executor, canoni
             res.device_info = {"error": f"{type(exc).__name__}: {exc}"}
     except DeploykitError as exc:
         res.status, res.reason = "error", str(exc)
-        return res
+        return
     except Exception as exc:  # a plugin bug must not lose the other targets
         log.debug("target %s failed", target.name, exc_info=True)
         res.status, res.reason = "error", f"{type(exc).__name__}: {exc}"
-        return res
+        return
     if any(c.status == "fail" for c in res.checks):
         res.status = "failed"
         failed = [c.name for c in res.checks if c.status == "fail"]
         res.reason = "failed checks: " + ", ".join(failed)
-    return res
+
+
+def _size_mb(path: Path) -> float:
+    p = Path(path)
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) / 2**20
+    return p.stat().st_size / 2**20 if p.exists() else 0.0
 
 
 def _missing(av: Availability) -> str:

@@ -100,6 +100,9 @@ class Registry:
         if cls.fp32_runner is not Backend.fp32_runner and Capability.FP32_RUNNER not in cls.capabilities:
             raise PluginError(f"plugin '{info.name}': {cls.__name__} defines fp32_runner but does not declare it: "
                               f"add Capability.FP32_RUNNER to its capabilities")
+        if cls.layer_runner is not Backend.layer_runner and Capability.LAYER_RUNNER not in cls.capabilities:
+            raise PluginError(f"plugin '{info.name}': {cls.__name__} defines layer_runner but does not declare it: "
+                              f"add Capability.LAYER_RUNNER to its capabilities")
         self.backends[cls.name] = cls
         self._owner[cls.name] = info.name
         info.backends.append(cls.name)

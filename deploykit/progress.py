@@ -73,6 +73,23 @@ class EchoHandler(logging.Handler):
             self.handleError(record)
 
 
+def _route_native_output(display: Any) -> None:
+    """Lines that reach fd 2 from native code (see :mod:`deploykit.vendorlog`) print through the
+    live display's console while it is up."""
+    from deploykit import vendorlog
+
+    if display is None:
+        vendorlog.set_sink(None)
+        return
+    console_ = display.console
+
+    def sink(text: str) -> None:
+        for line in text.replace("\r\n", "\n").replace("\r", "\n").splitlines():
+            console_.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    vendorlog.set_sink(sink)
+
+
 def _new_display() -> Any:
     from rich.console import Console
     from rich.progress import (
@@ -113,6 +130,7 @@ class Step:
             if _display is None:
                 _display = _new_display()
                 _display.start()
+                _route_native_output(_display)
             self._level = _depth
             _depth += 1
             self._task = _display.add_task("  " * self._level + self.description, total=self._total,
@@ -137,6 +155,7 @@ class Step:
                                   f"{_clock(self.seconds)}{outcome}", markup=False, highlight=False)
             _depth -= 1
             if _depth <= 0:
+                _route_native_output(None)
                 display.stop()
                 _display, _depth = None, 0
 

@@ -27,24 +27,59 @@ def _latency(target: dict[str, Any]) -> str:
     if not target["latency"]:
         c = _check(target, "latency_p50_ms")
         return "not run" if c is not None and c["status"] == "not_run" else "-"
-    return ", ".join(f"b{l['batch_size']}: {l['p50_ms']:.3f}" for l in target["latency"])
+    return ", ".join(f"b{l['batch_size']} {l['p50_ms']:.3f}" for l in target["latency"])
+
+
+#: The one definition of speed-up, said under every table that shows one (terminal, report, docs).
+SPEEDUP_DEFINITION = ("speed-up = FP32 p50 / INT8 p50 at the target's first batch size, on the same runtime and "
+                      "device, measured in the same run (FP32 onnxruntime where the backend has no FP32 mode)")
+
+
+def speedup_text(entry: dict[str, Any]) -> str:
+    """``2.30x``, or ``-`` when there was no FP32 time to compare with."""
+    return "-" if entry.get("speedup") is None else f"{entry['speedup']:.2f}x"
+
+
+def fp32_text(entry: dict[str, Any], backend: str) -> str:
+    """The FP32 p50 a speed-up is relative to, with its runtime when it is not the target's own."""
+    if entry.get("speedup") is None:
+        return "-"
+    runtime = str(entry.get("speedup_vs") or "").removesuffix(" fp32")
+    return f"{entry['fp32_p50_ms']:.3f}" + ("" if runtime == backend else f" ({runtime})")
 
 
 def summary_rows(manifest: dict[str, Any]) -> list[list[str]]:
     base = {l["batch_size"]: l["p50_ms"] for l in manifest.get("baseline", {}).get("latency", [])}
     rows = []
     if base:
-        rows.append(["fp32 reference", "onnxruntime", "ref", "-", "-", "-", "-", "-",
-                     ", ".join(f"b{b}: {v:.3f}" for b, v in base.items()), "1.00x"])
+        rows.append(["fp32 reference", "onnxruntime", "reference", "-", "-", "-", "-", "-",
+                     ", ".join(f"b{b} {v:.3f}" for b, v in base.items()), "-", "-"])
     for t in manifest["targets"]:
         first = t["latency"][0] if t["latency"] else {}
-        speed = f"{first['speedup']:.2f}x vs {first['speedup_vs']}" if "speedup" in first else "-"
-        status = t["status"]
-        rows.append([t["name"], t["backend"], status,
+        rows.append([t["name"], t["backend"], t["status"],
                      _fmt(t, "top1_agreement"), _fmt(t, "cosine"), _fmt(t, "accuracy_drop"), _fmt(t, "fidelity_rel_l2"),
                      _verification(t),
-                     _latency(t), speed])
+                     _latency(t), speedup_text(first), fp32_text(first, t["backend"])])
     return rows
+
+
+def status_summary(manifest: dict[str, Any]) -> str:
+    """One line: which targets were checked here, only lowered, skipped, errored or failed."""
+    groups: dict[str, list[str]] = {}
+    for t in manifest["targets"]:
+        groups.setdefault(t["status"], []).append(t["name"])
+    parts = []
+    checked = groups.get("ok", []) + groups.get("failed", [])
+    if checked:
+        parts.append("checked here (accuracy, fidelity, latency): " + ", ".join(checked)
+                     + (f" ({len(groups['failed'])} failed a threshold)" if groups.get("failed") else ""))
+    if groups.get("lowered"):
+        parts.append("lowered and verified, checks not run: " + ", ".join(groups["lowered"]))
+    if groups.get("skipped"):
+        parts.append("skipped (backend not available here): " + ", ".join(groups["skipped"]))
+    if groups.get("error"):
+        parts.append("errors: " + ", ".join(groups["error"]))
+    return "; ".join(parts) or "no targets"
 
 
 def _verification(target: dict[str, Any]) -> str:
@@ -60,14 +95,19 @@ def _verification(target: dict[str, Any]) -> str:
 
 
 HEADER = ["target", "backend", "status", "top-1 agr", "cosine", "acc drop", "fid rel-L2", "int8 / scales",
-          "p50 ms", "speed-up"]
+          "p50 ms", "speed-up", "fp32 p50 ms"]
 
 
-def terminal_table(manifest: dict[str, Any]) -> str:
-    rows = [HEADER] + summary_rows(manifest)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+def terminal_table(manifest: dict[str, Any], tty: bool | None = None) -> str:
+    """The build's table (rich on a terminal, plain aligned text when piped), the status line,
+    the speed-up definition, and one note per reason, failed check or warning."""
+    from deploykit.tables import escape, render
+
+    rows = summary_rows(manifest)
+    table = render(HEADER, [[escape(c) for c in r] for r in rows], tty=tty)
+    lines = [table, "", status_summary(manifest)]
+    if any(r[-2] != "-" for r in rows):
+        lines.append(SPEEDUP_DEFINITION)
     notes = []
     cal = manifest["calibration"]
     if cal.get("random_data"):
@@ -77,13 +117,33 @@ def terminal_table(manifest: dict[str, Any]) -> str:
             notes.append(f"{t['name']}: {t['reason']}")
         for c in t["checks"]:
             if c["status"] == "fail":
-                bound = "<" if c["bound"] == "min" else ">"
                 value = "n/a" if c["value"] is None else f"{c['value']:.6g}"
-                notes.append(f"{t['name']}: {c['name']} = {value} {bound} threshold {c['threshold']}: {c['message']}")
-    return "\n".join(lines + ([""] + notes if notes else []))
+                if c.get("threshold") is None:  # a verification the backend failed on its own terms
+                    notes.append(f"{t['name']}: {c['name']} failed ({value}): {c['message']}")
+                else:
+                    bound = "<" if c["bound"] == "min" else ">"
+                    notes.append(f"{t['name']}: {c['name']} = {value} {bound} threshold {c['threshold']:g}: "
+                                 f"{c['message']}")
+    return "\n".join(lines + ([""] + [escape(n) for n in notes] if notes else []))
 
 
-def _quantization_lines(q: dict | None) -> list[str]:
+def _worst_layers(check: dict[str, Any] | None) -> list[str]:
+    """The per-layer check's worst layers (each fed the canonical model's inputs), for report.md."""
+    worst = (check or {}).get("details", {}).get("worst") or []
+    if not worst:
+        return []
+    out = ["Worst layers (each fed the canonical model's own inputs; `rounding` is the runtime's integer "
+           "rounding, `wrong_scale` the lowering's, `beyond_rounding` more than one step off with the right "
+           "scale; all layers: `deploykit compare-layers OUT`):", "",
+           "| layer | tensor | within one step | exact | max steps | gain | verdict |",
+           "|---|---|---|---|---|---|---|"]
+    for r in worst:
+        out.append(f"| `{r['layer']}` | `{r['tensor']}` | {r['within_one_step']:.2%} | {r['exact']:.2%} | "
+                   f"{r['max_steps']} | {r['gain']:.3f} | {r['verdict']} |")
+    return out + [""]
+
+
+def _quantization_lines(q: dict[str, Any] | None) -> list[str]:
     if not q:
         return []
     out = [f"- activations: {q['activations']} ({q['activations_reason']})"]
@@ -114,7 +174,8 @@ def markdown_report(manifest: dict[str, Any]) -> str:
     out.append("| " + " | ".join(rows[0]) + " |")
     out.append("|" + "---|" * len(HEADER))
     out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
-    out.append("")
+    out += ["", status_summary(manifest) + ".", "", f"*{SPEEDUP_DEFINITION}.*", ""]
+    out += _time_table(manifest)
     for t in manifest["targets"]:
         out += [f"## {t['name']} ({t['backend']} on {t['device']['name']})", "", f"status: **{t['status']}**"
                 + (f": {t['reason']}" if t["reason"] else ""), ""]
@@ -127,10 +188,15 @@ def markdown_report(manifest: dict[str, Any]) -> str:
                 thr = "-" if c["threshold"] is None else f"{c['bound']} {c['threshold']:g}"
                 out.append(f"| {c['name']} | {c['status']} | {value} | {thr} | {c['message']} |")
             out.append("")
+            out += _worst_layers(_check(t, "layer_within_one_step"))
         if t["latency"]:
-            out += ["| batch | p50 ms | p90 ms | p99 ms | throughput /s |", "|---|---|---|---|---|"]
+            out += ["| batch | p50 ms | p90 ms | p99 ms | throughput /s | FP32 p50 ms | FP32 runtime | speed-up |",
+                    "|---|---|---|---|---|---|---|---|"]
             for l in t["latency"]:
-                out.append(f"| {l['batch_size']} | {l['p50_ms']:.3f} | {l['p90_ms']:.3f} | {l['p99_ms']:.3f} | {l['throughput']:.1f} |")
+                fp32 = (f"{l['fp32_p50_ms']:.3f} | {str(l['speedup_vs']).removesuffix(' fp32')} | {l['speedup']:.2f}x"
+                        if l.get("speedup") is not None else "- | - | -")
+                out.append(f"| {l['batch_size']} | {l['p50_ms']:.3f} | {l['p90_ms']:.3f} | {l['p99_ms']:.3f} "
+                           f"| {l['throughput']:.1f} | {fp32} |")
             out.append("")
         for key, value in (t.get("preflight") or {}).items():
             if isinstance(value, str) and ("\n" in value or len(value) > 60):
@@ -140,3 +206,25 @@ def markdown_report(manifest: dict[str, Any]) -> str:
         if t.get("preflight"):
             out.append("")
     return "\n".join(out)
+
+
+STAGES = ("preflight", "lower", "load", "accuracy", "latency")
+
+
+def _time_table(manifest: dict[str, Any]) -> list[str]:
+    """Where the time went: the build's stages, then each target's."""
+    stages = manifest.get("stages") or {}
+    out = ["## Where the time went", ""]
+    if stages:
+        out += ["| stage | seconds |", "|---|---|"]
+        out += [f"| {name.replace('_', ' ')} | {sec:.2f} |" for name, sec in stages.items()]
+        out.append("")
+    timed = [t for t in manifest["targets"] if t.get("seconds")]
+    if timed:
+        out += ["| target | " + " | ".join(STAGES) + " | total |", "|---" * (len(STAGES) + 2) + "|"]
+        for t in timed:
+            sec = t["seconds"]
+            cells = [f"{sec[k]:.2f}" if k in sec else "-" for k in STAGES]
+            out.append(f"| {t['name']} | " + " | ".join(cells) + f" | {sec.get('total', sum(sec.values())):.2f} |")
+        out.append("")
+    return out if len(out) > 2 else []

@@ -60,6 +60,8 @@ METRICS: dict[str, Metric] = _metrics(
     Metric("fidelity_cosine", "", "higher", "cosine similarity with the canonical QDQ model in onnxruntime", 5),
     Metric("fidelity_rel_l2", "", "lower", "relative L2 error against the canonical QDQ model"),
     Metric("fidelity_max_abs", "", "lower", "largest absolute difference from the canonical QDQ model"),
+    Metric("layer_within_one_step", "", "higher", "the worst layer's share of values within one int8 step of the "
+                                                   "canonical model, each layer fed the canonical inputs", 2, True),
     Metric("latency_p50_ms", "ms", "lower", "median latency at the first batch size", 3),
     Metric("latency_p90_ms", "ms", "lower", "90th percentile latency at the first batch size", 3),
     Metric("latency_p99_ms", "ms", "lower", "99th percentile latency at the first batch size", 3),

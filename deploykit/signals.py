@@ -18,7 +18,8 @@ import contextlib
 import signal
 import sys
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from deploykit.errors import Terminated
 
@@ -26,11 +27,11 @@ _SIGNALS = {signal.SIGINT, signal.SIGTERM}
 _state: dict[str, Any] = {"active": False, "holding": "", "noted": 0}
 
 
-def block() -> set[signal.Signals] | None:
+def block() -> set[Any] | None:
     """Block SIGINT/SIGTERM in the calling (main) thread; returns the mask to restore."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
         return None
-    return signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    return {signal.Signals(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)}
 
 
 def unblock() -> None:
@@ -39,7 +40,7 @@ def unblock() -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
 
 
-def restore(old: set[signal.Signals] | None) -> None:
+def restore(old: set[Any] | None) -> None:
     """Put back the mask :func:`block` returned; a signal still pending then is dropped (the work is over)."""
     if old is None:
         return
@@ -110,5 +111,5 @@ def hold(step: str) -> Iterator[None]:
         _state["holding"] = ""
     noted, _state["noted"] = _state["noted"], 0
     if noted:
-        _raise(noted)
+        _raise(int(noted))
     checkpoint()

@@ -26,10 +26,12 @@ def render(header: Sequence[str], rows: Sequence[Sequence[str]], *, title: str |
         tty = sys.stdout.isatty()
     table = Table(box=box.SIMPLE_HEAD if tty else None, show_edge=False, pad_edge=False, expand=False,
                   title=title if tty else None, title_justify="left", header_style="bold" if tty else "",
-                  padding=(0, 1) if tty else (0, 2, 0, 0))
+                  padding=(0, 1, 0, 0) if tty else (0, 2, 0, 0))
     for i, name in enumerate(header):
+        # one-word columns (names, statuses, numbers) never wrap mid-word; prose columns take the squeeze
+        one_word = all(" " not in str(r[i]) for r in rows if i < len(r))
         table.add_column(Text(name), justify="right" if i in right else "left", overflow="fold",
-                         no_wrap=not tty)
+                         no_wrap=not tty or one_word)
     for row in rows:
         table.add_row(*(Text(str(c)) for c in row))  # Text: a '[' in a name is never markup
     width = None if tty else PIPE_WIDTH

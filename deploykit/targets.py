@@ -7,10 +7,11 @@ names, and whether its options and thresholds suit that backend, is the registry
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+import tomllib
 
 from deploykit.errors import ConfigError
 

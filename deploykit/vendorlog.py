@@ -26,6 +26,7 @@ import re
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from typing import BinaryIO
 
 VERBOSE_ENV = "DEPLOYKIT_VERBOSE"
@@ -132,9 +133,13 @@ class _Filter:
                 out.append(tail)
             tail = b""
         if out:
+            sink = _sink
             try:
-                os.write(self.real_fd, b"".join(out))
-            except OSError:
+                if sink is not None:  # a live progress display: print above its bars, not through them
+                    sink(b"".join(out).decode("utf-8", "replace"))
+                else:
+                    os.write(self.real_fd, b"".join(out))
+            except Exception:  # noqa: BLE001  # the pump must survive a closed terminal or a stopped display
                 pass
         return tail
 
@@ -151,6 +156,14 @@ class _Filter:
 
 _active: _Filter | None = None
 _lock = threading.Lock()
+_sink: Callable[[str], None] | None = None
+
+
+def set_sink(sink: Callable[[str], None] | None) -> None:
+    """Where passed-through native lines go while set (the progress display's console), so a
+    vendor line printed mid-build cannot shift the live bars and overwrite kept lines."""
+    global _sink
+    _sink = sink
 
 
 def install() -> None:

@@ -52,7 +52,6 @@ def digits_files(tmp_path_factory) -> DigitsFiles:
 def ort_registry():
     """A registry holding only the onnxruntime backend, loaded like any plugin module."""
     import deploykit_onnxruntime
-
     from deploykit.plugins import PluginInfo, Registry
 
     registry = Registry()

@@ -12,9 +12,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from deploykit.canonical import OPSET
 from deploykit.errors import ModelError
 from deploykit.model import input_specs, load_onnx, normalise, unique_node_names
-from deploykit.canonical import OPSET
 
 
 def _run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:

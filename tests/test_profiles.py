@@ -10,8 +10,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from deploykit import data
-from deploykit import model as modelmod
+from deploykit import data, model as modelmod
 from deploykit.canonical import (
     ASYMMETRIC,
     META_FLOAT_LAYERS,

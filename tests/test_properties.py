@@ -19,11 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
-
-from deploykit.testing.tiny import tiny_classifier  # noqa: E402
+from deploykit.testing.tiny import tiny_classifier
 
 SETTINGS = settings(max_examples=int(os.environ.get("DEPLOYKIT_PROPERTY_EXAMPLES", "12")), deadline=None,
                     suppress_health_check=list(HealthCheck), derandomize=True)

@@ -11,9 +11,17 @@ import pytest
 from onnx import TensorProto
 
 from deploykit import canonical
-from deploykit.quantize import load_canonical, quantize
 from deploykit.canonical import COMPUTE_OPS, INT8_MAX, META_RANDOM, REQUIRED_METADATA, QdqGraph, weight_axis
-from deploykit.quantize.observe import HIST_BINS, METHODS, TensorStats, amax_entropy, amax_minmax, amax_mse, amax_percentile
+from deploykit.quantize import load_canonical, quantize
+from deploykit.quantize.observe import (
+    HIST_BINS,
+    METHODS,
+    TensorStats,
+    amax_entropy,
+    amax_minmax,
+    amax_mse,
+    amax_percentile,
+)
 
 pytest.importorskip("torch", reason="the canonical test models are exported from torch (pip install torch==2.13.0)")
 

@@ -175,7 +175,7 @@ def test_rebuild_replaces_previous_outputs_and_leaves_no_stale_report(tmp_path):
     _publish_two(root)
     with OutDir(root) as out:
         with pytest.raises(RuntimeError):
-            with out.step("calibration", "other model") as s:
+            with out.step("calibration", "other model"):
                 raise RuntimeError("calibration failed")
     assert not (root / "report.md").exists() and not (root / "manifest.json").exists()
     _publish_two(root, "q2", targets=("c",))  # the old build's files are still ours: no refusal
@@ -564,3 +564,31 @@ def test_ctrl_c_during_a_target_waits_for_it_and_the_rerun_keeps_it(tiny):
                           text=True)
     assert proc.returncode == 0, proc.stderr
     assert "target onnxruntime: kept" in proc.stderr
+
+
+def test_full_disk_is_one_line_and_the_rerun_completes(tiny, capsys, monkeypatch):
+    import errno
+
+    import deploykit.pipeline as pipeline
+
+    real = pipeline.write_canonical
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "write_canonical", full)
+    code, _, err = run_cli("-t", "onnxruntime", "--calib", "c.npz", "--out", "out", capsys=capsys)
+    assert code == 2
+    one_error_line(err, "while calibrating", "No space left on device", "rerun")
+    monkeypatch.setattr(pipeline, "write_canonical", real)
+    code, _, err = run_cli("-t", "onnxruntime", "--calib", "c.npz", "--out", "out", capsys=capsys)
+    assert code == 0, err
+
+
+def test_importing_the_cli_starts_no_threads():
+    """main() blocks SIGINT/SIGTERM before any thread exists (threads inherit the mask); numpy's
+    BLAS pool or an SDK imported with deploykit.cli would take the signal at an arbitrary point."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "plugins" / "onnxruntime")]))
+    code = "import sys, deploykit.cli; print(sorted({'numpy', 'onnx', 'onnxruntime'} & set(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"

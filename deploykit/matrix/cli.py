@@ -100,55 +100,42 @@ def matrix(spec_path: Path, out_dir: Path, db: Path | None, cache_dir: Path | No
 
 
 class _Progress:
-    """One rich bar over cells with the ETA, plus a line per model and target."""
+    """One progress step over the cells (the build's steps nest under it: one live display per
+    process), with a kept line per cell; plain lines with the ETA when stderr is not a terminal."""
 
     def __init__(self, enabled: bool) -> None:
+        from deploykit import progress
+
         self.enabled = enabled
-        self.bar: Any = None
-        self.task: Any = None
+        self.live = enabled and progress.enabled()
+        self.step: Any = None
         self.start = time.monotonic()
 
-    def _ensure(self, total: int) -> None:
-        if self.bar is None and self.enabled and sys.stderr.isatty():
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.bar = Progress(TextColumn("matrix"), BarColumn(), MofNCompleteColumn(), TextColumn("cells"),
-                                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                                TextColumn("{task.description}"), console=Console(stderr=True), transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task("", total=total)
-
     def event(self, msg: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.console.print(msg)
-        else:
-            click.echo(msg, err=True)
+        if self.enabled:
+            from deploykit import progress
+
+            progress.echo(msg)
 
     def cell(self, cell: Any, done: int, total: int) -> None:
         if not self.enabled:
             return
-        self._ensure(total)
-        if self.bar is not None:
-            self.bar.update(self.task, completed=done, description=cell.key)
+        if self.live:
+            from deploykit import progress
+
+            if self.step is None:
+                self.step = progress.step("matrix", total=total, unit="cells").__enter__()
+            progress.echo(f"  {cell.key}: {cell.status}")
+            self.step.update(done - self.step.completed)
         else:  # not a terminal: one line per cell, with the ETA
             elapsed = time.monotonic() - self.start
             eta = elapsed / max(done, 1) * (total - done)
             click.echo(f"[{done}/{total}] {cell.key}: {cell.status} (eta {eta:.0f} s)", err=True)
 
     def stop(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
+        if self.step is not None:
+            self.step.__exit__(None, None, None)
+            self.step = None
 
 
 @click.command()

@@ -15,7 +15,7 @@ from deploykit.fileio import atomic_output
 from deploykit.matrix.cell import SPEEDUP_DEFINITION, Cell
 
 COLUMNS = ("model", "target", "device", "batch", "precision", "status", "p50 ms", "spread", "p90 ms", "p99 ms",
-           "samples/s", "speed-up", "top-1 agr", "accuracy", "memory MiB", "rebuilt", "note")
+           "samples/s", "speed-up", "fp32 p50 ms", "top-1 agr", "accuracy", "memory MiB", "rebuilt", "note")
 
 
 def _f(value: float | None, fmt: str) -> str:
@@ -33,7 +33,8 @@ def row(c: Cell) -> list[str]:
     rebuilt = c.artifact.get("rebuilt")
     return [c.model, c.target, c.device, str(c.batch_size), c.precision, c.status, _f(c.p50_ms, ".3f"),
             "-" if c.spread is None else f"±{c.spread * 50:.0f}%", _f(c.p90_ms, ".3f"), _f(c.p99_ms, ".3f"),
-            _f(c.throughput, ".1f"), speed, _pct(c.top1_agreement), _pct(c.accuracy), _f(c.memory_mb, ".1f"),
+            _f(c.throughput, ".1f"), speed, _f(c.fp32_p50_ms, ".3f") if c.precision != "fp32" else "-",
+            _pct(c.top1_agreement), _pct(c.accuracy), _f(c.memory_mb, ".1f"),
             "-" if rebuilt is None else ("yes" if rebuilt else "no"), note]
 
 
@@ -97,29 +98,17 @@ def json_doc(cells: Sequence[Cell], meta: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def terminal(cells: Sequence[Cell], meta: Mapping[str, Any], plain: bool = False) -> str:
-    """The table as rich renders it (plain, unpadded tab-separated text when ``plain``)."""
-    short = ("model", "target", "batch", "precision", "status", "p50 ms", "spread", "p99 ms", "speed-up",
-             "top-1 agr", "accuracy", "rebuilt", "note")
-    idx = [COLUMNS.index(c) for c in short]
-    rows = [[row(c)[i] for i in idx] for c in cells]
-    if plain:
-        text = "\t".join(short) + "\n" + "\n".join("\t".join(r) for r in rows)
-    else:
-        from rich.console import Console
-        from rich.table import Table
+    """The table (rich, fitted to the terminal; plain aligned text when ``plain``), then the footer.
+    Each INT8 speed-up has the FP32 p50 it is relative to beside it."""
+    from deploykit.tables import escape, render
 
-        table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
-        for name in short:
-            table.add_column(name, overflow="fold", max_width=60 if name == "note" else None,
-                             justify="right" if name in ("batch", "p50 ms", "spread", "p99 ms", "speed-up",
-                                                         "top-1 agr", "accuracy") else "left")
-        for r, c in zip(rows, cells):
-            style = "red" if c.status == "error" else ("yellow" if c.guard else ("dim" if c.status == "not_run" else None))
-            table.add_row(*r, style=style)
-        console = Console(file=io.StringIO(), width=200, force_terminal=False, color_system=None)
-        console.print(table)
-        text = console.file.getvalue().rstrip()  # type: ignore[attr-defined]
-    return text + "\n\n" + "\n".join(footer(cells, meta))
+    short = ("model", "target", "batch", "precision", "status", "p50 ms", "spread", "p99 ms", "speed-up",
+             "fp32 p50 ms", "top-1 agr", "accuracy", "rebuilt", "note")
+    idx = [COLUMNS.index(c) for c in short]
+    rows = [[escape(row(c)[i]) for i in idx] for c in cells]
+    right = [short.index(n) for n in ("batch", "p50 ms", "spread", "p99 ms", "speed-up", "fp32 p50 ms", "top-1 agr",
+                                      "accuracy")]
+    return render(short, rows, tty=not plain, right=right) + "\n\n" + "\n".join(footer(cells, meta))
 
 
 # --------------------------------------------------------------------------------- HTML

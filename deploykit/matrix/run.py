@@ -23,8 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from deploykit import checks, data
-from deploykit import model as modelmod
+from deploykit import checks, data, model as modelmod
 from deploykit.errors import ConfigError, DeploykitError
 from deploykit.history import History
 from deploykit.matrix.cache import (

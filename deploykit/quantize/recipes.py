@@ -457,10 +457,10 @@ def _through(node: onnx.NodeProto, w: np.ndarray, m: np.ndarray) -> np.ndarray:
         cout, cin_g = w.shape[0], w.shape[1]
         per_out = w.reshape(cout, cin_g, -1).sum(-1)  # [cout, cin/g]
         m_in = m.reshape(group, cin_g)[np.arange(cout) // (cout // group)]  # each output's input group
-        return (per_out * m_in).sum(1)
+        return np.asarray((per_out * m_in).sum(1))
     if node.op_type == "Gemm" and _attr(node, "transB", 0):
-        return w @ m
-    return m @ w
+        return np.asarray(w @ m)
+    return np.asarray(m @ w)
 
 
 def _int8_weight(g: _Graph, node: onnx.NodeProto) -> tuple[str, np.ndarray, np.ndarray, int] | None:
@@ -602,7 +602,7 @@ def _adaround_layer(torch: Any, node: onnx.NodeProto, x: Any, y: Any, w: np.ndar
     err = error(wq)
     if not err < err_nearest:
         return None
-    return torch.clamp(base + hard, -127, 127).numpy().astype(np.int8)
+    return np.asarray(torch.clamp(base + hard, -127, 127).numpy(), dtype=np.int8)
 
 
 def post_placement(fp32: onnx.ModelProto, qdq: onnx.ModelProto, steps: Sequence[Step], data: DataSource,

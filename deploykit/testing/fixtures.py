@@ -29,7 +29,8 @@ def make_target(backend: type[Backend], name: str | None = None, device: str = "
 # small canonical models
 # ---------------------------------------------------------------------------------------
 #: kind -> (builder, example input shapes); "digits" is the trained ResNet-style CNN
-KINDS = ("resnet", "mobilenet", "encoder", "digits")
+#: "bert" is transformers' BertModel, small, exported with a dynamic batch AND sequence
+KINDS = ("resnet", "mobilenet", "encoder", "digits", "bert")
 
 
 def eval_feeds(kind: str, n: int, seed: int = 1) -> dict[str, np.ndarray]:
@@ -38,6 +39,8 @@ def eval_feeds(kind: str, n: int, seed: int = 1) -> dict[str, np.ndarray]:
 
     if kind == "encoder":
         return models.encoder_inputs(n, seed=seed)
+    if kind == "bert":
+        return models.bert_inputs(n, seed=seed)
     if kind == "digits":
         return {"x": models.digits().x_test[:n]}
     rng = np.random.default_rng(seed)
@@ -67,12 +70,14 @@ def export_kind(kind: str, path: Path | str, seed: int = 0) -> tuple[Path | str,
         module = models.mobilenet_cnn()
     elif kind == "encoder":
         module = models.tiny_encoder()
+    elif kind == "bert":
+        module = models.bert_encoder()
     else:
         raise ValueError(f"unknown kind {kind!r}; one of {KINDS}")
     module.eval()
     feeds = eval_feeds(kind, 2, seed=seed)
     example = tuple(torch.from_numpy(v) for v in feeds.values())
-    models.export_onnx(module, example, path, list(feeds))
+    models.export_onnx(module, example, path, list(feeds), dynamic_sequence=kind == "bert")
     _EXPORTED[(kind, seed)] = (Path(path).read_bytes(), module)
     return path, module
 

@@ -137,12 +137,64 @@ def encoder_inputs(n: int, vocab: int = 64, seq: int = 16, seed: int = 0) -> dic
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def bert_encoder(vocab: int = 96, dim: int = 32, heads: int = 2, layers: int = 2, max_positions: int = 64) -> Any:
+    """A small sentence-embedding encoder from transformers' own BertModel (random weights), mean-pooled
+    over the attention mask like sentence-transformers: exported, it has the same graph as a real
+    BERT-family encoder (Range, GatherND, Expand, And, Where, IsNaN for the mask; Erf GELU;
+    LayerNormalization; int64 inputs)."""
+    torch = _torch()
+    nn = _nn()
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=vocab, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=2 * dim, max_position_embeddings=max_positions, type_vocab_size=2,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+    class SentenceEncoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = BertModel(config, add_pooling_layer=False)
+
+        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                               token_type_ids=token_type_ids).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * mask).sum(1) / torch.clamp(mask.sum(1), min=1e-9)
+
+    return SentenceEncoder().eval()
+
+
+def bert_inputs(n: int, seq: int = 16, vocab: int = 96, seed: int = 0) -> dict[str, np.ndarray]:
+    """Token ids with a [CLS] first, padded rows (mask 0 at the end), two token types."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, vocab, size=(n, seq), dtype=np.int64)
+    ids[:, 0] = 1
+    lengths = rng.integers(max(2, seq // 3), seq + 1, size=n)
+    mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
+    ids[mask == 0] = 0
+    types = (np.arange(seq)[None, :] >= (lengths[:, None] // 2)).astype(np.int64) * mask
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+def export_legacy(module: Any, example: tuple[Any, ...], path: Path | str, input_names: list[str]) -> Path:
+    """Export with torch's legacy (TorchScript) exporter, batch and sequence dynamic, as older
+    pipelines and most published encoder .onnx files do."""
+    torch = _torch()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(module.eval(), tuple(example), str(path), dynamo=False, opset_version=17,
+                          input_names=input_names, output_names=["embedding"],
+                          dynamic_axes={name: {0: "batch", 1: "sequence"} for name in input_names})
+    return path
+
+
 def export_onnx(module: Any, example: tuple[Any, ...], path: Path | str, input_names: list[str] | None = None,
-                dynamic_batch: bool = True) -> Path:
+                dynamic_batch: bool = True, dynamic_sequence: bool = False) -> Path:
     """Export for tests and benches: :func:`deploykit.model.export_torch`."""
     from deploykit.model import export_torch
 
-    return export_torch(module, example, path, input_names, dynamic_batch)
+    return export_torch(module, example, path, input_names, dynamic_batch, dynamic_sequence)
 
 
 @dataclass

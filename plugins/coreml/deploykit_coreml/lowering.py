@@ -13,16 +13,15 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, NoReturn
 
 import numpy as np
 import onnx
 
-from deploykit.errors import ConfigError, LoweringError
 from deploykit.canonical import QdqGraph
+from deploykit.errors import ConfigError, LoweringError
 
 #: Deployment targets that have int8 activation quantize/dequantize (the iOS17 opset).
 DEPLOYMENT_TARGETS = ("iOS17", "macOS14", "iOS18", "macOS15")
@@ -63,7 +62,7 @@ class InputSpec:
 
     coreml_name: str
     onnx_name: str
-    shape: tuple[int | None, ...]
+    shape: tuple[int | str | None, ...]  # None: the batch; a name: a dynamic dimension such as the sequence
     dtype: str  # "fp32" or "int32" (int64 ONNX inputs become int32: Core ML has no int64 inputs)
 
 
@@ -174,7 +173,7 @@ class LoweringContext:
     def scalar_like(self, value, number: float):
         return np.int32(number) if self.is_integer(value) else np.float32(number)
 
-    def unsupported(self, node: onnx.NodeProto, why: str):
+    def unsupported(self, node: onnx.NodeProto, why: str) -> NoReturn:
         raise LoweringError(f"node '{node.name}' ({node.op_type}): {why}")
 
     # ---- Q/DQ ---------------------------------------------------------------------------
@@ -211,7 +210,7 @@ class LoweringContext:
     def _weight(self, node: onnx.NodeProto, p) -> None:
         from coremltools.converters.mil import Builder as mb
 
-        data = self.graph.const(node.input[0])
+        data = self.graph.constant(node.input[0])
         if data.dtype != np.int8:
             self.unsupported(node, f"weight '{node.input[0]}' is {data.dtype}; the canonical model stores int8")
         name = self.name(node)
@@ -258,22 +257,35 @@ def _input_specs(model: onnx.ModelProto) -> list[InputSpec]:
         else:
             kind = onnx.TensorProto.DataType.Name(tt.elem_type)
             raise LoweringError(f"input '{value.name}': element type {kind} has no Core ML input type")
-        shape: list[int | None] = []
+        shape: list[int | str | None] = []
         for i, dim in enumerate(tt.shape.dim):
             if dim.HasField("dim_value"):
                 shape.append(int(dim.dim_value))
             elif i == 0:
                 shape.append(None)  # the batch
-            else:
-                raise LoweringError(
-                    f"input '{value.name}': dimension {i} ('{dim.dim_param}') is dynamic; Core ML lowering "
-                    "supports a dynamic batch only: export the model with static non-batch dimensions")
+            else:  # a named dynamic dimension (a token sequence): inputs sharing the name share the dim
+                shape.append(dim.dim_param or f"{value.name}_dim{i}")
         name = mil_identifier(value.name)
         if name in used:
             raise LoweringError(f"input '{value.name}': two inputs map to the Core ML name '{name}'")
         used.add(name)
         out.append(InputSpec(name, value.name, tuple(shape), dtype))
     return out
+
+
+def dynamic_dims(inputs: list[InputSpec]) -> list[str]:
+    """The named dynamic (non-batch) dimensions of the inputs, in order of appearance."""
+    names: list[str] = []
+    for spec in inputs:
+        names += [d for d in spec.shape if isinstance(d, str) and d not in names]
+    return names
+
+
+def unsupported_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Every node with no Core ML lowering (the pre-flight lists them all before any work)."""
+    from deploykit_coreml.ops import OP_TABLE
+
+    return [n for n in model.graph.node if n.op_type not in OP_TABLE or n.domain not in ("", "ai.onnx")]
 
 
 def build_program(model: onnx.ModelProto, deployment_target: str, batch: str = "range",
@@ -286,20 +298,23 @@ def build_program(model: onnx.ModelProto, deployment_target: str, batch: str = "
     from deploykit_coreml.ops import OP_TABLE
 
     check_deployment_target(deployment_target)
-    unsupported = [n for n in model.graph.node if n.op_type not in OP_TABLE or n.domain not in ("", "ai.onnx")]
-    if unsupported:
-        n = unsupported[0]
-        more = f" (and {len(unsupported) - 1} more: {', '.join(sorted({u.op_type for u in unsupported[1:]}))})" \
-            if len(unsupported) > 1 else ""
-        raise LoweringError(f"node '{n.name}' ({n.domain + '::' if n.domain else ''}{n.op_type}): op type has no "
-                            f"Core ML lowering{more}; supported: see docs/backends/coreml.md")
+    unsupported = unsupported_nodes(model)
+    if unsupported:  # before any work: name every op type, and the first node of each
+        firsts: dict[str, str] = {}
+        for n in unsupported:
+            firsts.setdefault(f"{n.domain + '::' if n.domain else ''}{n.op_type}", n.name)
+        listed = ", ".join(f"{op} ('{name}')" for op, name in firsts.items())
+        raise LoweringError(f"{len(unsupported)} nodes of {len(firsts)} op types have no Core ML lowering: {listed}; "
+                            "supported ops: see docs/backends/coreml.md")
 
     inputs = _input_specs(model)
     opset = getattr(ct.target, deployment_target)
     symbol = get_new_symbol() if batch == "range" else None
+    symbols = {name: get_new_symbol() for name in dynamic_dims(inputs)}  # shared by inputs: same dim
     specs = {}
     for spec in inputs:
-        shape = tuple((symbol if batch == "range" else batch_size) if d is None else d for d in spec.shape)
+        shape = tuple((symbol if batch == "range" else batch_size) if d is None else symbols[d] if isinstance(d, str)
+                      else d for d in spec.shape)
         specs[spec.coreml_name] = mb.TensorSpec(shape=shape, dtype=types.fp32 if spec.dtype == "fp32" else types.int32)
 
     ctx = LoweringContext(model, deployment_target, fp16)
@@ -344,21 +359,72 @@ def pass_pipeline():
     return pipeline
 
 
+def dim_sizes(options: Mapping[str, Any]) -> list[int]:
+    """The enumerated sizes of the dynamic dimensions (sorted, unique)."""
+    return sorted({int(v) for v in options.get("dim_sizes", ()) or ()})
+
+
+def check_shapes(options: Mapping[str, Any]) -> None:
+    """Shape options, refused up front with what to do: enumerated shapes on several inputs need
+    iOS18/macOS15 (coremltools refuses them for earlier ML program targets at the end of a long
+    conversion)."""
+    shapes = options.get("shapes", "range")
+    if shapes not in ("range", "enumerated"):
+        raise ConfigError(f"coreml option shapes = {shapes!r}: use 'range' or 'enumerated'")
+    sizes = options.get("dim_sizes", ()) or ()
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes):
+        raise ConfigError(f"coreml option dim_sizes = {list(sizes)!r}: give positive integers, e.g. [16, 32, 64, 128]")
+    if int(options.get("max_dim", 512)) < 1:
+        raise ConfigError(f"coreml option max_dim = {options.get('max_dim')!r} must be >= 1")
+    if shapes == "enumerated":
+        if options.get("minimum_deployment_target") not in IOS18_TARGETS:
+            raise ConfigError(f"coreml option shapes = 'enumerated' needs minimum_deployment_target iOS18 or macOS15 "
+                              f"(is {options.get('minimum_deployment_target')!r}); use shapes = 'range' for iOS17/macOS14")
+        if not sizes:
+            raise ConfigError("coreml option shapes = 'enumerated' needs dim_sizes, the sizes of the dynamic "
+                              "dimensions to enumerate, e.g. dim_sizes = [16, 32, 64, 128]")
+
+
+def input_types(lowered: Lowered, options: Mapping[str, Any], max_batch: int) -> list:
+    """ct.TensorType per input: the batch and the named dynamic dims as RangeDims, or enumerated shapes
+    (every combination of the batch sizes and ``dim_sizes``, the same list on every input)."""
+    import coremltools as ct
+
+    ranged = options["batch"] == "range"
+    batch_default = min(int(options["batch_size"]), max_batch)
+    sizes = dim_sizes(options)
+    max_dim = int(options.get("max_dim", 512))
+    dim_default = min(sizes[0] if sizes else 128, max_dim)
+    names = dynamic_dims(lowered.inputs)
+    out = []
+    if options.get("shapes", "range") == "enumerated" and names:
+        batches = sorted({1, batch_default, max_batch}) if ranged else [int(options["batch_size"])]
+        combos = [(b, s) for b in batches for s in sizes]
+        for spec in lowered.inputs:
+            dtype = np.float32 if spec.dtype == "fp32" else np.int32
+            shapes = [tuple(b if d is None else s if isinstance(d, str) else d for d in spec.shape) for b, s in combos]
+            default = tuple(batch_default if d is None else sizes[0] if isinstance(d, str) else d for d in spec.shape)
+            out.append(ct.TensorType(name=spec.coreml_name, dtype=dtype,
+                                     shape=ct.EnumeratedShapes(shapes=shapes, default=default)))
+        return out
+    # one RangeDim object per dimension, shared by the inputs that share it
+    batch_dim = ct.RangeDim(1, max_batch, batch_default) if ranged else int(options["batch_size"])
+    named = {name: ct.RangeDim(1, max_dim, dim_default) for name in names}
+    for spec in lowered.inputs:
+        dtype = np.float32 if spec.dtype == "fp32" else np.int32
+        dims: list[Any] = [batch_dim if d is None else named[d] if isinstance(d, str) else d for d in spec.shape]
+        out.append(ct.TensorType(name=spec.coreml_name, shape=ct.Shape(tuple(dims)), dtype=dtype))
+    return out
+
+
 def convert(lowered: Lowered, options: Mapping[str, Any], max_batch: int):
     """ct.convert the program to an ML program (in memory; save with MLModel.save)."""
     import coremltools as ct
 
+    check_shapes(options)
     target = getattr(ct.target, options["minimum_deployment_target"])
     precision = ct.precision.FLOAT16 if options["compute_precision"] == "fp16" else ct.precision.FLOAT32
-    inputs = []
-    for spec in lowered.inputs:
-        dtype = np.float32 if spec.dtype == "fp32" else np.int32
-        if options["batch"] == "range":
-            default = min(int(options["batch_size"]), max_batch)
-            shape = ct.Shape(tuple(ct.RangeDim(1, max_batch, default) if d is None else d for d in spec.shape))
-        else:
-            shape = tuple(int(options["batch_size"]) if d is None else d for d in spec.shape)
-        inputs.append(ct.TensorType(name=spec.coreml_name, shape=shape, dtype=dtype))
+    inputs = input_types(lowered, options, max_batch)
     # coremltools draws a tqdm bar per pass pipeline on stderr; deploykit has its own progress
     quiet = contextlib.redirect_stderr(io.StringIO()) if not logging.getLogger().isEnabledFor(logging.DEBUG) \
         else contextlib.nullcontext()

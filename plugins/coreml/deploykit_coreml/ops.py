@@ -35,6 +35,20 @@ def _is_const(value) -> bool:
     return isinstance(value, np.ndarray)
 
 
+def _is_bool(value) -> bool:
+    if _is_const(value):
+        return bool(np.asarray(value).dtype == bool)
+    from coremltools.converters.mil.mil import types
+
+    return bool(types.is_bool(value.dtype))
+
+
+def _is_int32(value) -> bool:
+    from coremltools.converters.mil.mil import types
+
+    return bool(value.dtype == types.int32)
+
+
 class PartialShape(np.ndarray):
     """The Shape of a tensor with a dynamic batch: known dims, and -1 (Reshape's "infer") for the
     batch. Enough for Resize sizes and Reshape targets; arithmetic on it is refused."""
@@ -166,6 +180,7 @@ def cast(ctx, node):
              TensorProto.INT64: "int32", TensorProto.BOOL: "bool"}.get(to)
     if dtype is None:
         ctx.unsupported(node, f"Cast to {TensorProto.DataType.Name(to)} has no Core ML type")
+        return  # unsupported() raises
     x = ctx.input(node, 0)
     if _is_const(x):
         ctx.bind(node, ctx.constant(x.astype({"fp32": np.float32, "fp16": np.float32, "int32": np.int32,
@@ -358,7 +373,12 @@ def concat(ctx, node):
 
 def reshape(ctx, node):
     x = ctx.input(node, 0)
-    shape = np.asarray(ctx.const(node, 1)).astype(np.int64).copy()
+    target = ctx.input(node, 1)
+    if not _is_const(target):
+        # computed on the device (dynamic sequence) from real dims, so never 0: allowzero cannot matter
+        ctx.bind(node, _mb().reshape(x=x, shape=_int32(ctx, target, node.name), name=ctx.name(node)))
+        return
+    shape = np.asarray(target).astype(np.int64).copy()
     if np.count_nonzero(shape == -1) > 1:
         ctx.unsupported(node, "more than one inferred (-1 or dynamic) dimension in the target shape")
     if not attrs(node).get("allowzero", 0):  # 0 copies the input dimension
@@ -377,12 +397,23 @@ def reshape(ctx, node):
 def flatten(ctx, node):
     x = ctx.input(node, 0)
     shape = _shape(x)
-    axis = int(attrs(node).get("axis", 1)) % (len(shape) or 1)
-    inner = shape[axis:]
-    if not all(_static(d) for d in inner):
-        ctx.unsupported(node, "flattened dimensions must be static")
-    ctx.bind(node, _mb().reshape(x=x, shape=np.array([-1, int(np.prod(inner, dtype=np.int64))], np.int32)
-                                 if axis > 0 else np.array([1, -1], np.int32), name=ctx.name(node)))
+    axis = int(attrs(node).get("axis", 1))
+    axis = axis + len(shape) if axis < 0 else axis  # 0..rank: axis == rank gives [N, 1]
+    inner, outer = shape[axis:], shape[:axis]
+    mb = _mb()
+    if all(_static(d) for d in inner):
+        target = np.array([-1, int(np.prod(inner, dtype=np.int64))], np.int32) if axis > 0 else np.array([1, -1], np.int32)
+    elif all(_static(d) for d in outer):
+        target = np.array([int(np.prod(outer, dtype=np.int64)), -1], np.int32)
+    else:  # dynamic on both sides (a sequence): the outer size is computed in the program
+        name = ctx.name(node)
+        dims = mb.shape(x=x, name=ctx.fresh(name + "_shape"))
+        outer_size = mb.reduce_prod(x=_slice_1d(dims, 0, axis, ctx.fresh(name + "_outer")), axes=np.array([0], np.int32),
+                                    keep_dims=True, name=ctx.fresh(name + "_size"))
+        target = mb.concat(values=[outer_size, np.array([-1], np.int32)], axis=np.int32(0), name=ctx.fresh(name + "_to"))
+        ctx.bind(node, mb.reshape(x=x, shape=target, name=name))
+        return
+    ctx.bind(node, mb.reshape(x=x, shape=target, name=ctx.name(node)))
 
 
 def transpose(ctx, node):
@@ -428,12 +459,60 @@ def gather(ctx, node):
         taken = ctx.constant(np.take(np.asarray(x), indices, axis=axis))
         ctx.bind(node, taken.view(PartialShape) if _partial(x) and np.any(taken < 0) else taken)
         return
-    ctx.bind(node, _mb().gather(x=x, indices=indices, axis=np.int32(axis), name=ctx.name(node)))
+    mb = _mb()
+    name = ctx.name(node)
+    if _is_bool(x):  # MIL gathers no booleans: through int32 and back, exactly (the legacy export's mask)
+        x = ctx.constant(np.asarray(x).astype(np.int32)) if _is_const(x) else \
+            mb.cast(x=x, dtype="int32", name=ctx.fresh(name + "_int"))
+        y = mb.gather(x=x, indices=_int32(ctx, indices, name), axis=np.int32(axis), name=ctx.fresh(name + "_gather"))
+        ctx.bind(node, mb.cast(x=y, dtype="bool", name=name))
+        return
+    ctx.bind(node, mb.gather(x=x, indices=indices, axis=np.int32(axis), name=name))
+
+
+def _dynamic_slice(ctx, node, x):
+    """Slice whose starts or ends are computed on the device (a dynamic sequence length)."""
+    mb = _mb()
+    rank = _rank(x) if not _is_const(x) else np.ndim(x)
+    starts, ends = ctx.input(node, 1), ctx.input(node, 2)
+    axes = _axes(ctx.const(node, 3), rank) if len(node.input) > 3 and node.input[3] else list(range(rank))
+    steps = ctx.const(node, 4).astype(np.int64) if len(node.input) > 4 and node.input[4] else np.ones(len(axes))
+    if np.any(steps != 1):
+        ctx.unsupported(node, "Slice with computed bounds and steps other than 1")
+    name = ctx.name(node)
+
+    def full(bounds, default: int):
+        parts = []
+        for ax in range(rank):
+            if ax not in axes:
+                parts.append(np.array([default], np.int32))
+            elif _is_const(bounds):
+                v = int(np.clip(np.asarray(bounds).reshape(-1)[axes.index(ax)], np.iinfo(np.int32).min,
+                                np.iinfo(np.int32).max))
+                parts.append(np.array([v], np.int32))
+            else:
+                i = axes.index(ax)
+                piece = _int32(ctx, bounds, name)
+                if len(axes) > 1:
+                    piece = _slice_1d(piece, i, i + 1, ctx.fresh(name + "_b"))
+                elif _rank(piece) == 0:
+                    piece = mb.expand_dims(x=piece, axes=np.array([0], np.int32), name=ctx.fresh(name + "_b"))
+                parts.append(piece)
+        if all(_is_const(p) for p in parts):
+            return np.concatenate(parts)
+        return mb.concat(values=parts, axis=np.int32(0), name=ctx.fresh(name + "_bounds"))
+
+    masks = np.array([ax not in axes for ax in range(rank)])
+    ctx.bind(node, mb.slice_by_index(x=x, begin=full(starts, 0), end=full(ends, 0), begin_mask=masks,
+                                     end_mask=masks, name=name))
 
 
 def slice_(ctx, node):
     x = ctx.input(node, 0)
-    shape = _shape(x)
+    if any(not _is_const(ctx.input(node, i)) for i in (1, 2)):
+        _dynamic_slice(ctx, node, x)
+        return
+    shape = _shape(x) if not _is_const(x) else np.shape(x)
     rank = len(shape)
     starts, ends = ctx.const(node, 1).astype(np.int64), ctx.const(node, 2).astype(np.int64)
     axes = _axes(ctx.const(node, 3), rank) if len(node.input) > 3 and node.input[3] else list(range(len(starts)))
@@ -463,9 +542,38 @@ def slice_(ctx, node):
                                         end_mask=np.array(end_mask), name=ctx.name(node)))
 
 
+def _broadcast_to(ctx, node, x, target):
+    """ONNX Expand (bidirectional broadcast) to a shape computed on the device: x + zeros(shape).
+    Booleans go through int32 (MIL has no boolean add), so masks stay exact."""
+    mb = _mb()
+    name = ctx.name(node)
+    is_bool = _is_bool(x)
+    if _is_const(x):
+        x = ctx.constant(np.asarray(x).astype(np.int32) if is_bool else x)
+    elif is_bool:
+        x = mb.cast(x=x, dtype="int32", name=ctx.fresh(name + "_int"))
+    zero = np.float32(0) if not ctx.is_integer(x) else np.int32(0)
+    zeros = mb.fill(shape=_int32(ctx, target, name), value=zero, name=ctx.fresh(name + "_zeros"))
+    y = mb.add(x=x, y=zeros, name=ctx.fresh(name + "_add") if is_bool else name)
+    ctx.bind(node, mb.cast(x=y, dtype="bool", name=name) if is_bool else y)
+
+
+def _int32(ctx, value, name: str):
+    """A shape/index operand as int32 (Core ML has no int64 tensors)."""
+    if _is_const(value):
+        return np.asarray(value).astype(np.int32)
+    if _is_int32(value):
+        return value
+    return _mb().cast(x=value, dtype="int32", name=ctx.fresh(name + "_i32"))
+
+
 def expand(ctx, node):
     x = ctx.input(node, 0)
-    target = [int(d) for d in ctx.const(node, 1)]
+    target_value = ctx.input(node, 1)
+    if not _is_const(target_value):
+        _broadcast_to(ctx, node, x, target_value)
+        return
+    target = [int(d) for d in target_value]
     shape = list(_shape(x))
     rank = max(len(shape), len(target))
     shape = [1] * (rank - len(shape)) + shape
@@ -493,11 +601,26 @@ def expand(ctx, node):
 def shape(ctx, node):
     x = ctx.input(node, 0)
     dims = _shape(x)
-    if sum(not _static(d) for d in dims) > 1:
-        ctx.unsupported(node, "Shape of a tensor with more than one dynamic dimension")
     a = attrs(node)
-    dims = dims[a.get("start", 0):a.get("end", len(dims))]
-    ctx.bind(node, PartialShape(dims) if not all(_static(d) for d in dims) else ctx.constant(np.array(dims)))
+    start, end = a.get("start", 0), a.get("end", len(dims))
+    if _is_const(x) or all(_static(d) for d in dims[start:end]):
+        ctx.bind(node, ctx.constant(np.array(dims[start:end] if not _is_const(x) else np.shape(x)[start:end],
+                                             np.int32)))
+    elif all(_static(d) for d in dims[1:]):
+        # only the batch is dynamic: a constant with -1 for it, enough for Reshape / Resize targets
+        ctx.bind(node, PartialShape(dims[start:end]))
+    else:  # a dynamic sequence: the shape is computed on the device (MIL shape op, int32)
+        mb = _mb()
+        name = ctx.name(node)
+        value = mb.shape(x=x, name=name if (start, end) == (0, len(dims)) else ctx.fresh(name + "_all"))
+        if (start, end) != (0, len(dims)):
+            value = _slice_1d(value, start, end, name)
+        ctx.bind(node, value)
+
+
+def _slice_1d(value, start: int, end: int, name: str):
+    return _mb().slice_by_index(x=value, begin=np.array([start], np.int32), end=np.array([end], np.int32),
+                                name=name)
 
 
 def pad(ctx, node):
@@ -578,6 +701,74 @@ def constant(ctx, node):
     ctx.bind(node, ctx.constant(numpy_helper.to_array(a["value"].t)))
 
 
+def range_(ctx, node):
+    """ONNX Range (positions, the attention mask's indices): range_1d on scalars."""
+    start, limit, delta = (ctx.input(node, i) for i in range(3))
+    if all(_is_const(v) for v in (start, limit, delta)):
+        if _partial(start, limit, delta):
+            ctx.unsupported(node, "Range over the dynamic batch size; use batch = \"fixed\"")
+        ctx.bind(node, ctx.constant(np.arange(np.asarray(start).item(), np.asarray(limit).item(),
+                                              np.asarray(delta).item())))
+        return
+    mb = _mb()
+    name = ctx.name(node)
+    integer = any(ctx.is_integer(v) for v in (start, limit, delta))
+
+    def scalar(value, i):
+        if _is_const(value):
+            return np.asarray(value).reshape(()).astype(np.int32 if integer else np.float32)
+        if _rank(value) > 0:
+            value = mb.squeeze(x=value, name=ctx.fresh(f"{name}_s{i}"))
+        return _int32(ctx, value, name) if integer else value
+
+    ctx.bind(node, mb.range_1d(start=scalar(start, 0), end=scalar(limit, 1), step=scalar(delta, 2), name=name))
+
+
+def gather_nd(ctx, node):
+    """ONNX GatherND; boolean data (the attention mask) goes through int32 and back, exactly."""
+    mb = _mb()
+    x, indices = ctx.input(node, 0), ctx.input(node, 1)
+    batch_dims = int(attrs(node).get("batch_dims", 0))
+    name = ctx.name(node)
+    if _is_const(x) and _is_const(indices):
+        ctx.unsupported(node, "GatherND of constants (fold it before quantizing)")
+    is_bool = _is_bool(x)
+    if is_bool:
+        x = ctx.constant(np.asarray(x).astype(np.int32)) if _is_const(x) else \
+            mb.cast(x=x, dtype="int32", name=ctx.fresh(name + "_int"))
+    kwargs = {"batch_dims": np.int32(batch_dims)} if batch_dims else {}
+    y = mb.gather_nd(x=x, indices=_int32(ctx, indices, name), name=ctx.fresh(name + "_int") if is_bool else name,
+                     **kwargs)
+    ctx.bind(node, mb.cast(x=y, dtype="bool", name=name) if is_bool else y)
+
+
+def is_nan(ctx, node):
+    x = ctx.input(node, 0)
+    if _is_const(x):
+        ctx.bind(node, np.isnan(np.asarray(x)))
+        return
+    ctx.bind(node, _mb().not_equal(x=x, y=x, name=ctx.name(node)))  # NaN is the only value unequal to itself
+
+
+def constant_of_shape(ctx, node):
+    from onnx import numpy_helper
+
+    a = {x.name: x for x in node.attribute}
+    value = numpy_helper.to_array(a["value"].t).reshape(-1)[0] if "value" in a else np.float32(0)
+    target = ctx.input(node, 0)
+    if _is_const(target):
+        if _partial(target):
+            ctx.unsupported(node, "ConstantOfShape of the dynamic batch size; use batch = \"fixed\"")
+        ctx.bind(node, ctx.constant(np.full([int(d) for d in np.asarray(target)], value)))
+        return
+    mb = _mb()
+    name = ctx.name(node)
+    fill = ctx.constant(np.asarray(value).astype(np.int32) if np.asarray(value).dtype == bool else np.asarray(value))
+    y = mb.fill(shape=_int32(ctx, target, name), value=fill.reshape(()),
+                name=ctx.fresh(name + "_int") if np.asarray(value).dtype == bool else name)
+    ctx.bind(node, mb.cast(x=y, dtype="bool", name=name) if np.asarray(value).dtype == bool else y)
+
+
 def _quantize(ctx, node):
     ctx.quantize(node)
 
@@ -598,4 +789,5 @@ OP_TABLE: dict[str, Emitter] = {
     "Concat": concat, "Reshape": reshape, "Flatten": flatten, "Transpose": transpose,
     "Squeeze": squeeze, "Unsqueeze": unsqueeze, "Gather": gather, "Slice": slice_, "Expand": expand,
     "Shape": shape, "Pad": pad, "Resize": resize, "Constant": constant,
+    "Range": range_, "GatherND": gather_nd, "IsNaN": is_nan, "ConstantOfShape": constant_of_shape,
 }

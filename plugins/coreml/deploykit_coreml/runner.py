@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -23,6 +23,10 @@ MACOS_ONLY = "needs macOS: Core ML prediction has no Linux runtime"
 
 class CoreMLRunner(Runner):
     """``run(feeds)`` with NCHW numpy feeds keyed by canonical input names; outputs in canonical order."""
+
+    model: Any  # coremltools.models.MLModel
+    inputs: list[tuple[str, ...]]  # (Core ML name, canonical name, "fp32" | "int32")
+    outputs: list[str]
 
     def __init__(self, package: Path | str, compute_units: str = "ALL") -> None:
         if sys.platform != "darwin":

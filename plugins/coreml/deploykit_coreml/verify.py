@@ -174,7 +174,7 @@ def compare(model: onnx.ModelProto, stored_ops: Mapping[str, StoredOp], mil_name
         weight = g.is_weight_dq(node)
         expected_scale = _expected_scale(p.scale, fp16)
         if weight:
-            data = g.const(node.input[0])
+            data = g.constant(node.input[0])
             stored_data = op.params.get("quantized_data", op.params.get("data"))
             counts["weights_compared"] += 1
             counts["weight_values"] += int(data.size)
@@ -226,11 +226,11 @@ def quantized_compute(stored_ops: Mapping[str, StoredOp]) -> CheckResult:
 
     Core ML picks kernel precision on the device; this says what the program allows, not what runs."""
     producers = {op.name: op.type for op in stored_ops.values()}
-    layers = []
+    layers: list[dict[str, Any]] = []
     for op in stored_ops.values():
         if op.type not in COMPUTE_OPS:
             continue
-        feeds = [op.inputs.get(k) for k in ("x", "y", "weight") if op.inputs.get(k)]
+        feeds = [f for f in (op.inputs.get(k) for k in ("x", "y", "weight")) if f]
         int8 = bool(feeds) and all(producers.get(f) in DEQUANTIZE_OPS for f in feeds)
         layers.append({"name": op.name, "type": op.type, "int8_inputs": int8})
     total = len(layers)

@@ -58,11 +58,19 @@ def _quant_shape(scale, x, axis):
     return scale.reshape(shape)
 
 
-def run_program(program, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+def run_program(program, feeds: Mapping[str, np.ndarray], trace: dict | None = None,
+                substitute: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
+    """The program's outputs; ``trace``, when given, receives every op's output by MIL name.
+
+    ``substitute`` (MIL name -> value): after computing such an op, record its own result in
+    ``trace`` but feed the given value to the ops after it: each layer then runs on the reference's
+    inputs, so differences do not compound (a layer-by-layer comparison)."""
+    computed: dict[str, np.ndarray] = {}
     torch = _torch()
     F = torch.nn.functional
     fn = program.functions["main"]
-    env: dict[str, np.ndarray] = {name: np.asarray(v) for name, v in feeds.items()}
+    env: dict[str, np.ndarray] = trace if trace is not None else {}
+    env.update({name: np.asarray(v) for name, v in feeds.items()})
     for op in fn.operations:
         t = op.op_type
         if t == "const":
@@ -120,8 +128,8 @@ def run_program(program, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
             out = np.matmul(xx, yy)
         elif t in _ELEMENTWISE:
             out = _ELEMENTWISE[t](a)
-        elif t in ("reduce_mean", "reduce_max", "reduce_sum"):
-            f = {"reduce_mean": np.mean, "reduce_max": np.max, "reduce_sum": np.sum}[t]
+        elif t in ("reduce_mean", "reduce_max", "reduce_sum", "reduce_prod"):
+            f = {"reduce_mean": np.mean, "reduce_max": np.max, "reduce_sum": np.sum, "reduce_prod": np.prod}[t]
             axes = tuple(int(v) for v in a["axes"]) if "axes" in a else None
             out = f(x, axis=axes, keepdims=bool(a.get("keep_dims", False)))
         elif t in ("max_pool", "avg_pool"):
@@ -156,15 +164,29 @@ def run_program(program, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         elif t == "gather":
             out = np.take(x, a["indices"].astype(np.int64), axis=int(a.get("axis", 0)))
         elif t == "slice_by_index":
-            index = []
+            index: list = []
             for i in range(x.ndim):
                 bm = bool(a["begin_mask"][i]) if "begin_mask" in a else False
                 em = bool(a["end_mask"][i]) if "end_mask" in a else False
                 st = int(a["stride"][i]) if "stride" in a else 1
+                if "squeeze_mask" in a and bool(a["squeeze_mask"][i]):
+                    index.append(int(a["begin"][i]))  # one element, its axis dropped
+                    continue
                 index.append(slice(None if bm else int(a["begin"][i]), None if em else int(a["end"][i]), st))
             out = x[tuple(index)]
         elif t == "select":
             out = np.where(a["cond"], a["a"], a["b"])
+        elif t == "shape":
+            out = np.array(x.shape, np.int32)
+        elif t == "range_1d":
+            out = np.arange(a["start"], a["end"], a["step"])
+        elif t == "gather_nd":
+            idx = np.asarray(a["indices"]).astype(np.int64)
+            if int(a.get("batch_dims", 0)):
+                raise NotImplementedError("gather_nd with batch_dims")
+            out = x[tuple(np.moveaxis(idx, -1, 0))]
+        elif t == "fill":
+            out = np.full([int(v) for v in a["shape"]], a.get("value", 0))
         elif t == "fill_like":
             out = np.full(a["ref_tensor"].shape, a.get("value", 0))
         elif t == "softmax":
@@ -201,8 +223,14 @@ def run_program(program, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
                                 align_corners=align).numpy()
         else:
             raise NotImplementedError(f"reference has no MIL op '{t}' ({op.name})")
-        env[op.outputs[0].name] = np.asarray(out)
-    return [env[v.name] for v in fn.outputs]
+        name = op.outputs[0].name
+        env[name] = np.asarray(out)
+        if substitute is not None and name in substitute:
+            computed[name] = env[name]
+            env[name] = np.asarray(substitute[name]).astype(env[name].dtype)
+    outputs = [env[v.name] for v in fn.outputs]
+    env.update(computed)
+    return outputs
 
 
 def _binary(f):
@@ -214,7 +242,7 @@ _ELEMENTWISE = {
     "real_div": _binary(np.divide), "floor_div": _binary(np.floor_divide), "pow": _binary(np.power),
     "maximum": _binary(np.maximum), "minimum": _binary(np.minimum), "greater": _binary(np.greater),
     "greater_equal": _binary(np.greater_equal), "less": _binary(np.less), "less_equal": _binary(np.less_equal),
-    "equal": _binary(np.equal), "logical_and": _binary(np.logical_and), "logical_or": _binary(np.logical_or),
+    "equal": _binary(np.equal), "not_equal": _binary(np.not_equal), "logical_and": _binary(np.logical_and), "logical_or": _binary(np.logical_or),
     "relu": lambda a: np.maximum(a["x"], 0), "relu6": lambda a: np.clip(a["x"], 0, 6),
     "clip": lambda a: np.clip(a["x"], a["alpha"], a["beta"]),
     "sigmoid": lambda a: 1 / (1 + np.exp(-a["x"])), "tanh": lambda a: np.tanh(a["x"]),

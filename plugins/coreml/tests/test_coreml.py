@@ -211,7 +211,6 @@ def test_untouched_copy_still_verifies(artifacts, canonicals, workdir):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("deployment_target", ["iOS17", "iOS18"])
 def test_lowered_program_computes_the_canonical_model(kind, deployment_target, canonicals):
-    import onnxruntime as ort
 
     run_program = _mil_reference().run_program
     canonical = canonicals[kind]
@@ -317,10 +316,9 @@ def test_bad_option_values_are_config_errors(canonicals, workdir):
 
 
 def test_options_validate_through_targets_toml(tmp_path):
+    import deploykit_coreml
     from deploykit.plugins import PluginInfo, Registry
     from deploykit.targets import load_targets
-
-    import deploykit_coreml
 
     registry = Registry()
     registry.add_plugin(deploykit_coreml, PluginInfo("coreml", "deploykit_coreml"))
@@ -361,7 +359,6 @@ def test_load_off_macos_is_unavailable(artifacts):
 @pytest.mark.skipif(not ON_MACOS, reason=MACOS_ONLY)
 @pytest.mark.parametrize("kind", KINDS)
 def test_runs_on_macos_and_agrees_with_canonical(kind, artifacts, canonicals):
-    import onnxruntime as ort
 
     from deploykit.checks import compare
 

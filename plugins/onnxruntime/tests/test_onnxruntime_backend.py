@@ -7,8 +7,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from deploykit.checks import compare
 from deploykit.canonical import QdqGraph
+from deploykit.checks import compare
 from deploykit.errors import ConfigError
 from deploykit.reference import run_canonical
 from deploykit.testing import eval_feeds, make_canonical, make_target
@@ -44,9 +44,14 @@ def test_lowering_is_lossless(kind, activations, canonicals, tmp_path):
     assert compare(want, backend.load(artifact, fused).run(feeds))["rel_l2"] < 1e-3
     lowered = onnx.load(str(artifact.path))
     g = QdqGraph(lowered)
+    from deploykit_onnxruntime import input_quantizers
+
+    kept = input_quantizers(lowered)  # the model inputs' quantizers stay int8 (docs/layers.md)
     act_types = {g.params(n).zero_point.dtype for n in lowered.graph.node
-                 if n.op_type in ("QuantizeLinear", "DequantizeLinear") and not g.is_weight_dq(n)}
+                 if n.op_type in ("QuantizeLinear", "DequantizeLinear") and not g.is_weight_dq(n) and n.name not in kept}
     assert act_types == {np.dtype(activations)}
+    assert {g.params(n).zero_point.dtype for n in lowered.graph.node if n.name in kept} <= {np.dtype(np.int8)}
+    assert bool(kept) == (kind != "encoder")  # the encoder's inputs are token ids: nothing to quantize
     if kind != "encoder":  # CNNs: every Relu/Clip between int8 convs became an integer Clip
         assert artifact.metadata["integer_relu_clip"] > 0
         assert not [n for n in lowered.graph.node if n.op_type == "Relu"

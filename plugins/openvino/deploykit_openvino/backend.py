@@ -11,12 +11,23 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from deploykit.backend import (Artifact, Availability, Backend, CanonicalModel, Capability, CheckResult, Option, Runner, require,
-                               check_feeds, precision_audit)
+from deploykit.backend import (
+    Artifact,
+    Availability,
+    Backend,
+    CanonicalModel,
+    Capability,
+    CheckResult,
+    Option,
+    Runner,
+    check_feeds,
+    precision_audit,
+    require,
+)
+from deploykit.canonical import model_float_layers, model_profile
 from deploykit.cpu import u8s8_saturates
 from deploykit.errors import BackendUnavailable, ConfigError, LoweringError
 from deploykit.fileio import atomic_output, remove
-from deploykit.canonical import model_float_layers, model_profile
 
 INSTALL_HINT = "pip install 'deploykit[openvino]'"
 #: Virtual devices that name real ones after a colon ("AUTO:GPU,CPU").
@@ -75,7 +86,7 @@ class OpenVINOBackend(Backend):
     artifact_suffix = ".xml"
     activation_profiles = ("symmetric", "asymmetric")  # zero points become FakeQuantize ranges, exactly
     metrics = ("int8_fraction",)
-    capabilities = frozenset({Capability.FP32_RUNNER})
+    capabilities = frozenset({Capability.FP32_RUNNER, Capability.LAYER_RUNNER})
     options = {
         "device_name": Option(str, "", "OpenVINO device name (CPU, GPU, GPU.1, NPU, AUTO:GPU,CPU); "
                                   "empty: the targets.toml device kind upper-cased"),
@@ -215,6 +226,40 @@ class OpenVINOBackend(Backend):
         device = device_name(target)
         config = _supported_config(core, device, compile_config({**target.options, "inference_precision": "f32"}))
         return OpenVINORunner(core, read_onnx(core, Path(canonical.fp32_path)), device, config)
+
+
+    def layer_runner(self, artifact: Artifact, canonical: CanonicalModel, target, cut: Any) -> Any:
+        """The canonical model cut at every quantized tensor, through the lowering's own path
+        (read_model of the QDQ ONNX, the target's compile config): what OpenVINO computes for
+        each layer from the canonical inputs."""
+        from deploykit.layers import OnnxLayerRunner
+
+        ov = _ov()
+        core = ov.Core()
+        device = device_name(target)
+        config = _supported_config(core, device, compile_config(target.options))
+
+        def make_runner(model) -> Any:
+            import onnx
+
+            with tempfile.TemporaryDirectory(prefix="deploykit-ov-layers-") as tmp:
+                path = Path(tmp) / "cut.onnx"
+                onnx.save(model, str(path))
+                compiled = core.compile_model(read_onnx(core, path, model), device, config)
+            request = compiled.create_infer_request()
+            names = [(out, set(out.get_names())) for out in compiled.outputs]
+
+            def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+                results = request.infer(dict(feeds))
+                values = {}
+                for out, aliases in names:
+                    for alias in aliases:
+                        values[alias] = np.asarray(results[out])
+                return values
+
+            return run
+
+        return OnnxLayerRunner(canonical.model, cut, make_runner)
 
 
 def _text(value: Any) -> str:

@@ -65,7 +65,7 @@ def _evaluate(output: Any, substitute: dict[tuple[str, int], np.ndarray]) -> np.
     raise _NotEvaluable(f"{kind} '{node.get_friendly_name()}'")
 
 
-def _close(actual: np.ndarray, expected: np.ndarray) -> bool:
+def _close(actual: np.ndarray, expected: np.ndarray | np.floating[Any]) -> bool:
     try:
         a, e = np.broadcast_arrays(np.asarray(actual, np.float64), np.asarray(expected, np.float64))
     except ValueError:
@@ -167,7 +167,7 @@ def _check_fake_quantize(fq: Any, q: onnx.NodeProto, scale: float, zp: int, g: Q
 
 def _check_weight(dq: onnx.NodeProto, g: QdqGraph, producer: dict[str, Any]) -> list[str]:
     name = f"weight '{dq.input[0]}' (DequantizeLinear '{dq.name}')"
-    w = g.const(dq.input[0])
+    w = g.constant(dq.input[0])
     p = g.params(dq)
     scale = p.scale
     if p.axis is not None:
@@ -218,7 +218,7 @@ def runtime_layers(runtime_model: Any, canonical: onnx.ModelProto) -> list[tuple
         rt = op.get_rt_info()
         layer_type, precision = _rt_str(rt, "layerType"), _rt_str(rt, "runtimePrecision")
         originals = _rt_str(rt, "originalLayersNames").split(",") + [op.get_friendly_name()]
-        claimed = {_canonical_name(o, aliases) for o in originals} - {None}
+        claimed = {c for c in (_canonical_name(o, aliases) for o in originals) if c is not None}
         for name in claimed:
             # a Reorder may also name the node; the layer that computes it wins
             if name not in claims or _computes(layer_type):

@@ -17,11 +17,11 @@ ov = pytest.importorskip("openvino")
 ort = pytest.importorskip("onnxruntime")
 
 from deploykit.backend import CanonicalModel, precision_audit  # noqa: E402
+from deploykit.canonical import COMPUTE_OPS, CalibrationTable  # noqa: E402
 from deploykit.cpu import u8s8_saturates  # noqa: E402
 from deploykit.errors import BackendUnavailable, ConfigError, LoweringError  # noqa: E402
-from deploykit.canonical import COMPUTE_OPS, CalibrationTable  # noqa: E402
-from deploykit.targets import Device, Target  # noqa: E402
 from deploykit.reference import run_canonical, session  # noqa: E402
+from deploykit.targets import Device, Target  # noqa: E402
 from deploykit.testing import eval_feeds, make_canonical, make_target  # noqa: E402
 from deploykit_openvino import OpenVINOBackend  # noqa: E402
 from deploykit_openvino.verify import runtime_layers, verify_scales  # noqa: E402

@@ -1,7 +1,6 @@
 """deploykit's TensorRT backend plugin. Importing it never imports tensorrt."""
 
 import deploykit
-
 from deploykit_tensorrt.backend import TensorRTBackend
 
 __all__ = ["TensorRTBackend"]

@@ -6,16 +6,35 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deploykit.backend import (Artifact, Availability, Backend, CanonicalModel, Capability, CheckResult, Option, Runner,
-                               input_names, output_names)
+from deploykit.backend import (
+    Artifact,
+    Availability,
+    Backend,
+    CanonicalModel,
+    Capability,
+    CheckResult,
+    Option,
+    Runner,
+    input_names,
+    output_names,
+)
+from deploykit.canonical import ASYMMETRIC, lint, model_float_layers, model_profile
 from deploykit.errors import BackendUnavailable, LoweringError
 from deploykit.fileio import atomic_output
-from deploykit.canonical import ASYMMETRIC, lint, model_float_layers, model_profile
-
 from deploykit_tensorrt import operators
-from deploykit_tensorrt.device import (INSTALL_HINT, EngineFacts, GpuInfo, check_sidecar, cuda_driver_present,
-                                       module_present, nvidia_smi, query_gpu, sidecar_path, tensorrt_version,
-                                       timing_cache_path)
+from deploykit_tensorrt.device import (
+    INSTALL_HINT,
+    EngineFacts,
+    GpuInfo,
+    check_sidecar,
+    cuda_driver_present,
+    module_present,
+    nvidia_smi,
+    query_gpu,
+    sidecar_path,
+    tensorrt_version,
+    timing_cache_path,
+)
 from deploykit_tensorrt.settings import HARDWARE_LEVELS, build_settings, trtexec_command
 
 if TYPE_CHECKING:  # pragma: no cover

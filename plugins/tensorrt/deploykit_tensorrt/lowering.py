@@ -14,7 +14,6 @@ from pathlib import Path
 
 from deploykit.errors import LoweringError
 from deploykit.fileio import atomic_output
-
 from deploykit_tensorrt.settings import BuildSettings
 
 _HARDWARE_ENUM = {"none": "NONE", "ampere_plus": "AMPERE_PLUS", "same_compute_capability": "SAME_COMPUTE_CAPABILITY"}

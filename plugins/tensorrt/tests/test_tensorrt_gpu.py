@@ -11,7 +11,6 @@ import pytest
 from deploykit.checks import compare
 from deploykit.reference import run_canonical
 from deploykit.testing import eval_feeds, make_canonical, make_target
-
 from deploykit_tensorrt import TensorRTBackend
 from deploykit_tensorrt.device import EngineFacts, EngineMismatch, query_gpu, sidecar_path, tensorrt_version
 

@@ -13,14 +13,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import deploykit_tensorrt
 from deploykit.backend import CanonicalModel
+from deploykit.canonical import CalibrationTable
 from deploykit.errors import BackendUnavailable, LoweringError
 from deploykit.plugins import Registry
-from deploykit.canonical import CalibrationTable
 from deploykit.targets import load_targets
 from deploykit.testing import make_target
-
-import deploykit_tensorrt
 from deploykit_tensorrt import TensorRTBackend, audit, backend as backend_module, device
 from deploykit_tensorrt.device import EngineFacts, EngineMismatch, GpuInfo, check_compatible, check_sidecar
 from deploykit_tensorrt.settings import build_settings

@@ -26,8 +26,8 @@ import numpy as np
 import onnx
 
 from deploykit.backend import CanonicalModel, input_names, output_names
-from deploykit.errors import LoweringError
 from deploykit.canonical import QdqGraph, attrs
+from deploykit.errors import LoweringError
 
 #: TFLite's int8 kernels fix these outputs' parameters (scale, zero point); the canonical
 #: model leaves them float because zero point 0 cannot meet them.
@@ -250,7 +250,9 @@ class Lowering:
         if channels is not None:  # one group of a grouped conv: its own filter constant
             w, scales = w[..., channels], scales[channels]
         name = self.unique(f"dkw/{safe_name(node.input[index])}")
-        self.result.weights[name] = WeightSpec(self.g.dq_feeding(node.input[index]).input[0], node.name, scales, w)
+        dq = self.g.dq_feeding(node.input[index])
+        assert dq is not None  # weight() found it
+        self.result.weights[name] = WeightSpec(dq.input[0], node.name, scales, w)
         tf = self.tf
         if not self.with_fake_quant:
             return tf.constant(w.astype(np.float32) * scales)
@@ -328,7 +330,7 @@ class Lowering:
             spec = QuantSpec(src.scale, src.zero_point, "derived", name)
         self.emit(node, t, index, spec)
 
-    def constant_operand(self, node: onnx.NodeProto, c: np.ndarray):
+    def constant_operand(self, node: onnx.NodeProto, c: np.ndarray | np.generic):
         """A float constant an int8 op reads: quantized per-tensor with its own range."""
         amax = float(np.abs(c).max(initial=0.0)) or 1.0
         spec = QuantSpec(float(np.float32(amax / 127)), 0, "derived", f"constant of {node.name}")

@@ -121,7 +121,7 @@ def _conv(lw: Lowering, node: onnx.NodeProto) -> None:
     a, kernel, strides, dilations, pads, auto_pad = _spatial(node, x)
     group = a.get("group", 1)
     kind = group_kind(lw, node)
-    kernel = kernel or list(lw.g.weight(node.input[1])[0].shape[2:])
+    kernel = kernel or list(lw.g.weight_of(node.input[1])[0].shape[2:])
     padding = _padding([int(x.shape[1]), int(x.shape[2])], kernel, strides, dilations, pads, auto_pad)
     if isinstance(padding, list):
         x = _explicit_pad(lw, node, x, padding)
@@ -137,7 +137,7 @@ def _conv(lw: Lowering, node: onnx.NodeProto) -> None:
         f = lw.weight_filter(node, 1, lambda w: w.transpose(2, 3, 1, 0))  # OIHW -> HWIO
         y = tf.nn.conv2d(x, f, [1, *strides, 1], padding, dilations=dilations)
     else:
-        out_channels = lw.g.weight(node.input[1])[0].shape[0]
+        out_channels = lw.g.weight_of(node.input[1])[0].shape[0]
         per_group = out_channels // group
         # a per-channel fake-quant must not be split (the converter rejects it): one filter per group
         fs = [lw.weight_filter(node, 1, lambda w: w.transpose(2, 3, 1, 0), slice(i * per_group, (i + 1) * per_group))
@@ -172,7 +172,7 @@ def _dense(lw: Lowering, node: onnx.NodeProto) -> None:
         to_kn = (lambda w: w.T) if a.get("transB", 0) else (lambda w: w)
     else:
         to_kn = lambda w: w
-    weight = lw.g.weight(node.input[1])[0]
+    weight = lw.g.weight_of(node.input[1])[0]
     if weight.ndim != 2:
         raise lw.error(node, f"weight of rank {weight.ndim}: only 2-D weights are supported")
     x = lw.onnx_order(lw.values[node.input[0]])
@@ -441,6 +441,8 @@ def _squeeze_like(lw: Lowering, node: onnx.NodeProto) -> None:
         axes = [ax + r if ax < 0 else ax for ax in (axes if axes else [i for i, d in enumerate(in_shape) if d == 1])]
         shape = [d for i, d in enumerate(in_shape) if i not in axes]
     else:
+        if axes is None:
+            raise lw.error(node, "Unsqueeze without axes")
         r = len(in_shape) + len(axes)
         axes = sorted(ax + r if ax < 0 else ax for ax in axes)
         shape = list(in_shape)
@@ -476,7 +478,9 @@ def _pad(lw: Lowering, node: onnx.NodeProto) -> None:
     x = lw.values[node.input[0]]
     a = attrs(node)
     pads = lw.require_const(node, 1).reshape(-1).tolist() if len(node.input) > 1 and node.input[1] else a.get("pads")
-    value = float(lw.const(node.input[2])) if len(node.input) > 2 and node.input[2] else float(a.get("value", 0.0))
+    if pads is None:
+        raise lw.error(node, "Pad without pads")
+    value = float(lw.require_const(node, 2)) if len(node.input) > 2 and node.input[2] else float(a.get("value", 0.0))
     mode = a.get("mode", b"constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
     r = lw.rank(x)

@@ -69,7 +69,8 @@ class LiteRTRunner(Runner):
         it = self._for_batch(batch)
         if it is None:  # not resizable: run compiled-size chunks
             return self._run_chunks(feeds, batch)
-        return self._invoke(*it, feeds)
+        interpreter, ins, outs = it
+        return self._invoke(interpreter, ins, outs, feeds)
 
     def _for_batch(self, batch: int):
         if batch in self._interpreters:

@@ -19,8 +19,8 @@ pytest.importorskip("ai_edge_litert")
 ort = pytest.importorskip("onnxruntime")
 
 from deploykit.backend import CanonicalModel  # noqa: E402
-from deploykit.errors import BackendUnavailable, LoweringError  # noqa: E402
 from deploykit.canonical import QdqGraph  # noqa: E402
+from deploykit.errors import BackendUnavailable, LoweringError  # noqa: E402
 from deploykit.reference import run_canonical  # noqa: E402
 from deploykit.testing import eval_feeds, make_canonical, make_target  # noqa: E402
 from deploykit.testing.conformance import run_conformance, unsupported_model  # noqa: E402
