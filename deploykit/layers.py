@@ -106,9 +106,10 @@ def cut_model(model: onnx.ModelProto, tensors: Iterable[str], types: Mapping[str
     ``OUTPUT_PREFIX + name``, and its consumers read a new graph input of the same name.
 
     ``types`` gives each tensor's element type (default: the type of its QuantizeLinear's zero
-    point, or of the producer's output in the model's value_info)."""
+    point; int8 when the producer is another op)."""
     cut = onnx.ModelProto()
     cut.CopyFrom(model)
+    tensors = list(tensors)  # iterated twice
     wanted = set(tensors)
     elem = dict(types or {})
     for node in cut.graph.node:

@@ -158,6 +158,7 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
     log.debug("normalised %s: opset 18, constants and BatchNorm folded, %d nodes; inputs %s", model,
               len(fp32.graph.node), ", ".join(f"{k} {d} {list(s)}" for k, (s, d) in specs.items()))
 
+    signals.checkpoint()  # between stages: a safe point to stop
     with stage("opening the data"):
         calib_src = data.open_source(calib_cfg.data, specs, preprocess, calib_cfg.samples)
         if calib_src is None:
@@ -174,6 +175,7 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
             calib_src.exact_batches = eval_src.exact_batches = True
             targets = [_at_batch(t, fixed_batch, events) for t in targets]
 
+    signals.checkpoint()  # between stages: a safe point to stop
     with stage("checking the data against the model"):
         eval_batch = fixed_batch or (max(t.batch_sizes[0] for t in targets) if targets else 1)
         session = _ort_session_from_model(fp32)
@@ -183,6 +185,7 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
             session.run(None, eval_batches[0])[0]
         classification = _check_task(first_output, options.task, labels, eval_src.description)
         del session
+    signals.checkpoint()  # between stages: a safe point to stop
     with stage("probing the backends"):
         availability = {t.name: registry.get(t.backend).probe(t) for t in targets}
     stages["load_and_check"] = time.monotonic() - started

@@ -243,6 +243,8 @@ class _Runner:
         reference = checks.run_all(_ort_runner(canonical.fp32_path, {}), feeds)
         classification = checks.classifies(m.task, reference[0])
         fp32_acc = checks.task_accuracy(reference[0], label_arr) if label_arr is not None and classification else None
+        if feeds:  # what a target that needs fixed shapes (TFLite) fixes dynamic dims to, as the build does
+            canonical = replace(canonical, example_shapes={name: (1, *a.shape[1:]) for name, a in feeds[0].items()})
         return _Prepared(canonical, ckey, built, feeds, label_arr, reference, classification, fp32_acc, fixed)
 
     # ------------------------------------------------------------------ per model x target
@@ -279,7 +281,8 @@ class _Runner:
             self._errors(m, t, todo, f"{type(exc).__name__}: {exc}")
 
     def lower(self, backend: Any, t: Target, prep: _Prepared) -> tuple[Any, dict[str, Any]]:
-        akey = key_of("artifact", prep.canonical_key, t.backend, dict(t.options), self.env["versions"])
+        akey = key_of("artifact", prep.canonical_key, t.backend, dict(t.options), self.env["versions"],
+                      dict(prep.canonical.example_shapes or {}))
 
         def build(folder: Path) -> None:
             art = backend.lower(prep.canonical, t, folder / f"{t.name}{backend.artifact_suffix}")

@@ -8,6 +8,8 @@ Importing this module never imports coremltools: the SDK is loaded inside the ba
 
 from __future__ import annotations
 
+from typing import Callable
+
 import deploykit
 from deploykit_coreml.backend import CoreMLBackend
 
@@ -15,5 +17,5 @@ __all__ = ["CoreMLBackend"]
 
 
 @deploykit.hookimpl
-def deploykit_register_backends(register) -> None:
+def deploykit_register_backends(register: Callable[[type], None]) -> None:
     register(CoreMLBackend)

@@ -24,6 +24,7 @@ from deploykit.backend import (
     CheckResult,
     Option,
     Runner,
+    Target,
     require,
 )
 from deploykit.errors import BackendUnavailable, ConfigError, LoweringError
@@ -87,7 +88,7 @@ class CoreMLBackend(Backend):
                                                "one) the range's default; e.g. [16, 32, 64, 128]"),
     }
 
-    def probe(self, target) -> Availability:
+    def probe(self, target: Target) -> Availability:
         # found, not imported: importing coremltools takes ~5 s (it imports torch and TensorFlow)
         spec = importlib.util.find_spec("coremltools")
         if spec is None or not spec.submodule_search_locations:
@@ -104,7 +105,7 @@ class CoreMLBackend(Backend):
             return Availability(True, False, MACOS_ONLY, versions=versions)
         return Availability.ready(**versions, macos=platform.mac_ver()[0])
 
-    def preflight(self, canonical: CanonicalModel, target) -> tuple[list[CheckResult], dict[str, Any]]:
+    def preflight(self, canonical: CanonicalModel, target: Target) -> tuple[list[CheckResult], dict[str, Any]]:
         """Option and op-coverage checks that need no coremltools."""
         checks = []
         try:
@@ -139,7 +140,7 @@ class CoreMLBackend(Backend):
                     "removed_passes": list(REMOVED_PASSES)}
         return checks, metadata
 
-    def lower(self, canonical: CanonicalModel, target, dest: Path) -> Artifact:
+    def lower(self, canonical: CanonicalModel, target: Target, dest: Path) -> Artifact:
         from deploykit_coreml import lowering, verify
 
         ct = _ct()
@@ -195,12 +196,12 @@ class CoreMLBackend(Backend):
         }
         return Artifact(self.name, dest, files, metadata, checks)
 
-    def load(self, artifact: Artifact, target) -> Runner:
+    def load(self, artifact: Artifact, target: Target) -> Runner:
         if sys.platform != "darwin":
             raise BackendUnavailable(f"cannot run {artifact.path.name}: {MACOS_ONLY}")
         return CoreMLRunner(artifact.path, target.options.get("compute_units", "ALL"))
 
-    def layer_runner(self, artifact: Artifact, canonical: CanonicalModel, target, cut: Any) -> Runner:
+    def layer_runner(self, artifact: Artifact, canonical: CanonicalModel, target: Target, cut: Any) -> Runner:
         """Per-layer comparison needs Core ML's runtime (macOS), and on a Mac a package cut at every
         quantized tensor, which is not built yet: always unavailable, with the reason."""
         if sys.platform != "darwin":
@@ -208,7 +209,7 @@ class CoreMLBackend(Backend):
         raise BackendUnavailable("the Core ML per-layer runner is not built yet (the lowering is checked layer "
                                  "by layer in the test MIL interpreter)")
 
-    def device_info(self, target) -> dict[str, Any]:
+    def device_info(self, target: Target) -> dict[str, Any]:
         info: dict[str, Any] = {"platform": sys.platform, "machine": platform.machine(),
                                 "compute_units": target.options.get("compute_units", "ALL")}
         try:

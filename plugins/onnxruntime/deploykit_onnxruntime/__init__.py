@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import platform
 from pathlib import Path
-from typing import AbstractSet, Any, Mapping
+from typing import AbstractSet, Any, Callable, Mapping
 
 import numpy as np
 import onnx
@@ -43,6 +43,7 @@ from deploykit.backend import (
     CheckResult,
     Option,
     Runner,
+    Target,
     require,
 )
 from deploykit.canonical import QdqGraph, model_float_layers, model_profile
@@ -71,7 +72,7 @@ class OnnxRuntimeBackend(Backend):
                           "(uint8 exactly when this CPU lacks VNNI)", ("auto", "int8", "uint8")),
     }
 
-    def probe(self, target) -> Availability:
+    def probe(self, target: Target) -> Availability:
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -85,7 +86,7 @@ class OnnxRuntimeBackend(Backend):
                                 f"(available: {', '.join(ort.get_available_providers())})", self.install_hint)
         return Availability.ready(onnxruntime=ort.__version__)
 
-    def lower(self, canonical: CanonicalModel, target, dest: Path) -> Artifact:
+    def lower(self, canonical: CanonicalModel, target: Target, dest: Path) -> Artifact:
         model = onnx.ModelProto()
         model.CopyFrom(canonical.model)
         fused = add_output_qdq(model)
@@ -109,10 +110,10 @@ class OnnxRuntimeBackend(Backend):
                                                     "float_layers": floats},
                         (check, float_layer_audit(floats)) if floats else (check,))
 
-    def load(self, artifact: Artifact, target) -> "OrtRunner":
+    def load(self, artifact: Artifact, target: Target) -> "OrtRunner":
         return OrtRunner(artifact.path, target.options, require("onnxruntime", self.install_hint))
 
-    def layer_runner(self, artifact: Artifact, canonical: CanonicalModel, target, cut: Any) -> Any:
+    def layer_runner(self, artifact: Artifact, canonical: CanonicalModel, target: Target, cut: Any) -> Any:
         """The artifact itself, cut at every quantized tensor, in a session with the target's own
         options (integer kernels included): what this runtime computes for each layer."""
         from deploykit.layers import OnnxLayerRunner, onnxruntime_runner
@@ -122,7 +123,7 @@ class OnnxRuntimeBackend(Backend):
         return OnnxLayerRunner(onnx.load(str(artifact.path)), cut,
                                lambda model: onnxruntime_runner(model, session_options(target.options, ort), [provider]))
 
-    def device_info(self, target) -> dict[str, Any]:
+    def device_info(self, target: Target) -> dict[str, Any]:
         import onnxruntime as ort
 
         return {"onnxruntime": ort.__version__, "providers": ort.get_available_providers(),
@@ -397,5 +398,5 @@ def to_uint8_weights(model: onnx.ModelProto) -> int:
 
 
 @deploykit.hookimpl
-def deploykit_register_backends(register) -> None:
+def deploykit_register_backends(register: Callable[[type], None]) -> None:
     register(OnnxRuntimeBackend)

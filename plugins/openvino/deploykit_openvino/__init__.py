@@ -7,6 +7,8 @@ Importing this module never imports openvino: the SDK is loaded inside the backe
 
 from __future__ import annotations
 
+from typing import Callable
+
 import deploykit
 from deploykit_openvino.backend import OpenVINOBackend
 
@@ -14,5 +16,5 @@ __all__ = ["OpenVINOBackend"]
 
 
 @deploykit.hookimpl
-def deploykit_register_backends(register) -> None:
+def deploykit_register_backends(register: Callable[[type], None]) -> None:
     register(OpenVINOBackend)

@@ -20,6 +20,7 @@ from deploykit.backend import (
     CheckResult,
     Option,
     Runner,
+    Target,
     check_feeds,
     precision_audit,
     require,
@@ -101,7 +102,7 @@ class OpenVINOBackend(Backend):
     }
 
     # -- availability --------------------------------------------------------------------
-    def probe(self, target) -> Availability:
+    def probe(self, target: Target) -> Availability:
         try:
             ov = _ov()
             core = ov.Core()
@@ -117,11 +118,11 @@ class OpenVINOBackend(Backend):
                                 versions=versions)
         return Availability.ready(**versions)
 
-    def preflight(self, canonical: CanonicalModel, target) -> tuple[list[CheckResult], dict[str, Any]]:
+    def preflight(self, canonical: CanonicalModel, target: Target) -> tuple[list[CheckResult], dict[str, Any]]:
         return [], {"equivalent_command": f"ovc {canonical.path} --output_model <dest>.xml --compress_to_fp16=False",
                     "device": device_name(target), "config": compile_config(target.options)}
 
-    def device_info(self, target) -> dict[str, Any]:
+    def device_info(self, target: Target) -> dict[str, Any]:
         ov = _ov()
         core = ov.Core()
         device = device_name(target)
@@ -140,7 +141,7 @@ class OpenVINOBackend(Backend):
         return info
 
     # -- lowering ------------------------------------------------------------------------
-    def lower(self, canonical: CanonicalModel, target, dest: Path) -> Artifact:
+    def lower(self, canonical: CanonicalModel, target: Target, dest: Path) -> Artifact:
         ov = _ov()
         core = ov.Core()
         dest = Path(dest)
@@ -207,7 +208,7 @@ class OpenVINOBackend(Backend):
                                                  "float_layers": floats}
 
     # -- running -------------------------------------------------------------------------
-    def load(self, artifact: Artifact, target) -> Runner:
+    def load(self, artifact: Artifact, target: Target) -> Runner:
         ov = _ov()
         core = ov.Core()
         device = device_name(target)
@@ -218,7 +219,7 @@ class OpenVINOBackend(Backend):
         config = _supported_config(core, device, compile_config(target.options))
         return OpenVINORunner(core, core.read_model(artifact.path), device, config)
 
-    def fp32_runner(self, canonical: CanonicalModel, target, workdir: Path | None = None) -> "OpenVINORunner":
+    def fp32_runner(self, canonical: CanonicalModel, target: Target, workdir: Path | None = None) -> "OpenVINORunner":
         """The FP32 model on the same device and options, in real FP32 (INFERENCE_PRECISION_HINT=f32,
         not the CPU's bf16 default): the fair baseline for an OpenVINO speed-up."""
         ov = _ov()

@@ -64,6 +64,7 @@ class WeightSpec:
     node: str  # the ONNX node that consumes it
     scales: np.ndarray  # per output channel, the canonical scales
     values: np.ndarray  # int8, in the TF filter layout (output channel last)
+    bias: np.ndarray | None = None  # the float bias added after it (one per output channel)
 
 
 @dataclass
@@ -79,6 +80,10 @@ class Lowered:
     requantize_ops: dict[str, tuple[QuantSpec, QuantSpec]] = field(default_factory=dict)
     inputs: list[dict[str, Any]] = field(default_factory=list)
     outputs: list[dict[str, Any]] = field(default_factory=list)
+    islands: bool = False  # encoder: float except the tensors the canonical model quantizes
+    float_layers: list[str] = field(default_factory=list)  # declared float islands (canonical metadata)
+    #: canonical tensor -> output of the QuantizeLinear that reads it (for the tensor_map)
+    q_outputs: dict[str, str] = field(default_factory=dict)
 
 
 def _tf():
@@ -86,6 +91,18 @@ def _tf():
     import tensorflow as tf  # lazy: importing the plugin must not import TensorFlow
 
     return tf
+
+
+def declared_float_layers(model: onnx.ModelProto) -> list[str]:
+    """Node names the canonical model's metadata keeps float (``deploykit.float_layers``)."""
+    import json
+
+    meta = {p.key: p.value for p in model.metadata_props}
+    try:
+        names = json.loads(meta.get("deploykit.float_layers", "[]"))
+    except ValueError:
+        return []
+    return [str(n) for n in names] if isinstance(names, list) else []
 
 
 def safe_name(name: str) -> str:
@@ -97,8 +114,21 @@ def safe_name(name: str) -> str:
 # --------------------------------------------------------------------------------------
 # input shapes
 # --------------------------------------------------------------------------------------
-def fixed_input_shapes(model: onnx.ModelProto, overrides: Mapping[str, Any], target_name: str) -> dict[str, list[int]]:
-    """ONNX (NCHW) input shapes with every dynamic dim fixed: overrides, else batch 1."""
+def shapes_source(model: onnx.ModelProto, overrides: Mapping[str, Any], example: Mapping[str, Any] | None) -> str:
+    """Where fixed_input_shapes takes the shapes from, for the report."""
+    dynamic = [vi.name for vi in model.graph.input
+               if any(not (d.HasField("dim_value") and d.dim_value > 0) for d in vi.type.tensor_type.shape.dim[1:])]
+    if all(n in overrides for n in dynamic) and overrides:
+        return "targets.toml input_shapes"
+    if dynamic and example and all(n in example for n in dynamic):
+        return "the evaluation data (first batch, at batch 1)"
+    return "the model (dynamic batch compiled as 1)"
+
+
+def fixed_input_shapes(model: onnx.ModelProto, overrides: Mapping[str, Any], target_name: str,
+                       example: Mapping[str, Any] | None = None) -> dict[str, list[int]]:
+    """ONNX (NCHW) input shapes with every dynamic dim fixed: overrides, else the evaluation
+    data's shape (``example``, batch set to 1) for dynamic dims other than the batch, else batch 1."""
     inits = {i.name for i in model.graph.initializer}
     unknown = set(overrides) - set(input_names(model))
     if unknown:
@@ -127,13 +157,15 @@ def fixed_input_shapes(model: onnx.ModelProto, overrides: Mapping[str, Any], tar
                 shape.append(int(d.dim_value))
             elif i == 0:
                 shape.append(1)  # dynamic batch: compile batch 1, the runner resizes or loops
+            elif example and vi.name in example and len(example[vi.name]) == len(dims):
+                shape.append(int(example[vi.name][i]))  # e.g. the sequence length of the evaluation data
             else:
-                example = [str(x.dim_value) if x.HasField("dim_value") and x.dim_value > 0 else "?" for x in dims]
-                example[0] = "1" if example[0] == "?" else example[0]
+                hint = [str(x.dim_value) if x.HasField("dim_value") and x.dim_value > 0 else "?" for x in dims]
+                hint[0] = "1" if hint[0] == "?" else hint[0]
                 raise LoweringError(
                     f"input '{vi.name}' has dynamic dimension {i} ('{d.dim_param or '?'}') that the TFLite converter "
                     f"cannot handle; give a fixed shape in targets.toml: [targets.{target_name}.options] "
-                    f"input_shapes = {{ {vi.name} = [{', '.join(example)}] }} (replace ? with the size)")
+                    f"input_shapes = {{ {vi.name} = [{', '.join(hint)}] }} (replace ? with the size)")
         shapes[vi.name] = shape
     return shapes
 
@@ -157,9 +189,24 @@ class Lowering:
         self.folded: dict[str, np.ndarray] = {}  # shape arithmetic evaluated at the fixed input shapes
         self.quantized: dict[str, QuantSpec] = {}  # ONNX tensor -> the fake-quant applied to it
         self.result = Lowered(None)
+        self.result.q_outputs = {n.input[0]: n.output[0] for n in canonical.model.graph.node
+                                 if n.op_type == "QuantizeLinear"}
         self.absorbed: set[str] = set()  # nodes lowered as part of another (a MatMul's bias Add)
+        #: float islands mode (encoders): only the tensors the canonical model quantizes get a
+        #: fake-quant; everything else (LayerNorm, GELU, Softmax, mask arithmetic) stays float
+        #: or integer as in the canonical model, and tensors keep ONNX axis order.
+        self.islands = float_ops.needs_islands(canonical.model)
+        #: nodes the canonical model keeps float on purpose (its metadata): lowered float, their
+        #: inputs dequantized and their outputs quantized again where the canonical model does
+        self.float_layers = set(declared_float_layers(canonical.model))
+        self.nhwc = not self.islands
+        self.gelus: dict[str, tuple[str, bool]] = {}  # last node of an exported GELU -> (x, tanh form)
+        if self.islands:
+            self.gelus, absorbed = float_ops.find_gelus(self)
+            self.absorbed |= absorbed
         self.unquantized_outputs: set[str] = self._fused_activation_inputs()
         self._names: set[str] = set()
+        self._last_weight: str | None = None  # fake-quant name of the weight weight_filter made last
 
     # ---- helpers for op lowerings ---------------------------------------------------
     def error(self, node: onnx.NodeProto, message: str) -> LoweringError:
@@ -190,22 +237,26 @@ class Lowering:
     def rank(self, t) -> int:
         return len(t.shape)
 
+    def is_nhwc(self, t) -> bool:
+        """Whether a tensor is stored NHWC: 4-D tensors of a CNN; an encoder keeps ONNX order."""
+        return self.nhwc and self.rank(t) == 4
+
     def onnx_order(self, t):
-        """The tensor in ONNX axis order (4-D tensors are stored NHWC)."""
-        return self.tf.transpose(t, NHWC_TO_NCHW) if self.rank(t) == 4 else t
+        """The tensor in ONNX axis order (4-D tensors of a CNN are stored NHWC)."""
+        return self.tf.transpose(t, NHWC_TO_NCHW) if self.is_nhwc(t) else t
 
     def stored(self, t):
         """ONNX-order tensor -> stored layout."""
-        return self.tf.transpose(t, NCHW_TO_NHWC) if self.rank(t) == 4 else t
+        return self.tf.transpose(t, NCHW_TO_NHWC) if self.is_nhwc(t) else t
 
     def onnx_shape(self, t) -> list[int]:
         shape = [int(d) for d in t.shape]
-        return [shape[i] for i in NHWC_TO_NCHW] if len(shape) == 4 else shape
+        return [shape[i] for i in NHWC_TO_NCHW] if self.is_nhwc(t) else shape
 
     def axis(self, t, axis: int) -> int:
         r = self.rank(t)
         axis = axis + r if axis < 0 else axis
-        return ONNX_TO_NHWC_AXIS[axis] if r == 4 else axis
+        return ONNX_TO_NHWC_AXIS[axis] if self.is_nhwc(t) else axis
 
     def unique(self, base: str) -> str:
         name, i = base, 1
@@ -221,7 +272,9 @@ class Lowering:
         # TFLite names a tensor after the ops fused into its producer ("Relu_1;Conv2D_1"), so
         # both the fake-quant and the op it follows identify the tensor for the verification
         self.result.activations[name] = spec
-        if register_producer:
+        # not in islands mode: the converter names a QUANTIZE after its float producer plus a
+        # digit ("add_3" -> "add_31"), which can be another producer's name
+        if register_producer and not self.islands and not self.tf.executing_eagerly():
             self.result.activations.setdefault(t.op.name, spec)
         if not self.with_fake_quant:
             return t
@@ -237,6 +290,10 @@ class Lowering:
         (the canonical per-channel axis) last, where the per-channel fake-quant puts it.
         """
         weight = self.g.weight(node.input[index])
+        if weight is None and node.name in self.float_layers and node.input[index] in self.g.initializers:
+            # a declared float island: float weights, no fake-quant, nothing to verify
+            self._last_weight = None
+            return self.tf.constant(to_tf(self.require_const(node, index).astype(np.float32)))
         if weight is None:
             raise self.error(node, f"weight input '{node.input[index]}' is not an int8 initializer behind a "
                                    "DequantizeLinear; run 'deploykit inspect --lint' on the canonical model")
@@ -250,6 +307,7 @@ class Lowering:
         if channels is not None:  # one group of a grouped conv: its own filter constant
             w, scales = w[..., channels], scales[channels]
         name = self.unique(f"dkw/{safe_name(node.input[index])}")
+        self._last_weight = name
         dq = self.g.dq_feeding(node.input[index])
         assert dq is not None  # weight() found it
         self.result.weights[name] = WeightSpec(dq.input[0], node.name, scales, w)
@@ -259,6 +317,21 @@ class Lowering:
         return tf.quantization.fake_quant_with_min_max_vars_per_channel(
             tf.constant(w.astype(np.float32) * scales), min=-127 * scales, max=127 * scales,
             num_bits=8, narrow_range=True, name=name)
+
+    def table_zero_point(self, tensor: str) -> int:
+        """The calibration table's int8 zero point (asymmetric activations), 0 when symmetric."""
+        zero_point = getattr(self.table, "zero_point", None)
+        return int(zero_point(tensor)) if callable(zero_point) else 0
+
+    def set_bias(self, bias: np.ndarray | None, channels: slice | None = None) -> None:
+        """The float bias of the weight just made by weight_filter (the patch writes it as int32)."""
+        last = self._last_weight
+        if bias is None or last is None:
+            return
+        spec = self.result.weights[last]
+        b = np.broadcast_to(np.asarray(bias, np.float32).reshape(-1), spec.scales.shape) if channels is None \
+            else np.asarray(bias, np.float32).reshape(-1)[channels]
+        self.result.weights[last] = dataclasses.replace(spec, bias=np.array(b, np.float32))
 
     def spec_for(self, tensor: str, node: onnx.NodeProto | None = None) -> QuantSpec | None:
         """Parameters for an activation tensor: a canonical Q that reads it, else the table."""
@@ -270,12 +343,16 @@ class Lowering:
             s, zp = FIXED_OUTPUT[node.op_type]
             return QuantSpec(s, zp, "fixed", tensor)
         if tensor in self.table:
-            return QuantSpec(self.table.scale(tensor), 0, "calibration", tensor)
+            return QuantSpec(self.table.scale(tensor), self.table_zero_point(tensor), "calibration", tensor)
         return None
 
     def emit(self, node: onnx.NodeProto, t, index: int = 0, spec: QuantSpec | None = None) -> None:
         """Bind a node's output and give it its quantization parameters."""
         name = node.output[index]
+        if self.islands or node.name in self.float_layers:
+            # float (or integer) as in the canonical model; its Q, if any, quantizes
+            self.values[name] = t
+            return
         if name not in self.unquantized_outputs:
             if node.op_type in FIXED_OUTPUT and spec is None:
                 s, zp = FIXED_OUTPUT[node.op_type]
@@ -305,7 +382,8 @@ class Lowering:
         t = self.tf.math.maximum(t, low)
         # the converter puts the QUANTIZE before or after the MAXIMUM (or makes a RELU of it when
         # the lowest value is 0): the verification accepts its output at either parameters
-        self.result.requantize_ops[t.op.name] = (src, spec)
+        if not self.tf.executing_eagerly():
+            self.result.requantize_ops[t.op.name] = (src, spec)
         return self.fake_quant(t, spec, f"{spec.tensor}_requantized", register_producer=False)
 
     def _requantize_fixed(self, node: onnx.NodeProto, t, fixed: QuantSpec):
@@ -316,7 +394,7 @@ class Lowering:
         readers = {c.op_type for c in self.g.consumers.get(name, [])}
         if name not in self.table or not readers & SAME_SCALE_OPS:
             return t, fixed
-        spec = QuantSpec(self.table.scale(name), 0, "calibration", name)
+        spec = QuantSpec(self.table.scale(name), self.table_zero_point(name), "calibration", name)
         if same_params(spec, fixed):
             return t, fixed
         return self.requantize(t, fixed, spec), spec
@@ -408,6 +486,8 @@ class Lowering:
         op = node.op_type
         if op in ("QuantizeLinear", "DequantizeLinear"):
             ops.qdq(self, node)
+        elif self.islands and (node.name in self.gelus or op in float_ops.FLOAT_GRAPH_OPS):
+            float_ops.lower(self, node)
         elif op in ops.OPS:
             ops.OPS[op](self, node)
         elif op in ops.FLOAT_OPS:
@@ -434,14 +514,17 @@ def lower_graph(canonical: CanonicalModel, shapes: Mapping[str, list[int]], allo
     names = input_names(model)
     elem = {vi.name: vi.type.tensor_type.elem_type for vi in model.graph.input}
     signature = []
+    nhwc_layout = not float_ops.needs_islands(model)
+    dtypes = {onnx.TensorProto.FLOAT: tf.float32, onnx.TensorProto.INT64: tf.int64,
+              onnx.TensorProto.INT32: tf.int32, onnx.TensorProto.BOOL: tf.bool}
     for n in names:
-        if elem[n] != onnx.TensorProto.FLOAT:
+        if elem[n] not in dtypes:
             raise LoweringError(f"input '{n}' is {onnx.TensorProto.DataType.Name(elem[n])}: the TFLite lowering "
-                                f"takes float inputs only (an embedding model needs Gather, not supported)")
+                                f"takes float32, int64, int32 and bool inputs")
         shape = shapes[n]
-        nhwc = [shape[i] for i in NCHW_TO_NHWC] if len(shape) == 4 else shape
-        signature.append(tf.TensorSpec(nhwc, tf.float32, name=safe_name(n)))
-    inputs = [{"name": n, "shape": shapes[n], "nhwc": len(shapes[n]) == 4} for n in names]
+        nhwc = [shape[i] for i in NCHW_TO_NHWC] if len(shape) == 4 and nhwc_layout else shape
+        signature.append(tf.TensorSpec(nhwc, dtypes[elem[n]], name=safe_name(n)))
+    inputs = [{"name": n, "shape": shapes[n], "nhwc": len(shapes[n]) == 4 and nhwc_layout} for n in names]
     walks: list[Lowering] = []
 
     def graph_fn(*args):
@@ -449,7 +532,7 @@ def lower_graph(canonical: CanonicalModel, shapes: Mapping[str, list[int]], allo
         lw = Lowering(canonical, allow_float_fallback, target_name, fake_quant)
         walks.append(lw)
         for n, t in zip(names, args):
-            spec = lw.spec_for(n)
+            spec = lw.spec_for(n) if t.dtype == tf.float32 and not lw.islands else None
             if spec is not None:
                 t = lw.fake_quant(t, spec, n)
                 lw.quantized[n] = spec
@@ -463,8 +546,10 @@ def lower_graph(canonical: CanonicalModel, shapes: Mapping[str, list[int]], allo
     concrete = module.graph_fn.get_concrete_function()
     result = walks[-1].result
     result.concrete, result.module, result.inputs = concrete, module, inputs
+    result.islands = walks[-1].islands
+    result.float_layers = sorted(walks[-1].float_layers)
     for o, t in zip(output_names(model), concrete.structured_outputs):
-        result.outputs.append({"name": o, "nhwc": len(t.shape) == 4, "shape": [int(d) for d in t.shape]})
+        result.outputs.append({"name": o, "nhwc": len(t.shape) == 4 and nhwc_layout, "shape": [int(d) for d in t.shape]})
     return result
 
 
@@ -495,4 +580,4 @@ def same_params(a: QuantSpec, b: QuantSpec) -> bool:
     return np.float32(a.scale) == np.float32(b.scale) and a.zero_point == b.zero_point
 
 
-from deploykit_tflite import ops  # noqa: E402  (the op table uses the names above)
+from deploykit_tflite import float_ops, ops  # noqa: E402  (the op tables use the names above)

@@ -148,10 +148,13 @@ def _conv(lw: Lowering, node: onnx.NodeProto) -> None:
         for i, (xi, fi) in enumerate(zip(xs, fs)):
             yi = tf.nn.conv2d(xi, fi, [1, *strides, 1], padding, dilations=dilations)
             if bias is not None:
+                lw._last_weight = [n for n in lw.result.weights if lw.result.weights[n].node == node.name][i]
+                lw.set_bias(bias, slice(i * per_group, (i + 1) * per_group))
                 yi = tf.nn.bias_add(yi, bias[i * len(bias) // group:(i + 1) * len(bias) // group])
             parts.append(lw.fake_quant(yi, spec, f"{node.output[0]}_group{i}") if spec else yi)
         lw.emit(node, tf.concat(parts, axis=3), spec=spec)
         return
+    lw.set_bias(bias)
     if bias is not None:
         y = tf.nn.bias_add(y, bias.astype(np.float32))
     lw.emit(node, y)
@@ -169,9 +172,11 @@ def _dense(lw: Lowering, node: onnx.NodeProto) -> None:
     if node.op_type == "Gemm":
         if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0:
             raise lw.error(node, "only Gemm with transA=0, alpha=1, beta=1 is supported")
-        to_kn = (lambda w: w.T) if a.get("transB", 0) else (lambda w: w)
-    else:
-        to_kn = lambda w: w
+    transposed = node.op_type == "Gemm" and bool(a.get("transB", 0))
+
+    def to_kn(w: np.ndarray) -> np.ndarray:  # ONNX weight -> [K, N]
+        return w.T if transposed else w
+
     weight = lw.g.weight_of(node.input[1])[0]
     if weight.ndim != 2:
         raise lw.error(node, f"weight of rank {weight.ndim}: only 2-D weights are supported")
@@ -187,6 +192,7 @@ def _dense(lw: Lowering, node: onnx.NodeProto) -> None:
         bias = lw.require_const(node, 2).astype(np.float32).reshape(-1)
     elif node.op_type == "MatMul":
         bias, out_node = _bias_add_after(lw, node, n)
+    lw.set_bias(bias)
     if bias is not None:
         y = tf.nn.bias_add(y, np.broadcast_to(bias, [n]).astype(np.float32))
     out_shape = [-1] + shape[1:-1] + [n] if len(shape) > 1 else [n]
@@ -395,15 +401,15 @@ def _reshape_to(lw: Lowering, node: onnx.NodeProto, shape: list[int], batch_dyna
     tf = lw.tf
     x = lw.values[node.input[0]]
     in_shape = lw.onnx_shape(x)
-    if lw.rank(x) == 4 and in_shape[2] * in_shape[3] != 1:
+    if lw.is_nhwc(x) and in_shape[2] * in_shape[3] != 1:
         x = lw.onnx_order(x)
-    elif lw.rank(x) == 4:
+    elif lw.is_nhwc(x):
         x = tf.reshape(x, in_shape)  # H = W = 1: NHWC and NCHW hold the same element order
     target = list(shape)
     if batch_dynamic and target and target[0] == in_shape[0]:
         target[0] = -1
     y = tf.reshape(x, target)
-    if len(shape) == 4:
+    if len(shape) == 4 and lw.nhwc:
         if shape[2] * shape[3] == 1:
             y = tf.reshape(y, [target[0], 1, 1, shape[1]])
         else:
@@ -455,8 +461,8 @@ def _transpose(lw: Lowering, node: onnx.NodeProto) -> None:
     x = lw.values[node.input[0]]
     r = lw.rank(x)
     perm = list(attrs(node).get("perm", list(range(r))[::-1]))
-    pre = list(NHWC_TO_NCHW) if r == 4 else list(range(r))
-    post = list(NCHW_TO_NHWC) if r == 4 else list(range(r))
+    pre = list(NHWC_TO_NCHW) if lw.is_nhwc(x) else list(range(r))
+    post = list(NCHW_TO_NHWC) if lw.is_nhwc(x) else list(range(r))
     # stored -> ONNX order -> perm -> stored, as one transpose
     lw.emit_same_scale(node, lw.tf.transpose(x, [pre[perm[p]] for p in post]))
 

@@ -28,8 +28,10 @@ class LiteRTRunner(Runner):
     A batch other than the compiled one resizes the interpreter, or runs one compiled batch at
     a time when the model cannot be resized."""
 
-    def __init__(self, path: Path, input_names: Sequence[str], output_names: Sequence[str], threads: int = 0) -> None:
+    def __init__(self, path: Path, input_names: Sequence[str], output_names: Sequence[str], threads: int = 0,
+                 nhwc: bool = True) -> None:
         self.path = Path(path)
+        self.nhwc = nhwc  # False for an encoder lowered in ONNX axis order (4-D attention tensors)
         self.threads = threads or None
         self.input_names = list(input_names)
         self.output_names = list(output_names)
@@ -66,33 +68,40 @@ class LiteRTRunner(Runner):
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         check_feeds(self.input_names, feeds)
         batch = int(np.asarray(feeds[self.input_names[0]]).shape[0])
-        it = self._for_batch(batch)
-        if it is None:  # not resizable: run compiled-size chunks
-            return self._run_chunks(feeds, batch)
-        interpreter, ins, outs = it
-        return self._invoke(interpreter, ins, outs, feeds)
-
-    def _for_batch(self, batch: int):
         if batch in self._interpreters:
-            return self._interpreters[batch]
-        if self._cannot_resize:
-            return None
+            interpreter, ins, outs = self._interpreters[batch]
+            return self._invoke(interpreter, ins, outs, feeds)
+        if not self._cannot_resize:
+            got = self._resized(batch, feeds)
+            if got is not None:
+                return got
+        return self._run_chunks(feeds, batch)  # not resizable: run compiled-size chunks
+
+    def _resized(self, batch: int, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray] | None:
+        """Run on an interpreter resized to ``batch``, and keep it only if its first and last
+        samples equal the compiled batch's: a Reshape with the batch baked in can resize without
+        an error and mix samples (an encoder's attention reshapes do)."""
         it = self._new()
         try:
             for d in it.get_input_details():
                 it.resize_tensor_input(d["index"], [batch, *d["shape"][1:]], strict=False)
             it.allocate_tensors()
             ins, outs = self._io(it)
-            for d in ins:
-                it.set_tensor(d["index"], np.zeros(d["shape"], d["dtype"]))
-            it.invoke()
-            if any(int(it.get_tensor(d["index"]).shape[0]) != batch for d in outs if len(d["shape"])):
+            got = self._invoke(it, ins, outs, feeds)
+            if any(o.ndim == 0 or o.shape[0] != batch for o in got):
                 raise ValueError("output batch does not follow the input batch")
+            step = self.compiled_batch
+            for part in ((slice(0, step), slice(batch - step, batch)) if batch >= step else ()):
+                base, base_ins, base_outs = self._interpreters[step]
+                want = self._invoke(base, base_ins, base_outs, {k: np.asarray(v)[part] for k, v in feeds.items()})
+                if not all(np.allclose(a[part], b, rtol=1e-4, atol=1e-5 * (np.abs(b).max() + 1))
+                           for a, b in zip(got, want)):
+                    raise ValueError("resized interpreter does not reproduce the compiled batch")
         except (ValueError, RuntimeError):
             self._cannot_resize = True
             return None
         self._interpreters[batch] = (it, ins, outs)
-        return self._interpreters[batch]
+        return got
 
     def _run_chunks(self, feeds: Mapping[str, np.ndarray], batch: int) -> list[np.ndarray]:
         compiled = self._interpreters[self.compiled_batch]
@@ -103,14 +112,18 @@ class LiteRTRunner(Runner):
             n = next(iter(chunk.values())).shape[0]
             if n < step:  # pad the last chunk to the compiled batch
                 chunk = {k: np.concatenate([v, np.repeat(v[-1:], step - n, axis=0)]) for k, v in chunk.items()}
-            outs = self._invoke(*compiled, chunk)
-            parts.append([o[:n] for o in outs])
+            got = self._invoke(compiled[0], compiled[1], compiled[2], chunk)
+            parts.append([o[:n] for o in got])
         return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
 
     def _invoke(self, it, ins: list[dict], outs: list[dict], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         for name, d in zip(self.input_names, ins):
-            x = np.asarray(feeds[name], np.float32)
-            if x.ndim == 4:
+            x = np.asarray(feeds[name])
+            if d["dtype"] not in (np.int8, np.float32):  # ids and masks: int64 / int32 / bool as given
+                it.set_tensor(d["index"], np.ascontiguousarray(x, dtype=d["dtype"]))
+                continue
+            x = x.astype(np.float32)
+            if x.ndim == 4 and self.nhwc:
                 x = x.transpose(NCHW_TO_NHWC)
             if d["dtype"] == np.int8:
                 scale, zero_point = d["quantization"]
@@ -123,7 +136,7 @@ class LiteRTRunner(Runner):
             if d["dtype"] == np.int8:
                 scale, zero_point = d["quantization"]
                 y = (y.astype(np.float32) - zero_point) * np.float32(scale)
-            if y.ndim == 4:
+            if y.ndim == 4 and self.nhwc:
                 y = y.transpose(NHWC_TO_NCHW)
             results.append(np.ascontiguousarray(y, dtype=np.float32))
         return results

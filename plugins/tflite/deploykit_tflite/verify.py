@@ -42,7 +42,11 @@ def _params(detail: dict) -> tuple[np.ndarray, np.ndarray, int]:
             int(q["quantized_dimension"]))
 
 
-def verify(model_content: bytes, lowered: Lowered, allow_float_fallback: bool) -> tuple[list[CheckResult], dict[str, Any]]:
+def verify(model_content: bytes, lowered: Lowered, allow_float_fallback: bool,
+           patched: Any = None) -> tuple[list[CheckResult], dict[str, Any]]:
+    """Read the flatbuffer back: scales and int8 weights against the canonical model, float ops,
+    int8 share. ``patched`` (a patch.PatchReport) names the channels the patch could not keep."""
+    not_kept = dict(patched.not_kept_channels) if patched is not None else {}
     it = open_interpreter(model_content)
     details = {d["index"]: d for d in it.get_tensor_details()}
     ops = it._get_ops_details()  # the only API listing ops and their tensors
@@ -61,8 +65,15 @@ def verify(model_content: bytes, lowered: Lowered, allow_float_fallback: bool) -
     derived: list[str] = []
     propagated: list[str] = []
     counts = {"activations": 0, "weights": 0}
+    tensor_map: dict[str, str] = {}  # canonical QuantizeLinear output -> TFLite tensor name
     unmatched: list[int] = []
     for index, d in sorted(details.items()):
+        if d["dtype"] == np.float32 and index in constant:
+            weight = next((lowered.weights[t] for t in d["name"].split(";") if t in lowered.weights), None)
+            if weight is not None:  # a MatMul computing in float on the canonical int8 weights
+                counts["float_weights"] = counts.get("float_weights", 0) + 1
+                _check_float_weight(it, index, weight, mismatches)
+            continue
         if d["dtype"] != np.int8:
             continue
         tokens = [t for t in d["name"].split(";") if t]
@@ -70,7 +81,7 @@ def verify(model_content: bytes, lowered: Lowered, allow_float_fallback: bool) -
         weight = next((lowered.weights[t] for t in tokens if t in lowered.weights), None)
         if weight is not None:
             counts["weights"] += 1
-            _check_weight(it, index, d, weight, scales, zps, mismatches)
+            _check_weight(it, index, d, weight, scales, zps, mismatches, not_kept.get(weight.tensor, []))
             continue
         if index in constant:
             continue  # a constant operand (e.g. of MUL by a scalar): quantized with its own range
@@ -86,6 +97,8 @@ def verify(model_content: bytes, lowered: Lowered, allow_float_fallback: bool) -
             unmatched.append(index)
             continue
         counts["activations"] += 1
+        if spec.source == "canonical" and spec.tensor in lowered.q_outputs:
+            tensor_map.setdefault(lowered.q_outputs[spec.tensor], d["name"])
         where = f"tensor '{d['name']}' ({spec.source} '{spec.tensor}')"
         if scales.size != 1:
             mismatches.append(f"{where}: per-channel parameters on an activation")
@@ -109,12 +122,20 @@ def verify(model_content: bytes, lowered: Lowered, allow_float_fallback: bool) -
 
     compared = counts["activations"] + counts["weights"]
     status = "fail" if mismatches or compared == 0 else "pass"
+    float_weights = counts.pop("float_weights", 0)
     msg = (f"{counts['activations']} activation and {counts['weights']} weight tensors compared, "
            f"{len(mismatches)} mismatches; {len(fixed)} fixed by the TFLite spec")
+    if float_weights:
+        msg += (f"; {float_weights} MatMul weights computing in float hold the canonical int8 values times "
+                "their scales")
+    if patched is not None and patched.not_kept:
+        msg += (f"; {len(patched.not_kept)} dead channels in {len(patched.not_kept_channels)} weights not kept "
+                "(bias beyond int32 at the canonical scale, see details.not_kept)")
     if mismatches:
         msg += ": " + "; ".join(mismatches[:3])
     scales_check = CheckResult("scales_match", status, float(len(mismatches)), message=msg, details={
-        "compared": compared, **counts, "mismatches": mismatches[:50], "fixed_by_tflite_spec": fixed,
+        "compared": compared, **counts, "float_weights": float_weights, "mismatches": mismatches[:50], "fixed_by_tflite_spec": fixed,
+        "not_kept": list(patched.not_kept) if patched is not None else [],
         "derived": derived, "propagated_by_converter": propagated})
 
     op_names = [op["op_name"] for op in ops]
@@ -126,7 +147,18 @@ def verify(model_content: bytes, lowered: Lowered, allow_float_fallback: bool) -
         if any(details[t]["dtype"] == np.float32 for t in tensors):
             out = details[int(op["outputs"][0])]["name"] if len(op["outputs"]) else ""
             float_ops.append({"op": op["op_name"], "output": out})
-    if float_ops and not allow_float_fallback:
+    if float_ops and lowered.islands:
+        full = CheckResult("full_integer", "info", float(len(float_ops)),
+                           message=f"{len(float_ops)} ops run in float where the canonical model keeps float "
+                                   "(LayerNorm, GELU, Softmax, residual adds, mask arithmetic): "
+                                   + ", ".join(sorted({o['op'] for o in float_ops})),
+                           details={"float_ops": float_ops})
+    elif float_ops and lowered.float_layers:
+        full = CheckResult("full_integer", "info", float(len(float_ops)),
+                           message=f"{len(float_ops)} ops run in float: the canonical model declares "
+                                   f"{len(lowered.float_layers)} float layers ({', '.join(lowered.float_layers[:6])})",
+                           details={"float_ops": float_ops, "float_layers": lowered.float_layers})
+    elif float_ops and not allow_float_fallback:
         full = CheckResult("full_integer", "fail", float(len(float_ops)),
                            message=f"{len(float_ops)} ops run in float: " + ", ".join(f"{o['op']} ({o['output']})" for o in float_ops[:6])
                            + "; allow_float_fallback is false", details={"float_ops": float_ops})
@@ -144,15 +176,18 @@ def verify(model_content: bytes, lowered: Lowered, allow_float_fallback: bool) -
     for name in op_names:
         counts_by_op[name] = counts_by_op.get(name, 0) + 1
     metadata = {"ops": op_names, "op_counts": counts_by_op, "float_ops": float_ops,
-                "fixed_by_tflite_spec": fixed}
+                "fixed_by_tflite_spec": fixed, "tensor_map": tensor_map}
     return [scales_check, full, precision_audit(layers)], metadata
 
 
-def _check_weight(it, index: int, d: dict, weight, scales: np.ndarray, zps: np.ndarray, mismatches: list[str]) -> None:
+def _check_weight(it, index: int, d: dict, weight, scales: np.ndarray, zps: np.ndarray, mismatches: list[str],
+                  not_kept: list[int]) -> None:
     where = f"weight '{weight.tensor}' of '{weight.node}'"
-    if scales.shape != weight.scales.shape or not np.array_equal(scales, weight.scales):
+    keep = np.ones(weight.scales.shape, bool)
+    keep[not_kept] = False  # named by the patch, with the reason, in details.not_kept
+    if scales.shape != weight.scales.shape or not np.array_equal(scales[keep], weight.scales[keep]):
         diff = "sizes differ" if scales.shape != weight.scales.shape else \
-            f"{int((scales != weight.scales).sum())} of {scales.size} per-channel scales differ"
+            f"{int((scales[keep] != weight.scales[keep]).sum())} of {scales.size} per-channel scales differ"
         mismatches.append(f"{where}: {diff}")
     if np.any(zps != 0):
         mismatches.append(f"{where}: non-zero zero points")
@@ -162,9 +197,27 @@ def _check_weight(it, index: int, d: dict, weight, scales: np.ndarray, zps: np.n
         return  # the runtime may not expose a constant buffer; scales were still compared
     # TFLite filters: CONV_2D [O, H, W, I], DEPTHWISE_CONV_2D [1, H, W, C*mult]; ours are [H, W, I, O]
     want = weight.values
-    candidates = [want.transpose(3, 0, 1, 2), want.reshape(stored.shape) if want.size == stored.size else None]
-    if not any(c is not None and c.shape == stored.shape and np.array_equal(c, stored) for c in candidates):
+    mask = np.broadcast_to(keep, want.shape)  # output channel last, like the values
+    candidates = [(want.transpose(3, 0, 1, 2), mask.transpose(3, 0, 1, 2))]
+    if want.size == stored.size:
+        candidates.append((want.reshape(stored.shape), mask.reshape(stored.shape)))
+    if not any(c.shape == stored.shape and np.array_equal(c[m], stored[m]) for c, m in candidates):
         mismatches.append(f"{where}: int8 values differ from the canonical ones")
+
+
+def _check_float_weight(it, index: int, weight, mismatches: list[str]) -> None:
+    """A float filter must hold the canonical int8 values times their scales (to float rounding)."""
+    try:
+        stored = it.get_tensor(index)
+    except ValueError:
+        return
+    want = weight.values.astype(np.float32) * weight.scales
+    candidates = [want.transpose(3, 0, 1, 2)]
+    if want.size == stored.size:
+        candidates.append(want.reshape(stored.shape))
+    if not any(c.shape == stored.shape and np.allclose(c, stored, rtol=1e-6, atol=0) for c in candidates):
+        mismatches.append(f"float weight '{weight.tensor}' of '{weight.node}': values are not the canonical int8 "
+                          "weights times their scales")
 
 
 def _same_params_neighbour(index: int, details: dict, producer: dict, consumers: dict) -> int | None:

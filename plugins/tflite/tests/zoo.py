@@ -125,3 +125,31 @@ def fixed_into_conv():
 
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 8, 1), nn.Sigmoid(),
                          nn.Conv2d(8, 4, 1))
+
+
+def dead_channel_cnn():
+    """Per-channel weight ranges a real network has: conv channel 2 and depthwise channel 1 with
+    weights ~1e-7 and no bias (the converter widens their scales), conv channel 5 ~1e-12 with a
+    bias of 0.5 (dead: the bias cannot be an int32 at the canonical scale), ordinary ones."""
+    import torch
+    from torch import nn
+
+    class Dead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.pw = nn.Conv2d(8, 4, 1)
+            with torch.no_grad():
+                self.stem.weight[2] *= 1e-6
+                self.stem.bias[2] = 0.0
+                self.stem.weight[5] *= 1e-11
+                self.stem.bias[5] = 0.5
+                self.dw.weight[1] *= 1e-7
+                self.dw.bias[1] = 0.0
+
+        def forward(self, x):
+            x = torch.relu(self.stem(x))
+            return self.pw(torch.relu(self.dw(x)))
+
+    return Dead()
