@@ -267,7 +267,7 @@ def _targets(names):
     from deploykit.targets import load_targets
 
     registry = _registry()
-    return load_targets(None).resolve(names, registry), registry
+    return registry.resolve(load_targets(None), names), registry
 
 
 def test_profile_from_targets_and_overrides():
