@@ -63,8 +63,11 @@ def cli(verbose: bool) -> None:
         signals.unblock()
     from deploykit.progress import EchoHandler
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
+    # -v: deploykit's own stage descriptions (DEBUG) and the vendors' INFO logs; not every
+    # library's DEBUG chatter (matplotlib's font cache, pydot, ...) that a vendor import pulls in
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
                         handlers=[EchoHandler()])  # through the live display, never through its bars
+    logging.getLogger("deploykit").setLevel(logging.DEBUG if verbose else logging.NOTSET)
     vendorlog.set_verbose(verbose)  # -v: vendor start-up lines and loggers shown, here and in child processes
 
 
