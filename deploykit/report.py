@@ -64,21 +64,30 @@ def summary_rows(manifest: dict[str, Any]) -> list[list[str]]:
 
 
 def status_summary(manifest: dict[str, Any]) -> str:
-    """One line: which targets were checked here, only lowered, skipped, errored or failed."""
-    groups: dict[str, list[str]] = {}
-    for t in manifest["targets"]:
-        groups.setdefault(t["status"], []).append(t["name"])
+    """One line: which targets were checked here, only lowered, skipped, failed or errored."""
+    def measured(t: dict[str, Any]) -> bool:  # accuracy/latency actually ran here
+        return bool(t["latency"]) or any(c["name"] == "top1_agreement" and c["status"] != "not_run"
+                                         for c in t["checks"])
+
+    targets = manifest["targets"]
+    checked = [t["name"] for t in targets if t["status"] in ("ok", "failed") and measured(t)]
+    lowered = [t["name"] for t in targets
+               if t["status"] == "lowered" or (t["status"] == "failed" and not measured(t))]
     parts = []
-    checked = groups.get("ok", []) + groups.get("failed", [])
     if checked:
-        parts.append("checked here (accuracy, fidelity, latency): " + ", ".join(checked)
-                     + (f" ({len(groups['failed'])} failed a threshold)" if groups.get("failed") else ""))
-    if groups.get("lowered"):
-        parts.append("lowered and verified, checks not run: " + ", ".join(groups["lowered"]))
-    if groups.get("skipped"):
-        parts.append("skipped (backend not available here): " + ", ".join(groups["skipped"]))
-    if groups.get("error"):
-        parts.append("errors: " + ", ".join(groups["error"]))
+        parts.append("checked here (accuracy, fidelity, latency): " + ", ".join(checked))
+    if lowered:
+        parts.append("lowered, checks not run: " + ", ".join(lowered))
+    failed = [f"{t['name']} ({', '.join(c['name'] for c in t['checks'] if c['status'] == 'fail')})"
+              for t in targets if t["status"] == "failed"]
+    if failed:
+        parts.append("FAILED: " + ", ".join(failed))
+    skipped = [t["name"] for t in targets if t["status"] == "skipped"]
+    if skipped:
+        parts.append("skipped (backend not available here): " + ", ".join(skipped))
+    errors = [t["name"] for t in targets if t["status"] == "error"]
+    if errors:
+        parts.append("errors: " + ", ".join(errors))
     return "; ".join(parts) or "no targets"
 
 

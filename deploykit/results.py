@@ -20,7 +20,8 @@ from deploykit.targets import Target
 
 SCHEMA_VERSION = 1
 
-Status = Literal["pass", "fail", "info", "not_run"]
+#: pass/fail: judged against a threshold; info: measured, no threshold; not_run: with the reason.
+CheckStatus = Literal["pass", "fail", "info", "not_run"]
 #: ok: checked and passed; failed: a check failed; skipped: backend unavailable; error: lowering or a
 #: check raised; lowered: lowered and verified here, on-target checks not run (off macOS, remote).
 TargetStatus = Literal["ok", "failed", "skipped", "error", "lowered"]
@@ -121,7 +122,7 @@ class CheckResult:
     """
 
     name: str
-    status: str
+    status: str  # a CheckStatus
     value: float | None = None
     threshold: float | None = None
     bound: str | None = None  # "min" or "max"

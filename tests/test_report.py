@@ -39,8 +39,15 @@ def _manifest() -> dict:
 
 def test_status_line_says_what_was_and_was_not_checked():
     line = status_summary(_manifest())
-    assert line == ("checked here (accuracy, fidelity, latency): tflite, ort, edge; lowered and verified, checks not "
-                    "run: coreml; skipped (backend not available here): trt; errors: bad")
+    assert line == ("checked here (accuracy, fidelity, latency): tflite, ort, edge; lowered, checks not run: coreml; "
+                    "skipped (backend not available here): trt; errors: bad")
+    m = _manifest()
+    m["targets"][3]["status"] = "failed"  # lowered here, and its verification failed: not "checked here"
+    m["targets"][3]["checks"].append({"name": "scales_match", "status": "fail", "value": 9.0, "threshold": None,
+                                      "bound": None, "message": ""})
+    line = status_summary(m)
+    assert "checked here (accuracy, fidelity, latency): tflite, ort, edge;" in line
+    assert "lowered, checks not run: coreml" in line and "FAILED: coreml (scales_match)" in line
 
 
 def test_terminal_table_speedup_beside_its_fp32_time_and_lowered_is_not_ok():
