@@ -181,10 +181,14 @@ def bench_net(net: str, n_calib: int, n_eval: int, use_nncf: bool, root: Path, c
     calib_s = time.monotonic() - t0
     what = "ranges + histograms" if needs_histograms(first) else "ranges"
     print(f"{net}: deploykit calibration ({what}, {n_calib} samples): {calib_s:.0f} s", flush=True)
-    for method, profile in configs:
+    for method, profile, *rest in configs:
         t0 = time.monotonic()
-        result = requantize(observed, fp32, method=method, activations=profile)
-        d = work / f"dk_{method}_{profile}"
+        recipe = rest[0] if rest else "none"
+        if recipe == "none":
+            result = requantize(observed, fp32, method=method, activations=profile)
+        else:  # a recipe rewrites the graph or the weights: its own calibration
+            result = quantize(fp32, source, method, batch_size=16, activations=profile, recipe=recipe)
+        d = work / f"dk_{method}_{profile}_{recipe.replace(':', '')}"
         d.mkdir(exist_ok=True)
         canonical = write_canonical(result, fp32, d)
         values = {}
@@ -194,7 +198,8 @@ def bench_net(net: str, n_calib: int, n_eval: int, use_nncf: bool, root: Path, c
             except Exception as exc:  # noqa: BLE001 -- one failing backend must not lose the others
                 print(f"  {backend}: {type(exc).__name__}: {exc}", file=sys.stderr)
                 values[backend] = None
-        row(f"deploykit {method}, {profile}", values["onnxruntime"], values["openvino"], time.monotonic() - t0)
+        label = f"deploykit {method}, {profile}" + (f", {result.recipe}" if recipe != "none" else "")
+        row(label, values["onnxruntime"], values["openvino"], time.monotonic() - t0)
 
     matmul_only = net == "encoder"
     for symmetric in (False, True):
@@ -222,7 +227,8 @@ def bench_net(net: str, n_calib: int, n_eval: int, use_nncf: bool, root: Path, c
 
 
 DEFAULT_CONFIGS = [("minmax", "asymmetric"), ("minmax", "symmetric"), ("entropy", "symmetric"),
-                   ("entropy", "asymmetric"), ("mse", "asymmetric"), ("percentile", "asymmetric")]
+                   ("entropy", "asymmetric"), ("mse", "asymmetric"), ("percentile", "asymmetric"),
+                   ("minmax", "asymmetric", "auto")]  # auto: the default recipe of each kind of network
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib", type=int, default=512, help="calibration samples")
     ap.add_argument("--eval", type=int, default=512, help="held-out evaluation samples")
     ap.add_argument("--no-nncf", action="store_true", help="skip the NNCF anchors")
-    ap.add_argument("--configs", default="", help="deploykit rows as method:profile,... (default: six)")
+    ap.add_argument("--configs", default="", help="deploykit rows as method:profile[:recipe],... e.g. "
+                    "minmax:asymmetric:bias_correction, minmax:asymmetric:smoothquant:0.8 (default: six, plus the "
+                    "default recipe of each net)")
     ap.add_argument("--json", help="write the rows as JSON here")
     args = ap.parse_args(argv)
     from deploykit.testing import realnets
@@ -240,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"missing packages {missing}: {realnets.INSTALL_HINT}", file=sys.stderr)
         return 2
-    configs = [tuple(c.split(":")) for c in args.configs.split(",")] if args.configs else DEFAULT_CONFIGS
+    configs = [tuple(c.split(":", 2)) for c in args.configs.split(",")] if args.configs else DEFAULT_CONFIGS
     print(f"load average {os.getloadavg()[0]:.1f}; calib {args.calib}, eval {args.eval}", flush=True)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="deploykit-accuracy-") as tmp, warnings.catch_warnings():

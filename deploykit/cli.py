@@ -89,6 +89,12 @@ def cli(verbose: bool) -> None:
 @click.option("--keep-float", "keep_float", metavar="PATTERNS", help="Comma-separated layers to keep float: node "
               "names, op types (Gemm) or globs ('/head/*'); a pattern matching no node is an error "
               "[default: targets.toml [quantization] keep_float].")
+@click.option("--recipe", metavar="STEPS", help="Accuracy-recovering PTQ, comma-separated: bias_correction, "
+              "smoothquant[:ALPHA], cle, adaround[:ITERATIONS]; 'none' for plain calibration [default: targets.toml "
+              "[calibration] recipe, else auto: bias_correction for CNNs, smoothquant:0.8 for transformers].")
+@click.option("--accuracy-target", "accuracy_target", metavar="METRIC=VALUE", help="Keep the fewest layers float "
+              "(by sensitivity per MAC) that meet top1_agreement=0.95, cosine=0.998 or accuracy_drop=0.01 on the "
+              "evaluation data; checked on every target; exit 1 (shipping the best found) when not met.")
 @click.option("--percentile", type=float, callback=lambda c, p, v: _percentile(v),
               help="Percentile for --method percentile, in (0, 100] [default: 99.99].")
 @click.option("--samples", type=click.IntRange(min=1), help="Calibration samples to use [default: 512].")
@@ -111,7 +117,7 @@ def cli(verbose: bool) -> None:
               "'file.py:function' in [calibration]); without it only data files and folders are read from it. "
               "Code given with --calib/--eval always runs: you typed it.")
 def build(model: Path, targets: str, calib: str | None, eval_: str | None, method: str | None,
-          activations: str | None, keep_float: str | None,
+          activations: str | None, keep_float: str | None, recipe: str | None, accuracy_target: str | None,
           percentile: float | None, samples: int | None, eval_samples: int, task: str, calib_batch_size: int | None,
           preprocess: str | None, targets_file: str | None, out_dir: Path, no_baseline: bool, db: Path | None,
           as_json: bool, allow_code: bool) -> None:
@@ -132,7 +138,7 @@ def build(model: Path, targets: str, calib: str | None, eval_: str | None, metho
     with signals.deferred():  # before any vendor SDK starts a thread: they inherit the blocked mask
         _build(model, targets, calib, eval_, method, percentile, samples, eval_samples, task, calib_batch_size,
                preprocess, targets_file, out_dir, no_baseline, db, as_json, allow_code, progress,
-               activations, keep_float)
+               activations, keep_float, recipe, accuracy_target)
 
 
 def _percentile(value: float | None) -> float | None:
@@ -145,7 +151,7 @@ def _build(model: Path, targets: str, calib: str | None, eval_: str | None, meth
            percentile: float | None, samples: int | None, eval_samples: int, task: str, calib_batch_size: int | None,
            preprocess: str | None, targets_file: str | None, out_dir: Path, no_baseline: bool, db: Path | None,
            as_json: bool, allow_code: bool, progress: Any, activations: str | None = None,
-           keep_float: str | None = None) -> None:
+           keep_float: str | None = None, recipe: str | None = None, accuracy_target: str | None = None) -> None:
     from deploykit.pipeline import BuildOptions, build as run_build
     from deploykit.report import terminal_table
 
@@ -158,7 +164,8 @@ def _build(model: Path, targets: str, calib: str | None, eval_: str | None, meth
         targets=names, out_dir=out_dir, targets_file=_targets_file(targets_file), calib=calib, eval=eval_,
         method=method, percentile=percentile, samples=samples, eval_samples=eval_samples,
         batch_size=calib_batch_size, preprocess=_parse_preprocess(preprocess) if preprocess else None,
-        baseline=not no_baseline, task=task, allow_code=allow_code, activations=activations,
+        baseline=not no_baseline, task=task, allow_code=allow_code, activations=activations, recipe=recipe,
+        accuracy_target=accuracy_target,
         keep_float=[p.strip() for p in keep_float.split(",") if p.strip()] if keep_float is not None else None,
         on_event=(lambda msg: None) if as_json else progress.echo)
     with warnings.catch_warnings():
@@ -170,6 +177,11 @@ def _build(model: Path, targets: str, calib: str | None, eval_: str | None, meth
     else:
         click.echo(terminal_table(result.manifest))
         click.echo(f"\nwrote {out_dir / 'manifest.json'} and {out_dir / 'report.md'}")
+    if not result.accuracy_target_met:
+        search = result.manifest["quantization"]["accuracy_target"]
+        raise CheckFailed(f"--accuracy-target {search['target']} not met: the best found keeps "
+                          f"{len(search['float_layers'])} layer(s) float and reaches {search['measured']:.4f}; "
+                          f"that model was written (see {out_dir / 'report.md'})")
     if not result.ok:
         from deploykit.pipeline import SUCCESS
 
@@ -189,6 +201,64 @@ def _record_build(manifest: dict[str, Any], db: Path | None, out_dir: Path, quie
         return
     if not quiet:
         click.echo(f"recorded as run {run_id} in the results history ('deploykit results')", err=True)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--calib", metavar="SRC", required=True, help="Calibration data (.npy/.npz, image folder, module:function).")
+@click.option("--eval", "eval_", metavar="SRC", help="Evaluation data [default: the calibration data].")
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="minmax",
+              show_default=True, help="Calibration method.")
+@click.option("--activations", type=click.Choice(["symmetric", "asymmetric"]), default="asymmetric",
+              show_default=True, help="Activation profile (symmetric if you ship to TensorRT).")
+@click.option("--recipe", default="auto", show_default=True, metavar="STEPS",
+              help="Accuracy-recovering recipe, as for build (none, bias_correction, smoothquant:0.8, ...).")
+@click.option("--samples", type=int, default=512, show_default=True, help="Calibration samples.")
+@click.option("--eval-samples", type=int, default=512, show_default=True, help="Evaluation samples.")
+@click.option("--task", type=click.Choice(["auto", "classification", "other"]), default="auto", show_default=True,
+              help="classification: top-1 agreement; other (encoders): cosine; auto: from the output shape.")
+@click.option("--only-float", is_flag=True, help="Measure only the 'this layer float' variant (half the time).")
+@click.option("--top", type=int, default=None, help="Rows to print [default: all].")
+@click.option("-o", "--out", "out_dir", default="deploykit-analyze", show_default=True, type=click.Path(path_type=Path),
+              help="Folder for analysis.json, analysis.md and sensitivity.png/.svg.")
+@click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON on stdout.")
+def analyze(model: Path, calib: str, eval_: str | None, method: str, activations: str, recipe: str, samples: int,
+            eval_samples: int, task: str, only_float: bool, top: int | None, out_dir: Path, as_json: bool) -> None:
+    """Per-layer quantization sensitivity of MODEL: for every layer the canonical model runs in
+    int8, the metric against FP32 (top-1 agreement or cosine) and the SQNR with only that layer
+    float and with only that layer int8. One calibration: every variant is placed again from
+    the observed ranges. Ranked, most sensitive first; writes OUT/analysis.json, analysis.md and
+    sensitivity.png/.svg.
+    """
+    from deploykit import analyze as an, data, model as modelmod, progress
+    from deploykit.quantize import quantize
+    from deploykit.tables import render
+
+    if as_json:
+        progress.set_enabled(False)
+    fp32 = modelmod.normalise(modelmod.load_onnx(model), str(model))
+    specs = modelmod.input_specs(fp32)
+    calib_src = data.open_source(calib, specs, None, samples)
+    eval_src = data.open_source(eval_ or calib, specs, None, eval_samples)
+    if calib_src is None or eval_src is None:  # pragma: no cover - open_source returns None only without a spec
+        raise ConfigError("--calib: give calibration data")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = quantize(fp32, calib_src, method, activations=activations, recipe=recipe)
+        evaluation = an.prepare_eval(fp32, eval_src, task=task)
+        analysis = an.analyze(an.Quantized(fp32, result), evaluation, both=not only_float)
+    analysis.settings = {"model": str(model), "method": method, "activations": activations, "recipe": result.recipe,
+                         "calibration_samples": result.samples, "evaluation_samples": evaluation.samples}
+    paths = an.write_outputs(analysis, out_dir)
+    if as_json:
+        _echo_json(analysis.to_json())
+        return
+    header, rows = an.format_table(analysis, top)
+    base = analysis.baseline
+    click.echo(f"every layer int8: {analysis.metric} {base[analysis.metric]:.4f}, SQNR {base['sqnr']:.1f} dB "
+               f"({len(analysis.layers)} layers, {evaluation.samples} samples, {analysis.seconds:.0f} s)")
+    click.echo(render(header, rows))
+    click.echo(f"\nwrote {', '.join(str(p) for p in paths.values())}")
 
 
 def _parse_preprocess(text: str) -> Preprocess:

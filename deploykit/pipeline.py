@@ -28,6 +28,7 @@ import numpy as np
 
 from deploykit import checks, data, model as modelmod, signals
 from deploykit._version import __version__
+from deploykit.analyze import AccuracyTarget, parse_accuracy_target
 from deploykit.canonical import ASYMMETRIC, SYMMETRIC, CanonicalModel
 from deploykit.errors import BuildFault, ConfigError, DataError, DeploykitError, OutputDirError
 from deploykit.fileio import sha256
@@ -76,6 +77,8 @@ class BuildOptions:
     activations: str | None = None  # activation profile; None: targets.toml [quantization], else from the targets
     keep_float: list[str] | None = None  # float-island patterns; None: targets.toml [quantization] keep_float
     compare_profiles: bool = True  # also place the other profile from the same statistics and report the difference
+    recipe: str | None = None  # accuracy-recovering recipe; None: targets.toml [calibration] recipe (default auto)
+    accuracy_target: str | None = None  # e.g. top1_agreement=0.95: fewest float layers meeting it (deploykit.analyze)
     on_event: Callable[[str], None] = field(default=lambda msg: None)
 
 
@@ -88,7 +91,12 @@ class BuildResult:
 
     @property
     def ok(self) -> bool:
-        return all(t.status in SUCCESS for t in self.targets)
+        return self.accuracy_target_met and all(t.status in SUCCESS for t in self.targets)
+
+    @property
+    def accuracy_target_met(self) -> bool:
+        search = self.manifest.get("quantization", {}).get("accuracy_target")
+        return search is None or bool(search.get("met"))
 
 
 def build(model: Any, options: BuildOptions, registry: Registry | None = None,
@@ -143,6 +151,10 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
         keep_float, keep_where = ((options.keep_float, "--keep-float") if options.keep_float is not None
                                   else (list(tf.quantization.keep_float), tf.where("quantization", "keep_float")))
         float_layers = resolve_keep_float(fp32, keep_float, keep_where) if keep_float else []
+        recipe = _recipe(options.recipe, calib_cfg.recipe, tf.where("calibration", "recipe"), fp32)
+        target_spec = parse_accuracy_target(options.accuracy_target) if options.accuracy_target else None
+        if target_spec is not None:  # the accuracy target is checked on every target
+            targets = [_judged_on(t, target_spec) for t in targets]
     log.debug("normalised %s: opset 18, constants and BatchNorm folded, %d nodes; inputs %s", model,
               len(fp32.graph.node), ", ".join(f"{k} {d} {list(s)}" for k, (s, d) in specs.items()))
 
@@ -180,21 +192,25 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
 
     calib_key = _key(__version__, source_hash, calib_cfg.method, calib_cfg.percentile, calib_cfg.samples,
                      calib_cfg.batch_size, calib_cfg.seed, _source_key(calib_cfg.data), options.task, activations,
-                     float_layers)
+                     float_layers, recipe, options.accuracy_target)
     calib_info = out.finished("calibration", calib_key)
     other_model = None  # the other activation profile, placed from the same statistics
     t0 = time.monotonic()
     if calib_info is None:
-        events(f"calibrating ({calib_cfg.method}, {activations} activations: {activations_reason}) "
+        events(f"calibrating ({calib_cfg.method}, {activations} activations: {activations_reason}; recipe {recipe}) "
                f"on {calib_src.description}")
         log.debug("calibrate: %s on up to %s samples of %s, batch %s; every activation and weight gets one scale "
                   "in the canonical model", calib_cfg.method, calib_cfg.samples, calib_src.description,
                   calib_cfg.batch_size)
         with stage("calibrating"), out.step("calibration", calib_key) as step:
             result = quantize(fp32, calib_src, calib_cfg.method, calib_cfg.percentile, calib_cfg.batch_size,
-                              source_hash, activations=activations)
+                              source_hash, activations=activations, recipe=recipe)
             if float_layers:  # from the same statistics: no second calibration
                 result = requantize(result, fp32, float_layers=float_layers)
+            search = None
+            if target_spec is not None:
+                result, search = _meet_accuracy_target(fp32, result, eval_src, target_spec, options.task,
+                                                       float_layers, events)
             write_canonical(result, fp32, step.dir)
             if options.compare_profiles:
                 other_profile = SYMMETRIC if activations == ASYMMETRIC else ASYMMETRIC
@@ -202,6 +218,8 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
             step.payload.update(method=result.method, samples=result.samples, data_hash=result.data_hash,
                                 random_data=result.random_data, seconds=time.monotonic() - t0,
                                 quantization=quantization_summary(fp32, result, activations_reason))
+            if search is not None:
+                step.payload["quantization"]["accuracy_target"] = search
         calib_info = out.finished("calibration", calib_key) or {}
     else:
         events(f"calibration kept from the interrupted build ({calib_info['samples']} samples)")
@@ -281,11 +299,64 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
 def quantization_summary(fp32: Any, result: Any, reason: str) -> dict[str, Any]:
     """For the manifest: the activation profile and why, the float layers, their MACs and the
     int8 share of MACs."""
+    graph = result.calibrated if getattr(result, "calibrated", None) is not None else fp32
     return {"activations": result.activations, "activations_reason": reason,
-            **mac_summary(layer_macs(fp32), result.float_layers)}
+            "recipe": getattr(result, "recipe", "none"), "recipe_summary": dict(getattr(result, "recipe_summary", {})),
+            **mac_summary(layer_macs(graph), result.float_layers)}
 
 
-def compare_profiles(other: "onnx.ModelProto", chosen_profile: str, batches: list[dict[str, Any]], reference: dict[str, Any],
+def _recipe(option: str | None, configured: str, where: str, fp32: Any) -> str:
+    """The recipe to run (``auto`` resolved for this network), validated: a bad one names its source."""
+    from deploykit.quantize import recipes
+
+    spec, source = (option, "--recipe") if option is not None else (configured, where)
+    try:
+        return recipes.format_recipe(recipes.parse_recipe(recipes.resolve_auto(spec, fp32)))
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _meet_accuracy_target(fp32: Any, result: Any, eval_src: Any, target: Any, task: str, declared: list[str],
+                          events: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
+    """Fewest float layers (beyond the declared ones) meeting ``target`` on the evaluation data,
+    from the same calibration; their latency cost measured on the canonical models in onnxruntime."""
+    from deploykit import analyze
+
+    data = analyze.prepare_eval(fp32, eval_src, task=task)
+    q = analyze.Quantized(fp32, result)
+    found = analyze.search_float_layers(q, data, target)
+    floats = list(dict.fromkeys(list(declared) + found.float_layers))
+    chosen = requantize(result, fp32, float_layers=floats) if found.float_layers else result
+    events(f"accuracy target {target}: {'met' if found.met else 'NOT met'} with {len(found.float_layers)} float "
+           f"layer(s), {found.metrics.get(target.metric, float('nan')):.4f} (int8 share of MACs "
+           f"{found.int8_mac_share:.1%})")
+    summary = found.to_json()
+    summary["latency_cost"] = _latency_cost(result, chosen, eval_src) if found.float_layers else None
+    return chosen, summary
+
+
+def _latency_cost(all_int8: Any, chosen: Any, source: Any, rounds: int = 15) -> dict[str, Any]:
+    """Batch-1 latency of the all-int8 and the chosen canonical model in onnxruntime (default
+    optimizations, interleaved rounds, medians): what the float layers cost."""
+    import onnxruntime as ort
+
+    feeds = {k: v[:1] for k, v in next(iter(source.batches(1))).feeds.items()}
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sessions = {name: ort.InferenceSession(m.model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+                for name, m in (("all_int8", all_int8), ("chosen", chosen))}
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for name, sess in sessions.items():
+            t = time.perf_counter()
+            sess.run(None, feeds)
+            times[name].append((time.perf_counter() - t) * 1000)
+    med = {k: float(np.median(v[2:])) for k, v in times.items()}
+    return {"runtime": "onnxruntime (canonical models, CPU, batch 1)", "all_int8_ms": med["all_int8"],
+            "chosen_ms": med["chosen"], "ratio": med["chosen"] / med["all_int8"] if med["all_int8"] else None}
+
+
+def compare_profiles(other: "onnx.ModelProto", chosen_profile: str, batches: list[dict[str, np.ndarray]], reference: dict[str, Any],
                      classification: bool) -> dict[str, Any]:
     """Measure the other activation profile's canonical model (placed from the same statistics)
     and the chosen one against FP32: what the choice cost or saved."""
@@ -448,6 +519,13 @@ def _calibration(cfg: Calibration, o: BuildOptions) -> Calibration:
     changes = {k: v for k, v in {"method": o.method, "percentile": o.percentile, "samples": o.samples,
                                  "data": o.calib, "batch_size": o.batch_size}.items() if v is not None}
     return dataclasses.replace(cfg, **changes)
+
+
+def _judged_on(target: Target, goal: AccuracyTarget) -> Target:
+    """The accuracy target as this target's threshold for that metric (the command line wins
+    over targets.toml and the defaults: the build was asked for exactly this)."""
+    key = f"{'max' if goal.metric == 'accuracy_drop' else 'min'}_{goal.metric}"
+    return dataclasses.replace(target, thresholds={**target.thresholds, key: goal.value})
 
 
 def _at_batch(target: Target, batch: int, events: Callable[[str], None]) -> Target:

@@ -21,7 +21,7 @@ _DEVICE_KEYS = {"kind": str, "description": str, "address": str}
 _TARGET_KEYS = {"backend": str, "device": str, "description": str, "batch_sizes": list,
                 "warmup": int, "runs": int, "options": dict, "thresholds": dict}
 _CALIB_KEYS = {"method": str, "samples": int, "percentile": float, "data": str, "eval": str,
-               "batch_size": int, "seed": int}
+               "batch_size": int, "seed": int, "recipe": str}
 _PREPROCESS_KEYS = {"resize": int, "crop": int, "mean": list, "std": list, "layout": str,
                     "scale": float, "color": str}
 _QUANT_KEYS = {"activations": str, "keep_float": list}
@@ -73,6 +73,8 @@ class Calibration:
     eval: str | None = None
     batch_size: int = 8
     seed: int = 0
+    #: accuracy-recovering recipe (deploykit/quantize/recipes.py); auto: measured best per network kind
+    recipe: str = "auto"
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,12 @@ calibration method, place Q/DQ by the canonical rules, lint. See canonical.py fo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import onnx
 
@@ -22,6 +23,7 @@ from deploykit.progress import bar
 from deploykit.quantize.islands import resolve_keep_float
 from deploykit.quantize.observe import METHODS, Observer, TensorStats, needs_histograms
 from deploykit.quantize.place import build_table, insert_qdq
+from deploykit.quantize.recipes import META_RECIPE
 
 log = logging.getLogger("deploykit")
 
@@ -41,12 +43,25 @@ class QuantizeResult:
     #: The observed statistics of every float tensor: :func:`requantize` places Q/DQ again from
     #: these (another profile, method or set of float layers) without calibrating again.
     stats: Mapping[str, TensorStats] = field(default_factory=dict, repr=False, compare=False)
+    #: The accuracy-recovering recipe (deploykit/quantize/recipes.py), "none" when there is none.
+    recipe: str = "none"
+    #: What the recipe's post-placement steps changed (bias deltas, AdaRound weights): re-applied
+    #: by :func:`requantize` to every placement, skipping float layers.
+    edits: Any = field(default=None, repr=False, compare=False)
+    #: The FP32 graph the statistics belong to when the recipe rewrote it (SmoothQuant, CLE;
+    #: same function as the source): :func:`requantize` places on this one.
+    calibrated: onnx.ModelProto | None = field(default=None, repr=False, compare=False)
+    recipe_summary: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
 
 def quantize(fp32: onnx.ModelProto, calib: DataSource, method: str = "minmax", percentile: float = 99.99,
              batch_size: int = 8, source_hash: str = "", activations: str = rules.SYMMETRIC,
-             keep_float: Sequence[str] = ()) -> QuantizeResult:
+             keep_float: Sequence[str] = (), recipe: str | None = None) -> QuantizeResult:
     """Calibrate the normalised FP32 model on ``calib`` and return the canonical QDQ model.
+
+    ``recipe``: accuracy-recovering steps (``bias_correction``, ``smoothquant:0.8``, ``cle``,
+    ``adaround:300``, comma-separated; ``auto`` picks by network kind; None/"none": no recipe),
+    see :mod:`deploykit.quantize.recipes`.
 
     ``activations``: the activation profile, ``symmetric`` (every backend lowers it, the default
     here) or ``asymmetric`` (``deploykit build`` picks it when all its targets support it: more
@@ -57,8 +72,13 @@ def quantize(fp32: onnx.ModelProto, calib: DataSource, method: str = "minmax", p
     if method not in METHODS:
         raise ConfigError(f"unknown calibration method '{method}'; use one of {', '.join(METHODS)}")
     _check_profile(activations)
+    from deploykit.quantize import recipes
+
+    steps = recipes.parse_recipe(recipes.resolve_auto(recipe, fp32))
     float_layers = resolve_keep_float(fp32, keep_float) if keep_float else []
     batch_size = fixed_batch(input_specs(fp32)) or batch_size
+    source = fp32
+    fp32, summary = recipes.pre_calibration(fp32, [s for s in steps if s.name in recipes.PRE_STEPS], calib, batch_size)
     observer = Observer(fp32)
     with bar(calib.expected_samples(), "calibrate: ranges", "sample") as b:
         observer.observe_ranges(calib.batches(batch_size), b.update)
@@ -66,8 +86,15 @@ def quantize(fp32: onnx.ModelProto, calib: DataSource, method: str = "minmax", p
         with bar(observer.samples, f"calibrate: {method} histograms", "sample") as b:
             observer.observe_histograms(calib.batches(batch_size), b.update)
     observed = QuantizeResult(fp32, rules.CalibrationTable(), method, observer.samples, observer.data_hash(),
-                              calib.is_random, percentile=percentile, source_hash=source_hash, stats=observer.stats)
-    return requantize(observed, fp32, activations=activations, float_layers=float_layers)
+                              calib.is_random, percentile=percentile, source_hash=source_hash, stats=observer.stats,
+                              recipe=recipes.format_recipe(steps), calibrated=None if fp32 is source else fp32,
+                              recipe_summary=summary)
+    placed = requantize(observed, fp32, activations=activations, float_layers=float_layers)
+    post = [s for s in steps if s.name not in recipes.PRE_STEPS]
+    if not post:
+        return placed
+    edits = recipes.post_placement(fp32, placed.model, post, calib, batch_size, placed.float_layers)
+    return requantize(dataclasses.replace(placed, edits=edits, recipe_summary={**summary, **edits.summary}), fp32)
 
 
 def requantize(result: QuantizeResult, fp32: onnx.ModelProto, *, activations: str | None = None,
@@ -79,6 +106,8 @@ def requantize(result: QuantizeResult, fp32: onnx.ModelProto, *, activations: st
     :func:`deploykit.quantize.islands.resolve_keep_float` for patterns). A histogram method
     needs statistics gathered with one (``quantize(method=...)`` with percentile/entropy/mse).
     """
+    if result.calibrated is not None:  # the recipe rewrote the graph the statistics were observed on
+        fp32 = result.calibrated
     method = method or result.method
     activations = activations or result.activations
     percentile = result.percentile if percentile is None else percentile
@@ -99,6 +128,10 @@ def requantize(result: QuantizeResult, fp32: onnx.ModelProto, *, activations: st
     amax = {t: choose(s, percentile=percentile) for t, s in result.stats.items()}
     table = build_table(fp32, result.stats, amax, activations)
     qdq = insert_qdq(fp32, table, frozenset(floats))
+    if result.edits:
+        from deploykit.quantize.recipes import apply_edits
+
+        qdq = apply_edits(qdq, result.edits, floats)
     meta = {
         rules.META_VERSION: __version__,
         rules.META_METHOD: method if method != "percentile" else f"percentile:{percentile}",
@@ -108,6 +141,7 @@ def requantize(result: QuantizeResult, fp32: onnx.ModelProto, *, activations: st
         rules.META_RANDOM: json.dumps(result.random_data),
         rules.META_PROFILE: activations,
         rules.META_FLOAT_LAYERS: json.dumps(list(floats)),
+        META_RECIPE: result.recipe,
     }
     existing = {p.key for p in qdq.metadata_props}
     for key, value in meta.items():
@@ -120,7 +154,8 @@ def requantize(result: QuantizeResult, fp32: onnx.ModelProto, *, activations: st
     if violations:  # a bug in placement, never the user's fault: say so
         raise DeploykitError("internal error: the canonical model breaks its contract:\n" + rules.format_violations(violations))
     return QuantizeResult(qdq, table, method, result.samples, result.data_hash, result.random_data,
-                          activations, floats, percentile, result.source_hash, result.stats)
+                          activations, floats, percentile, result.source_hash, result.stats, result.recipe,
+                          result.edits, result.calibrated, result.recipe_summary)
 
 
 def _check_profile(activations: str) -> None:

@@ -1,0 +1,168 @@
+"""deploykit analyze (per-layer sensitivity from one calibration) and build --accuracy-target."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from deploykit import analyze as an
+from deploykit.cli import main
+from deploykit.data import ArraySource
+from deploykit.errors import ConfigError
+from deploykit.model import input_specs, normalise
+from deploykit.quantize import quantize, recipes, requantize
+
+
+def _mlp() -> onnx.ModelProto:
+    """Three Gemm layers; fc2's input has one channel 40x the others, so quantizing it costs the
+    most (the same function as a balanced net: fc2's weights compensate)."""
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 0.3, (24, 16))
+    w1[3] *= 40
+    w2 = rng.normal(0, 0.3, (24, 24))
+    w2[:, 3] /= 40
+    w3 = rng.normal(0, 0.3, (10, 24))
+    inits = {"w1": w1, "b1": np.zeros(24), "w2": w2, "b2": np.zeros(24), "w3": w3, "b3": np.zeros(10)}
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w1", "b1"], ["h1"], name="fc1", transB=1),
+         helper.make_node("Relu", ["h1"], ["a1"], name="r1"),
+         helper.make_node("Gemm", ["a1", "w2", "b2"], ["h2"], name="fc2", transB=1),
+         helper.make_node("Relu", ["h2"], ["a2"], name="r2"),
+         helper.make_node("Gemm", ["a2", "w3", "b3"], ["y"], name="fc3", transB=1)],
+        "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    return normalise(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+
+
+@pytest.fixture()
+def mlp_files(tmp_path: Path) -> tuple[Path, Path, Path]:
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 1, (400, 16)).astype(np.float32)
+    model = tmp_path / "mlp.onnx"
+    onnx.save(_mlp(), str(model))
+    np.savez(tmp_path / "calib.npz", x=x[:200])
+    np.savez(tmp_path / "eval.npz", x=x[200:])
+    return model, tmp_path / "calib.npz", tmp_path / "eval.npz"
+
+
+def _setup(files: tuple[Path, Path, Path], recipe: str = "none") -> tuple[an.Quantized, an.EvalData]:
+    model, calib, evals = files
+    fp32 = normalise(onnx.load(str(model)))
+    specs = input_specs(fp32)
+    result = quantize(fp32, ArraySource(calib, specs), method="minmax", recipe=recipe)
+    return an.Quantized(fp32, result), an.prepare_eval(fp32, ArraySource(evals, specs), task="classification")
+
+
+def test_parse_accuracy_target():
+    assert an.parse_accuracy_target("top1_agreement=0.95") == an.AccuracyTarget("top1_agreement", 0.95)
+    assert an.parse_accuracy_target("cosine=0.998").met(0.999)
+    assert an.parse_accuracy_target("accuracy_drop=0.01").met(0.005)
+    for bad, msg in [("top1=0.9", "use top1_agreement"), ("cosine=x", "not a number"),
+                     ("top1_agreement=95", "fraction"), ("cosine", "use top1_agreement")]:
+        with pytest.raises(ConfigError, match=msg):
+            an.parse_accuracy_target(bad)
+
+
+def test_analyze_ranks_the_layer_with_the_outlier_input_first(mlp_files, tmp_path):
+    q, data = _setup(mlp_files)
+    analysis = an.analyze(q, data)
+    assert analysis.metric == "top1_agreement" and analysis.samples == 200
+    assert [s.name for s in analysis.layers][0] == "fc2"
+    fc2 = analysis.layers[0]
+    assert fc2.only_float["top1_agreement"] > analysis.baseline["top1_agreement"] + 0.05
+    assert fc2.only_float["sqnr"] > analysis.baseline["sqnr"] + 10
+    # only fc2 int8 is the worst of the "only int8" variants
+    assert min(analysis.layers, key=lambda s: s.only_int8["sqnr"]).name == "fc2"
+    paths = an.write_outputs(analysis, tmp_path / "out")
+    saved = json.loads(paths["json"].read_text())
+    assert saved["layers"][0]["name"] == "fc2" and saved["metric"] == "top1_agreement"
+    assert "| 1 | fc2 | Gemm |" in paths["md"].read_text()
+    if "png" in paths:  # matplotlib installed (extra 'plots')
+        assert paths["png"].read_bytes()[:4] == b"\x89PNG" and paths["svg"].read_text().lstrip().startswith("<?xml")
+
+
+def test_variants_reuse_one_calibration(mlp_files):
+    q, _ = _setup(mlp_files, recipe="bias_correction")
+    assert q.result.recipe == "bias_correction" and q.result.edits
+    meta = {p.key: p.value for p in q.result.model.metadata_props}
+    assert meta[recipes.META_RECIPE] == "bias_correction"
+    again = requantize(q.result, q.fp32)  # edits re-applied, same model
+    assert again.model.SerializeToString() == q.result.model.SerializeToString()
+    one_float = q.variant(["fc2"])
+    gemm = next(n for n in one_float.graph.node if n.name == "fc2")
+    assert gemm.input[2] == "b2"  # a float layer keeps its FP32 bias; int8 layers carry the corrected one
+    assert next(n for n in one_float.graph.node if n.name == "fc1").input[2] == "fc1_corrected_bias"
+
+
+def test_search_finds_the_fewest_float_layers(mlp_files):
+    q, data = _setup(mlp_files)
+    found = an.search_float_layers(q, data, an.AccuracyTarget("top1_agreement", 0.97))
+    assert found.met and found.float_layers == ["fc2"] and found.measured >= 0.97
+    assert 0.3 < found.int8_mac_share < 0.7
+    reached = an.search_float_layers(q, data, an.AccuracyTarget("top1_agreement", 0.5))
+    assert reached.met and reached.float_layers == []  # already met all-int8
+    with pytest.raises(ConfigError, match="labels"):
+        an.search_float_layers(q, data, an.AccuracyTarget("accuracy_drop", 0.01))
+
+
+def test_analyze_cli_writes_table_json_and_plot(mlp_files, tmp_path, capsys):
+    model, calib, evals = mlp_files
+    out = tmp_path / "an"
+    assert main(["analyze", str(model), "--calib", str(calib), "--eval", str(evals), "--task", "classification",
+                 "--recipe", "none", "-o", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["layers"][0]["name"] == "fc2" and report["settings"]["recipe"] == "none"
+    assert (out / "analysis.json").exists() and (out / "analysis.md").exists()
+    assert main(["analyze", str(model), "--calib", str(calib), "--recipe", "bogus", "-o", str(out)]) == 2
+    assert "unknown recipe step 'bogus'" in capsys.readouterr().err
+
+
+def test_build_accuracy_target_met_and_checked_on_each_target(mlp_files, tmp_path, capsys):
+    model, calib, evals = mlp_files
+    out = tmp_path / "b"
+    code = main(["build", str(model), "--target", "onnxruntime", "--calib", str(calib), "--eval", str(evals),
+                 "--task", "classification", "--activations", "symmetric", "--recipe", "none",
+                 "--accuracy-target", "top1_agreement=0.97", "--no-baseline", "-o", str(out)])
+    manifest = json.loads((out / "manifest.json").read_text())
+    search = manifest["quantization"]["accuracy_target"]
+    assert search["met"] and search["float_layers"] == ["fc2"]
+    assert manifest["quantization"]["float_layers"][0]["name"] == "fc2"
+    assert search["latency_cost"]["all_int8_ms"] > 0
+    target = manifest["targets"][0]
+    check = next(c for c in target["checks"] if c["name"] == "top1_agreement")
+    assert check["threshold"] == 0.97  # the accuracy target is judged on the target's own artifact
+    assert code == (0 if check["status"] == "pass" else 1)
+
+
+def test_build_unmet_accuracy_target_ships_the_best_and_exits_1(tmp_path, capsys):
+    # the pooling input stays int8 whatever compute layer is float: cosine 1.0 cannot be met
+    rng = np.random.default_rng(2)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c"], ["r"], name="relu"),
+         helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+         helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+         helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1)],
+        "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+        [numpy_helper.from_array(rng.normal(0, 0.5, s).astype(np.float32), n)
+         for n, s in (("w", (8, 3, 3, 3)), ("b", (8,)), ("wf", (5, 8)), ("bf", (5,)))])
+    model = tmp_path / "cnn.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(model))
+    np.savez(tmp_path / "calib.npz", x=rng.normal(0, 1, (64, 3, 8, 8)).astype(np.float32))
+    out = tmp_path / "u"
+    code = main(["build", str(model), "--target", "onnxruntime", "--calib", str(tmp_path / "calib.npz"),
+                 "--recipe", "none", "--accuracy-target", "cosine=1.0", "--no-baseline", "-o", str(out)])
+    assert code == 1
+    assert "--accuracy-target cosine=1 not met" in capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert not manifest["quantization"]["accuracy_target"]["met"]
+    assert (out / "canonical.qdq.onnx").exists()  # the best found is shipped
+    assert main(["build", str(model), "--target", "onnxruntime", "--calib", str(tmp_path / "calib.npz"),
+                 "--accuracy-target", "top1=0.9", "-o", str(tmp_path / "bad")]) == 2
