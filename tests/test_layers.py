@@ -196,7 +196,11 @@ def test_build_reports_worst_layers_and_compare_layers_cli(canonical, tmp_path, 
     result = runner.invoke(cli, ["compare-layers", str(out), "--json", "--samples", "4"])
     data = json.loads(result.output)
     assert data["layers"][0]["target"] == "ort" and data["layers"][0]["samples"] == 4
-    assert data["layers"][0]["counts"]["exact"] == len(data["layers"][0]["layers"])
+    # int8 kernels may round a value one step differently from the Q/DQ arithmetic (`rounding`:
+    # measured on an AVX2 CPU without VNNI with uint8 weights); anything else is a lowering fault
+    counts = data["layers"][0]["counts"]
+    assert counts.get("exact", 0) + counts.get("rounding", 0) == len(data["layers"][0]["layers"])
+    assert counts.get("exact", 0) >= 1
 
     from deploykit.cli import main
 
