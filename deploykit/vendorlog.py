@@ -97,9 +97,11 @@ class _Filter:
         os.close(write_fd)
         self.old_stderr = sys.stderr
         # Python keeps writing straight to the terminal (no delay, isatty() still true for rich).
+        # Line-buffered without write_through: print()'s text and its newline leave in one write,
+        # so a native line the pump passes on at the same moment cannot land in mid-line.
         sys.stderr = io.TextIOWrapper(os.fdopen(os.dup(self.real_fd), "wb", buffering=0),
                                       encoding=getattr(self.old_stderr, "encoding", None) or "utf-8",
-                                      errors="backslashreplace", line_buffering=True, write_through=True)
+                                      errors="backslashreplace", line_buffering=True)
         self.thread = threading.Thread(target=self._pump, name="deploykit-vendorlog", daemon=True)
         self.thread.start()
 
