@@ -513,3 +513,17 @@ def _batched(items: list[T], n: int) -> Iterator[list[T]]:
     it = iter(items)
     while chunk := list(itertools.islice(it, n)):
         yield chunk
+
+
+def collect_batches(src: DataSource, batch_size: int) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None]:
+    """Every batch of ``src`` as feeds, and the labels concatenated (None unless every batch has them)."""
+    feeds: list[dict[str, np.ndarray]] = []
+    labels: list[np.ndarray] = []
+    has_labels = True
+    for b in src.batches(batch_size):
+        feeds.append(b.feeds)
+        if b.labels is None:
+            has_labels = False
+        else:
+            labels.append(b.labels)
+    return feeds, (np.concatenate(labels) if has_labels and labels else None)

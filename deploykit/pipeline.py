@@ -180,7 +180,7 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
         eval_batch = fixed_batch or (max(t.batch_sizes[0] for t in targets) if targets else 1)
         session = _ort_session_from_model(fp32)
         _try_first_batch(session, calib_src, calib_cfg.batch_size if not fixed_batch else fixed_batch)
-        eval_batches, labels = _eval_batches(eval_src, eval_batch)
+        eval_batches, labels = data.collect_batches(eval_src, eval_batch)
         first_output = _try_first_batch(session, eval_src, eval_batch) if eval_src is not calib_src else \
             session.run(None, eval_batches[0])[0]
         classification = _check_task(first_output, options.task, labels, eval_src.description)
@@ -534,19 +534,6 @@ def _at_batch(target: Target, batch: int, events: Callable[[str], None]) -> Targ
     events(f"{target.name}: the model has a fixed batch of {batch}; latency only at that batch "
            f"(export with a dynamic batch for batch_sizes {list(target.batch_sizes)})")
     return dataclasses.replace(target, batch_sizes=(batch,))
-
-
-def _eval_batches(src: data.DataSource, batch_size: int) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None]:
-    feeds: list[dict[str, np.ndarray]] = []
-    labels: list[np.ndarray] = []
-    has_labels = True
-    for b in src.batches(batch_size):
-        feeds.append(b.feeds)
-        if b.labels is None:
-            has_labels = False
-        else:
-            labels.append(b.labels)
-    return feeds, (np.concatenate(labels) if has_labels and labels else None)
 
 
 def _reference_outputs(canonical: CanonicalModel, batches: list[dict[str, np.ndarray]]) -> dict[str, list[np.ndarray]]:

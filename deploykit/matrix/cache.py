@@ -48,20 +48,6 @@ def toolchain_versions() -> dict[str, str]:
     return out
 
 
-def file_hash(path: Path | str) -> str:
-    """sha256 of a file, or of every file under a folder (names and bytes)."""
-    p = Path(path)
-    h = hashlib.sha256()
-    files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
-    for f in files:
-        if p.is_dir():
-            h.update(str(f.relative_to(p)).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def key_of(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 

@@ -25,10 +25,10 @@ import numpy as np
 
 from deploykit import checks, data, model as modelmod
 from deploykit.errors import ConfigError, DeploykitError
+from deploykit.fileio import sha256 as file_hash
 from deploykit.history import History
 from deploykit.matrix.cache import (
     Cache,
-    file_hash,
     key_of,
     load_artifact,
     save_artifact,
@@ -230,16 +230,7 @@ class _Runner:
             src = data.RandomSource(specs, 64, 1)
         fixed = modelmod.fixed_batch(specs)
         eval_batch = fixed or max(self.spec.batch_sizes)
-        feeds: list[dict[str, np.ndarray]] = []
-        labels: list[np.ndarray] = []
-        unlabelled = False
-        for batch in src.batches(eval_batch):
-            feeds.append(batch.feeds)
-            if batch.labels is None:
-                unlabelled = True
-            else:
-                labels.append(batch.labels)
-        label_arr: np.ndarray | None = np.concatenate(labels) if labels and not unlabelled else None
+        feeds, label_arr = data.collect_batches(src, eval_batch)
         reference = checks.run_all(_ort_runner(canonical.fp32_path, {}), feeds)
         classification = checks.classifies(m.task, reference[0])
         fp32_acc = checks.task_accuracy(reference[0], label_arr) if label_arr is not None and classification else None
