@@ -107,6 +107,7 @@ def adopt(model: onnx.ModelProto, *, source_hash: str = "", calib: Any = None, b
         unique_node_names(m)
         changes.append("node names made unique")
     _fold_bias(m, changes)
+    _fold_weight_transposes(m, changes)
     _weights(m, where, changes)
     profile = _activations(m, where, changes)
     _dedupe(m, changes)
@@ -207,6 +208,42 @@ def _fold_bias(m: onnx.ModelProto, changes: list[str]) -> None:
         m.graph.node.remove(node)
     if folded:
         changes.append(f"{len(folded)} int32 bias DequantizeLinear folded into float biases (the values they compute)")
+
+
+def _fold_weight_transposes(m: onnx.ModelProto, changes: list[str]) -> None:
+    """DequantizeLinear(int8 W) -> Transpose -> compute node (torch's exporter writes a 3-D
+    ``linear`` that way) becomes DequantizeLinear(int8 W transposed), its per-channel axis
+    carried through the permutation: the same values in the same places."""
+    g = QdqGraph(m)
+    folded = []
+    for node in m.graph.node:
+        if node.op_type != "Transpose" or not node.input:
+            continue
+        dq = g.dq_feeding(node.input[0])
+        if dq is None or not g.is_weight_dq(dq):
+            continue
+        values, p = g.constant(dq.input[0]), g.params(dq)
+        perm = list(rules.attrs(node).get("perm", list(range(values.ndim))[::-1]))
+        name = _unique(m.graph, f"{dq.input[0]}_transposed")
+        m.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(values.transpose(perm)), name))
+        inputs = [name, *dq.input[1:]]
+        kwargs = {}
+        if p.axis is not None:
+            axis = p.axis if p.axis >= 0 else p.axis + values.ndim
+            kwargs["axis"] = perm.index(axis)
+        replacement = onnx.helper.make_node(DQ, inputs, [node.output[0]], name=f"{node.name}_weight", **kwargs)
+        folded.append((node, replacement))
+    for transpose, replacement in folded:
+        index = list(m.graph.node).index(transpose)
+        m.graph.node.remove(transpose)
+        m.graph.node.insert(index, replacement)
+    if folded:
+        used = {i for n in m.graph.node for i in n.input}
+        for node in [n for n in m.graph.node if n.op_type == DQ and n.output[0] not in used]:
+            m.graph.node.remove(node)
+        _drop_unused_initializers(m)
+        changes.append(f"{len(folded)} transposed weight(s) stored transposed (Transpose after their "
+                       f"DequantizeLinear folded)")
 
 
 def _weights(m: onnx.ModelProto, where: str, changes: list[str]) -> None:
