@@ -50,7 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("deploykit")
 T = TypeVar("T")
 #: Target statuses that do not fail a build: checked and passed, lowered and verified where the
-#: checks cannot run here (Core ML off macOS, a remote device without an agent), or skipped
+#: checks cannot run here (Core ML off macOS), or skipped
 #: because the backend is not installed (said with the install hint).
 SUCCESS = ("ok", "lowered", "skipped")
 RANDOM_WARNING = ("calibrated on random data: no --calib data was given, so the scales are NOT meaningful; "

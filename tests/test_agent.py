@@ -138,13 +138,15 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
-def _targets(tmp_path: Path, devices: dict[str, str], token_env: str = "DK_TEST_AGENT_TOKEN") -> Path:
+def _targets(tmp_path: Path, devices: dict[str, str], token_env: str = "DK_TEST_AGENT_TOKEN",
+             runs: dict[str, int] | None = None) -> Path:
     """targets.toml: ``local`` on this machine, ``<device>-ort`` on each remote device."""
     text = ""
     for name, address in devices.items():
         text += f'[devices.{name}]\naddress = "{address}"\ntoken_env = "{token_env}"\n'
     for name in ["local", *devices]:
-        text += (f'[targets.{name}-ort]\nbackend = "onnxruntime"\nbatch_sizes = [1, 4]\nwarmup = 1\nruns = 5\n'
+        text += (f'[targets.{name}-ort]\nbackend = "onnxruntime"\nbatch_sizes = [1, 4]\nwarmup = 1\n'
+                 f'runs = {(runs or {}).get(name, 5)}\n'
                  + (f'device = "{name}"\n' if name != "local" else "")
                  + f'[targets.{name}-ort.options]\nactivations = "int8"\n'
                  f'[targets.{name}-ort.thresholds]\nmin_top1_agreement = 0.9\n')
@@ -352,22 +354,43 @@ def test_agent_executor_errors_are_one_line_naming_the_device(agents):
         gone.probe()
 
 
-def test_a_killed_agent_fails_its_targets_the_rest_complete_and_a_rerun_finishes(agents, tmp_path, ort_registry,
-                                                                                 monkeypatch):
-    """Agent b is killed (SIGKILL) before the build reaches it; last in this file, it restarts b."""
+def test_an_agent_killed_mid_job_fails_its_target_the_rest_complete_and_a_rerun_finishes(agents, tmp_path,
+                                                                                          ort_registry, monkeypatch):
+    """Agent b is killed (SIGKILL) while it times b's job; last in this file, it restarts b."""
+    import threading
+
     monkeypatch.setenv("DK_TEST_AGENT_TOKEN", TOKEN)
     a, b = agents["a"], agents["b"]
-    toml = _targets(tmp_path, {"a": a.address, "b": b.address})
-    b.kill()
+    devices = {"a": a.address, "b": b.address}
+    toml = _targets(tmp_path, devices, runs={"b": 20000})  # b's job takes seconds, even on a quiet machine
+    killed = threading.Event()
+
+    def kill_b_mid_job() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            status, raw = _call("GET", b.address + "/v1/probe")
+            if status == 200 and json.loads(raw)["jobs"] >= 1:  # b's job is in
+                time.sleep(0.1)
+                b.kill()
+                killed.set()
+                return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=kill_b_mid_job, daemon=True)
+    watcher.start()
     try:
         router = DeviceRouter(LocalExecutor(ort_registry), backoff=0.05)
         got = _build(tmp_path, toml, ["local-ort", "a-ort", "b-ort"], ort_registry, executor=router)
+        watcher.join(10)
+        assert killed.is_set()
         assert got["local-ort"].status == "ok" and got["a-ort"].status == "ok"
         dead = got["b-ort"]
         assert dead.status == "error" and "unreachable" in dead.reason and b.address in dead.reason
-        assert "connection refused" in dead.reason
+        assert dead.latency == [] and dead.artifact is not None and dead.artifact.path.is_file()
     finally:
+        b.kill()
         b.start().wait_ready()  # the device is back: the same command finishes the job
+    toml = _targets(tmp_path, devices)  # the same targets, timed briefly this time
     again = _build(tmp_path, toml, ["local-ort", "a-ort", "b-ort"], ort_registry, out="out2")
     assert all(t.status == "ok" for t in again.values())
     assert _untimed(again["b-ort"]) == _untimed(got["local-ort"])
