@@ -227,7 +227,7 @@ def _fold_weight_transposes(m: onnx.ModelProto, changes: list[str]) -> None:
         name = _unique(m.graph, f"{dq.input[0]}_transposed")
         m.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(values.transpose(perm)), name))
         inputs = [name, *dq.input[1:]]
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         if p.axis is not None:
             axis = p.axis if p.axis >= 0 else p.axis + values.ndim
             kwargs["axis"] = perm.index(axis)
