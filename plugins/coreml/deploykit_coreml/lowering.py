@@ -252,8 +252,8 @@ def fp16_storable(data: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, a
 
     A canonical scale below 2**-25 rounds to 0 in fp16, which no dequantize can use. minmax
     calibration gives such scales to dead channels (all weights near 0: EfficientNet-Lite0 has
-    13 in 9 weights, down to 2e-11). Left to coremltools, the scale becomes 2**-24 with the int8
-    values kept, which multiplies those weights by up to 2**-24 / scale (2.6e3 on
+    109 in 27 weights, down to 2e-11). Left to coremltools, 13 of them became 2**-24 with the
+    int8 values kept, which multiplies those weights by up to 2**-24 / scale (2.6e3 on
     EfficientNet-Lite0). Here such a channel stores 2**-24 with its int8 values re-rounded to
     it: every dequantized weight stays within 2**-25 (3e-8) of the canonical one, the closest
     fp16 scales allow. Verification expects exactly this and names the channels."""
