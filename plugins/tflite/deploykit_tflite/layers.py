@@ -8,8 +8,9 @@ kernels (XNNPACK included, as the artifact runner does) with every layer fed the
 model's own input to it, so one layer's rounding does not reach the next.
 
 Values cross as ``q - zero_point`` in the canonical model's axis order: a CNN lowered in NHWC is
-transposed at the boundary; a tensor whose TFLite shape is neither the canonical shape nor its
-NHWC form is not compared (named in ``skipped``).
+transposed at the boundary, an encoder's tensor the converter reshaped (a MatMul as CONV_2D on
+[tokens, 1, 1, width]) is reshaped; a canonical tensor no TFLite tensor carries is not compared
+(named in ``skipped``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ class CutPoint:
     output: int  # index of the copy its producer writes (the tensor itself for a graph input)
     zero_point: int
     scale: float
-    nhwc: bool  # the TFLite tensor is the canonical NCHW tensor transposed
+    layout: str  # "nhwc", "same" or "reshape" (see _layout)
+    shape: tuple[int, ...]  # the TFLite tensor's shape
     graph_input: bool  # no producer: the runner quantizes the model input into it
 
 
@@ -53,15 +55,25 @@ def _name(tensor: Any) -> str:
     return tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name)
 
 
-def _holds(tflite_shape: Sequence[int], canonical_shape: Sequence[Any] | None, nhwc: bool) -> bool:
-    """Whether the TFLite tensor holds the canonical one (batch aside; a symbolic canonical dim
-    matches any size): the same shape, or for a CNN lowered in NHWC its 4-D form transposed."""
-    if canonical_shape is None or len(canonical_shape) != len(tflite_shape):
-        return False
-    want = list(canonical_shape)
+def _layout(tflite_shape: Sequence[int], canonical_shape: Sequence[Any] | None, nhwc: bool) -> str | None:
+    """How the TFLite tensor holds the canonical one (batch aside; a symbolic canonical dim
+    matches any size): "nhwc" (a CNN's 4-D tensor, transposed), "same", "reshape" (the same
+    values in the same order, reshaped: the converter's [tokens, 1, 1, width] for a CONV_2D
+    carrying a MatMul in ONNX axis order), or None."""
+    if canonical_shape is None:
+        return None
+    tflite, want = [int(d) for d in tflite_shape], list(canonical_shape)
     if nhwc and len(want) == 4:
+        if len(tflite) != 4:
+            return None
         want = [want[i] for i in NCHW_TO_NHWC]
-    return all(not isinstance(w, int) or w <= 0 or int(t) == w for t, w in zip(list(tflite_shape)[1:], want[1:]))
+        return "nhwc" if all(not isinstance(w, int) or w <= 0 or t == w for t, w in zip(tflite[1:], want[1:])) else None
+    if len(tflite) == len(want) and all(not isinstance(w, int) or w <= 0 or t == w for t, w in zip(tflite[1:], want[1:])):
+        return "same"
+    known = [w for w in want[1:] if isinstance(w, int) and w > 0]
+    if len(known) == len(want) - 1 and int(np.prod(tflite)) % max(int(np.prod(known)), 1) != 0:
+        return None  # no batch of the canonical tensor fills it
+    return "reshape"
 
 
 @dataclass
@@ -85,7 +97,12 @@ def cut_flatbuffer(content: bytes, tensor_map: Mapping[str, str], cut_names: Seq
                  for m in signature.inputs]
     else:
         named = [("", int(i)) for i in sg.inputs]
-    by_name = {_name(t): i for i, t in enumerate(sg.tensors)}
+    by_name: dict[str, int] = {}
+    ambiguous: set[str] = set()
+    for i, t in enumerate(sg.tensors):
+        if _name(t) in by_name:
+            ambiguous.add(_name(t))
+        by_name[_name(t)] = i
     producer = {int(o): op for op in sg.operators for o in op.outputs}
     inputs = [int(i) for i in sg.inputs]
     # a TFLite tensor carrying several canonical tensors (none today) is cut once, for the last
@@ -96,19 +113,24 @@ def cut_flatbuffer(content: bytes, tensor_map: Mapping[str, str], cut_names: Seq
         if tflite is None or tflite not in by_name:
             skipped.append(f"{name}: no TFLite tensor carries it")
             continue
+        if tflite in ambiguous:
+            skipped.append(f"{name}: several TFLite tensors are named '{tflite}'")
+            continue
         chosen[by_name[tflite]] = name
     points: list[CutPoint] = []
     for index, name in chosen.items():
         t = sg.tensors[index]
-        transposed = nhwc and len(t.shape) == 4
+        layout = _layout(list(t.shape), canonical_shapes.get(name), nhwc)
         q = t.quantization
         per_tensor_int8 = t.type == schema.TensorType.INT8 and q is not None and q.scale is not None and len(q.scale) == 1
-        if not per_tensor_int8 or not _holds(list(t.shape), canonical_shapes.get(name), nhwc):
-            skipped.append(f"{name}: TFLite tensor '{_name(t)}' is not a per-tensor int8 tensor of the canonical shape")
+        if not per_tensor_int8 or layout is None:
+            skipped.append(f"{name}: TFLite tensor '{_name(t)}' {list(t.shape)} is not a per-tensor int8 form of "
+                           f"the canonical {canonical_shapes.get(name)}")
             continue
         zero_point, scale = int(q.zeroPoint[0]), float(q.scale[0])
+        shape = tuple(int(d) for d in t.shape)
         if index in inputs or index not in producer:
-            points.append(CutPoint(name, index, index, zero_point, scale, transposed, True))
+            points.append(CutPoint(name, index, index, zero_point, scale, layout, shape, True))
             continue
         copy = schema.TensorT()
         copy.shape, copy.type, copy.buffer = list(t.shape), t.type, 0
@@ -122,7 +144,7 @@ def cut_flatbuffer(content: bytes, tensor_map: Mapping[str, str], cut_names: Seq
         sg.outputs = [out if int(o) == index else int(o) for o in sg.outputs]
         if out not in sg.outputs:
             sg.outputs = list(sg.outputs) + [out]
-        points.append(CutPoint(name, index, out, zero_point, scale, transposed, False))
+        points.append(CutPoint(name, index, out, zero_point, scale, layout, shape, False))
     model.signatureDefs = []  # the signature names the uncut model's inputs and outputs
     return CutFlatbuffer(bytes(fb.convert_object_to_bytearray(model)), points, skipped,
                          [i for _, i in named], [n for n, _ in named])
@@ -179,14 +201,21 @@ class TFLiteLayerRunner:
                 if p.graph_input:
                     continue
                 value = chunk(feeds[p.canonical]).astype(np.int32) + p.zero_point
-                if p.nhwc:
+                if p.layout == "nhwc":
                     value = value.transpose(NCHW_TO_NHWC)
+                elif p.layout == "reshape":
+                    if value.size != int(np.prod(p.shape)):
+                        raise ValueError(f"layer runner: '{p.canonical}' has {value.size} values per batch of "
+                                         f"{self.batch}, its TFLite tensor {list(p.shape)} holds {int(np.prod(p.shape))}")
+                    value = value.reshape(p.shape)
                 self.interpreter.set_tensor(p.tensor, np.ascontiguousarray(np.clip(value, -128, 127), np.int8))
             self.interpreter.invoke()
             for p in self.points:
                 got = self.interpreter.get_tensor(p.output).astype(np.int32) - p.zero_point
-                if p.nhwc:
+                if p.layout == "nhwc":
                     got = got.transpose(NHWC_TO_NCHW)
+                elif p.layout == "reshape":  # same order: one row per sample of the chunk
+                    got = got.reshape(self.batch, -1)
                 parts[p.canonical].append(got[:n])
         return {name: np.concatenate(values) for name, values in parts.items() if values}
 

@@ -68,6 +68,25 @@ def test_encoder_keeps_every_matmul_scale_and_the_canonical_embeddings(encoder):
     assert cosines(ref, out).min() >= 0.999
 
 
+def test_encoder_layer_by_layer(encoder):
+    """The TFLite layer runner on an encoder (ONNX axis order, MatMuls as CONV_2D on reshaped
+    [tokens, 1, 1, width] tensors, attention inputs read through DEQUANTIZE): every tensor the
+    .tflite materialises is compared and is exact or one step off. V is not: the converter
+    slices it straight out of the fused projection's output, no tensor of its own."""
+    from deploykit import layers
+
+    canonical, target, artifact = encoder
+    cut = layers.find_cut(canonical.model)
+    runner = TFLiteBackend().layer_runner(artifact, canonical, target, cut)
+    try:
+        report = layers.compare_layers("tflite", canonical.model, runner, [eval_feeds("encoder", 8, seed=1)], cut)
+    finally:
+        runner.close()
+    assert len(report.layers) >= len(cut) - 2 and len(report.layers) + len(report.not_compared) == len(cut)
+    assert all(r.verdict in ("exact", "rounding") and r.max_steps <= 1 for r in report.layers), layers.table(report)
+    assert {r.layer for r in report.layers} >= {"node_softmax", "node_layer_norm", "node_gelu"}
+
+
 def test_encoder_mask_and_ids_stay_exact(encoder):
     """int64 ids, the bool mask and the -3.4e38 additive mask never enter an int8 tensor; GELU
     is one op (TFLite has no ERF), LayerNorm and Softmax float."""
