@@ -15,6 +15,7 @@ this machine stands for (``local`` and the names given). docs/agent.md has the s
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from deploykit.errors import ConfigError, DeviceError
 from deploykit.jobs import CheckJob, DevicePlacing, run_job
+from deploykit.plugins import Registry, load_registry
 from deploykit.remote import DEVICE_NOTE, bundle, fingerprint, lay_out
 from deploykit.results import JobResult
 
@@ -34,6 +36,12 @@ def resource(device: str) -> str:
     return f"device:{device}"
 
 
+@functools.lru_cache(maxsize=1)
+def _registry() -> Registry:
+    """The worker's backends, loaded once per worker process (Ray reuses its workers)."""
+    return load_registry()
+
+
 def run_bundle(files: Mapping[str, bytes]) -> dict[str, Any]:
     """On a Ray worker: lay out a job's bundle in a fresh folder, run it, return its JobResult JSON."""
     def writer(data: bytes) -> Callable[[Path], None]:
@@ -44,7 +52,7 @@ def run_bundle(files: Mapping[str, bytes]) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="deploykit-ray-job-") as tmp:
         job = lay_out(Path(tmp), {name: writer(data) for name, data in files.items()})
-        result = run_job(job)
+        result = run_job(job, _registry())
         result.notes[DEVICE_NOTE] = fingerprint()
         return result.to_json()
 
