@@ -68,15 +68,31 @@ class RayExecutor(DevicePlacing):
             raise ConfigError(f"--executor ray needs Ray: {INSTALL_HINT}") from None
         self.ray: Any = ray  # untyped SDK
         self.timeout = timeout
+        self.address = address or "a local Ray instance"
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False}
             if address:
-                ray.init(address=address, **kwargs)
+                kwargs["address"] = address
             else:  # a local instance standing for this machine's devices
-                names = {LOCAL_DEVICE, *devices}
-                ray.init(num_cpus=num_cpus, resources={resource(n): 1 for n in sorted(names)}, **kwargs)
-        self.address = address or "a local Ray instance"
+                kwargs["num_cpus"] = num_cpus
+                kwargs["resources"] = {resource(n): 1 for n in sorted({LOCAL_DEVICE, *devices})}
+            self._init(kwargs)
         self._remote = ray.remote(max_retries=0)(run_bundle)
+
+    def _init(self, kwargs: Mapping[str, Any], attempts: int = 3) -> None:
+        """``ray.init``, tried again when the node misses Ray's fixed 30 s start-up window (seen on
+        a 2-core machine under a load average of 20)."""
+        for attempt in range(attempts):
+            try:
+                self.ray.init(**kwargs)
+                return
+            except ConnectionError as exc:
+                raise DeviceError(f"cannot reach the Ray cluster at {self.address}: {exc}") from None
+            except Exception as exc:
+                self.ray.shutdown()
+                if "timed out during startup" not in str(exc) or attempt + 1 == attempts:
+                    raise DeviceError(f"{self.address} did not start: {type(exc).__name__}: "
+                                      f"{(str(exc).strip().splitlines() or [''])[0][:300]}") from None
 
     def declared(self) -> set[str]:
         """The devices some node of the cluster declares."""
