@@ -3,6 +3,7 @@ loopback: two ports stand for two devices. Every test talks HTTP to a real serve
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -104,10 +105,10 @@ def agents(tmp_path_factory):
             a.kill()
 
 
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    """An agent with a 0.05 MB upload limit, served by uvicorn in a thread of this process (the
-    same application and server as ``deploykit agent``, without another start-up)."""
+@contextlib.contextmanager
+def _in_process(folder: Path, max_upload_bytes: int, **ssl: str):
+    """An agent served by uvicorn in a thread of this process: the same application and server
+    as ``deploykit agent``, without another process start-up."""
     import threading
 
     import uvicorn
@@ -118,10 +119,9 @@ def small(tmp_path_factory):
 
     registry = Registry()
     registry.add_plugin(deploykit_onnxruntime, PluginInfo("onnxruntime", "deploykit_onnxruntime"))
-    folder = tmp_path_factory.mktemp("small")
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(folder, TOKEN, int(0.05 * 2**20), registry), host="127.0.0.1",
-                                           port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(folder, TOKEN, max_upload_bytes, registry), host="127.0.0.1",
+                                           port=port, log_level="warning", **ssl))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -132,6 +132,13 @@ def small(tmp_path_factory):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """An agent with a 0.05 MB upload limit."""
+    with _in_process(tmp_path_factory.mktemp("small"), int(0.05 * 2**20)) as agent:
+        yield agent
 
 
 def _files(folder: Path) -> list[Path]:
@@ -394,3 +401,25 @@ def test_an_agent_killed_mid_job_fails_its_target_the_rest_complete_and_a_rerun_
     again = _build(tmp_path, toml, ["local-ort", "a-ort", "b-ort"], ort_registry, out="out2")
     assert all(t.status == "ok" for t in again.values())
     assert _untimed(again["b-ort"]) == _untimed(got["local-ort"])
+
+
+def test_tls_with_a_certificate_the_client_trusts(tmp_path, monkeypatch):
+    """--cert/--key serve https; the client verifies the certificate (SSL_CERT_FILE names the
+    authority it trusts) and refuses one it does not trust, as unreachable, naming the reason."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    with _in_process(tmp_path / "tls", 2**20, ssl_certfile=str(cert), ssl_keyfile=str(key)) as agent:
+        address = f"https://127.0.0.1:{agent.port}"
+        untrusted = AgentExecutor(address, TOKEN, name="tls", retries=0)
+        with pytest.raises(DeviceError, match=r"device 'tls' \(https://127.0.0.1:\d+\) unreachable: .*CERTIFICATE_VERIFY_FAILED"):
+            untrusted.probe()
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        assert AgentExecutor(address, TOKEN, name="tls").probe()["api"] == 1
+        with pytest.raises(DeviceError, match="refused the token"):
+            AgentExecutor(address, "wrong-token-0123456789", name="tls").probe()
+    from deploykit.agent import serve
+
+    with pytest.raises(ConfigError, match="TLS needs both --cert and --key"):
+        serve("127.0.0.1", _free_port(), tmp_path / "f", TOKEN, 1.0, cert=cert)
