@@ -605,9 +605,9 @@ def _target_stages(res: TargetResult, progress: Step, registry: Registry, execut
         log.debug("%s: lowered to %s (%.1f MB) in %.1f s; verification: %s", target.name, res.artifact.path.name,
                   _size_mb(res.artifact.path), res.seconds["lower"],
                   ", ".join(f"{c.name} {c.status}" for c in res.artifact.checks) or "none")
-        not_here = res.availability.reason if not res.availability.can_run else (
-            f"device '{target.device.name}' is remote ({target.device.address}) and this version has no remote "
-            f"agent; copy {dest.name} to the device to check it there" if target.device.address else "")
+        not_here = executor.accepts(target, res.availability)
+        if not_here and target.device.address:
+            not_here += f"; or copy {dest.name} to the device and run its checks there"
         if not_here:  # lowered and verified, never "ok": nothing was measured
             res.status, res.reason = "lowered", f"lowered and verified; checks not run: {not_here}"
             for name in ("top1_agreement", "cosine", "fidelity_rel_l2", "latency_p50_ms"):

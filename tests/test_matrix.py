@@ -216,6 +216,46 @@ def test_matrix_real_run_rerun_and_outputs(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_matrix_cells_run_as_check_jobs_on_the_given_executor(tmp_path):
+    """Each model x target is one CheckJob on MatrixOptions.executor, which also decides what it
+    can run (a device agent or Ray plugs in here); the cells are the job's figures."""
+    from deploykit.jobs import LocalExecutor
+    from deploykit.matrix import MatrixOptions, load_spec, run_matrix
+
+    class Recording(LocalExecutor):
+        def __init__(self) -> None:
+            super().__init__()
+            self.runs: list = []
+
+        def accepts(self, target, availability):
+            return "lab device busy" if target.name == "openvino" else super().accepts(target, availability)
+
+        def run(self, job):
+            result = super().run(job)
+            self.runs.append((job, result))
+            return result
+
+    executor = Recording()
+    spec = load_spec(write_spec(tmp_path, targets=("onnxruntime", "openvino"), batch_sizes=(1, 2)))
+    result = run_matrix(spec, MatrixOptions(tmp_path / "out", executor=executor))
+    ((job, done),) = executor.runs
+    assert job.target.name == "onnxruntime" and job.target.batch_sizes == (1, 2)
+    assert job.settings.rounds == 2 and job.settings.fp32_checks and not job.settings.layers
+    cells = {c.key: c for c in result.cells}
+    for entry in done.latency:
+        b = entry.stats.batch_size
+        int8, fp32 = cells[f"digits/onnxruntime/b{b}/int8"], cells[f"digits/onnxruntime/b{b}/fp32"]
+        assert int8.round_ms == list(entry.rounds_ms) and fp32.round_ms == list(entry.fp32_rounds_ms)
+        assert int8.p50_ms == entry.stats.p50_ms and int8.fp32_p50_ms == fp32.p50_ms == entry.fp32_stats.p50_ms
+        assert int8.speedup == pytest.approx(entry.speedup)
+    ov = [c for c in result.cells if c.target == "openvino"]
+    assert len(ov) == 4 and all(c.status == "not_run" and "lab device busy" in c.error for c in ov)
+    assert all(c.artifact.get("key") for c in ov if c.precision == "int8")  # lowered all the same
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["kind"] == "deploykit.matrix" and "matrix.html" in manifest["files"]
+
+
+@pytest.mark.slow
 def test_matrix_resumes_after_interruption_with_nothing_lost_or_duplicated(tmp_path):
     from deploykit.matrix import MatrixOptions, load_spec, run_matrix
 
@@ -262,17 +302,22 @@ def test_failing_model_is_recorded_and_the_rest_go_on(tmp_path, capsys):
 
 
 def test_second_matrix_into_the_same_folder_is_refused(tmp_path):
-    from deploykit.errors import OutputDirError
-    from deploykit.matrix.journal import Journal
+    """The matrix's folder is an OutDir, as a build's: one writer at a time, named by pid."""
+    import os
 
-    first = Journal(tmp_path / "out")
-    first.lock()
-    try:
-        with pytest.raises(OutputDirError, match="already running"):
-            Journal(tmp_path / "out").lock()
-    finally:
-        first.unlock()
-    Journal(tmp_path / "out").lock()  # released
+    from deploykit.errors import OutputDirError
+    from deploykit.matrix import MatrixOptions, load_spec, run_matrix
+    from deploykit.outdir import OutDir
+
+    spec = load_spec(write_spec(tmp_path))
+    with OutDir(tmp_path / "out") as held, held.step("run", "k"):
+        with pytest.raises(OutputDirError, match=f"pid {os.getpid()}"):
+            run_matrix(spec, MatrixOptions(tmp_path / "out"))
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputDirError, match="did not write"):
+        run_matrix(spec, MatrixOptions(tmp_path / "foreign"))
+    assert (tmp_path / "foreign" / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.slow
@@ -289,24 +334,3 @@ def test_cli_build_is_recorded_in_the_history(tmp_path, capsys):
     cells = doc["cells"]
     assert {c["target"] for c in cells} == {"onnxruntime"} and len({c["batch_size"] for c in cells}) == len(cells)
     assert all(c["p50_ms"] > 0 and c["top1_agreement"] is not None for c in cells)
-
-
-def test_journal_ignores_a_line_torn_by_a_kill_and_refuses_a_foreign_file(tmp_path):
-    from deploykit.errors import OutputDirError
-    from deploykit.matrix.journal import Journal
-
-    j = Journal(tmp_path)
-    j.start({"run_id": 7, "fingerprint": "f", "db": "d", "status": "running"}, keep_cells=False)
-    j.add("a/b/b1/int8", _cell().to_json())
-    with open(j.path, "a") as fh:
-        fh.write('{"key": "a/b/b1/fp32", "cell": {"mod')  # killed mid-write
-    again = Journal(tmp_path)
-    again.read()
-    assert list(again.cells) == ["a/b/b1/int8"] and again.resumable("f", "d")
-    assert not again.resumable("other-spec", "d") and not again.resumable("f", "other.db")
-    again.complete()
-    again.read()
-    assert not again.resumable("f", "d")  # a finished run is never resumed
-    (tmp_path / "matrix.journal.jsonl").write_text('["not", "a", "journal"]\n')
-    with pytest.raises(OutputDirError, match="not a deploykit matrix journal"):
-        Journal(tmp_path).read()

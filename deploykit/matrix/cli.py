@@ -35,7 +35,7 @@ def _split(text: str | None, cast: Any = str, flag: str = "") -> list[Any] | Non
 @click.command()
 @click.argument("spec_path", metavar="SPEC.toml", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path),
-              help="Output folder: matrix.md, .csv, .json, .html and the run's journal.")
+              help="Output folder: matrix.md, .csv, .json, .html, manifest.json and the run's journal.")
 @click.option("--db", type=click.Path(dir_okay=False, path_type=Path), help=DB_HELP)
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Artifact cache [default: $DEPLOYKIT_CACHE, else ~/.cache/deploykit].")
@@ -80,21 +80,13 @@ def matrix(spec_path: Path, out_dir: Path, db: Path | None, cache_dir: Path | No
             result = run_matrix(spec, opts)
         finally:
             progress.stop()
-    loads = sorted({tuple(c.env.get("load_average", [])) for c in result.cells if c.env.get("load_average")})
-    ok = [c for c in result.cells if c.status == "ok"]
-    summary = (f"{len(result.cells)} cells ({len(ok)} measured, {len(result.errors)} errors) in "
-               f"{result.seconds:.1f} s; {result.rebuilt} artifact(s) built, the rest reused from the cache"
-               + ("; resumed" if result.resumed else ""))
-    meta = {"run_id": result.run_id, "spec": str(spec_path), "summary": summary, "env": result.env,
-            "load_average": f"{loads[0][0]}-{loads[-1][0]}" if loads else "n/a", "db": str(result.db),
-            "seconds": round(result.seconds, 1), "rebuilt": result.rebuilt, "resumed": result.resumed}
-    written = render.write_outputs(out_dir, result.cells, meta)
+    meta = result.meta
     if as_json:
         click.echo(json.dumps(render.json_doc(result.cells, meta), indent=2, allow_nan=False, default=str))
     else:
         click.echo(render.terminal(result.cells, meta, plain=not sys.stdout.isatty()))
-        click.echo(f"\nrun {result.run_id}: {summary}")
-        click.echo(f"wrote {', '.join(str(p) for p in written)}; history: {result.db}")
+        click.echo(f"\nrun {result.run_id}: {meta['summary']}")
+        click.echo(f"wrote {', '.join(str(p) for p in result.files)}; history: {result.db}")
     if result.errors:
         raise CheckFailed(f"{len(result.errors)} cell(s) errored (see {out_dir / 'matrix.md'})")
 

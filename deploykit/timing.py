@@ -1,11 +1,12 @@
 """Timing that holds on a noisy, shared machine.
 
-The precisions of one cell group (say INT8 and FP32 on the same runtime, same batch) are timed
-in **alternating rounds**: round r times every runner for a fixed number of calls, the order
-rotating each round, so a burst of load hits all of them alike. Each runner's p50 is the
+Two runners of one model (an INT8 artifact and the same runtime's FP32 model, same batch) are
+timed in **alternating rounds**: round r times every runner for a fixed number of calls, the
+order rotating each round, so a burst of load hits all of them alike. Each runner's p50 is the
 median of its round medians; its spread is the range of the round medians over that p50. The
 speed-up is computed per round (same round, same load) and summarised the same way: that
-ratio is the stable signal ``deploykit compare`` judges first.
+ratio is the stable signal ``deploykit compare`` judges first. A check job
+(:mod:`deploykit.jobs`) with ``CheckSettings.rounds`` set times its target this way.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+
+from deploykit.results import LatencyStats
 
 
 class Runs(Protocol):
@@ -36,6 +39,12 @@ class Timing:
     round_ms: list[float] = field(default_factory=list)  # each round's median
     calls_per_round: int = 0
     peak_rss_mb: float = 0.0
+    mean_ms: float = 0.0  # over every timed call
+
+    def stats(self) -> LatencyStats:
+        """As the build reports latency (its runs: every timed call over all rounds)."""
+        return LatencyStats(self.batch_size, self.calls_per_round * len(self.round_ms), self.p50_ms, self.p90_ms,
+                            self.p99_ms, self.mean_ms, self.throughput)
 
     def to_json(self) -> dict[str, Any]:
         return {"p50_ms": self.p50_ms, "p90_ms": self.p90_ms, "p99_ms": self.p99_ms, "spread": self.spread,
@@ -98,7 +107,7 @@ def interleaved(runners: Mapping[str, Runs], feeds: Mapping[str, np.ndarray], ro
         p50 = float(np.median(medians))
         out[n] = Timing(batch, p50, float(np.percentile(every, 90)), float(np.percentile(every, 99)),
                         (max(medians) - min(medians)) / p50 if p50 > 0 else 0.0,
-                        batch / (p50 / 1e3) if p50 > 0 else 0.0, medians, calls[n], peak[n])
+                        batch / (p50 / 1e3) if p50 > 0 else 0.0, medians, calls[n], peak[n], float(every.mean()))
     ratios: dict[str, list[float]] = {}
     if "fp32" in out:
         base = out["fp32"].round_ms
