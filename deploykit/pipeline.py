@@ -151,7 +151,7 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
         keep_float, keep_where = ((options.keep_float, "--keep-float") if options.keep_float is not None
                                   else (list(tf.quantization.keep_float), tf.where("quantization", "keep_float")))
         float_layers = resolve_keep_float(fp32, keep_float, keep_where) if keep_float else []
-        recipe = _recipe(options.recipe, calib_cfg.recipe, tf.where("calibration", "recipe"), fp32)
+        recipe = resolve_recipe(options.recipe, calib_cfg.recipe, tf.where("calibration", "recipe"), fp32)
         target_spec = parse_accuracy_target(options.accuracy_target) if options.accuracy_target else None
         if target_spec is not None:  # the accuracy target is checked on every target
             targets = [_judged_on(t, target_spec) for t in targets]
@@ -305,7 +305,7 @@ def quantization_summary(fp32: Any, result: Any, reason: str) -> dict[str, Any]:
             **mac_summary(layer_macs(graph), result.float_layers)}
 
 
-def _recipe(option: str | None, configured: str, where: str, fp32: Any) -> str:
+def resolve_recipe(option: str | None, configured: str, where: str, fp32: Any) -> str:
     """The recipe to run (``auto`` resolved for this network), validated: a bad one names its source."""
     from deploykit.quantize import recipes
 

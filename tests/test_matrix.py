@@ -8,6 +8,7 @@ import json
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from deploykit.cli import main
@@ -253,6 +254,21 @@ def test_matrix_cells_run_as_check_jobs_on_the_given_executor(tmp_path):
     assert all(c.artifact.get("key") for c in ov if c.precision == "int8")  # lowered all the same
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["kind"] == "deploykit.matrix" and "matrix.html" in manifest["files"]
+    # calibrated as `deploykit build` with the same targets: the same canonical model (scales,
+    # zero points, recipe-corrected weights and biases)
+    import onnx
+    from onnx import numpy_helper
+
+    from deploykit.pipeline import BuildOptions, build
+
+    built = build(str(SAMPLES / "digits_cnn.onnx"), BuildOptions(
+        targets=["onnxruntime", "openvino"], out_dir=tmp_path / "build", calib=str(SAMPLES / "digits_calib.npz"),
+        eval=str(SAMPLES / "digits_eval.npz"), eval_samples=50, baseline=False))
+    ours = Path(cells["digits/onnxruntime/b1/fp32"].artifact["path"]).parent / built.canonical.path.name
+    weights = [{t.name: numpy_helper.to_array(t) for t in onnx.load(str(f)).graph.initializer}
+               for f in (ours, built.canonical.path)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(np.array_equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 @pytest.mark.slow

@@ -42,6 +42,7 @@ from deploykit.matrix.cell import Cell
 from deploykit.matrix.render import write_outputs
 from deploykit.matrix.spec import MatrixSpec, ModelSpec
 from deploykit.outdir import OutDir
+from deploykit.pipeline import choose_profile, resolve_recipe
 from deploykit.plugins import Registry, load_registry
 from deploykit.reference import canonical_runner, fp32_runner
 from deploykit.results import CheckResult, LatencyResult
@@ -86,12 +87,47 @@ def plan(spec: MatrixSpec, targets: list[Target]) -> list[tuple[ModelSpec, Targe
     return [(m, t, b, p) for m in spec.models for t in targets for b in spec.batch_sizes for p in spec.precisions]
 
 
-def resolve_targets(spec: MatrixSpec, registry: Registry) -> list[Target]:
+def resolve_targets(spec: MatrixSpec, registry: Registry) -> tuple[TargetsFile, list[Target]]:
+    """The targets file (the spec's, else ./targets.toml, else none) and the matrix's targets."""
     path = spec.targets_file
     if path is None and Path("targets.toml").is_file():
         path = Path("targets.toml")
     tf = load_targets(path) if path is not None else TargetsFile(None, {}, {})
-    return [replace(t, batch_sizes=spec.batch_sizes) for t in registry.resolve(tf, list(spec.targets))]
+    return tf, [replace(t, batch_sizes=spec.batch_sizes) for t in registry.resolve(tf, list(spec.targets))]
+
+
+@dataclass(frozen=True)
+class Calibrate:
+    """How each model is calibrated: what ``deploykit build`` does with the same targets file
+    and these targets (method, samples, percentile, batch, recipe, activation profile, float
+    islands), unless the spec says otherwise; so a matrix cell's artifact is the build's."""
+
+    method: str
+    samples: int
+    percentile: float
+    batch_size: int
+    recipe: str  # unresolved ("auto" is resolved per network)
+    recipe_where: str
+    activations: str
+    activations_why: str
+    keep_float: tuple[str, ...]
+    keep_float_where: str
+    preprocess: Any
+
+    @classmethod
+    def of(cls, spec: MatrixSpec, tf: TargetsFile, targets: list[Target], registry: Registry) -> Calibrate:
+        cal = tf.calibration
+        where = str(spec.path or "matrix.toml") + " [matrix] key '{}'"
+        profile, why = choose_profile(targets, registry, spec.activations, tf.quantization.activations,
+                                      tf.where("quantization", "activations"))
+        return cls(spec.method or cal.method, spec.calib_samples or cal.samples, cal.percentile, cal.batch_size,
+                   spec.recipe if spec.recipe is not None else cal.recipe,
+                   where.format("recipe") if spec.recipe is not None else tf.where("calibration", "recipe"),
+                   profile, why, tuple(tf.quantization.keep_float), tf.where("quantization", "keep_float"),
+                   tf.preprocess)
+
+    def describe(self, recipe: str) -> str:
+        return f"{self.method}, {self.activations} activations ({self.activations_why}), recipe {recipe}"
 
 
 def host_env() -> dict[str, Any]:
@@ -127,7 +163,8 @@ def run_matrix(spec: MatrixSpec, opts: MatrixOptions, registry: Registry | None 
     the missing cells; the outputs (matrix.md, .csv, .json, .html) replace the previous run's
     only at the end."""
     registry = registry or load_registry()
-    targets = resolve_targets(spec, registry)  # unknown targets fail before any work
+    tf, targets = resolve_targets(spec, registry)  # unknown targets fail before any work
+    calibrate = Calibrate.of(spec, tf, targets, registry)  # a bad profile or target fails here too
     for m in spec.models:
         if not m.path.is_file():
             raise ConfigError(f"{spec.path or 'matrix.toml'}: model '{m.name}': {m.path} not found")
@@ -150,7 +187,8 @@ def run_matrix(spec: MatrixSpec, opts: MatrixOptions, registry: Registry | None 
                                            {**env, "load_average": load_average()})
                 with out.step(RUN_STEP, run_key) as step:
                     step.payload.update(run_id=run_id, fingerprint=fingerprint, db=db)
-            runner = _Runner(spec, opts, registry, history, out, f"{run_key}:{run_id}", run_id, env, len(cells_plan))
+            runner = _Runner(spec, opts, registry, history, out, f"{run_key}:{run_id}", run_id, env, len(cells_plan),
+                             calibrate)
             kept = [runner.finished(_key(m, t, b, p)) for m, t, b, p in cells_plan]
             if resumed:  # the folder's journal is the truth: the history gets each kept cell (once)
                 history.add_cells(run_id, [c for c in kept if c is not None])
@@ -201,8 +239,9 @@ def _meta(spec: MatrixSpec, result: MatrixResult) -> dict[str, Any]:
 
 class _Runner:
     def __init__(self, spec: MatrixSpec, opts: MatrixOptions, registry: Registry, history: History,
-                 out: OutDir, run_key: str, run_id: int, env: dict[str, Any], total: int) -> None:
-        self.spec, self.opts, self.registry = spec, opts, registry
+                 out: OutDir, run_key: str, run_id: int, env: dict[str, Any], total: int,
+                 calibrate: Calibrate) -> None:
+        self.spec, self.opts, self.registry, self.calibrate = spec, opts, registry, calibrate
         self.history, self.out, self.run_key, self.run_id, self.env = history, out, run_key, run_id, env
         self.total = total
         self.cache = Cache(opts.cache_dir)
@@ -250,7 +289,7 @@ class _Runner:
         keys = [self.blank(m, t, b, p).key for t in targets for b in self.spec.batch_sizes for p in self.spec.precisions]
         if all(self.done(k) for k in keys):
             return
-        self.opts.on_event(f"model {m.name}: calibrating ({self.spec.method}) and FP32 reference")
+        self.opts.on_event(f"model {m.name}: canonical model (cached by content) and the references")
         try:
             prepared = self.prepare(m)
         except DeploykitError as exc:
@@ -264,28 +303,37 @@ class _Runner:
             self.group(m, t, prepared)
 
     def prepare(self, m: ModelSpec) -> _Prepared:
-        from deploykit.quantize import load_canonical, quantize, write_canonical
+        from deploykit.quantize import load_canonical, quantize, requantize, write_canonical
+        from deploykit.quantize.islands import resolve_keep_float
 
+        c = self.calibrate
         raw = modelmod.load_onnx(m.path)
         fp32 = modelmod.normalise(raw, str(m.path))
         specs = modelmod.input_specs(fp32)
         versions = self.env["versions"]
+        recipe = resolve_recipe(None, c.recipe, c.recipe_where, fp32)
+        float_layers = resolve_keep_float(fp32, list(c.keep_float), c.keep_float_where) if c.keep_float else []
         calib_hash = file_hash(m.calib) if m.calib and Path(m.calib).exists() else str(m.calib)
-        ckey = key_of("canonical", file_hash(m.path), calib_hash, self.spec.method, self.spec.calib_samples,
-                      versions.get("deploykit"), versions.get("onnx"), versions.get("onnxruntime"))
+        ckey = key_of("canonical", file_hash(m.path), calib_hash, c.method, c.samples, c.percentile, c.batch_size,
+                      recipe, c.activations, float_layers, str(c.preprocess), versions.get("deploykit"),
+                      versions.get("onnx"), versions.get("onnxruntime"))
 
         def build(folder: Path) -> None:
-            src = data.open_source(m.calib, specs, None, self.spec.calib_samples) if m.calib else None
+            src = data.open_source(m.calib, specs, c.preprocess, c.samples) if m.calib else None
             if src is None:
                 warnings.warn(f"model {m.name}: no calib data; calibrating on random inputs", stacklevel=2)
                 src = data.RandomSource(specs, 64, 0)
-            result = quantize(fp32, src, self.spec.method, source_hash=file_hash(m.path))
+            self.opts.on_event(f"model {m.name}: calibrating ({c.describe(recipe)}) on {src.description}")
+            result = quantize(fp32, src, c.method, c.percentile, c.batch_size, file_hash(m.path),
+                              activations=c.activations, recipe=recipe)
+            if float_layers:  # from the same statistics, as the build
+                result = requantize(result, fp32, float_layers=float_layers)
             write_canonical(result, fp32, folder)
 
         folder, built = self.cache.get_or_build("canonical", ckey, build)
         canonical = load_canonical(folder / "canonical.qdq.onnx")
         eval_spec = m.eval or m.calib
-        src = data.open_source(eval_spec, specs, None, self.spec.eval_samples) if eval_spec else None
+        src = data.open_source(eval_spec, specs, c.preprocess, self.spec.eval_samples) if eval_spec else None
         if src is None:
             src = data.RandomSource(specs, 64, 1)
         fixed = modelmod.fixed_batch(specs)
