@@ -172,8 +172,14 @@ def results(db: Path | None, run_id: int | None, limit: int, as_json: bool) -> N
 def compare(run_a: int | None, run_b: int | None, db: Path | None, as_json: bool) -> None:
     """Compare two stored runs [default: the last two matrix runs]; flag the regressions larger
     than the measured noise (latency, accuracy, errors) and exit 1 when any is flagged, so CI
-    can gate on it. The 'noise:' line says what got worse inside the noise."""
-    from deploykit.compare import compare_cells, render
+    can gate on it.
+
+    \b
+    Each cell is a statistical test (its rounds' spread, the between-run spread across the
+    cells and from the cell's earlier runs of the same matrix), corrected for the number of
+    cells (Holm, family-wise 1%), and a change must exceed 10% (speed-up) or 25% (p50) to
+    count. The 'noise:' line says what got worse inside the noise. docs/matrix.md explains it."""
+    from deploykit.compare import HISTORY_RUNS, compare_cells, render
     from deploykit.history import History
     from deploykit.matrix.cell import Cell
 
@@ -188,9 +194,12 @@ def compare(run_a: int | None, run_b: int | None, db: Path | None, as_json: bool
                                   f"see 'deploykit results'")
             run_a, run_b = runs[1].id, runs[0].id
         h.run(run_a)
-        h.run(run_b)
+        b = h.run(run_b)
+        # earlier finished runs of the same matrix: each cell's own between-run spread
+        earlier = [r.id for r in h.runs(kind=b.kind) if r.id < run_b and r.id != run_a and r.status == "complete"
+                   and b.fingerprint and r.fingerprint == b.fingerprint][:HISTORY_RUNS]
         result = compare_cells([Cell.from_json(c) for c in h.cells(run_a)], [Cell.from_json(c) for c in h.cells(run_b)],
-                               run_a, run_b)
+                               run_a, run_b, [[Cell.from_json(c) for c in h.cells(i)] for i in earlier])
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2, allow_nan=False, default=str))
     else:
