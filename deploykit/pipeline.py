@@ -40,6 +40,7 @@ from deploykit.quantize import load_canonical, quantize, requantize, write_canon
 from deploykit.quantize.islands import layer_macs, mac_summary, resolve_keep_float
 from deploykit.quantize.observe import METHODS
 from deploykit.reference import canonical_runner, fp32_runner
+from deploykit.remote import DEVICE_NOTE, on_devices
 from deploykit.results import SCHEMA_VERSION, Artifact, Availability, CheckResult, TargetResult, jsonable
 from deploykit.targets import Calibration, Preprocess, Target, TargetsFile, load_targets
 
@@ -104,14 +105,16 @@ def build(model: Any, options: BuildOptions, registry: Registry | None = None,
     """Build every target of ``options`` from an .onnx path, or a torch.nn.Module plus
     ``options.example_inputs`` (exported with the dynamo exporter at opset 18, dynamic batch).
     Each target's checks run as a :class:`deploykit.jobs.CheckJob` on ``executor`` (default:
-    :class:`deploykit.jobs.LocalExecutor`, this process).
+    :class:`deploykit.jobs.LocalExecutor`, this process); a target whose device has an
+    ``address`` runs on that device's agent (:mod:`deploykit.remote`) unless ``executor``
+    places jobs on devices itself (:class:`deploykit.jobs.DevicePlacing`, e.g. Ray).
 
     Everything that can be checked is checked before calibration starts. The output folder
     is locked, each step journaled and staged (see :mod:`deploykit.outdir`): a rerun after an
     interruption keeps the finished steps, and the new outputs replace the old only at the end.
     """
     registry = registry or load_registry()
-    executor = executor or LocalExecutor(registry)
+    executor = on_devices(executor or LocalExecutor(registry))  # a remote device's targets go to its agent
     events = options.on_event
     with stage("reading the configuration"):
         tf = load_targets(options.targets_file)
@@ -587,7 +590,8 @@ def _target_stages(res: TargetResult, progress: Step, registry: Registry, execut
         res.availability = availability
         pre_checks, res.metadata = backend.preflight(canonical, target)
         res.seconds["preflight"] = time.monotonic() - t0
-        progress.total = 4 if availability.can_run else 2  # preflight, lower[, accuracy, latency]
+        remote = bool(target.device.address)  # checked on the device, whatever this host can run
+        progress.total = 4 if availability.can_run or remote else 2  # preflight, lower[, accuracy, latency]
         progress.update()
         res.checks.extend(checks.apply_thresholds(c, target.thresholds) for c in pre_checks)
         if not res.availability.can_lower:
@@ -605,9 +609,7 @@ def _target_stages(res: TargetResult, progress: Step, registry: Registry, execut
         log.debug("%s: lowered to %s (%.1f MB) in %.1f s; verification: %s", target.name, res.artifact.path.name,
                   _size_mb(res.artifact.path), res.seconds["lower"],
                   ", ".join(f"{c.name} {c.status}" for c in res.artifact.checks) or "none")
-        not_here = executor.accepts(target, res.availability)
-        if not_here and target.device.address:
-            not_here += f"; or copy {dest.name} to the device and run its checks there"
+        not_here = executor.accepts(target, res.availability)  # a remote device's agent: "" (docs/agent.md)
         if not_here:  # lowered and verified, never "ok": nothing was measured
             res.status, res.reason = "lowered", f"lowered and verified; checks not run: {not_here}"
             for name in ("top1_agreement", "cosine", "fidelity_rel_l2", "latency_p50_ms"):
@@ -622,11 +624,15 @@ def _target_stages(res: TargetResult, progress: Step, registry: Registry, execut
             res.checks.extend(checked.checks)
             res.latency.extend(checked.latency)
             res.seconds.update(checked.seconds)
+            device_note = checked.notes.pop(DEVICE_NOTE, None)
             res.metadata.update(checked.notes)
-        try:
-            res.device_info = backend.device_info(target)
-        except Exception as exc:  # device facts are nice to have, never fatal
-            res.device_info = {"error": f"{type(exc).__name__}: {exc}"}
+            if remote:  # the facts of the device the checks ran on, as its agent reported them
+                res.device_info = dict(device_note or {"address": target.device.address})
+        if not remote:
+            try:
+                res.device_info = backend.device_info(target)
+            except Exception as exc:  # device facts are nice to have, never fatal
+                res.device_info = {"error": f"{type(exc).__name__}: {exc}"}
     except DeploykitError as exc:
         res.status, res.reason = "error", str(exc)
         return

@@ -45,6 +45,7 @@ from deploykit.outdir import OutDir
 from deploykit.pipeline import choose_profile, resolve_recipe
 from deploykit.plugins import Registry, load_registry
 from deploykit.reference import canonical_runner, fp32_runner
+from deploykit.remote import DEVICE_NOTE, on_devices
 from deploykit.results import CheckResult, LatencyResult
 from deploykit.targets import Target, TargetsFile, load_targets
 
@@ -245,7 +246,8 @@ class _Runner:
         self.history, self.out, self.run_key, self.run_id, self.env = history, out, run_key, run_id, env
         self.total = total
         self.cache = Cache(opts.cache_dir)
-        self.executor: Executor = opts.executor or LocalExecutor(registry)
+        # a remote device's cells go to its agent, unless the executor places jobs itself (Ray)
+        self.executor: Executor = on_devices(opts.executor or LocalExecutor(registry))
         self.rebuilt = 0
         self.cells: dict[str, dict[str, Any]] = {}  # this run's finished cells, kept and new
 
@@ -430,6 +432,7 @@ class _Runner:
         result = self.executor.run(job)
         job_s = time.monotonic() - t1
         load = load_average()
+        device = result.notes.get(DEVICE_NOTE)  # where a remote device's agent ran it
         if len(result.latency) != len(sizes):
             raise DeploykitError(f"the check job returned latency for {len(result.latency)} batch sizes, "
                                  f"not {len(sizes)}")
@@ -441,6 +444,8 @@ class _Runner:
             for p in [p for p in ("fp32", "fp16", "int8") if (b, p) in todo]:
                 cell = self.blank(m, t, b, p)
                 cell.env["load_average"] = load
+                if device:
+                    cell.env["device"] = device
                 cell.seconds = dict(seconds)
                 if p == "fp16":
                     cell.status, cell.error = "not_run", f"backend {t.backend} has no fp16 mode on this device"
