@@ -84,7 +84,6 @@ task = "other"
 targets = ["onnxruntime", "openvino", "tflite", "coreml"]
 batch_sizes = [1, 8]
 precisions = ["fp32", "int8"]
-method = "minmax"
 calib_samples = {args.calib}
 eval_samples = {args.eval}
 rounds = 3

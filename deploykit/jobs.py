@@ -449,13 +449,15 @@ def _interleaved_latency(job: CheckJob, runner: Runner, fp32: Runner | None, res
             timings, ratios = timing.interleaved(runners, feeds, s.rounds, target.warmup, s.min_round_ms)
             q = timings["int8"]
             stats = q.stats()
-            entry = LatencyResult(stats, rounds_ms=tuple(q.round_ms), calls_per_round=q.calls_per_round)
+            entry = LatencyResult(stats, rounds_ms=tuple(q.round_ms), calls_per_round=q.calls_per_round,
+                                  cpu_rounds_ms=tuple(q.round_cpu_ms))
             if fp32 is not None:
                 f = timings["fp32"]
                 speedup, _ = timing.summarise_ratio(ratios["int8"])
                 entry = dataclasses.replace(entry, fp32_p50_ms=f.p50_ms, speedup=speedup,
                                             speedup_vs=f"{target.backend} fp32", fp32_rounds_ms=tuple(f.round_ms),
-                                            fp32_calls_per_round=f.calls_per_round, fp32_stats=f.stats())
+                                            fp32_calls_per_round=f.calls_per_round, fp32_stats=f.stats(),
+                                            fp32_cpu_rounds_ms=tuple(f.round_cpu_ms))
             elif b in s.baseline_fp32_ms:
                 base = s.baseline_fp32_ms[b]
                 entry = dataclasses.replace(entry, fp32_p50_ms=base, speedup=base / stats.p50_ms,

@@ -188,6 +188,9 @@ class LatencyResult:
     calls_per_round: int = 0
     fp32_calls_per_round: int = 0
     fp32_stats: LatencyStats | None = None  # the FP32 runner's own figures from the same rounds
+    #: this process's CPU time per call, each round (all its threads; immune to other processes' load)
+    cpu_rounds_ms: tuple[float, ...] = ()
+    fp32_cpu_rounds_ms: tuple[float, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         out = self.stats.to_json()
@@ -197,7 +200,8 @@ class LatencyResult:
             out.update(fp32_p50_ms=self.fp32_p50_ms, speedup=self.speedup, speedup_vs=self.speedup_vs)
         if self.rounds_ms:
             out.update(rounds_ms=list(self.rounds_ms), fp32_rounds_ms=list(self.fp32_rounds_ms),
-                       calls_per_round=self.calls_per_round, fp32_calls_per_round=self.fp32_calls_per_round)
+                       calls_per_round=self.calls_per_round, fp32_calls_per_round=self.fp32_calls_per_round,
+                       cpu_rounds_ms=list(self.cpu_rounds_ms), fp32_cpu_rounds_ms=list(self.fp32_cpu_rounds_ms))
         if self.fp32_stats is not None:
             out["fp32_stats"] = self.fp32_stats.to_json()
         return out
@@ -211,7 +215,9 @@ class LatencyResult:
                    tuple(float(x) for x in raw.get("rounds_ms", ())),
                    tuple(float(x) for x in raw.get("fp32_rounds_ms", ())),
                    int(raw.get("calls_per_round", 0)), int(raw.get("fp32_calls_per_round", 0)),
-                   LatencyStats(**{k: fp32[k] for k in names}) if fp32 else None)
+                   LatencyStats(**{k: fp32[k] for k in names}) if fp32 else None,
+                   tuple(float(x) for x in raw.get("cpu_rounds_ms", ())),
+                   tuple(float(x) for x in raw.get("fp32_cpu_rounds_ms", ())))
 
 
 @dataclass

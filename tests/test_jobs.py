@@ -135,6 +135,7 @@ def test_interleaved_job_times_int8_beside_fp32_and_judges_the_fp32_runner(built
     assert [entry.stats.batch_size for entry in result.latency] == [1, 4]
     for entry in result.latency:
         assert len(entry.rounds_ms) == len(entry.fp32_rounds_ms) == 3 and entry.calls_per_round >= 5
+        assert len(entry.cpu_rounds_ms) == len(entry.fp32_cpu_rounds_ms) == 3 and min(entry.cpu_rounds_ms) > 0
         assert entry.stats.runs == 3 * entry.calls_per_round
         assert entry.stats.p50_ms == pytest.approx(float(np.median(entry.rounds_ms)))
         assert entry.fp32_stats is not None and entry.fp32_p50_ms == entry.fp32_stats.p50_ms

@@ -178,6 +178,25 @@ def test_compare_noise_model():
     assert any("speed-up" in f for f in stall.flagged[0].flags)
 
 
+def test_guard_names_the_cause_and_holds_back_only_for_a_loaded_machines_wall_clock():
+    from deploykit.matrix.run import guard
+
+    quiet, loaded = {"load_average": [0.5], "cores": 2, "int8_dot_product": "no VNNI"}, \
+        {"load_average": [20.0], "cores": 2, "int8_dot_product": "no VNNI"}
+    assert guard(_cell(speedup=1.3), {}) == ("", "")
+    fired, note = guard(_cell(speedup=0.95, cpu_speedup=1.17, fp32_p50_ms=110.0, batch_size=8, env=quiet), {})
+    assert "not faster" in fired and "no VNNI" in fired and "CPU time per call 1.17x" in fired and not note
+    # same figures under a load of 10 per core: INT8 did less work, the wall clock measured the load
+    held, note = guard(_cell(speedup=0.95, cpu_speedup=1.17, fp32_p50_ms=110.0, batch_size=8, env=loaded), {})
+    assert not held and "1.17x less CPU" in note and "20 on 2 cores" in note
+    # no CPU gain either: fired whatever the load, with the tiny model's per-call overhead named
+    tiny, _ = guard(_cell(speedup=0.6, cpu_speedup=0.7, fp32_p50_ms=0.08, env=loaded), {})
+    assert "per-call overhead" in tiny
+    floats, _ = guard(_cell(speedup=0.9, env=quiet), {"checks": [{"name": "int8_fraction", "value": 0.6,
+                                                                  "message": "2 float layers"}]})
+    assert "float fallback layers (2 float layers)" in floats
+
+
 def test_compare_accuracy_binomial_and_status():
     assert worse_proportion(480, 500, 470, 500) > 0.01  # 2 points on 500 samples: noise
     assert worse_proportion(480, 500, 440, 500) < 0.01

@@ -46,13 +46,16 @@ from deploykit.pipeline import choose_profile, resolve_recipe
 from deploykit.plugins import Registry, load_registry
 from deploykit.reference import canonical_runner, fp32_runner
 from deploykit.remote import DEVICE_NOTE, on_devices
-from deploykit.results import CheckResult, LatencyResult
+from deploykit.results import CheckResult
 from deploykit.targets import Target, TargetsFile, load_targets
 
 log = logging.getLogger("deploykit")
 
 #: below this FP32 p50 (ms per call) the guard blames per-call overhead
 TINY_CALL_MS = 0.25
+#: an INT8 cell whose CPU time per call is this much below FP32's, measured under a load above
+#: the machine's cores, is not guarded for a wall-clock ratio at or below 1.0 (see guard())
+CPU_CLEARS = 1.05
 
 
 @dataclass
@@ -453,11 +456,16 @@ class _Runner:
                     cell.artifact = dict(art_info)
                     _fill(cell, entry.stats.p50_ms, entry.stats, entry.rounds_ms, entry.calls_per_round, int8_values, n)
                     cell.fp32_p50_ms = entry.fp32_p50_ms
+                    cell.cpu_ms = _median(entry.cpu_rounds_ms)
                     if entry.fp32_rounds_ms:
-                        cell.speedup, cell.speedup_spread = timing.summarise_ratio(_ratios(entry))
+                        cell.speedup, cell.speedup_spread = timing.summarise_ratio(
+                            _ratios(entry.fp32_rounds_ms, entry.rounds_ms))
                     elif entry.speedup is not None:
                         cell.speedup, cell.speedup_spread = entry.speedup, None
-                    cell.guard = guard(cell, art_info)
+                    if entry.fp32_cpu_rounds_ms and entry.cpu_rounds_ms:
+                        cell.cpu_speedup = timing.summarise_ratio(
+                            _ratios(entry.fp32_cpu_rounds_ms, entry.cpu_rounds_ms))[0]
+                    cell.guard, cell.note = guard(cell, art_info)
                 elif entry.fp32_stats is None:
                     cell.status, cell.error = "not_run", result.notes.get(
                         "fp32_runner", result.notes.get("fp32_baseline_error", f"backend {t.backend} has no FP32 runner"))
@@ -467,6 +475,7 @@ class _Runner:
                     _fill(cell, entry.fp32_stats.p50_ms, entry.fp32_stats, entry.fp32_rounds_ms,
                           entry.fp32_calls_per_round, fp32_values, n)
                     cell.fp32_p50_ms = entry.fp32_stats.p50_ms
+                    cell.cpu_ms = _median(entry.fp32_cpu_rounds_ms)
                     cell.speedup, cell.speedup_spread = 1.0, 0.0
                 cell.fp32_accuracy = prep.fp32_accuracy
                 self.record(cell)
@@ -476,9 +485,13 @@ def _values(results: list[CheckResult]) -> dict[str, float]:
     return {c.name: float(c.value) for c in results if c.value is not None}
 
 
-def _ratios(entry: LatencyResult) -> list[float]:
-    """The per-round speed-ups: FP32's round median over INT8's, round by round."""
-    return [f / q if q > 0 else 0.0 for f, q in zip(entry.fp32_rounds_ms, entry.rounds_ms)]
+def _ratios(fp32: tuple[float, ...], int8: tuple[float, ...]) -> list[float]:
+    """The per-round speed-ups: FP32's round figure over INT8's, round by round."""
+    return [f / q if q > 0 else 0.0 for f, q in zip(fp32, int8)]
+
+
+def _median(values: tuple[float, ...]) -> float | None:
+    return float(np.median(values)) if values else None
 
 
 def _fill(cell: Cell, p50: float, stats: Any, rounds_ms: tuple[float, ...], calls: int, values: Mapping[str, float],
@@ -494,11 +507,20 @@ def _fill(cell: Cell, p50: float, stats: Any, rounds_ms: tuple[float, ...], call
     cell.eval_samples = n
 
 
-def guard(cell: Cell, art_info: Mapping[str, Any]) -> str:
-    """The performance guard: an INT8 cell not faster than the same runtime's FP32, with the
-    likely cause ('' when it is faster)."""
+def guard(cell: Cell, art_info: Mapping[str, Any]) -> tuple[str, str]:
+    """The performance guard: (why this INT8 cell is not faster than the same runtime's FP32,
+    or ''; a note when the guard held back).
+
+    It holds back in one case: the wall-clock speed-up is at most 1.0, but the machine was
+    oversubscribed (load average above its cores) and INT8 took clearly less CPU time per call
+    in the same rounds (CPU_CLEARS). Then the wall clock measured the load, not the kernels: a
+    call that outlasts a time slice waits for other processes, one that fits in it does not."""
     if cell.speedup is None or cell.speedup > 1.0:
-        return ""
+        return "", ""
+    load, cores = (cell.env.get("load_average") or [0.0])[0], cell.env.get("cores") or 1
+    if cell.cpu_speedup is not None and cell.cpu_speedup > CPU_CLEARS and load > cores:
+        return "", (f"INT8 took {cell.cpu_speedup:.2f}x less CPU per call than FP32 in the same rounds; the "
+                    f"wall-clock {cell.speedup:.2f}x is the load's ({load:g} on {cores} cores), not the kernels'")
     causes = []
     for c in art_info.get("checks", []):
         if c.get("name") == "int8_fraction" and c.get("value") is not None and c["value"] < 1.0:
@@ -510,7 +532,8 @@ def guard(cell: Cell, art_info: Mapping[str, Any]) -> str:
                       "so this runtime's INT8 kernels do not beat its FP32 ones at this size")
     if not causes:
         causes.append("this runtime's INT8 kernels are no faster than its FP32 ones on this CPU at this size")
-    return f"INT8 not faster than {cell.backend} FP32 ({cell.speedup:.2f}x): likely " + "; ".join(causes)
+    cpu = f"; CPU time per call {cell.cpu_speedup:.2f}x" if cell.cpu_speedup is not None else ""
+    return f"INT8 not faster than {cell.backend} FP32 ({cell.speedup:.2f}x{cpu}): likely " + "; ".join(causes), ""
 
 
 @dataclass
