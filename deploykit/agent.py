@@ -331,4 +331,5 @@ def serve(host: str, port: int, folder: Path, token: str, max_upload_mb: float, 
              f"runs {', '.join(runs) or 'no backend (install one)'}; uploads up to {max_upload_mb:g} MB; "
              f"one timing job at a time")
     uvicorn.run(app, host=host, port=port, log_level="warning", ssl_certfile=str(cert) if cert else None,
-                ssl_keyfile=str(key) if key else None, access_log=False)
+                ssl_keyfile=str(key) if key else None, access_log=False,
+                timeout_graceful_shutdown=5)  # a client's long-poll does not hold Ctrl-C up

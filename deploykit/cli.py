@@ -96,6 +96,9 @@ def cli(verbose: bool) -> None:
 @click.option("--accuracy-target", "accuracy_target", metavar="METRIC=VALUE", help="Keep the fewest layers float "
               "(by sensitivity per MAC) that meet top1_agreement=0.95, cosine=0.998 or accuracy_drop=0.01 on the "
               "evaluation data; checked on every target; exit 1 (shipping the best found) when not met.")
+@click.option("--requantize", is_flag=True, help="MODEL is already quantized (QDQ): calibrate its float reference "
+              "again instead of keeping its scales. Without it a canonical model is lowered as given, another "
+              "quantizer's model is made canonical where that is exact, else refused naming the node and why.")
 @click.option("--percentile", type=float, callback=lambda c, p, v: _percentile(v),
               help="Percentile for --method percentile, in (0, 100] [default: 99.99].")
 @click.option("--samples", type=click.IntRange(min=1), help="Calibration samples to use [default: 512].")
@@ -126,7 +129,7 @@ def build(model: Path, targets: str, calib: str | None, eval_: str | None, metho
           activations: str | None, keep_float: str | None, recipe: str | None, accuracy_target: str | None,
           percentile: float | None, samples: int | None, eval_samples: int, task: str, calib_batch_size: int | None,
           preprocess: str | None, targets_file: str | None, out_dir: Path, no_baseline: bool, db: Path | None,
-          as_json: bool, executor: str, ray_address: str | None, allow_code: bool) -> None:
+          as_json: bool, executor: str, ray_address: str | None, allow_code: bool, requantize: bool) -> None:
     """Calibrate MODEL once, lower it for every --target, run the checks, write a manifest and report.
 
     Writes OUT/canonical.qdq.onnx (+ .calib.json, + .fp32.onnx), OUT/<target>/<artifact>,
@@ -144,7 +147,7 @@ def build(model: Path, targets: str, calib: str | None, eval_: str | None, metho
     with signals.deferred():  # before any vendor SDK starts a thread: they inherit the blocked mask
         _build(model, targets, calib, eval_, method, percentile, samples, eval_samples, task, calib_batch_size,
                preprocess, targets_file, out_dir, no_baseline, db, as_json, allow_code, progress,
-               activations, keep_float, recipe, accuracy_target, executor, ray_address)
+               activations, keep_float, recipe, accuracy_target, executor, ray_address, requantize)
 
 
 def _percentile(value: float | None) -> float | None:
@@ -158,7 +161,7 @@ def _build(model: Path, targets: str, calib: str | None, eval_: str | None, meth
            preprocess: str | None, targets_file: str | None, out_dir: Path, no_baseline: bool, db: Path | None,
            as_json: bool, allow_code: bool, progress: Any, activations: str | None = None,
            keep_float: str | None = None, recipe: str | None = None, accuracy_target: str | None = None,
-           executor: str = "local", ray_address: str | None = None) -> None:
+           executor: str = "local", ray_address: str | None = None, requantize: bool = False) -> None:
     from deploykit.pipeline import BuildOptions, build as run_build
     from deploykit.report import terminal_table
 
@@ -172,7 +175,7 @@ def _build(model: Path, targets: str, calib: str | None, eval_: str | None, meth
         method=method, percentile=percentile, samples=samples, eval_samples=eval_samples,
         batch_size=calib_batch_size, preprocess=_parse_preprocess(preprocess) if preprocess else None,
         baseline=not no_baseline, task=task, allow_code=allow_code, activations=activations, recipe=recipe,
-        accuracy_target=accuracy_target,
+        accuracy_target=accuracy_target, requantize=requantize,
         keep_float=[p.strip() for p in keep_float.split(",") if p.strip()] if keep_float is not None else None,
         on_event=(lambda msg: None) if as_json else progress.echo)
     if ray_address and executor != "ray":

@@ -36,7 +36,7 @@ from deploykit.jobs import CheckJob, CheckSettings, Executor, LocalExecutor, lat
 from deploykit.outdir import OutDir
 from deploykit.plugins import Registry, load_registry
 from deploykit.progress import Step, bar, step as progress_step
-from deploykit.quantize import load_canonical, quantize, requantize, write_canonical
+from deploykit.quantize import adopt, load_canonical, quantize, requantize, write_canonical
 from deploykit.quantize.islands import layer_macs, mac_summary, resolve_keep_float
 from deploykit.quantize.observe import METHODS
 from deploykit.reference import canonical_runner, fp32_runner
@@ -50,7 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("deploykit")
 T = TypeVar("T")
 #: Target statuses that do not fail a build: checked and passed, lowered and verified where the
-#: checks cannot run here (Core ML off macOS, a remote device without an agent), or skipped
+#: checks cannot run here (Core ML off macOS), or skipped
 #: because the backend is not installed (said with the install hint).
 SUCCESS = ("ok", "lowered", "skipped")
 RANDOM_WARNING = ("calibrated on random data: no --calib data was given, so the scales are NOT meaningful; "
@@ -80,6 +80,8 @@ class BuildOptions:
     compare_profiles: bool = True  # also place the other profile from the same statistics and report the difference
     recipe: str | None = None  # accuracy-recovering recipe; None: targets.toml [calibration] recipe (default auto)
     accuracy_target: str | None = None  # e.g. top1_agreement=0.95: fewest float layers meeting it (deploykit.analyze)
+    #: an already-quantized model: calibrate its float reference again instead of adopting its scales
+    requantize: bool = False
     on_event: Callable[[str], None] = field(default=lambda msg: None)
 
 
@@ -147,14 +149,22 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
     model = Path(model)
     with stage("loading the model"):
         raw = modelmod.load_onnx(model)
-        fp32 = modelmod.normalise(raw, str(model))
+        quantized = adopt.is_quantized(raw)
+        if quantized:
+            _check_adoption_options(options, str(model))
+        adopting = quantized and not options.requantize
+        if adopting:  # the float reference as the quantized model computes it (no folding, same node names)
+            fp32 = adopt.dequantize(raw, str(model))
+        else:
+            fp32 = modelmod.normalise(adopt.dequantize(raw, str(model)) if quantized else raw, str(model))
         specs = modelmod.input_specs(fp32)
         source_hash = sha256(model)
         fixed_batch = modelmod.fixed_batch(specs)
         keep_float, keep_where = ((options.keep_float, "--keep-float") if options.keep_float is not None
                                   else (list(tf.quantization.keep_float), tf.where("quantization", "keep_float")))
-        float_layers = resolve_keep_float(fp32, keep_float, keep_where) if keep_float else []
-        recipe = resolve_recipe(options.recipe, calib_cfg.recipe, tf.where("calibration", "recipe"), fp32)
+        float_layers = resolve_keep_float(fp32, keep_float, keep_where) if keep_float and not adopting else []
+        recipe = "none" if adopting else resolve_recipe(options.recipe, calib_cfg.recipe,
+                                                        tf.where("calibration", "recipe"), fp32)
         target_spec = parse_accuracy_target(options.accuracy_target) if options.accuracy_target else None
         if target_spec is not None:  # the accuracy target is checked on every target
             targets = [_judged_on(t, target_spec) for t in targets]
@@ -164,7 +174,9 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
     signals.checkpoint()  # between stages: a safe point to stop
     with stage("opening the data"):
         calib_src = data.open_source(calib_cfg.data, specs, preprocess, calib_cfg.samples)
-        if calib_src is None:
+        if calib_src is None and adopting:  # the model's scales are kept: no calibration to warn about
+            calib_src = data.RandomSource(specs, min(calib_cfg.samples, 64), calib_cfg.seed)
+        elif calib_src is None:
             warnings.warn(RANDOM_WARNING, stacklevel=3)
             events("WARNING: " + RANDOM_WARNING)
             calib_src = data.RandomSource(specs, min(calib_cfg.samples, 64), calib_cfg.seed)
@@ -196,10 +208,24 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
     calib_key = _key(__version__, source_hash, calib_cfg.method, calib_cfg.percentile, calib_cfg.samples,
                      calib_cfg.batch_size, calib_cfg.seed, _source_key(calib_cfg.data), options.task, activations,
                      float_layers, recipe, options.accuracy_target)
+    if adopting:
+        calib_key = _key(calib_key, "adopt")
     calib_info = out.finished("calibration", calib_key)
     other_model = None  # the other activation profile, placed from the same statistics
     t0 = time.monotonic()
-    if calib_info is None:
+    if calib_info is None and adopting:
+        with stage("adopting the quantized model"), out.step("calibration", calib_key) as step:
+            taken = _adopt(raw, model, source_hash, calib_src, calib_cfg.batch_size, targets, registry, step.dir, events)
+            step.payload.update(method=_meta(taken.model, "deploykit.calibration_method"), samples=taken.samples,
+                                data_hash=taken.data_hash, random_data=calib_src.is_random,
+                                seconds=time.monotonic() - t0,
+                                quantization={"activations": taken.profile,
+                                              "activations_reason": "fixed by the quantized model",
+                                              "recipe": "none", "recipe_summary": {},
+                                              **mac_summary(layer_macs(taken.fp32), taken.float_layers),
+                                              "adoption": adopt.describe(taken)})
+        calib_info = out.finished("calibration", calib_key) or {}
+    elif calib_info is None:
         events(f"calibrating ({calib_cfg.method}, {activations} activations: {activations_reason}; recipe {recipe}) "
                f"on {calib_src.description}")
         log.debug("calibrate: %s on up to %s samples of %s, batch %s; every activation and weight gets one scale "
@@ -226,7 +252,7 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
         calib_info = out.finished("calibration", calib_key) or {}
     else:
         events(f"calibration kept from the interrupted build ({calib_info['samples']} samples)")
-    if calib_info is not None and other_model is None and options.compare_profiles:
+    if calib_info is not None and other_model is None and options.compare_profiles and not adopting:
         calib_info.setdefault("quantization", {})["profile_comparison"] = {
             "status": "not_run", "message": "calibration kept from an interrupted build: other profile not placed"}
     stages["calibrate"] = time.monotonic() - t0
@@ -234,7 +260,8 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
     if eval_batches:  # what a target that needs fixed shapes (TFLite) fixes dynamic dims to
         canonical = dataclasses.replace(canonical, example_shapes={
             name: (1, *array.shape[1:]) for name, array in eval_batches[0].items()})
-    events(f"canonical model: {out_dir / canonical.path.name} ({calib_info['samples']} samples, {calib_cfg.method})")
+    events(f"canonical model: {out_dir / canonical.path.name} ({calib_info['samples']} samples, "
+           f"{calib_info.get('method') if adopting else calib_cfg.method})")
     signals.checkpoint()
 
     log.debug("reference outputs: FP32 (accuracy reference) and canonical QDQ (fidelity reference) in onnxruntime "
@@ -297,6 +324,60 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
         for r in results:
             r.relocate(out_dir)
     return BuildResult(out_dir, manifest, results, canonical)
+
+
+def _check_adoption_options(o: BuildOptions, where: str) -> None:
+    """Options that choose how to calibrate mean nothing for a model whose scales are kept."""
+    if o.requantize:
+        return
+    given = [flag for flag, value in (("--method", o.method), ("--percentile", o.percentile),
+                                       ("--activations", o.activations), ("--keep-float", o.keep_float),
+                                       ("--recipe", o.recipe), ("--accuracy-target", o.accuracy_target))
+             if value is not None]
+    if given:
+        raise ConfigError(f"{where} is already quantized: its scales are kept, so {given[0]} does not apply; "
+                          f"pass --requantize to calibrate it again")
+
+
+def _adopt(raw: "onnx.ModelProto", model: Path, source_hash: str, calib_src: data.DataSource, batch_size: int,
+           targets: list[Target], registry: Registry, folder: Path, events: Callable[[str], None]) -> adopt.Adopted:
+    """An already-quantized model as the canonical model: taken as given, or made canonical where
+    that is exact (deploykit/quantize/adopt.py), written as a calibration step would write it.
+    The FP32 reference is ``<stem>.fp32.onnx`` beside a ``<stem>.qdq.onnx`` when there is one
+    (what deploykit and its QAT export write), else the model with its weights dequantized."""
+    import shutil
+
+    import onnx
+
+    taken = adopt.adopt(raw, source_hash=source_hash, calib=None if calib_src.is_random else calib_src,
+                        batch_size=batch_size, where=str(model))
+    refused = [t for t in targets if taken.profile not in registry.get(t.backend).activation_profiles]
+    if refused:
+        raise ConfigError(f"{model}: its activations are {taken.profile} (zero points fixed by its quantizer) and "
+                          f"target '{refused[0].name}' ({refused[0].backend}) lowers only "
+                          f"{', '.join(registry.get(refused[0].backend).activation_profiles)}; drop that target or "
+                          f"pass --requantize")
+    qdq, calib, fp32 = (folder / f"canonical.{suffix}" for suffix in ("qdq.onnx", "calib.json", "fp32.onnx"))
+    if taken.status == "canonical":
+        shutil.copyfile(model, qdq)  # byte for byte: lowered as it is
+    else:
+        onnx.save(taken.model, str(qdq))
+    taken.table.save(calib)
+    beside = model.with_name(model.name.replace(".qdq.onnx", ".fp32.onnx"))
+    if model.name.endswith(".qdq.onnx") and beside.is_file():
+        shutil.copyfile(beside, fp32)
+        reference = str(beside)
+    else:
+        onnx.save(taken.fp32, str(fp32))
+        reference = "its weights dequantized"
+    how = "canonical as given" if taken.status == "canonical" else \
+        "made canonical (" + "; ".join(taken.changes) + ")" if taken.changes else "made canonical"
+    events(f"already quantized ({taken.producer or 'unknown producer'}): {how}; scales kept; FP32 reference: {reference}")
+    return taken
+
+
+def _meta(model: "onnx.ModelProto", key: str) -> str:
+    return next((p.value for p in model.metadata_props if p.key == key), "")
 
 
 def quantization_summary(fp32: Any, result: Any, reason: str) -> dict[str, Any]:

@@ -306,6 +306,10 @@ class AgentExecutor(DevicePlacing):
             return digest
         if status != 404:
             self._refused(status, b"", f"HEAD /v1/blobs/{digest[:12]}...")
+        self._put(path, digest)
+        return digest
+
+    def _put(self, path: Path, digest: str) -> None:
         size = path.stat().st_size
         limit = int(self.probe().get("max_upload_bytes", 0))
         if limit and size > limit:
@@ -317,7 +321,6 @@ class AgentExecutor(DevicePlacing):
         if status not in (200, 201):
             self._refused(status, raw, f"upload of {path.name}")
         self.uploaded.append(digest)
-        return digest
 
     def run(self, job: CheckJob) -> JobResult:
         import tempfile
@@ -329,9 +332,21 @@ class AgentExecutor(DevicePlacing):
             raise DeviceError(f"{self._where()} cannot run {backend}: {why}")
         with tempfile.TemporaryDirectory(prefix="deploykit-ship-") as tmp:
             files = bundle(job, Path(tmp))
-            digests = {name: self.upload(path) for name, path in files.items()}
-        submitted = self._json("POST", "/v1/jobs", {"files": digests}, ok=(202,))
-        return self._wait(str(submitted.get("id", "")), job)
+            digests = {name: sha256(path) for name, path in files.items()}
+            body = json.dumps({"files": digests}).encode()
+            post = (lambda: body)
+            headers = {"Content-Type": "application/json"}
+            status, raw = self._request("POST", "/v1/jobs", post, headers)
+            if status == 409:  # submitted first, one round trip when the agent holds every file already
+                missing = set(_field(raw, "missing") or ())
+                for name, path in files.items():
+                    if digests[name] in missing:
+                        self._put(path, digests[name])
+                        missing.discard(digests[name])
+                status, raw = self._request("POST", "/v1/jobs", post, headers)
+        if status != 202:
+            self._refused(status, raw, "POST /v1/jobs")
+        return self._wait(str(_field(raw, "id") or ""), job)
 
     def _wait(self, job_id: str, job: CheckJob) -> JobResult:
         if not is_digest(job_id) and not re.fullmatch(r"[0-9a-f]{32}", job_id):
@@ -349,6 +364,14 @@ class AgentExecutor(DevicePlacing):
             if time.monotonic() >= deadline:
                 raise DeviceError(f"{self._where()}: {job.target.name}: no result within {self.timeout:g} s "
                                   f"(targets.toml [devices.{self.name}] timeout)")
+
+
+def _field(raw: bytes, key: str) -> Any:
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return None
+    return doc.get(key) if isinstance(doc, dict) else None
 
 
 def _reason(exc: object) -> str:

@@ -3,6 +3,7 @@ loopback: two ports stand for two devices. Every test talks HTTP to a real serve
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -104,10 +105,10 @@ def agents(tmp_path_factory):
             a.kill()
 
 
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    """An agent with a 0.05 MB upload limit, served by uvicorn in a thread of this process (the
-    same application and server as ``deploykit agent``, without another start-up)."""
+@contextlib.contextmanager
+def _in_process(folder: Path, max_upload_bytes: int, **ssl: str):
+    """An agent served by uvicorn in a thread of this process: the same application and server
+    as ``deploykit agent``, without another process start-up."""
     import threading
 
     import uvicorn
@@ -118,10 +119,9 @@ def small(tmp_path_factory):
 
     registry = Registry()
     registry.add_plugin(deploykit_onnxruntime, PluginInfo("onnxruntime", "deploykit_onnxruntime"))
-    folder = tmp_path_factory.mktemp("small")
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(folder, TOKEN, int(0.05 * 2**20), registry), host="127.0.0.1",
-                                           port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(folder, TOKEN, max_upload_bytes, registry), host="127.0.0.1",
+                                           port=port, log_level="warning", **ssl))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -134,17 +134,26 @@ def small(tmp_path_factory):
         thread.join(10)
 
 
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """An agent with a 0.05 MB upload limit."""
+    with _in_process(tmp_path_factory.mktemp("small"), int(0.05 * 2**20)) as agent:
+        yield agent
+
+
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
-def _targets(tmp_path: Path, devices: dict[str, str], token_env: str = "DK_TEST_AGENT_TOKEN") -> Path:
+def _targets(tmp_path: Path, devices: dict[str, str], token_env: str = "DK_TEST_AGENT_TOKEN",
+             runs: dict[str, int] | None = None) -> Path:
     """targets.toml: ``local`` on this machine, ``<device>-ort`` on each remote device."""
     text = ""
     for name, address in devices.items():
         text += f'[devices.{name}]\naddress = "{address}"\ntoken_env = "{token_env}"\n'
     for name in ["local", *devices]:
-        text += (f'[targets.{name}-ort]\nbackend = "onnxruntime"\nbatch_sizes = [1, 4]\nwarmup = 1\nruns = 5\n'
+        text += (f'[targets.{name}-ort]\nbackend = "onnxruntime"\nbatch_sizes = [1, 4]\nwarmup = 1\n'
+                 f'runs = {(runs or {}).get(name, 5)}\n'
                  + (f'device = "{name}"\n' if name != "local" else "")
                  + f'[targets.{name}-ort.options]\nactivations = "int8"\n'
                  f'[targets.{name}-ort.thresholds]\nmin_top1_agreement = 0.9\n')
@@ -352,22 +361,65 @@ def test_agent_executor_errors_are_one_line_naming_the_device(agents):
         gone.probe()
 
 
-def test_a_killed_agent_fails_its_targets_the_rest_complete_and_a_rerun_finishes(agents, tmp_path, ort_registry,
-                                                                                 monkeypatch):
-    """Agent b is killed (SIGKILL) before the build reaches it; last in this file, it restarts b."""
+def test_an_agent_killed_mid_job_fails_its_target_the_rest_complete_and_a_rerun_finishes(agents, tmp_path,
+                                                                                          ort_registry, monkeypatch):
+    """Agent b is killed (SIGKILL) while it times b's job; last in this file, it restarts b."""
+    import threading
+
     monkeypatch.setenv("DK_TEST_AGENT_TOKEN", TOKEN)
     a, b = agents["a"], agents["b"]
-    toml = _targets(tmp_path, {"a": a.address, "b": b.address})
-    b.kill()
+    devices = {"a": a.address, "b": b.address}
+    toml = _targets(tmp_path, devices, runs={"b": 20000})  # b's job takes seconds, even on a quiet machine
+    killed = threading.Event()
+
+    def kill_b_mid_job() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            status, raw = _call("GET", b.address + "/v1/probe")
+            if status == 200 and json.loads(raw)["jobs"] >= 1:  # b's job is in
+                time.sleep(0.1)
+                b.kill()
+                killed.set()
+                return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=kill_b_mid_job, daemon=True)
+    watcher.start()
     try:
         router = DeviceRouter(LocalExecutor(ort_registry), backoff=0.05)
         got = _build(tmp_path, toml, ["local-ort", "a-ort", "b-ort"], ort_registry, executor=router)
+        watcher.join(10)
+        assert killed.is_set()
         assert got["local-ort"].status == "ok" and got["a-ort"].status == "ok"
         dead = got["b-ort"]
         assert dead.status == "error" and "unreachable" in dead.reason and b.address in dead.reason
-        assert "connection refused" in dead.reason
+        assert dead.latency == [] and dead.artifact is not None and dead.artifact.path.is_file()
     finally:
+        b.kill()
         b.start().wait_ready()  # the device is back: the same command finishes the job
+    toml = _targets(tmp_path, devices)  # the same targets, timed briefly this time
     again = _build(tmp_path, toml, ["local-ort", "a-ort", "b-ort"], ort_registry, out="out2")
     assert all(t.status == "ok" for t in again.values())
     assert _untimed(again["b-ort"]) == _untimed(got["local-ort"])
+
+
+def test_tls_with_a_certificate_the_client_trusts(tmp_path, monkeypatch):
+    """--cert/--key serve https; the client verifies the certificate (SSL_CERT_FILE names the
+    authority it trusts) and refuses one it does not trust, as unreachable, naming the reason."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    with _in_process(tmp_path / "tls", 2**20, ssl_certfile=str(cert), ssl_keyfile=str(key)) as agent:
+        address = f"https://127.0.0.1:{agent.port}"
+        untrusted = AgentExecutor(address, TOKEN, name="tls", retries=0)
+        with pytest.raises(DeviceError, match=r"device 'tls' \(https://127.0.0.1:\d+\) unreachable: .*CERTIFICATE_VERIFY_FAILED"):
+            untrusted.probe()
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        assert AgentExecutor(address, TOKEN, name="tls").probe()["api"] == 1
+        with pytest.raises(DeviceError, match="refused the token"):
+            AgentExecutor(address, "wrong-token-0123456789", name="tls").probe()
+    from deploykit.agent import serve
+
+    with pytest.raises(ConfigError, match="TLS needs both --cert and --key"):
+        serve("127.0.0.1", _free_port(), tmp_path / "f", TOKEN, 1.0, cert=cert)
