@@ -8,7 +8,9 @@ without XNNPACK, in interleaved rounds in one process (docs/matrix.md, "Performa
 delegates: XNNPACK); "int8 builtin" is the INT8 model without the default delegates (TFLite's
 own kernels), which says whether XNNPACK runs the INT8 graph at all. Each round times every
 contender after a few untimed calls (the previous contender's thread pool may still be
-spinning on the cores). The figures: median ms per call, and the INT8 speed-up (float / int8).
+spinning on the cores). The figures: median wall ms per call, median CPU ms per call (this
+process, all threads: what other processes' load does not stretch), and the INT8 speed-up
+(float / int8) in both.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import interleaved_medians  # noqa: E402
+import time  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "deploykit" / "samples"
@@ -77,11 +79,33 @@ def main() -> None:
                         x = np.clip(np.round(x / s) + z, -128, 127)
                     it.set_tensor(d["index"], x.astype(d["dtype"]))
                     calls[name] = it.invoke
-                med = interleaved_medians(calls, rounds=args.rounds, per_round=args.per_round, warmup=5, settle=3)
-                print(f"threads {threads} batch {batch:>2}: int8 {med['int8']:8.3f} ms  float {med['float']:8.3f} ms  "
-                      f"int8 builtin {med['int8 builtin']:8.3f} ms  INT8 speed-up {med['float'] / med['int8']:.2f}x "
-                      f"(builtin {med['float'] / med['int8 builtin']:.2f}x)  per sample: int8 "
-                      f"{med['int8'] / batch:.3f} ms, float {med['float'] / batch:.3f} ms", flush=True)
+                wall, cpu = _interleaved(calls, args.rounds, args.per_round)
+                print(f"threads {threads} batch {batch:>2}: wall ms int8 {wall['int8']:8.3f} float {wall['float']:8.3f} "
+                      f"int8-builtin {wall['int8 builtin']:8.3f} | CPU ms int8 {cpu['int8']:7.3f} float "
+                      f"{cpu['float']:7.3f} | INT8 speed-up wall {wall['float'] / wall['int8']:.2f}x, CPU "
+                      f"{cpu['float'] / cpu['int8']:.2f}x (XNNPACK int8 vs builtin int8, wall: "
+                      f"{wall['int8 builtin'] / wall['int8']:.1f}x)", flush=True)
+
+
+def _interleaved(calls: dict, rounds: int, per_round: int, warmup: int = 5,
+                 settle: int = 3) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall ms and median CPU ms (process, all threads) per call, in alternating rounds."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    wall: dict[str, list[float]] = {k: [] for k in calls}
+    cpu: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            for _ in range(settle):
+                fn()
+            c0 = time.process_time()
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                fn()
+                wall[name].append((time.perf_counter() - t0) * 1e3)
+            cpu[name].append((time.process_time() - c0) * 1e3 / per_round)
+    return ({k: float(np.median(v)) for k, v in wall.items()}, {k: float(np.median(v)) for k, v in cpu.items()})
 
 
 if __name__ == "__main__":

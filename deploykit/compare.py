@@ -27,6 +27,13 @@ tested are corrected with Holm's step-down method at family-wise ``ALPHA``. Flag
 - **absolute p50** (catches a slowdown that hits INT8 and FP32 alike): the run-wide median
   move is taken off first (a run that got slower everywhere is the machine), then
   Holm-significant, a rise of more than ``P50_FLOOR`` beyond that and more than ``P50_MIN_MS``.
+- **CPU time on an oversubscribed machine**: when the load average exceeded the cores in either
+  run, other processes stretch wall-clock time (a call that outlasts its time slice waits for
+  them), but not the CPU time the process spends per call (measured in the same rounds). A
+  wall-clock flag is then kept only if the same figure in CPU time also got worse beyond its
+  floor; otherwise it is reported inside the noise, saying so. On a quiet machine the wall
+  clock alone decides. (A regression that costs no CPU, e.g. one thread instead of two, is
+  then not caught on an oversubscribed machine.)
 - **accuracy and top-1 agreement**: counts over the evaluation samples, a one-sided
   two-proportion test at p < ``ALPHA``.
 - **status**: a cell that was ``ok`` and now errors.
@@ -195,9 +202,37 @@ def _judge_speedup(ch: Change, drop: float, var: float, significant: bool) -> No
     pct = -math.expm1(-drop) * 100
     what = f"speed-up {ch.a.speedup:.2f}x -> {ch.b.speedup:.2f}x (-{pct:.0f}%, z = {drop / math.sqrt(var):.1f})"
     if significant and drop > math.log1p(SPEEDUP_FLOOR):
-        ch.flags.append(what)
+        held = _cpu_held(ch, "speedup")
+        (ch.within_noise if held else ch.flags).append(what + (f"; {held}" if held else ""))
     elif pct >= 1:
         ch.within_noise.append(what)
+
+
+def oversubscribed(cell: Cell) -> float:
+    """The 1-minute load average per core when the cell was timed, if above 1 (else 0)."""
+    load, cores = (cell.env.get("load_average") or [0.0])[0], cell.env.get("cores") or 1
+    per_core = float(load) / max(int(cores), 1)
+    return per_core if per_core > 1 else 0.0
+
+
+def _cpu_held(ch: Change, what: str) -> str:
+    """Why a wall-clock change is the machine's, not the artifact's: it was timed on an
+    oversubscribed machine (load above the cores, in either run) and the same figure in CPU time
+    per call, which other processes cannot stretch, did not get worse beyond its floor. '' when
+    that cannot be said (a quiet machine, or no CPU figures)."""
+    a, b = ch.a, ch.b
+    load = max(oversubscribed(a), oversubscribed(b))
+    if not load:
+        return ""
+    if what == "speedup" and a.cpu_speedup and b.cpu_speedup:
+        if b.cpu_speedup >= a.cpu_speedup / (1 + SPEEDUP_FLOOR):
+            return (f"CPU-time speed-up held ({a.cpu_speedup:.2f}x -> {b.cpu_speedup:.2f}x) at load {load:.1f} per core: "
+                    f"the wall clock measured the load")
+    if what == "p50" and a.cpu_ms and b.cpu_ms:
+        if b.cpu_ms <= a.cpu_ms * (1 + P50_FLOOR):
+            return (f"CPU time per call held ({a.cpu_ms:.3f} -> {b.cpu_ms:.3f} ms) at load {load:.1f} per core: "
+                    f"the wall clock measured the load")
+    return ""
 
 
 def _judge_p50(ch: Change, rise: float, var: float, significant: bool, drift: float) -> None:
@@ -207,7 +242,8 @@ def _judge_p50(ch: Change, rise: float, var: float, significant: bool, drift: fl
     what = (f"p50 {a:.3f} -> {b:.3f} ms (+{math.expm1(rise) * 100:.0f}% beyond the run's "
             f"{math.expm1(drift) * 100:+.0f}%, z = {rise / math.sqrt(var):.1f})")
     if significant and rise > math.log1p(P50_FLOOR) and b - a * math.exp(drift) > P50_MIN_MS:
-        ch.flags.append(what)
+        held = _cpu_held(ch, "p50")
+        (ch.within_noise if held else ch.flags).append(what + (f"; {held}" if held else ""))
     elif rise > math.log1p(0.05):
         ch.within_noise.append(what)
 

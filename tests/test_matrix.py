@@ -169,6 +169,13 @@ def test_compare_noise_model():
     history = [_run(base[:-1] + [sp], seed=9 + i) for i, sp in enumerate((1.1, 6.2, 1.05))]
     seen = compare_cells(flip_a, flip_b, history=history)
     assert not seen.flagged and seen.history_runs == 3 and "earlier run" in seen.noise
+    # oversubscribed machine (load 20 on 2 cores): a wall-clock drop whose CPU-time figure held is the
+    # load; on a quiet machine, or when the CPU time got worse too, it is flagged
+    loaded = {"load_average": [20.0], "cores": 2}
+    held = compare_cells([_cell(env=loaded, cpu_speedup=1.2)], [_cell(env=loaded, speedup=1.0, cpu_speedup=1.18)])
+    assert not held.flagged and "CPU-time speed-up held" in held.noise
+    assert compare_cells([_cell(cpu_speedup=1.2)], [_cell(speedup=1.0, cpu_speedup=1.18)]).flagged
+    assert compare_cells([_cell(env=loaded, cpu_speedup=1.2)], [_cell(env=loaded, speedup=1.0, cpu_speedup=0.9)]).flagged
     # one stalled round does not hide a halved speed-up: a robust spread of the per-round speed-ups
     rounds_a = {"round_ms": [1.0, 1.0, 1.02, 0.98, 30.0]}
     fp32_a = _cell(precision="fp32", speedup=1.0, p50_ms=2.0, round_ms=[2.0, 2.0, 2.0, 2.0, 2.0])
