@@ -35,7 +35,7 @@ def _split(text: str | None, cast: Any = str, flag: str = "") -> list[Any] | Non
 @click.command()
 @click.argument("spec_path", metavar="SPEC.toml", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path),
-              help="Output folder: matrix.md, .csv, .json, .html and the run's journal.")
+              help="Output folder: matrix.md, .csv, .json, .html, manifest.json and the run's journal.")
 @click.option("--db", type=click.Path(dir_okay=False, path_type=Path), help=DB_HELP)
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Artifact cache [default: $DEPLOYKIT_CACHE, else ~/.cache/deploykit].")
@@ -80,21 +80,13 @@ def matrix(spec_path: Path, out_dir: Path, db: Path | None, cache_dir: Path | No
             result = run_matrix(spec, opts)
         finally:
             progress.stop()
-    loads = sorted({tuple(c.env.get("load_average", [])) for c in result.cells if c.env.get("load_average")})
-    ok = [c for c in result.cells if c.status == "ok"]
-    summary = (f"{len(result.cells)} cells ({len(ok)} measured, {len(result.errors)} errors) in "
-               f"{result.seconds:.1f} s; {result.rebuilt} artifact(s) built, the rest reused from the cache"
-               + ("; resumed" if result.resumed else ""))
-    meta = {"run_id": result.run_id, "spec": str(spec_path), "summary": summary, "env": result.env,
-            "load_average": f"{loads[0][0]}-{loads[-1][0]}" if loads else "n/a", "db": str(result.db),
-            "seconds": round(result.seconds, 1), "rebuilt": result.rebuilt, "resumed": result.resumed}
-    written = render.write_outputs(out_dir, result.cells, meta)
+    meta = result.meta
     if as_json:
         click.echo(json.dumps(render.json_doc(result.cells, meta), indent=2, allow_nan=False, default=str))
     else:
         click.echo(render.terminal(result.cells, meta, plain=not sys.stdout.isatty()))
-        click.echo(f"\nrun {result.run_id}: {summary}")
-        click.echo(f"wrote {', '.join(str(p) for p in written)}; history: {result.db}")
+        click.echo(f"\nrun {result.run_id}: {meta['summary']}")
+        click.echo(f"wrote {', '.join(str(p) for p in result.files)}; history: {result.db}")
     if result.errors:
         raise CheckFailed(f"{len(result.errors)} cell(s) errored (see {out_dir / 'matrix.md'})")
 
@@ -180,8 +172,14 @@ def results(db: Path | None, run_id: int | None, limit: int, as_json: bool) -> N
 def compare(run_a: int | None, run_b: int | None, db: Path | None, as_json: bool) -> None:
     """Compare two stored runs [default: the last two matrix runs]; flag the regressions larger
     than the measured noise (latency, accuracy, errors) and exit 1 when any is flagged, so CI
-    can gate on it. The 'noise:' line says what got worse inside the noise."""
-    from deploykit.compare import compare_cells, render
+    can gate on it.
+
+    \b
+    Each cell is a statistical test (its rounds' spread, the between-run spread across the
+    cells and from the cell's earlier runs of the same matrix), corrected for the number of
+    cells (Holm, family-wise 1%), and a change must exceed 10% (speed-up) or 25% (p50) to
+    count. The 'noise:' line says what got worse inside the noise. docs/matrix.md explains it."""
+    from deploykit.compare import HISTORY_RUNS, compare_cells, render
     from deploykit.history import History
     from deploykit.matrix.cell import Cell
 
@@ -196,9 +194,12 @@ def compare(run_a: int | None, run_b: int | None, db: Path | None, as_json: bool
                                   f"see 'deploykit results'")
             run_a, run_b = runs[1].id, runs[0].id
         h.run(run_a)
-        h.run(run_b)
+        b = h.run(run_b)
+        # earlier finished runs of the same matrix: each cell's own between-run spread
+        earlier = [r.id for r in h.runs(kind=b.kind) if r.id < run_b and r.id != run_a and r.status == "complete"
+                   and b.fingerprint and r.fingerprint == b.fingerprint][:HISTORY_RUNS]
         result = compare_cells([Cell.from_json(c) for c in h.cells(run_a)], [Cell.from_json(c) for c in h.cells(run_b)],
-                               run_a, run_b)
+                               run_a, run_b, [[Cell.from_json(c) for c in h.cells(i)] for i in earlier])
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2, allow_nan=False, default=str))
     else:
