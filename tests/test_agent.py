@@ -284,6 +284,24 @@ def test_a_job_naming_a_path_outside_its_folder_is_refused(agents, tmp_path):
         assert _files(a.folder) == before and list((a.folder / "jobs").iterdir()) == []
 
 
+def test_a_lowering_request_naming_files_it_did_not_send_is_refused(agents):
+    import hashlib
+
+    a = agents["a"]
+    for canonical in ("../../etc/passwd", "/etc/passwd", "model/other.onnx"):
+        raw = {"kind": "deploykit.lower_request", "schema_version": 1, "target": {"backend": "onnxruntime"},
+               "canonical": canonical, "fp32": "model/fp32.onnx"}
+        blob = json.dumps(raw).encode()
+        digest = hashlib.sha256(blob).hexdigest()
+        assert _call("PUT", f"{a.address}/v1/blobs/{digest}", blob)[0] in (200, 201)
+        before = _files(a.folder)
+        status, answer = _call("POST", a.address + "/v1/lower",
+                               json.dumps({"files": {"lower.json": digest, "model/fp32.onnx": digest}}).encode(),
+                               headers={"Content-Type": "application/json"})
+        assert status == 400 and "nothing written" in json.loads(answer)["error"]
+        assert _files(a.folder) == before and list((a.folder / "jobs").iterdir()) == []
+
+
 def test_safe_names():
     assert str(safe_name("artifact/model.xml")) == "artifact/model.xml"
     for bad in ESCAPES + ["C:/x", "a/\x00b", None, "x" * 600]:
