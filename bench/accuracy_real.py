@@ -176,7 +176,7 @@ def bench_net(net: str, n_calib: int, n_eval: int, use_nncf: bool, root: Path, c
     source = data.open_source(lambda: batches(calib, 16), modelmod.input_specs(fp32))
     from deploykit.quantize.observe import needs_histograms
 
-    first = next((m for m, _ in configs if needs_histograms(m)), "minmax")  # histograms only when a row needs them
+    first = next((m for m, *_ in configs if needs_histograms(m)), "minmax")  # histograms only when a row needs them
     observed = quantize(fp32, source, first, batch_size=16)
     calib_s = time.monotonic() - t0
     what = "ranges + histograms" if needs_histograms(first) else "ranges"
