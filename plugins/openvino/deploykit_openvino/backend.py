@@ -29,7 +29,7 @@ from deploykit.canonical import model_float_layers, model_profile
 from deploykit.cpu import u8s8_saturates
 from deploykit.errors import BackendUnavailable, ConfigError, LoweringError
 from deploykit.fileio import atomic_output, remove
-from deploykit_openvino.overflow import MODES, check_split, select, split_convs
+from deploykit_openvino.overflow import MODES, check_split, merge_halves, select, split_convs
 
 INSTALL_HINT = "pip install 'deploykit[openvino]'"
 #: Virtual devices that name real ones after a colon ("AUTO:GPU,CPU").
@@ -226,8 +226,8 @@ class OpenVINOBackend(Backend):
     def _audit(self, core, model, canonical: CanonicalModel, target,
                lowered: Any = None) -> tuple[CheckResult, dict[str, Any]]:
         """Compile once on the target device and read the precision each compute layer runs in
-        (the layers of ``lowered``, the ONNX model read, when it is not the canonical one: split
-        convolutions are listed as their two halves)."""
+        (read against ``lowered``, the ONNX model read, when it is not the canonical one; a split
+        convolution is one row, int8 when both halves are)."""
         from deploykit_openvino.verify import runtime_layers
 
         device = device_name(target)
@@ -242,6 +242,8 @@ class OpenVINOBackend(Backend):
             detail = next((l.strip() for l in reversed(str(exc).splitlines()) if l.strip()), str(exc))
             raise LoweringError(f"OpenVINO cannot compile {canonical.path} for {device}: {detail}") from None
         layers = runtime_layers(compiled.get_runtime_model(), canonical.model if lowered is None else lowered)
+        if lowered is not None:
+            layers = merge_halves(layers)
         try:
             precision = _text(compiled.get_property("INFERENCE_PRECISION_HINT"))
         except RuntimeError:  # AUTO and some plugins do not report it

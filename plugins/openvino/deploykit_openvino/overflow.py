@@ -131,3 +131,29 @@ def check_split(canonical: onnx.ModelProto, lowered: onnx.ModelProto, names: lis
             if max(int(np.abs(h).max(initial=0)) for h in halves) > 64:
                 problems.append(f"{name}: a half exceeds 64 in magnitude (it could saturate)")
     return problems
+
+
+def merge_halves(layers: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """Audit rows (name, type, precision) of a split model with each split convolution as one
+    row under its canonical name: int8 when both halves run int8, else the first other precision."""
+    INT8 = ("i8", "u8", "int8", "uint8")
+    halves: dict[str, list[tuple[str, str]]] = {}
+    out: list[tuple[str, str, str]] = []
+    for name, kind, precision in layers:
+        base, sep, tag = name.rpartition(SUFFIX + "_")
+        if sep and tag in ("a", "b"):
+            if base not in halves:
+                halves[base] = []
+                out.append((base, "", ""))  # placeholder, keeps graph order
+            halves[base].append((kind, precision))
+        else:
+            out.append((name, kind, precision))
+    merged = []
+    for name, kind, precision in out:
+        if name in halves and not kind:
+            parts = halves[name]
+            other = [p for _, p in parts if p.lower() not in INT8]
+            precision = other[0] if other or len(parts) < 2 else parts[0][1]
+            kind = f"{parts[0][0]}(split in {len(parts)})"
+        merged.append((name, kind, precision))
+    return merged

@@ -75,7 +75,9 @@ def test_lowered_split_keeps_scales_runs_int8_and_matches_the_canonical_model(st
     artifact = backend.lower(canonical, target, tmp / f"{mode}.xml")
     checks = {c.name: c for c in artifact.checks}
     assert checks["scales_match"].status == "pass", checks["scales_match"].message
-    assert checks["int8_fraction"].value == 1.0, checks["int8_fraction"].message  # both halves run int8
+    audit = checks["int8_fraction"]
+    assert audit.value == 1.0 and audit.details["compute_layers"] == 2, audit.message  # one row per canonical conv
+    assert audit.message == "2 of 2 compute layers run in int8"  # a split conv is int8 only if both halves are
     assert artifact.metadata["split_convs"] == (["stem"] if mode == "first_layer" else ["stem", "pw"])
     with backend.load(artifact, target) as runner:
         got = runner.run({"x": x})[0]
@@ -97,3 +99,12 @@ def test_without_the_split_this_cpu_saturates(stem_net):
     off = np.abs(got - run_canonical(canonical.path, {"x": x})[0]) / canonical.calibration.scale("y")
     assert off.max() > 4, f"expected saturation, got {off.max():.2f} steps at most"
     assert overflow_mode(make_target(OpenVINOBackend)) == "first_layer"
+
+
+def test_a_split_conv_is_int8_only_when_both_halves_are():
+    from deploykit_openvino.overflow import merge_halves
+
+    rows = [("stem/split_a", "Convolution", "u8"), ("stem/split_b", "Convolution", "f32"),
+            ("pw/split_a", "Convolution", "u8"), ("pw/split_b", "Convolution", "u8"), ("fc", "FullyConnected", "u8")]
+    assert merge_halves(rows) == [("stem", "Convolution(split in 2)", "f32"), ("pw", "Convolution(split in 2)", "u8"),
+                                  ("fc", "FullyConnected", "u8")]
