@@ -51,6 +51,7 @@ def cli(verbose: bool) -> None:
       deploykit targets             # list and validate targets.toml
       deploykit inspect out/canonical.qdq.onnx --lint
       deploykit run-job JOB_DIR     # a saved check job, in this process
+      deploykit agent               # serve check jobs on this device (docs/agent.md)
     """
     from deploykit import vendorlog
 
@@ -95,6 +96,9 @@ def cli(verbose: bool) -> None:
 @click.option("--accuracy-target", "accuracy_target", metavar="METRIC=VALUE", help="Keep the fewest layers float "
               "(by sensitivity per MAC) that meet top1_agreement=0.95, cosine=0.998 or accuracy_drop=0.01 on the "
               "evaluation data; checked on every target; exit 1 (shipping the best found) when not met.")
+@click.option("--requantize", is_flag=True, help="MODEL is already quantized (QDQ): calibrate its float reference "
+              "again instead of keeping its scales. Without it a canonical model is lowered as given, another "
+              "quantizer's model is made canonical where that is exact, else refused naming the node and why.")
 @click.option("--percentile", type=float, callback=lambda c, p, v: _percentile(v),
               help="Percentile for --method percentile, in (0, 100] [default: 99.99].")
 @click.option("--samples", type=click.IntRange(min=1), help="Calibration samples to use [default: 512].")
@@ -113,6 +117,11 @@ def cli(verbose: bool) -> None:
 @click.option("--db", type=click.Path(dir_okay=False, path_type=Path),
               help="Results history to record this build in [default: $DEPLOYKIT_DB, else the user's data folder].")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout instead of the table.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where the checks run: local (this machine, and each remote device's agent) or ray (a Ray task "
+                   "per target on the node declaring resource device:NAME; docs/agent.md).")
+@click.option("--ray-address", metavar="ADDR", help="With --executor ray: the cluster to join (e.g. HEAD:6379) "
+                                                      "[default: start a local instance].")
 @click.option("--allow-code", is_flag=True, help="Let targets.toml name Python code as data ('module:function' or "
               "'file.py:function' in [calibration]); without it only data files and folders are read from it. "
               "Code given with --calib/--eval always runs: you typed it.")
@@ -120,7 +129,7 @@ def build(model: Path, targets: str, calib: str | None, eval_: str | None, metho
           activations: str | None, keep_float: str | None, recipe: str | None, accuracy_target: str | None,
           percentile: float | None, samples: int | None, eval_samples: int, task: str, calib_batch_size: int | None,
           preprocess: str | None, targets_file: str | None, out_dir: Path, no_baseline: bool, db: Path | None,
-          as_json: bool, allow_code: bool) -> None:
+          as_json: bool, executor: str, ray_address: str | None, allow_code: bool, requantize: bool) -> None:
     """Calibrate MODEL once, lower it for every --target, run the checks, write a manifest and report.
 
     Writes OUT/canonical.qdq.onnx (+ .calib.json, + .fp32.onnx), OUT/<target>/<artifact>,
@@ -138,7 +147,7 @@ def build(model: Path, targets: str, calib: str | None, eval_: str | None, metho
     with signals.deferred():  # before any vendor SDK starts a thread: they inherit the blocked mask
         _build(model, targets, calib, eval_, method, percentile, samples, eval_samples, task, calib_batch_size,
                preprocess, targets_file, out_dir, no_baseline, db, as_json, allow_code, progress,
-               activations, keep_float, recipe, accuracy_target)
+               activations, keep_float, recipe, accuracy_target, executor, ray_address, requantize)
 
 
 def _percentile(value: float | None) -> float | None:
@@ -151,7 +160,8 @@ def _build(model: Path, targets: str, calib: str | None, eval_: str | None, meth
            percentile: float | None, samples: int | None, eval_samples: int, task: str, calib_batch_size: int | None,
            preprocess: str | None, targets_file: str | None, out_dir: Path, no_baseline: bool, db: Path | None,
            as_json: bool, allow_code: bool, progress: Any, activations: str | None = None,
-           keep_float: str | None = None, recipe: str | None = None, accuracy_target: str | None = None) -> None:
+           keep_float: str | None = None, recipe: str | None = None, accuracy_target: str | None = None,
+           executor: str = "local", ray_address: str | None = None, requantize: bool = False) -> None:
     from deploykit.pipeline import BuildOptions, build as run_build
     from deploykit.report import terminal_table
 
@@ -165,12 +175,22 @@ def _build(model: Path, targets: str, calib: str | None, eval_: str | None, meth
         method=method, percentile=percentile, samples=samples, eval_samples=eval_samples,
         batch_size=calib_batch_size, preprocess=_parse_preprocess(preprocess) if preprocess else None,
         baseline=not no_baseline, task=task, allow_code=allow_code, activations=activations, recipe=recipe,
-        accuracy_target=accuracy_target,
+        accuracy_target=accuracy_target, requantize=requantize,
         keep_float=[p.strip() for p in keep_float.split(",") if p.strip()] if keep_float is not None else None,
         on_event=(lambda msg: None) if as_json else progress.echo)
+    if ray_address and executor != "ray":
+        raise ConfigError("--ray-address needs --executor ray")
+    checks_on = None
+    if executor == "ray":
+        from deploykit.rayexec import RayExecutor
+        from deploykit.targets import load_targets
+
+        # a local instance stands for this machine's devices: those of targets.toml without an address
+        here = [d.name for d in load_targets(opts.targets_file).devices.values() if not d.address]
+        checks_on = RayExecutor(ray_address, devices=here)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = run_build(model, opts)
+        result = run_build(model, opts, executor=checks_on)
     _record_build(result.manifest, db, out_dir, quiet=as_json)
     if as_json:
         _echo_json(result.manifest)
@@ -363,14 +383,14 @@ def targets(targets_file: str | None, as_json: bool) -> None:
     registry = load_registry()
     resolved = registry.all_targets(tf)
     rows: list[dict[str, Any]] = [{"name": t.name, "backend": t.backend, "device": t.device.name, "device_kind": t.device.kind,
-             "batch_sizes": list(t.batch_sizes), "options": dict(t.options), "thresholds": dict(t.thresholds),
+             "address": t.device.address, "batch_sizes": list(t.batch_sizes), "options": dict(t.options), "thresholds": dict(t.thresholds),
              "description": t.description} for t in resolved]
     if as_json:
         _echo_json({"file": str(path), "targets": rows, "devices": sorted(tf.devices)})
         return
     from deploykit.tables import render
 
-    table = [[r["name"], r["backend"], r["device"], ", ".join(map(str, r["batch_sizes"])),
+    table = [[r["name"], r["backend"], r["device"] + (f" ({r['address']})" if r["address"] else ""), ", ".join(map(str, r["batch_sizes"])),
               ", ".join(f"{k}={v:g}" for k, v in r["thresholds"].items()) or "-"] for r in rows]
     click.echo(render(["target", "backend", "device", "batch sizes", "thresholds"], table,
                       title=f"{path}: {len(rows)} targets, {len(tf.devices)} devices, valid"))
@@ -485,6 +505,42 @@ def run_job(folder: Path, as_json: bool) -> None:
     failed = [c.name for c in result.checks if c.status == "fail"]
     if failed:
         raise CheckFailed(f"{job.target.name}: failed checks: {', '.join(failed)}")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 0.0.0.0 for every interface (then prefer --cert/--key or a trusted network).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8765, show_default=True, help="Port to listen on.")
+@click.option("--folder", type=click.Path(file_okay=False, path_type=Path),
+              help="Where uploaded files and running jobs live; nothing is written outside it "
+                   "[default: ~/.cache/deploykit/agent].")
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="File holding the token clients must send [default: $DEPLOYKIT_AGENT_TOKEN]; at least 16 characters.")
+@click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), default=1024.0, show_default=True,
+              help="Largest file accepted (413 past it).")
+@click.option("--cert", type=click.Path(dir_okay=False, path_type=Path), help="TLS certificate (PEM): serve https.")
+@click.option("--key", type=click.Path(dir_okay=False, path_type=Path), help="TLS private key (PEM) for --cert.")
+def agent(host: str, port: int, folder: Path | None, token_file: Path | None, max_upload_mb: float,
+          cert: Path | None, key: Path | None) -> None:
+    """Run check jobs sent to this device over HTTP, with the backends installed here.
+
+    A device in targets.toml with `address = "http://HOST:PORT"` sends its targets' check jobs
+    here: `deploykit build` lowers on the build machine, uploads the artifact (only files the
+    agent does not hold yet) and gets back the same results as a local check. Every call needs
+    `Authorization: Bearer TOKEN`; without a token the agent does not start. Jobs run one at a
+    time, so timings never overlap. See docs/agent.md.
+
+    \b
+    Example:
+      export DEPLOYKIT_AGENT_TOKEN=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')
+      deploykit agent --host 0.0.0.0 --port 8765
+    """
+    from deploykit import agent as agent_server
+
+    token = agent_server.read_token(token_file)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    agent_server.serve(host, port, folder or cache / "deploykit" / "agent", token, max_upload_mb, cert, key,
+                       announce=lambda line: click.echo(line, err=True))
 
 
 def _register_matrix_commands() -> None:

@@ -37,6 +37,11 @@ class OutputDirError(DeploykitError):
     """The output folder holds files deploykit did not write."""
 
 
+class DeviceError(DeploykitError):
+    """A remote device's agent could not be reached, or refused or failed a job (names the
+    device and its address); that target or cell fails, the others go on."""
+
+
 class CheckFailed(DeploykitError):
     """At least one check failed its threshold (exit code 1, results are still written)."""
 

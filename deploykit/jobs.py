@@ -21,6 +21,7 @@ import logging
 import os
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
@@ -98,8 +99,7 @@ class CheckJob:
         if self.labels is not None:
             arrays["labels"] = np.asarray(self.labels)
         with atomic_output(folder / ARRAYS_FILE) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, allow_pickle=False, **arrays)
+            _write_npz(tmp, arrays)
         with atomic_output(folder / JOB_FILE) as tmp:
             tmp.write_text(json.dumps(self.to_json(folder), indent=2), encoding="utf-8")
         return folder
@@ -175,6 +175,16 @@ class CheckJob:
                    tuple(arrays[f"reference_canonical/{i}"] for i in range(outputs)), settings)
 
 
+def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """``numpy.savez`` without its time stamps: the same arrays give the same bytes, so a job's
+    arrays shipped to a device agent are content-addressed like any file (sent once)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, value in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.asarray(value), allow_pickle=False)
+
+
 def _store(path: Path, folder: Path | None) -> str:
     if folder is not None:
         try:
@@ -196,6 +206,12 @@ class Executor(Protocol):
     """Runs check jobs somewhere: this process, a device agent, a Ray worker."""
 
     def run(self, job: CheckJob) -> JobResult: ...
+
+
+class DevicePlacing:
+    """Base of executors that put each job on its target's device themselves (a device's agent,
+    Ray with ``device:NAME`` resources): the build hands them remote targets' jobs as they are,
+    where any other executor gets only this machine's (docs/agent.md)."""
 
 
 class LocalExecutor:

@@ -36,10 +36,11 @@ from deploykit.jobs import CheckJob, CheckSettings, Executor, LocalExecutor, lat
 from deploykit.outdir import OutDir
 from deploykit.plugins import Registry, load_registry
 from deploykit.progress import Step, bar, step as progress_step
-from deploykit.quantize import load_canonical, quantize, requantize, write_canonical
+from deploykit.quantize import adopt, load_canonical, quantize, requantize, write_canonical
 from deploykit.quantize.islands import layer_macs, mac_summary, resolve_keep_float
 from deploykit.quantize.observe import METHODS
 from deploykit.reference import canonical_runner, fp32_runner
+from deploykit.remote import DEVICE_NOTE, on_devices
 from deploykit.results import SCHEMA_VERSION, Artifact, Availability, CheckResult, TargetResult, jsonable
 from deploykit.targets import Calibration, Preprocess, Target, TargetsFile, load_targets
 
@@ -49,7 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("deploykit")
 T = TypeVar("T")
 #: Target statuses that do not fail a build: checked and passed, lowered and verified where the
-#: checks cannot run here (Core ML off macOS, a remote device without an agent), or skipped
+#: checks cannot run here (Core ML off macOS), or skipped
 #: because the backend is not installed (said with the install hint).
 SUCCESS = ("ok", "lowered", "skipped")
 RANDOM_WARNING = ("calibrated on random data: no --calib data was given, so the scales are NOT meaningful; "
@@ -79,6 +80,8 @@ class BuildOptions:
     compare_profiles: bool = True  # also place the other profile from the same statistics and report the difference
     recipe: str | None = None  # accuracy-recovering recipe; None: targets.toml [calibration] recipe (default auto)
     accuracy_target: str | None = None  # e.g. top1_agreement=0.95: fewest float layers meeting it (deploykit.analyze)
+    #: an already-quantized model: calibrate its float reference again instead of adopting its scales
+    requantize: bool = False
     on_event: Callable[[str], None] = field(default=lambda msg: None)
 
 
@@ -104,14 +107,16 @@ def build(model: Any, options: BuildOptions, registry: Registry | None = None,
     """Build every target of ``options`` from an .onnx path, or a torch.nn.Module plus
     ``options.example_inputs`` (exported with the dynamo exporter at opset 18, dynamic batch).
     Each target's checks run as a :class:`deploykit.jobs.CheckJob` on ``executor`` (default:
-    :class:`deploykit.jobs.LocalExecutor`, this process).
+    :class:`deploykit.jobs.LocalExecutor`, this process); a target whose device has an
+    ``address`` runs on that device's agent (:mod:`deploykit.remote`) unless ``executor``
+    places jobs on devices itself (:class:`deploykit.jobs.DevicePlacing`, e.g. Ray).
 
     Everything that can be checked is checked before calibration starts. The output folder
     is locked, each step journaled and staged (see :mod:`deploykit.outdir`): a rerun after an
     interruption keeps the finished steps, and the new outputs replace the old only at the end.
     """
     registry = registry or load_registry()
-    executor = executor or LocalExecutor(registry)
+    executor = on_devices(executor or LocalExecutor(registry))  # a remote device's targets go to its agent
     events = options.on_event
     with stage("reading the configuration"):
         tf = load_targets(options.targets_file)
@@ -144,14 +149,21 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
     model = Path(model)
     with stage("loading the model"):
         raw = modelmod.load_onnx(model)
-        fp32 = modelmod.normalise(raw, str(model))
+        quantized = adopt.is_quantized(raw)
+        if quantized:
+            _check_adoption_options(options, str(model))
+        adopting = quantized and not options.requantize
+        if adopting:  # the float reference as the quantized model computes it (no folding, same node names)
+            fp32 = adopt.dequantize(raw, str(model))
+        else:
+            fp32 = modelmod.normalise(adopt.dequantize(raw, str(model)) if quantized else raw, str(model))
         specs = modelmod.input_specs(fp32)
         source_hash = sha256(model)
         fixed_batch = modelmod.fixed_batch(specs)
         keep_float, keep_where = ((options.keep_float, "--keep-float") if options.keep_float is not None
                                   else (list(tf.quantization.keep_float), tf.where("quantization", "keep_float")))
-        float_layers = resolve_keep_float(fp32, keep_float, keep_where) if keep_float else []
-        recipe = _recipe(options.recipe, calib_cfg.recipe, tf.where("calibration", "recipe"), fp32)
+        float_layers = resolve_keep_float(fp32, keep_float, keep_where) if keep_float and not adopting else []
+        recipe = "none" if adopting else _recipe(options.recipe, calib_cfg.recipe, tf.where("calibration", "recipe"), fp32)
         target_spec = parse_accuracy_target(options.accuracy_target) if options.accuracy_target else None
         if target_spec is not None:  # the accuracy target is checked on every target
             targets = [_judged_on(t, target_spec) for t in targets]
@@ -161,7 +173,9 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
     signals.checkpoint()  # between stages: a safe point to stop
     with stage("opening the data"):
         calib_src = data.open_source(calib_cfg.data, specs, preprocess, calib_cfg.samples)
-        if calib_src is None:
+        if calib_src is None and adopting:  # the model's scales are kept: no calibration to warn about
+            calib_src = data.RandomSource(specs, min(calib_cfg.samples, 64), calib_cfg.seed)
+        elif calib_src is None:
             warnings.warn(RANDOM_WARNING, stacklevel=3)
             events("WARNING: " + RANDOM_WARNING)
             calib_src = data.RandomSource(specs, min(calib_cfg.samples, 64), calib_cfg.seed)
@@ -193,10 +207,24 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
     calib_key = _key(__version__, source_hash, calib_cfg.method, calib_cfg.percentile, calib_cfg.samples,
                      calib_cfg.batch_size, calib_cfg.seed, _source_key(calib_cfg.data), options.task, activations,
                      float_layers, recipe, options.accuracy_target)
+    if adopting:
+        calib_key = _key(calib_key, "adopt")
     calib_info = out.finished("calibration", calib_key)
     other_model = None  # the other activation profile, placed from the same statistics
     t0 = time.monotonic()
-    if calib_info is None:
+    if calib_info is None and adopting:
+        with stage("adopting the quantized model"), out.step("calibration", calib_key) as step:
+            taken = _adopt(raw, model, source_hash, calib_src, calib_cfg.batch_size, targets, registry, step.dir, events)
+            step.payload.update(method=_meta(taken.model, "deploykit.calibration_method"), samples=taken.samples,
+                                data_hash=taken.data_hash, random_data=calib_src.is_random,
+                                seconds=time.monotonic() - t0,
+                                quantization={"activations": taken.profile,
+                                              "activations_reason": "fixed by the quantized model",
+                                              "recipe": "none", "recipe_summary": {},
+                                              **mac_summary(layer_macs(taken.fp32), taken.float_layers),
+                                              "adoption": adopt.describe(taken)})
+        calib_info = out.finished("calibration", calib_key) or {}
+    elif calib_info is None:
         events(f"calibrating ({calib_cfg.method}, {activations} activations: {activations_reason}; recipe {recipe}) "
                f"on {calib_src.description}")
         log.debug("calibrate: %s on up to %s samples of %s, batch %s; every activation and weight gets one scale "
@@ -224,7 +252,7 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
         calib_info = out.finished("calibration", calib_key) or {}
     else:
         events(f"calibration kept from the interrupted build ({calib_info['samples']} samples)")
-    if calib_info is not None and other_model is None and options.compare_profiles:
+    if calib_info is not None and other_model is None and options.compare_profiles and not adopting:
         calib_info.setdefault("quantization", {})["profile_comparison"] = {
             "status": "not_run", "message": "calibration kept from an interrupted build: other profile not placed"}
     stages["calibrate"] = time.monotonic() - t0
@@ -232,7 +260,8 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
     if eval_batches:  # what a target that needs fixed shapes (TFLite) fixes dynamic dims to
         canonical = dataclasses.replace(canonical, example_shapes={
             name: (1, *array.shape[1:]) for name, array in eval_batches[0].items()})
-    events(f"canonical model: {out_dir / canonical.path.name} ({calib_info['samples']} samples, {calib_cfg.method})")
+    events(f"canonical model: {out_dir / canonical.path.name} ({calib_info['samples']} samples, "
+           f"{calib_info.get('method') if adopting else calib_cfg.method})")
     signals.checkpoint()
 
     log.debug("reference outputs: FP32 (accuracy reference) and canonical QDQ (fidelity reference) in onnxruntime "
@@ -295,6 +324,60 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
         for r in results:
             r.relocate(out_dir)
     return BuildResult(out_dir, manifest, results, canonical)
+
+
+def _check_adoption_options(o: BuildOptions, where: str) -> None:
+    """Options that choose how to calibrate mean nothing for a model whose scales are kept."""
+    if o.requantize:
+        return
+    given = [flag for flag, value in (("--method", o.method), ("--percentile", o.percentile),
+                                       ("--activations", o.activations), ("--keep-float", o.keep_float),
+                                       ("--recipe", o.recipe), ("--accuracy-target", o.accuracy_target))
+             if value is not None]
+    if given:
+        raise ConfigError(f"{where} is already quantized: its scales are kept, so {given[0]} does not apply; "
+                          f"pass --requantize to calibrate it again")
+
+
+def _adopt(raw: "onnx.ModelProto", model: Path, source_hash: str, calib_src: data.DataSource, batch_size: int,
+           targets: list[Target], registry: Registry, folder: Path, events: Callable[[str], None]) -> adopt.Adopted:
+    """An already-quantized model as the canonical model: taken as given, or made canonical where
+    that is exact (deploykit/quantize/adopt.py), written as a calibration step would write it.
+    The FP32 reference is ``<stem>.fp32.onnx`` beside a ``<stem>.qdq.onnx`` when there is one
+    (what deploykit and its QAT export write), else the model with its weights dequantized."""
+    import shutil
+
+    import onnx
+
+    taken = adopt.adopt(raw, source_hash=source_hash, calib=None if calib_src.is_random else calib_src,
+                        batch_size=batch_size, where=str(model))
+    refused = [t for t in targets if taken.profile not in registry.get(t.backend).activation_profiles]
+    if refused:
+        raise ConfigError(f"{model}: its activations are {taken.profile} (zero points fixed by its quantizer) and "
+                          f"target '{refused[0].name}' ({refused[0].backend}) lowers only "
+                          f"{', '.join(registry.get(refused[0].backend).activation_profiles)}; drop that target or "
+                          f"pass --requantize")
+    qdq, calib, fp32 = (folder / f"canonical.{suffix}" for suffix in ("qdq.onnx", "calib.json", "fp32.onnx"))
+    if taken.status == "canonical":
+        shutil.copyfile(model, qdq)  # byte for byte: lowered as it is
+    else:
+        onnx.save(taken.model, str(qdq))
+    taken.table.save(calib)
+    beside = model.with_name(model.name.replace(".qdq.onnx", ".fp32.onnx"))
+    if model.name.endswith(".qdq.onnx") and beside.is_file():
+        shutil.copyfile(beside, fp32)
+        reference = str(beside)
+    else:
+        onnx.save(taken.fp32, str(fp32))
+        reference = "its weights dequantized"
+    how = "canonical as given" if taken.status == "canonical" else \
+        "made canonical (" + "; ".join(taken.changes) + ")" if taken.changes else "made canonical"
+    events(f"already quantized ({taken.producer or 'unknown producer'}): {how}; scales kept; FP32 reference: {reference}")
+    return taken
+
+
+def _meta(model: "onnx.ModelProto", key: str) -> str:
+    return next((p.value for p in model.metadata_props if p.key == key), "")
 
 
 def quantization_summary(fp32: Any, result: Any, reason: str) -> dict[str, Any]:
@@ -633,7 +716,8 @@ def _target_stages(res: TargetResult, progress: Step, registry: Registry, execut
         res.availability = availability
         pre_checks, res.metadata = backend.preflight(canonical, target)
         res.seconds["preflight"] = time.monotonic() - t0
-        progress.total = 4 if availability.can_run else 2  # preflight, lower[, accuracy, latency]
+        remote = bool(target.device.address)  # checked on the device, whatever this host can run
+        progress.total = 4 if availability.can_run or remote else 2  # preflight, lower[, accuracy, latency]
         progress.update()
         res.checks.extend(checks.apply_thresholds(c, target.thresholds) for c in pre_checks)
         if not res.availability.can_lower:
@@ -651,9 +735,7 @@ def _target_stages(res: TargetResult, progress: Step, registry: Registry, execut
         log.debug("%s: lowered to %s (%.1f MB) in %.1f s; verification: %s", target.name, res.artifact.path.name,
                   _size_mb(res.artifact.path), res.seconds["lower"],
                   ", ".join(f"{c.name} {c.status}" for c in res.artifact.checks) or "none")
-        not_here = res.availability.reason if not res.availability.can_run else (
-            f"device '{target.device.name}' is remote ({target.device.address}) and this version has no remote "
-            f"agent; copy {dest.name} to the device to check it there" if target.device.address else "")
+        not_here = res.availability.reason if not (res.availability.can_run or remote) else ""
         if not_here:  # lowered and verified, never "ok": nothing was measured
             res.status, res.reason = "lowered", f"lowered and verified; checks not run: {not_here}"
             for name in ("top1_agreement", "cosine", "fidelity_rel_l2", "latency_p50_ms"):
@@ -668,11 +750,15 @@ def _target_stages(res: TargetResult, progress: Step, registry: Registry, execut
             res.checks.extend(checked.checks)
             res.latency.extend(checked.latency)
             res.seconds.update(checked.seconds)
+            device_note = checked.notes.pop(DEVICE_NOTE, None)
             res.metadata.update(checked.notes)
-        try:
-            res.device_info = backend.device_info(target)
-        except Exception as exc:  # device facts are nice to have, never fatal
-            res.device_info = {"error": f"{type(exc).__name__}: {exc}"}
+            if remote:  # the facts of the device the checks ran on, as its agent reported them
+                res.device_info = dict(device_note or {"address": target.device.address})
+        if not remote:
+            try:
+                res.device_info = backend.device_info(target)
+            except Exception as exc:  # device facts are nice to have, never fatal
+                res.device_info = {"error": f"{type(exc).__name__}: {exc}"}
     except DeploykitError as exc:
         res.status, res.reason = "error", str(exc)
         return

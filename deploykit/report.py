@@ -70,12 +70,17 @@ def status_summary(manifest: dict[str, Any]) -> str:
                                          for c in t["checks"])
 
     targets = manifest["targets"]
-    checked = [t["name"] for t in targets if t["status"] in ("ok", "failed") and measured(t)]
+    checked_all = [t for t in targets if t["status"] in ("ok", "failed") and measured(t)]
+    checked = [t["name"] for t in checked_all if not t["device"].get("address")]
+    on_device = [f"{t['name']} ({t['device']['name']} at {t['device']['address']})" for t in checked_all
+                 if t["device"].get("address")]
     lowered = [t["name"] for t in targets
                if t["status"] == "lowered" or (t["status"] == "failed" and not measured(t))]
     parts = []
     if checked:
         parts.append("checked here (accuracy, fidelity, latency): " + ", ".join(checked))
+    if on_device:
+        parts.append("checked on the device by its agent: " + ", ".join(on_device))
     if lowered:
         parts.append("lowered, checks not run: " + ", ".join(lowered))
     failed = [f"{t['name']} ({', '.join(c['name'] for c in t['checks'] if c['status'] == 'fail')})"

@@ -7,6 +7,7 @@ names, and whether its options and thresholds suit that backend, is the registry
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -17,7 +18,10 @@ from deploykit.errors import ConfigError
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
 
-_DEVICE_KEYS = {"kind": str, "description": str, "address": str}
+_DEVICE_KEYS = {"kind": str, "description": str, "address": str, "token_env": str, "timeout": float}
+#: where a remote device's agent token comes from when ``token_env`` is not given
+DEFAULT_TOKEN_ENV = "DEPLOYKIT_AGENT_TOKEN"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TARGET_KEYS = {"backend": str, "device": str, "description": str, "batch_sizes": list,
                 "warmup": int, "runs": int, "options": dict, "thresholds": dict}
 _CALIB_KEYS = {"method": str, "samples": int, "percentile": float, "data": str, "eval": str,
@@ -35,7 +39,10 @@ class Device:
     name: str
     kind: str = "cpu"
     description: str = ""
-    address: str = ""  # a remote deploykit agent; empty means this machine
+    address: str = ""  # a remote deploykit agent (http[s]://host:port); empty means this machine
+    #: the environment variable holding the agent's token (never the token itself: docs/agent.md)
+    token_env: str = ""
+    timeout: float = 1800.0  # seconds one check job may take on the device before its target fails
 
 
 @dataclass(frozen=True)
@@ -149,8 +156,7 @@ def load_targets(path: Path | str | None) -> TargetsFile:
         where = tf.where(f"devices.{name}")
         if not isinstance(raw, dict):
             raise ConfigError(f"{where} must be a table")
-        _check_keys(raw, _DEVICE_KEYS, where)
-        tf.devices[name] = Device(name, raw.get("kind", "cpu"), raw.get("description", ""), raw.get("address", ""))
+        tf.devices[name] = _device(name, raw, where)
     for name, raw in data.get("targets", {}).items():
         from deploykit.outdir import check_name  # a target name becomes a folder name in --out
 
@@ -190,6 +196,42 @@ def load_targets(path: Path | str | None) -> TargetsFile:
     if "preprocess" in data:
         tf.preprocess = parse_preprocess(data["preprocess"], tf.where("preprocess"))
     return tf
+
+
+def _device(name: str, raw: Mapping[str, Any], where: str) -> Device:
+    if "token" in raw:  # a secret in a file that gets committed and copied around: refused, not read
+        raise ConfigError(f"{where} key 'token': never write the agent token into targets.toml; put it in an "
+                          f"environment variable and name that variable with token_env = \"{DEFAULT_TOKEN_ENV}\"")
+    _check_keys(raw, _DEVICE_KEYS, where)
+    address = normalise_address(raw.get("address", ""), f"{where} key 'address'")
+    token_env = raw.get("token_env", DEFAULT_TOKEN_ENV if address else "")
+    if token_env and not _ENV_NAME.fullmatch(token_env):
+        raise ConfigError(f"{where} key 'token_env': {token_env!r} is not an environment variable name "
+                          f"(e.g. {DEFAULT_TOKEN_ENV}); it names where the token is, it is not the token")
+    timeout = float(raw.get("timeout", Device.timeout))
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ConfigError(f"{where} key 'timeout' must be a positive number of seconds")
+    return Device(name, raw.get("kind", "cpu"), raw.get("description", ""), address, token_env, timeout)
+
+
+def normalise_address(address: str, where: str) -> str:
+    """A device agent's base URL: ``http(s)://host:port`` (a bare ``host:port`` means http)."""
+    if not address:
+        return ""
+    from urllib.parse import urlsplit
+
+    url = address if "://" in address else f"http://{address}"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {address!r} is not an agent address ({exc}); write http://HOST:PORT") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") \
+            or parts.query or parts.fragment or parts.username or parts.password:
+        raise ConfigError(f"{where}: {address!r} is not an agent address; write http://HOST:PORT or "
+                          f"https://HOST:PORT (no path, no user:password)")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
 
 
 def parse_preprocess(raw: Mapping[str, Any], where: str) -> Preprocess:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,10 @@ import pytest
 from deploykit.backend import Availability, Backend
 from deploykit.canonical import lint
 from deploykit.cli import main
+from deploykit.jobs import LocalExecutor
 from deploykit.pipeline import BuildOptions, build
 from deploykit.plugins import PluginInfo
+from deploykit.remote import DeviceRouter
 
 METHODS = ["minmax", "percentile", "entropy", "mse"]
 
@@ -290,18 +293,24 @@ def test_python_api_builds_from_a_torch_module(tmp_path, monkeypatch):
     assert lint(onnx.load(str(result.canonical.path))) == []  # the manifest no longer carries an always-empty list
 
 
-def test_remote_device_is_lowered_here_and_not_checked_with_fake_numbers(digits_files, ort_registry, tmp_path):
+def test_remote_device_is_lowered_here_and_its_unreachable_agent_named_not_faked(digits_files, ort_registry,
+                                                                                 tmp_path, monkeypatch):
+    """A device with an address is checked by its agent (tests/test_agent.py); when the agent
+    cannot be reached the target is an error naming the address, with its artifact kept."""
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("DK_EDGE_TOKEN", "edge-token-0123456789")
     toml = tmp_path / "targets.toml"
-    toml.write_text('[devices.edge]\nkind = "cpu"\naddress = "edge-box.local:8765"\n'
+    toml.write_text(f'[devices.edge]\nkind = "cpu"\naddress = "127.0.0.1:{port}"\ntoken_env = "DK_EDGE_TOKEN"\n'
                     '[targets.edge-ort]\nbackend = "onnxruntime"\ndevice = "edge"\n')
     opts = BuildOptions(targets=["edge-ort"], out_dir=tmp_path / "out", targets_file=toml,
                         calib=str(digits_files.calib), method="minmax", baseline=False)
-    (t,) = build(digits_files.model, opts, ort_registry).targets
-    assert t.status == "lowered" and t.artifact is not None and t.artifact.path.is_file()
-    assert "remote (edge-box.local:8765)" in t.reason
-    assert {c.name: c.status for c in t.checks if c.name != "scales_match"} == {
-        "top1_agreement": "not_run", "cosine": "not_run", "fidelity_rel_l2": "not_run", "latency_p50_ms": "not_run"}
-    assert t.latency == []
+    (t,) = build(digits_files.model, opts, ort_registry, DeviceRouter(LocalExecutor(ort_registry), retries=1,
+                                                                       backoff=0.01)).targets
+    assert t.status == "error" and t.artifact is not None and t.artifact.path.is_file()
+    assert f"device 'edge' (http://127.0.0.1:{port}) unreachable: connection refused" in t.reason
+    assert all(c.name == "scales_match" for c in t.checks) and t.latency == []  # nothing measured, nothing made up
 
 
 def test_a_build_that_stops_midway_can_reuse_its_folder(digits_files, ort_registry, tmp_path, monkeypatch):

@@ -48,6 +48,10 @@ def test_status_line_says_what_was_and_was_not_checked():
     line = status_summary(m)
     assert "checked here (accuracy, fidelity, latency): tflite, ort, edge;" in line
     assert "lowered, checks not run: coreml" in line and "FAILED: coreml (scales_match)" in line
+    m["targets"][2]["device"] = {"name": "orin", "address": "http://orin.local:8765"}  # checked by a device agent
+    line = status_summary(m)
+    assert "checked here (accuracy, fidelity, latency): tflite, ort;" in line
+    assert "checked on the device by its agent: edge (orin at http://orin.local:8765)" in line
 
 
 def test_terminal_table_speedup_beside_its_fp32_time_and_lowered_is_not_ok():

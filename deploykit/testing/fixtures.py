@@ -84,9 +84,10 @@ def export_kind(kind: str, path: Path | str, seed: int = 0) -> tuple[Path | str,
 
 def canonical_from_onnx(src: Path | str, calib: dict[str, np.ndarray], workdir: Path | str, stem: str,
                         method: str = "minmax", activations: str = "symmetric",
-                        keep_float: tuple[str, ...] = ()) -> CanonicalModel:
+                        keep_float: tuple[str, ...] = (), recipe: str | None = None) -> CanonicalModel:
     """Normalise an FP32 .onnx, calibrate it on ``calib`` (one dict of arrays) and write
-    ``<stem>.qdq.onnx`` and friends under ``workdir``. Returns the CanonicalModel."""
+    ``<stem>.qdq.onnx`` and friends under ``workdir`` (``recipe``: as ``quantize``'s, default
+    none). Returns the CanonicalModel."""
     from deploykit import data, model
     from deploykit.quantize import quantize, write_canonical
 
@@ -94,7 +95,7 @@ def canonical_from_onnx(src: Path | str, calib: dict[str, np.ndarray], workdir: 
     source = data.open_source(lambda: [calib], model.input_specs(fp32))
     assert source is not None
     result = quantize(fp32, source, method, source_hash=model.model_hash(fp32), activations=activations,
-                      keep_float=keep_float)
+                      keep_float=keep_float, recipe=recipe)
     return write_canonical(result, fp32, Path(workdir), stem)
 
 

@@ -276,41 +276,19 @@ class OpenVINOBackend(Backend):
 
 
     def layer_runner(self, artifact: Artifact, canonical: CanonicalModel, target, cut: Any) -> Any:
-        """The canonical model cut at every quantized tensor, through the lowering's own path
-        (read_model of the QDQ ONNX, the target's compile config): what OpenVINO computes for
-        each layer from the canonical inputs."""
-        from deploykit.layers import OnnxLayerRunner
+        """The saved IR itself cut at every canonical int8 tensor (deploykit_openvino.layers),
+        compiled with the target's configuration: what the artifact computes for each layer
+        from the canonical inputs."""
+        from deploykit_openvino.layers import IrLayerRunner
 
         ov = _ov()
         core = ov.Core()
         device = device_name(target)
+        missing = missing_devices(device, list(core.available_devices))
+        if missing:
+            raise BackendUnavailable(f"target '{target.name}': OpenVINO device '{', '.join(missing)}' is not present")
         config = _supported_config(core, device, compile_config(target.options))
-
-        split = select(canonical.model, overflow_mode(target))  # as lower() did, by the canonical model's names
-
-        def make_runner(model) -> Any:
-            import onnx
-
-            present = {n.name for n in model.graph.node}
-            model = split_convs(model, [n for n in split if n in present])
-            with tempfile.TemporaryDirectory(prefix="deploykit-ov-layers-") as tmp:
-                path = Path(tmp) / "cut.onnx"
-                onnx.save(model, str(path))
-                compiled = core.compile_model(read_onnx(core, path, model), device, config)
-            request = compiled.create_infer_request()
-            names = [(out, set(out.get_names())) for out in compiled.outputs]
-
-            def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-                results = request.infer(dict(feeds))
-                values = {}
-                for out, aliases in names:
-                    for alias in aliases:
-                        values[alias] = np.asarray(results[out])
-                return values
-
-            return run
-
-        return OnnxLayerRunner(canonical.model, cut, make_runner)
+        return IrLayerRunner(core, core.read_model(artifact.path), cut, device, config)
 
 
 def _text(value: Any) -> str:

@@ -130,7 +130,10 @@ def fixed_into_conv():
 def dead_channel_cnn():
     """Per-channel weight ranges a real network has: conv channel 2 and depthwise channel 1 with
     weights ~1e-7 and no bias (the converter widens their scales), conv channel 5 ~1e-12 with a
-    bias of 0.5 (dead: the bias cannot be an int32 at the canonical scale), ordinary ones."""
+    bias of 0.5 (dead: the bias cannot be an int32 at the canonical scale), conv channel 6 with
+    negative weights ~1e-6 and a bias of -2 (dead, like EfficientNet-Lite0's stem channel 11:
+    at the smallest weight scale that fits its bias into int32, the products push the
+    accumulator past -2**31 and it wraps), ordinary ones."""
     import torch
     from torch import nn
 
@@ -145,6 +148,8 @@ def dead_channel_cnn():
                 self.stem.bias[2] = 0.0
                 self.stem.weight[5] *= 1e-11
                 self.stem.bias[5] = 0.5
+                self.stem.weight[6] = -2e-6 * self.stem.weight[6].abs() / self.stem.weight[6].abs().max()
+                self.stem.bias[6] = -2.0
                 self.dw.weight[1] *= 1e-7
                 self.dw.bias[1] = 0.0
 

@@ -1,0 +1,688 @@
+"""Quantization-aware training from PyTorch into the canonical model.
+
+    prepared = qat.prepare(model, example_inputs, calib)      # fake quantization, PTQ start point
+    ...train prepared.module in your own loop, or:
+    qat.distill(prepared, data, steps=300, lr=1e-5)           # label-free, from the FP32 model
+    qat.export(prepared, "model.qdq.onnx")                    # canonical: build it as it is
+
+It runs on torchao's PT2E flow (``prepare_qat_pt2e`` / ``convert_pt2e``; torch 2.13 has no
+other supported QAT path that survives the dynamo ONNX exporter) with deploykit's own
+:class:`CanonicalQuantizer`, which annotates the exported torch graph by the rules of
+deploykit/canonical.py: inputs of conv/linear/matmul (both inputs of an activation x activation
+matmul, zero point 0), the input of pooling over a rank-4 activation, both inputs of a residual
+add, Concat inputs when its output is quantized, one shared scale across Concat and
+scale-preserving ops (reshape-like ops, max/average pooling); per-channel symmetric
+narrow-range [-127, 127] weights on the output-channel axis; per-tensor int8 activations in the
+contract's profile. BatchNorm is folded into the convolutions first, as deploykit's
+normalisation does, so what trains is what ships.
+
+``prepare`` starts from a PTQ calibration with the build's methods (minmax, percentile,
+entropy, mse): observers gather the same statistics as :mod:`deploykit.quantize.observe` on the
+float model, and the activation scales are then frozen; weight scales follow the weights as
+they train (amax / 127 per channel, the contract's rule). ``export`` converts, exports with
+the dynamo exporter and takes the result through :func:`deploykit.quantize.adopt.adopt`: the
+written model is canonical (lint clean, method ``qat``, data and source hashes), with the
+FP32 teacher beside it as ``<stem>.fp32.onnx``, so ``deploykit build model.qdq.onnx`` lowers it
+as given. Untrained, the export equals the PTQ canonical model of the same network.
+
+torch and torchao are optional (``pip install 'deploykit[qat]'``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import math
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deploykit import canonical as rules
+from deploykit.errors import ConfigError, DataError, DeploykitError
+from deploykit.quantize.observe import HIST_BINS, METHODS, TensorStats, needs_histograms
+
+log = logging.getLogger("deploykit")
+METHOD = "qat"
+LOSSES = ("kl", "mse", "cosine")
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError as exc:  # pragma: no cover - the extra is missing
+        raise DeploykitError(f"quantization-aware training needs torch: pip install 'deploykit[qat]' ({exc})") from None
+    return torch
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """torchao prints warnings about GPU kernels it cannot load on a CPU-only wheel, and the
+    exporter prints progress lines: neither says anything to a deploykit user."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def _ao() -> Any:
+    try:
+        with _quiet():
+            import torchao.quantization.pt2e as ao
+            import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401 -- prepare_qat_pt2e, convert_pt2e
+    except ImportError as exc:
+        raise DeploykitError(f"quantization-aware training needs torchao: pip install 'deploykit[qat]' ({exc})") from None
+    return ao
+
+
+# --------------------------------------------------------------------------------------
+# observers: the statistics of deploykit.quantize.observe, inside the torch graph
+# --------------------------------------------------------------------------------------
+def _observer_classes() -> tuple[type, type]:
+    """(activation observer, weight observer) classes, built on torchao's ObserverBase."""
+    torch = _torch()
+    ao = _ao()
+
+    class ActivationObserver(ao.ObserverBase):  # type: ignore[misc,name-defined]
+        """Exact min/max (pass "ranges"), then a 2048-bin |x| histogram over [0, absmax]
+        (pass "histograms"); the scale comes from the calibration method, as in a PTQ build.
+        ``force_symmetric``: both inputs of an activation x activation matmul keep zero point 0."""
+
+        def __init__(self, dtype: Any = torch.int8, qscheme: Any = torch.per_tensor_symmetric, quant_min: int = -128,
+                     quant_max: int = 127, is_dynamic: bool = False, method: str = "minmax",
+                     percentile: float = 99.99, profile: str = rules.SYMMETRIC, force_symmetric: bool = False,
+                     **_: Any) -> None:
+            super().__init__(dtype=dtype, is_dynamic=is_dynamic)
+            self.qscheme, self.quant_min, self.quant_max = qscheme, quant_min, quant_max
+            self.method, self.percentile = method, percentile
+            self.profile = rules.SYMMETRIC if force_symmetric else profile
+            self.stats = TensorStats()
+            self.phase = "ranges"
+            self.final: tuple[float, int] | None = None
+
+        def forward(self, x: Any) -> Any:
+            if self.phase == "ranges":
+                finite = x.detach()
+                if not torch.isfinite(finite).all():
+                    finite = finite[torch.isfinite(finite)]
+                    self.stats.nonfinite = True
+                if finite.numel():
+                    self.stats.min = min(self.stats.min, float(finite.min()))
+                    self.stats.max = max(self.stats.max, float(finite.max()))
+            elif self.phase == "histograms":
+                top = self.stats.absmax
+                if self.stats.hist is None:
+                    self.stats.hist = np.zeros(HIST_BINS, np.int64)
+                if top > 0:
+                    mag = x.detach().abs().reshape(-1)
+                    mag = mag[torch.isfinite(mag)]
+                    idx = torch.clamp((mag * (HIST_BINS / top)).to(torch.int64), max=HIST_BINS - 1)
+                    self.stats.hist += torch.bincount(idx, minlength=HIST_BINS).numpy()
+            return x
+
+        def params(self) -> tuple[float, int]:
+            """(scale, int8 zero point) by the calibration method and the profile."""
+            if self.final is not None:
+                return self.final
+            method = self.method if self.phase == "done" else "minmax"
+            amax = METHODS[method](self.stats, percentile=self.percentile)
+            if self.profile == rules.SYMMETRIC:
+                return rules.activation_scale(amax), 0
+            lo = max(float(self.stats.min), -amax) if np.isfinite(self.stats.min) else 0.0
+            hi = min(float(self.stats.max), amax) if np.isfinite(self.stats.max) else 0.0
+            return rules.asymmetric_params(lo, hi)
+
+        def calculate_qparams(self, **_: Any) -> tuple[Any, Any]:
+            scale, zp = self.params()
+            return torch.tensor([scale], dtype=torch.float32), torch.tensor([zp], dtype=torch.int32)
+
+    class WeightObserver(ao.ObserverBase):  # type: ignore[misc,name-defined]
+        """Per-channel amax / 127 (1.0 for an all-zero channel), deploykit's quantize_weight."""
+
+        def __init__(self, dtype: Any = torch.int8, qscheme: Any = torch.per_channel_symmetric, quant_min: int = -127,
+                     quant_max: int = 127, ch_axis: int = 0, is_dynamic: bool = False, **_: Any) -> None:
+            super().__init__(dtype=dtype, is_dynamic=is_dynamic)
+            self.qscheme, self.quant_min, self.quant_max, self.ch_axis = qscheme, quant_min, quant_max, ch_axis
+            self.register_buffer("amax", torch.ones(1))
+
+        def forward(self, w: Any) -> Any:
+            axis = self.ch_axis % w.dim()
+            dims = [d for d in range(w.dim()) if d != axis]
+            self.amax = w.detach().abs().amax(dim=dims) if dims else w.detach().abs()
+            return w
+
+        def calculate_qparams(self, **_: Any) -> tuple[Any, Any]:
+            amax = self.amax.to(torch.float32)
+            scale = torch.where(amax > 0, amax / rules.INT8_MAX, torch.ones_like(amax))
+            return scale, torch.zeros_like(scale, dtype=torch.int32)
+
+    return ActivationObserver, WeightObserver
+
+
+# --------------------------------------------------------------------------------------
+# the quantizer: the canonical placement rules on the aten graph
+# --------------------------------------------------------------------------------------
+def _aten_sets() -> dict[str, frozenset[Any]]:
+    torch = _torch()
+    aten = torch.ops.aten
+
+    def ops(*names: str) -> frozenset[Any]:
+        out = set()
+        for name in names:
+            packet, _, overload = name.partition(".")
+            if hasattr(aten, packet):
+                op = getattr(aten, packet)
+                if hasattr(op, overload or "default"):
+                    out.add(getattr(op, overload or "default"))
+        return frozenset(out)
+
+    return {
+        "conv": ops("conv1d.default", "conv2d.default", "conv3d.default", "convolution.default",
+                    "conv_transpose1d.default", "conv_transpose2d.input", "conv_transpose3d.input"),
+        "linear": ops("linear.default"),
+        "matmul": ops("matmul.default", "bmm.default", "mm.default"),
+        "pool": ops("max_pool2d.default", "avg_pool2d.default", "adaptive_avg_pool2d.default", "mean.dim",
+                    "max_pool2d_with_indices.default", "_adaptive_avg_pool2d.default"),
+        # output scale = input scale (deploykit.canonical.SCALE_PRESERVING_OPS as aten ops)
+        "preserving": ops("max_pool2d.default", "avg_pool2d.default", "adaptive_avg_pool2d.default",
+                          "_adaptive_avg_pool2d.default", "view.default", "reshape.default", "_unsafe_view.default",
+                          "permute.default", "transpose.int", "t.default", "flatten.using_ints", "squeeze.dim",
+                          "squeeze.dims", "squeeze.default", "unsqueeze.default", "constant_pad_nd.default",
+                          "pad.default", "clone.default", "contiguous.default", "dropout.default", "alias.default"),
+        "cat": ops("cat.default", "concat.default"),
+        "add": ops("add.Tensor"),
+        # element-wise ops a conv's output may pass through before a residual add (place._CONV_EPILOGUE)
+        "epilogue": ops("relu.default", "relu_.default", "hardtanh.default", "hardtanh_.default", "clamp.default",
+                        "leaky_relu.default", "hardswish.default", "hardswish_.default", "sigmoid.default",
+                        "mul.Tensor", "silu.default", "batch_norm.default",
+                        "_native_batch_norm_legit_no_training.default"),
+    }
+
+
+def _rank(node: Any) -> int | None:
+    val = node.meta.get("val") if hasattr(node, "meta") else None
+    return val.dim() if val is not None and hasattr(val, "dim") else None
+
+
+def _is_weight(node: Any) -> bool:
+    return getattr(node, "op", None) == "get_attr"
+
+
+def _quantizer_class() -> type:
+    ao = _ao()
+    from torchao.quantization.pt2e.quantizer import (
+        QuantizationAnnotation,
+        QuantizationSpec,
+        Quantizer,
+        SharedQuantizationSpec,
+    )
+
+    torch = _torch()
+
+    class CanonicalQuantizer(Quantizer):  # type: ignore[misc]
+        """Annotates an exported torch graph so the converted model is deploykit's canonical model."""
+
+        def __init__(self, method: str = "minmax", percentile: float = 99.99, activations: str = rules.SYMMETRIC) -> None:
+            super().__init__()
+            act_obs, w_obs = _observer_classes()
+            self.ops = _aten_sets()
+            self.act = self._act_spec(act_obs, method, percentile, activations, False)
+            self.act_sym = self._act_spec(act_obs, method, percentile, activations, True)
+            self.w_obs = w_obs
+            self.weight_specs: dict[int, Any] = {}
+
+        def _weight_spec(self, axis: int) -> Any:
+            if axis not in self.weight_specs:
+                self.weight_specs[axis] = QuantizationSpec(
+                    dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=torch.per_channel_symmetric,
+                    ch_axis=axis, is_dynamic=False, observer_or_fake_quant_ctr=ao.FakeQuantize.with_args(
+                        observer=self.w_obs, quant_min=-127, quant_max=127, dtype=torch.int8,
+                        qscheme=torch.per_channel_symmetric, ch_axis=axis))
+            return self.weight_specs[axis]
+
+        @staticmethod
+        def _act_spec(obs: type, method: str, percentile: float, profile: str, symmetric: bool) -> Any:
+            scheme = torch.per_tensor_symmetric if profile == rules.SYMMETRIC or symmetric else torch.per_tensor_affine
+            return QuantizationSpec(dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=scheme, is_dynamic=False,
+                                    observer_or_fake_quant_ctr=ao.FakeQuantize.with_args(
+                                        observer=obs, quant_min=-128, quant_max=127, dtype=torch.int8, qscheme=scheme,
+                                        method=method, percentile=percentile, profile=profile,
+                                        force_symmetric=symmetric))
+
+        def _weight_axis(self, node: Any, weight: Any) -> int:
+            rank = _rank(weight) or 2
+            if node.target in self.ops["matmul"]:
+                return rank - 1  # [.., K, N]: the output channel is the last axis
+            if "transpose" in str(node.target):
+                return 1 if rank > 1 else 0  # ConvTranspose [C, M/g, ...]: ONNX says axis 0; torch's is 1
+            return 0  # conv [M, C/g, ...], linear [N, K]
+
+        def _from_conv(self, node: Any, depth: int = 2) -> bool:
+            while node is not None and getattr(node, "op", None) == "call_function" and depth >= 0:
+                if node.target in self.ops["conv"]:
+                    return True
+                if node.target not in self.ops["epilogue"]:
+                    return False
+                node = node.args[0] if node.args else None
+                depth -= 1
+            return False
+
+        def annotate(self, model: Any) -> Any:
+            graph = model.graph
+            wrap: dict[Any, list[tuple[Any, Any]]] = {}  # consumer -> [(input node, spec kind)]
+            weights: dict[Any, tuple[Any, int]] = {}
+            for node in graph.nodes:
+                if node.op != "call_function":
+                    continue
+                t = node.target
+                if t in self.ops["conv"] or t in self.ops["linear"]:
+                    x, w = node.args[0], node.args[1]
+                    wrap[node] = [(x, "act")]
+                    if _is_weight(w):
+                        weights[node] = (w, self._weight_axis(node, w))
+                elif t in self.ops["matmul"]:
+                    a, b = node.args[0], node.args[1]
+                    if _is_weight(b):
+                        wrap[node] = [(a, "act")]
+                        weights[node] = (b, self._weight_axis(node, b))
+                    else:  # activation x activation (attention): both, zero point 0
+                        wrap[node] = [(a, "sym"), (b, "sym")]
+                elif t in self.ops["pool"] and _rank(node.args[0]) == 4:
+                    if t.__name__.startswith("mean") and not _spatial_mean(node):
+                        continue
+                    wrap[node] = [(node.args[0], "act")]
+                elif t in self.ops["add"] and len(node.args) == 2 and all(hasattr(a, "op") for a in node.args):
+                    a, b = node.args
+                    if _rank(a) == 4 and _rank(b) == 4 and not (_is_weight(a) or _is_weight(b)) \
+                            and (self._from_conv(a) or self._from_conv(b)):
+                        wrap[node] = [(a, "act"), (b, "act")]
+            changed = True
+            while changed:  # a quantized Concat output quantizes its inputs (one shared scale)
+                changed = False
+                quantized = {x for edges in wrap.values() for x, _ in edges}
+                for node in graph.nodes:
+                    if node.op == "call_function" and node.target in self.ops["cat"] and node in quantized \
+                            and node not in wrap:
+                        wrap[node] = [(x, "act") for x in node.args[0] if hasattr(x, "op") and not _is_weight(x)]
+                        changed = True
+            group_of = self._groups(graph)
+            # one fake quantizer per shared-scale group, on its first edge; zero point 0 for the
+            # whole group when any member feeds an activation x activation matmul
+            symmetric = {group_of(x) for edges in wrap.values() for x, kind in edges if kind == "sym"}
+            first: dict[Any, tuple[Any, Any]] = {}  # group root -> the edge holding its fake quantizer
+            for node in graph.nodes:
+                if node not in wrap and node not in weights:
+                    continue
+                qmap: dict[Any, Any] = {}
+                for x, _ in wrap.get(node, []):
+                    root = group_of(x)
+                    if root in first:
+                        qmap[x] = SharedQuantizationSpec(first[root])
+                    else:
+                        first[root] = (x, node)
+                        qmap[x] = self.act_sym if root in symmetric else self.act
+                if node in weights:
+                    w, axis = weights[node]
+                    qmap[w] = self._weight_spec(axis)
+                node.meta["quantization_annotation"] = QuantizationAnnotation(input_qspec_map=qmap, _annotated=True)
+            return model
+
+        def _groups(self, graph: Any) -> Callable[[Any], Any]:
+            parent: dict[Any, Any] = {}
+
+            def find(n: Any) -> Any:
+                parent.setdefault(n, n)
+                while parent[n] is not n:
+                    parent[n] = parent[parent[n]]
+                    n = parent[n]
+                return n
+
+            for node in graph.nodes:
+                if node.op != "call_function":
+                    continue
+                if node.target in self.ops["preserving"] and node.args and hasattr(node.args[0], "op"):
+                    parent[find(node)] = find(node.args[0])
+                elif node.target in self.ops["cat"]:
+                    for x in node.args[0]:
+                        if hasattr(x, "op"):
+                            parent[find(x)] = find(node)
+            return find
+
+        def validate(self, model: Any) -> None:
+            pass
+
+    return CanonicalQuantizer
+
+
+def _spatial_mean(node: Any) -> bool:
+    dims = node.args[1] if len(node.args) > 1 else None
+    return dims is not None and sorted(int(d) % 4 for d in dims) == [2, 3]
+
+
+# --------------------------------------------------------------------------------------
+# data: arrays, feed dicts, DataSources or iterables of batches
+# --------------------------------------------------------------------------------------
+Feeds = dict[str, np.ndarray]
+
+
+def _batches(data: Any, names: Sequence[str], batch_size: int, shuffle: bool = False,
+             seed: int = 0) -> Iterator[Feeds]:
+    """Feed dicts of at most ``batch_size`` samples from ``data``: an array (one input), a dict
+    of arrays, a :class:`deploykit.data.DataSource`, or an iterable of either per batch."""
+    from deploykit.data import DataSource
+
+    if isinstance(data, DataSource):
+        for batch in data.batches(batch_size):
+            yield batch.feeds
+        return
+    if isinstance(data, np.ndarray) or _is_tensor(data):
+        data = {names[0]: data}
+    if isinstance(data, Mapping):
+        arrays = {k: np.asarray(v) for k, v in data.items()}
+        missing = [n for n in names if n not in arrays]
+        if missing:
+            raise DataError(f"qat: data has no array for input(s) {missing}; give a dict keyed by input name")
+        n = min(len(a) for a in arrays.values())
+        order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+        for i in range(0, n, batch_size):
+            idx = np.sort(order[i:i + batch_size]) if shuffle else order[i:i + batch_size]
+            yield {k: np.ascontiguousarray(arrays[k][idx]) for k in names}
+        return
+    for item in data:
+        yield from _batches(item, names, batch_size)
+
+
+def _is_tensor(x: Any) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "numpy")
+
+
+def _to_torch(feeds: Feeds, names: Sequence[str]) -> tuple[Any, ...]:
+    torch = _torch()
+    return tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names)
+
+
+# --------------------------------------------------------------------------------------
+# prepare / distill / export
+# --------------------------------------------------------------------------------------
+@dataclass
+class Prepared:
+    """A model with the canonical fake quantization, ready to train.
+
+    module: the torch module to train (call it like the original, positional inputs in
+    ``input_names`` order). teacher: the FP32 model (BatchNorm folded), never trained.
+    calibration: the batches the PTQ start point was calibrated on (the export's table of the
+    float tensors the model leaves unquantized comes from them). history: losses of
+    :func:`distill` (one per step).
+    """
+
+    module: Any
+    teacher: Any
+    input_names: list[str]
+    example_inputs: tuple[Any, ...]
+    method: str
+    activations: str
+    calibration: list[Feeds]
+    data_hash: str
+    dynamic_sequence: bool = False
+    history: list[float] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def parameters(self) -> Iterator[Any]:
+        """What a training loop optimises: the weights and biases (scales are not parameters)."""
+        return (p for p in self.module.parameters() if p.requires_grad)
+
+    def __call__(self, *inputs: Any) -> Any:
+        return self.module(*inputs)
+
+
+def prepare(model: Any, example_inputs: tuple[Any, ...], calib: Any, *, method: str = "minmax",
+            percentile: float = 99.99, activations: str = rules.SYMMETRIC, batch_size: int = 8,
+            input_names: Sequence[str] | None = None, dynamic_sequence: bool = False) -> Prepared:
+    """Insert the canonical fake quantization into ``model`` and calibrate it on ``calib``.
+
+    ``example_inputs``: a tuple of tensors (as for torch.export). ``calib``: unlabeled samples
+    (an array for a one-input model, a dict of arrays keyed by input name, a DataSource, or an
+    iterable of batches). ``method``/``percentile``: the PTQ calibration method that sets the
+    starting activation scales (as ``deploykit build --method``). ``activations``: the contract's
+    activation profile (symmetric lowers to every backend). ``dynamic_sequence``: dimension 1
+    of every input is dynamic too (token sequences).
+    """
+    torch = _torch()
+    ao = _ao()
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+    from torchao.quantization.pt2e.utils import _fuse_conv_bn_
+
+    if method not in METHODS:
+        raise ConfigError(f"qat: unknown calibration method '{method}'; use one of {', '.join(METHODS)}")
+    if activations not in rules.PROFILES:
+        raise ConfigError(f"qat: unknown activation profile '{activations}'; use one of {', '.join(rules.PROFILES)}")
+    started = time.monotonic()
+    example_inputs = tuple(example_inputs)
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    with _quiet():
+        exported = torch.export.export(copy.deepcopy(model).eval(), example_inputs,
+                                       dynamic_shapes=_dynamic(example_inputs, dynamic_sequence))
+        module = exported.module()
+        _fuse_conv_bn_(module)  # BatchNorm folded as deploykit's normalisation does: what trains is what ships
+        names = list(input_names or [n.name for n in module.graph.nodes if n.op == "placeholder"])
+        prepared = prepare_qat_pt2e(module, _quantizer_class()(method, percentile, activations))
+    for p in prepared.parameters():
+        p.requires_grad_(True)
+    observers = _fake_quants(prepared)
+    activation = [fq for fq in observers if hasattr(fq.activation_post_process, "stats")]
+    batches = list(_batches(calib, names, batch_size))
+    if not batches:
+        raise DataError("qat.prepare: the calibration data is empty")
+    from deploykit.progress import bar
+
+    # calibrate on the float model, as a PTQ build does: observers on, fake quantization off
+    prepared.apply(ao.disable_fake_quant)
+    prepared.apply(ao.enable_observer)
+    passes = ["ranges"] + (["histograms"] if needs_histograms(method) else [])
+    with torch.no_grad(), _quiet():
+        for phase in passes:
+            for fq in activation:
+                fq.activation_post_process.phase = phase
+            with bar(sum(len(next(iter(b.values()))) for b in batches), f"qat: calibrate {phase}", "sample") as b:
+                for feeds in batches:
+                    prepared(*_to_torch(feeds, names))
+                    b.update(len(next(iter(feeds.values()))))
+    for fq in activation:  # the method's scales, then frozen: training moves weights, not ranges
+        obs = fq.activation_post_process
+        obs.phase = "done"
+        obs.final = obs.params()
+        scale, zp = fq.calculate_qparams()
+        fq.scale.resize_(scale.shape).copy_(scale)
+        fq.zero_point.resize_(zp.shape).copy_(zp)
+        fq.disable_observer()
+    prepared.apply(ao.enable_fake_quant)
+    data_hash = _data_hash(batches)
+    result = Prepared(prepared, teacher, names, example_inputs, method, activations, batches, data_hash,
+                      dynamic_sequence)
+    result.seconds["prepare"] = time.monotonic() - started
+    log.debug("qat.prepare: %d fake quantizers (%d activation), calibrated on %d samples (%s) in %.1f s",
+              len(observers), len(activation), sum(len(next(iter(b.values()))) for b in batches), method,
+              result.seconds["prepare"])
+    return result
+
+
+def _fake_quants(module: Any) -> list[Any]:
+    ao = _ao()
+    return [m for m in module.modules() if isinstance(m, ao.FakeQuantizeBase)]
+
+
+def _dynamic(example_inputs: tuple[Any, ...], sequence: bool) -> tuple[dict[int, Any], ...]:
+    torch = _torch()
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    seq = torch.export.Dim("sequence", min=2, max=512)
+    return tuple({0: batch, **({1: seq} if sequence and x.dim() > 1 else {})} for x in example_inputs)
+
+
+def _data_hash(batches: list[Feeds]) -> str:
+    import hashlib
+
+    hashers: dict[str, Any] = {}
+    for feeds in batches:  # as Observer.data_hash: one hasher per input, batch size does not matter
+        for k in sorted(feeds):
+            a = np.ascontiguousarray(feeds[k])
+            hashers.setdefault(k, hashlib.sha256(f"{k}:{a.dtype}:{a.shape[1:]}".encode())).update(a.tobytes())
+    h = hashlib.sha256()
+    for k in sorted(hashers):
+        h.update(hashers[k].digest())
+    return h.hexdigest()
+
+
+def distill(prepared: Prepared, data: Any, *, steps: int | None = None, epochs: float | None = None,
+            lr: float = 1e-5, batch_size: int = 16, loss: str = "kl", temperature: float = 1.0,
+            budget_s: float | None = None, seed: int = 0, weight_decay: float = 0.0,
+            on_step: Callable[[int, float], None] | None = None) -> Prepared:
+    """Label-free knowledge distillation: train ``prepared`` to reproduce its FP32 teacher on
+    unlabeled ``data`` (same forms as :func:`prepare`'s ``calib``).
+
+    ``loss``: ``kl`` (classifiers: KL divergence of the softmax at ``temperature``), ``mse`` or
+    ``cosine`` (embeddings). Stops after ``steps`` optimiser steps, or ``epochs`` passes over the
+    data (default one pass), or ``budget_s`` seconds, whichever comes first. Adam with a cosine
+    learning-rate decay. The activation scales stay as calibrated; weight scales follow the
+    weights. Returns ``prepared`` (trained in place); ``prepared.history`` holds the losses.
+    """
+    torch = _torch()
+    if loss not in LOSSES:
+        raise ConfigError(f"qat.distill: loss '{loss}' is not one of {', '.join(LOSSES)}")
+    if steps is not None and steps < 1:
+        raise ConfigError(f"qat.distill: steps {steps} must be at least 1")
+    samples = _count(data, prepared.input_names)
+    per_epoch = max(1, math.ceil(samples / batch_size)) if samples else None
+    total = steps if steps is not None else (max(1, round((epochs or 1.0) * per_epoch)) if per_epoch else None)
+    if total is None:
+        raise ConfigError("qat.distill: give steps= when the data's length is not known up front")
+    params = list(prepared.parameters())
+    optimiser = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / total)))
+    started = time.monotonic()
+    from deploykit.progress import bar
+
+    step = 0
+    epoch = 0
+    with bar(total, "qat: distill", "step") as b, _quiet():
+        while step < total:
+            for feeds in _batches(data, prepared.input_names, batch_size, shuffle=True, seed=seed + epoch):
+                inputs = _to_torch(feeds, prepared.input_names)
+                with torch.no_grad():
+                    target = _first(prepared.teacher(*inputs))
+                out = _first(prepared.module(*inputs))
+                value = _loss(loss, out, target, temperature)
+                optimiser.zero_grad(set_to_none=True)
+                value.backward()
+                optimiser.step()
+                schedule.step()
+                prepared.history.append(float(value))
+                step += 1
+                b.update()
+                if on_step is not None:
+                    on_step(step, float(value))
+                if step >= total or (budget_s is not None and time.monotonic() - started >= budget_s):
+                    break
+            epoch += 1
+            if budget_s is not None and time.monotonic() - started >= budget_s:
+                break
+    prepared.seconds["distill"] = prepared.seconds.get("distill", 0.0) + time.monotonic() - started
+    return prepared
+
+
+def _first(out: Any) -> Any:
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    if isinstance(out, Mapping):
+        return next(iter(out.values()))
+    return out
+
+
+def _loss(kind: str, out: Any, target: Any, temperature: float) -> Any:
+    torch = _torch()
+    f = torch.nn.functional
+    if kind == "kl":
+        t = temperature
+        return f.kl_div(f.log_softmax(out / t, -1), f.log_softmax(target / t, -1), log_target=True,
+                        reduction="batchmean") * t * t
+    if kind == "mse":
+        return f.mse_loss(out, target)
+    return (1 - f.cosine_similarity(out.flatten(1), target.flatten(1), dim=1)).mean()
+
+
+def _count(data: Any, names: Sequence[str]) -> int | None:
+    from deploykit.data import DataSource
+
+    if isinstance(data, DataSource):
+        return data.expected_samples()
+    if isinstance(data, np.ndarray) or _is_tensor(data):
+        return len(data)
+    if isinstance(data, Mapping):
+        return min(len(v) for v in data.values())
+    if isinstance(data, Sequence):
+        return sum(_count(item, names) or 0 for item in data)
+    return None
+
+
+def export(prepared: Prepared, path: Path | str, *, source_hash: str = "") -> Path:
+    """Convert, export with the dynamo exporter and write the canonical model at ``path``
+    (``<stem>.qdq.onnx``) with ``<stem>.calib.json`` and the FP32 teacher ``<stem>.fp32.onnx``
+    beside it. Raises DeploykitError if the export is not canonical (a placement rule this
+    quantizer does not yet express for some op: the message names the node)."""
+    torch = _torch()
+    import onnx
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    from deploykit.data import open_source
+    from deploykit.fileio import atomic_output, sha256
+    from deploykit.model import export_torch, input_specs
+    from deploykit.quantize.adopt import NotCanonical, adopt
+
+    path = Path(path)
+    if not path.name.endswith(".qdq.onnx"):
+        raise ConfigError(f"qat.export: {path}: name it <stem>.qdq.onnx (the FP32 teacher goes beside it as "
+                          f"<stem>.fp32.onnx)")
+    stem = path.name[: -len(".qdq.onnx")]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="deploykit-qat-") as tmp:
+        raw_path = Path(tmp) / "qat.onnx"
+        with _quiet():
+            module = copy.deepcopy(prepared.module)
+            converted = convert_pt2e(module)
+            torch.onnx.export(converted, prepared.example_inputs, str(raw_path), dynamo=True,
+                              opset_version=rules.OPSET, external_data=False, input_names=prepared.input_names,
+                              dynamic_shapes=_dynamic(prepared.example_inputs, prepared.dynamic_sequence),
+                              verbose=False)
+        raw = onnx.load(str(raw_path))
+        calib = open_source(lambda: prepared.calibration, input_specs(raw))
+        try:
+            taken = adopt(raw, source_hash=source_hash or sha256(raw_path), calib=calib, method=METHOD,
+                          data_hash=prepared.data_hash, where="the QAT export")
+        except NotCanonical as exc:
+            raise DeploykitError(f"internal error: the QAT export is not canonical: {exc}") from None
+        fp32_path = path.with_name(f"{stem}.fp32.onnx")
+        with _quiet():
+            export_torch(prepared.teacher, prepared.example_inputs, Path(tmp) / "fp32.onnx", prepared.input_names,
+                         dynamic_sequence=prepared.dynamic_sequence)
+        with atomic_output(fp32_path) as out:
+            out.write_bytes((Path(tmp) / "fp32.onnx").read_bytes())
+    with atomic_output(path.with_name(f"{stem}.calib.json")) as out:
+        taken.table.save(out)
+    with atomic_output(path) as out:
+        onnx.save(taken.model, str(out))
+    prepared.seconds["export"] = time.monotonic() - started
+    return path

@@ -1,0 +1,136 @@
+"""Quantization-aware training (deploykit.qat): prepare -> train (labels, or distill from the
+FP32 model) -> export a canonical model, built as given. Real torch training on scikit-learn's
+digits; the real networks are measured by bench/qat_real.py."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch", reason="QAT needs torch (pip install 'deploykit[qat]')")
+pytest.importorskip("torchao", reason="QAT needs torchao (pip install 'deploykit[qat]')")
+
+from deploykit import data, model as modelmod, qat  # noqa: E402
+from deploykit.canonical import CalibrationTable, QdqGraph, lint  # noqa: E402
+from deploykit.pipeline import BuildOptions, build  # noqa: E402
+from deploykit.quantize import quantize  # noqa: E402
+from deploykit.testing import models  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def digits():
+    module, d, acc = models.train_digits_cnn()
+    return module, d, acc
+
+
+@pytest.fixture(scope="module")
+def prepared(digits):
+    module, d, _ = digits
+    return qat.prepare(module, (torch.from_numpy(d.x_train[:2]),), d.x_train[:256])
+
+
+def _ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # exact Q/DQ
+    return np.asarray(ort.InferenceSession(model.SerializeToString(), opts).run(None, {"x": x})[0])
+
+
+def _activation_scales(model: onnx.ModelProto) -> list[float]:
+    g = QdqGraph(model)
+    return sorted(float(g.params(n).scale.reshape(-1)[0]) for n in model.graph.node if n.op_type == "QuantizeLinear")
+
+
+def test_untrained_export_is_the_ptq_canonical_model(prepared, digits, tmp_path):
+    _, d, _ = digits
+    path = qat.export(prepared, tmp_path / "digits.qdq.onnx")
+    exported = onnx.load(str(path))
+    assert lint(exported) == []
+    meta = {p.key: p.value for p in exported.metadata_props}
+    assert meta["deploykit.calibration_method"] == "qat" and meta["deploykit.calibration_data_hash"] == prepared.data_hash
+    assert (tmp_path / "digits.fp32.onnx").is_file() and (tmp_path / "digits.calib.json").is_file()
+    # deploykit's own PTQ of the same network on the same data: same placement, same scales
+    fp32 = modelmod.normalise(onnx.load(str(tmp_path / "digits.fp32.onnx")))
+    ptq = quantize(fp32, data.open_source(lambda: [{"x": d.x_train[:256]}], modelmod.input_specs(fp32)), "minmax",
+                   recipe="none").model
+    ops = [n.op_type for n in exported.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")]
+    assert ops == [n.op_type for n in ptq.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")]
+    np.testing.assert_allclose(_activation_scales(exported), _activation_scales(ptq), rtol=1e-6)
+    got, want = _ort(exported, d.x_test), _ort(ptq, d.x_test)
+    # BatchNorm folded by torch here and by onnxruntime there: a weight may round one step apart
+    assert np.mean(got.argmax(1) == want.argmax(1)) >= 0.99
+    assert np.abs(got - want).max() <= 0.01 * np.abs(want).max()
+    # every tensor the model leaves float has a range in the table (TFLite quantizes more)
+    table = CalibrationTable.from_model(exported)
+    assert len(table) > len(_activation_scales(exported))
+
+
+def test_plain_training_loop_with_labels_then_build(prepared, digits, tmp_path):
+    """The digits CNN trained with labels through prepare + a plain loop + export, then built
+    as given: accuracy within one point of FP32."""
+    _, d, fp32_acc = digits
+    model = copy.deepcopy(prepared)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x, y = torch.from_numpy(d.x_train), torch.from_numpy(d.y_train)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        for idx in torch.randperm(len(x), generator=generator).split(64):
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    path = qat.export(model, tmp_path / "trained.qdq.onnx")
+    np.savez(tmp_path / "eval.npz", x=d.x_test, labels=d.y_test)
+    result = build(path, BuildOptions(targets=["onnxruntime"], out_dir=tmp_path / "out", eval=str(tmp_path / "eval.npz"),
+                                      baseline=False))
+    (target,) = result.targets
+    assert target.status == "ok", target.reason
+    assert result.manifest["quantization"]["adoption"]["source"] == "canonical"  # lowered as given
+    accuracy = next(c for c in target.checks if c.name == "accuracy").value
+    assert accuracy >= fp32_acc - 0.01, (accuracy, fp32_acc)
+    assert result.manifest["calibration"]["method"] == "qat"
+
+
+def test_distill_moves_the_quantized_model_towards_fp32(prepared, digits):
+    _, d, _ = digits
+    model = copy.deepcopy(prepared)
+    held_out = torch.from_numpy(d.x_test)
+
+    def error() -> float:
+        with torch.no_grad():
+            return float(torch.nn.functional.mse_loss(model(held_out), model.teacher(held_out)))
+
+    before = error()
+    qat.distill(model, d.x_train, epochs=2, lr=1e-4, batch_size=32, loss="mse")  # no labels
+    assert len(model.history) == 2 * int(np.ceil(len(d.x_train) / 32))
+    assert error() <= 0.8 * before, (before, error())
+
+
+def test_concat_and_residual_add_share_the_canonical_scales(tmp_path):
+    """A MobileNet-style CNN with a Concat and a residual Add: the export passes the lint
+    (Concat inputs and output share one scale, both Add inputs quantized)."""
+    torch.manual_seed(0)
+    module = models.mobilenet_cnn(3, 10, 8).eval()
+    x = np.random.default_rng(0).standard_normal((32, 3, 16, 16)).astype(np.float32)
+    prepared = qat.prepare(module, (torch.from_numpy(x[:2]),), x)
+    exported = onnx.load(str(qat.export(prepared, tmp_path / "mobile.qdq.onnx")))
+    assert lint(exported) == []
+    g = QdqGraph(exported)
+    concats = [n for n in exported.graph.node if n.op_type == "Concat"]
+    assert concats
+    for node in concats:
+        sources = [g.activation_source(i) for i in node.input]
+        assert all(sources) and len({float(s[1].scale) for s in sources if s}) == 1
+
+
+def test_export_refuses_a_name_without_qdq_suffix(prepared, tmp_path):
+    from deploykit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="qdq.onnx"):
+        qat.export(prepared, tmp_path / "model.onnx")
