@@ -189,6 +189,13 @@ def create_app(folder: Path, token: str, max_upload_bytes: int, registry: Regist
     available = backends_here(registry)
     worker = Worker(registry, device, announce)
 
+    class ResultJSON(JSONResponse):
+        """JSON keeping NaN and infinity (Python's json reads them): a garbage metric stays NaN, as
+        in a local run, instead of failing the response."""
+
+        def render(self, content: Any) -> bytes:
+            return json.dumps(content, allow_nan=True, separators=(",", ":")).encode()
+
     def error(status: int, message: str, **extra: Any) -> Response:
         return JSONResponse({"error": message, **extra}, status)
 
@@ -275,7 +282,7 @@ def create_app(folder: Path, token: str, max_upload_bytes: int, registry: Regist
             return error(400, "wait must be a number of seconds")
         if wait and not entry.done.is_set():
             await run_in_threadpool(entry.done.wait, wait)
-        return JSONResponse(entry.to_json())
+        return ResultJSON(entry.to_json())
 
     app = Starlette(routes=[
         Route("/v1/probe", probe, methods=["GET"]),

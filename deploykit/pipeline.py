@@ -163,7 +163,8 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
         keep_float, keep_where = ((options.keep_float, "--keep-float") if options.keep_float is not None
                                   else (list(tf.quantization.keep_float), tf.where("quantization", "keep_float")))
         float_layers = resolve_keep_float(fp32, keep_float, keep_where) if keep_float and not adopting else []
-        recipe = "none" if adopting else _recipe(options.recipe, calib_cfg.recipe, tf.where("calibration", "recipe"), fp32)
+        recipe = "none" if adopting else resolve_recipe(options.recipe, calib_cfg.recipe,
+                                                        tf.where("calibration", "recipe"), fp32)
         target_spec = parse_accuracy_target(options.accuracy_target) if options.accuracy_target else None
         if target_spec is not None:  # the accuracy target is checked on every target
             targets = [_judged_on(t, target_spec) for t in targets]
@@ -388,7 +389,7 @@ def quantization_summary(fp32: Any, result: Any, reason: str) -> dict[str, Any]:
             **mac_summary(layer_macs(graph), result.float_layers)}
 
 
-def _recipe(option: str | None, configured: str, where: str, fp32: Any) -> str:
+def resolve_recipe(option: str | None, configured: str, where: str, fp32: Any) -> str:
     """The recipe to run (``auto`` resolved for this network), validated: a bad one names its source."""
     from deploykit.quantize import recipes
 
@@ -689,7 +690,7 @@ def _target_stages(res: TargetResult, progress: Step, registry: Registry, execut
         log.debug("%s: lowered to %s (%.1f MB) in %.1f s; verification: %s", target.name, res.artifact.path.name,
                   _size_mb(res.artifact.path), res.seconds["lower"],
                   ", ".join(f"{c.name} {c.status}" for c in res.artifact.checks) or "none")
-        not_here = res.availability.reason if not (res.availability.can_run or remote) else ""
+        not_here = executor.accepts(target, res.availability)  # a remote device's agent: "" (docs/agent.md)
         if not_here:  # lowered and verified, never "ok": nothing was measured
             res.status, res.reason = "lowered", f"lowered and verified; checks not run: {not_here}"
             for name in ("top1_agreement", "cosine", "fidelity_rel_l2", "latency_p50_ms"):

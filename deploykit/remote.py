@@ -38,8 +38,8 @@ from deploykit._version import __version__
 from deploykit.errors import DeviceError
 from deploykit.fileio import sha256
 from deploykit.jobs import ARRAYS_FILE, JOB_FILE, CheckJob, DevicePlacing, Executor
-from deploykit.results import SCHEMA_VERSION, JobResult
-from deploykit.targets import Device
+from deploykit.results import SCHEMA_VERSION, Availability, JobResult
+from deploykit.targets import Device, Target
 
 log = logging.getLogger("deploykit")
 
@@ -400,6 +400,9 @@ class DeviceRouter(DevicePlacing):
         if device.name not in self.agents:
             self.agents[device.name] = AgentExecutor.for_device(device, **self.agent_options)
         return self.agents[device.name]
+
+    def accepts(self, target: Target, availability: Availability) -> str:
+        return "" if target.device.address else self.local.accepts(target, availability)
 
     def run(self, job: CheckJob) -> JobResult:
         device = job.target.device

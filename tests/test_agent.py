@@ -361,6 +361,39 @@ def test_agent_executor_errors_are_one_line_naming_the_device(agents):
         gone.probe()
 
 
+def test_a_matrix_through_two_agents_gives_the_local_figures_and_a_dead_one_fails_its_cells_only(
+        agents, tmp_path, monkeypatch):
+    """deploykit matrix: each model x target is a check job; a remote device's go to its agent."""
+    from deploykit.matrix import MatrixOptions, load_spec, run_matrix
+
+    monkeypatch.setenv("DK_TEST_AGENT_TOKEN", TOKEN)
+    monkeypatch.setenv("DEPLOYKIT_CACHE", str(tmp_path / "cache"))
+    devices = {"a": agents["a"].address, "b": agents["b"].address, "gone": f"http://127.0.0.1:{_free_port()}"}
+    toml = _targets(tmp_path, devices)
+    spec_path = tmp_path / "matrix.toml"
+    spec_path.write_text(f'[[models]]\nname = "digits"\npath = "{SAMPLES / "digits_cnn.onnx"}"\n'
+                         f'calib = "{SAMPLES / "digits_calib.npz"}"\neval = "{SAMPLES / "digits_eval.npz"}"\n'
+                         f'[matrix]\ntargets = ["local-ort", "a-ort", "b-ort", "gone-ort"]\nbatch_sizes = [1]\n'
+                         f'precisions = ["fp32", "int8"]\nrounds = 2\nwarmup = 1\nmin_round_ms = 5\n'
+                         f'eval_samples = 128\ntargets_file = "{toml}"\n')
+    router = DeviceRouter(LocalExecutor(), retries=1, backoff=0.01)
+    result = run_matrix(load_spec(spec_path), MatrixOptions(tmp_path / "out", db=tmp_path / "h.sqlite",
+                                                            executor=router))
+    cells = {c.key: c for c in result.cells}
+    for p in ("fp32", "int8"):
+        here = cells[f"digits/local-ort/b1/{p}"]
+        assert here.status == "ok" and here.top1_agreement is not None
+        for device in ("a", "b"):
+            there = cells[f"digits/{device}-ort/b1/{p}"]
+            assert there.status == "ok", there.error
+            assert (there.top1_agreement, there.cosine, there.accuracy) == (here.top1_agreement, here.cosine,
+                                                                            here.accuracy)
+            assert there.p50_ms and there.speedup is not None
+        gone = cells[f"digits/gone-ort/b1/{p}"]
+        assert gone.status == "error" and "unreachable" in gone.error and devices["gone"] in gone.error
+    assert len(result.errors) == 2  # the dead device's two cells, nothing else
+
+
 def test_an_agent_killed_mid_job_fails_its_target_the_rest_complete_and_a_rerun_finishes(agents, tmp_path,
                                                                                           ort_registry, monkeypatch):
     """Agent b is killed (SIGKILL) while it times b's job; last in this file, it restarts b."""
