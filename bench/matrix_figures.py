@@ -17,6 +17,7 @@ import argparse
 import itertools
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -134,6 +135,7 @@ def slowdown(args: argparse.Namespace) -> None:
     d = _dir(args)
     out, db = d / "slow-out", d / "slow.sqlite"
     db.unlink(missing_ok=True)
+    shutil.rmtree(out, ignore_errors=True)  # scratch of an earlier run: start clean
     worse = {"threads1": ('threads = 2', 'threads = 1'),
              "int8act": ('activations = "uint8"', 'activations = "int8"')}[args.variant]
     base = f'[targets.onnxruntime]\nbackend = "onnxruntime"\n[targets.onnxruntime.options]\n{worse[0]}\n'
@@ -169,8 +171,6 @@ def resume(args: argparse.Namespace) -> None:
     out, db = d / "resume-out", d / "resume.sqlite"
     for p in (db,):
         p.unlink(missing_ok=True)
-    import shutil
-
     shutil.rmtree(out, ignore_errors=True)
 
     def stored() -> int:  # cells journaled and stored so far (the history gets each cell right after its step)
