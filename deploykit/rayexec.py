@@ -25,7 +25,8 @@ from deploykit.errors import ConfigError, DeviceError
 from deploykit.jobs import CheckJob, DevicePlacing, run_job
 from deploykit.plugins import Registry, load_registry
 from deploykit.remote import DEVICE_NOTE, bundle, fingerprint, lay_out
-from deploykit.results import JobResult
+from deploykit.results import Availability, JobResult
+from deploykit.targets import Target
 
 INSTALL_HINT = "pip install 'deploykit[ray]'"
 LOCAL_DEVICE = "local"  # a target without a device in targets.toml
@@ -93,6 +94,11 @@ class RayExecutor(DevicePlacing):
                 if "timed out during startup" not in str(exc) or attempt + 1 == attempts:
                     raise DeviceError(f"{self.address} did not start: {type(exc).__name__}: "
                                       f"{(str(exc).strip().splitlines() or [''])[0][:300]}") from None
+
+    def accepts(self, target: Target, availability: Availability) -> str:
+        """Every target: its job goes to the node declaring its device, whatever this machine can
+        run; a device no node declares is an error of that target (:meth:`submit`), not a skip."""
+        return ""
 
     def declared(self) -> set[str]:
         """The devices some node of the cluster declares."""

@@ -273,3 +273,17 @@ def test_backend_validates_its_options_at_load_time(tmp_path):
 def test_artifact_is_a_plain_value():
     art = Artifact("x", Path("/tmp/a.onnx"), (Path("/tmp/a.onnx"),))
     assert pickle.loads(pickle.dumps(art)) == art
+
+
+def test_accuracy_figures_do_not_depend_on_the_blas_thread_count(tmp_path):
+    """A Ray worker runs BLAS on one thread; the same outputs must give the same figures there
+    (a threaded dot product sums in another order: the cosine moved in its 15th digit)."""
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((128, 1000)).astype(np.float32)
+    np.savez(tmp_path / "outputs.npz", ref=ref, cand=ref + 0.01 * rng.standard_normal(ref.shape).astype(np.float32))
+    code = ("import json, numpy as np; from deploykit.checks import compare; z = np.load(r'%s'); "
+            "print(json.dumps(compare([z['ref']], [z['cand']])))" % (tmp_path / "outputs.npz"))
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "OMP_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n}).stdout
+            for n in ("1", "2")]
+    assert json.loads(runs[0]) == json.loads(runs[1]) and json.loads(runs[0])["cosine"] > 0.99

@@ -44,10 +44,15 @@ def _split(text: str | None, cast: Any = str, flag: str = "") -> list[Any] | Non
 @click.option("--precisions", help="Override the spec's precisions: fp32,fp16,int8.")
 @click.option("--rounds", type=int, help="Interleaved timing rounds per cell [default: the spec's, else 5].")
 @click.option("--allow-code", is_flag=True, help="Let the spec name module:function data sources (runs that code).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where the cells' check jobs run: local (this machine, and each remote device's agent) or ray "
+                   "(a Ray task per model x target on the node declaring resource device:NAME; docs/agent.md).")
+@click.option("--address", "ray_address", metavar="ADDR",
+              help="With --executor ray: the cluster to join (e.g. HEAD:6379) [default: start a local instance].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout instead of the table.")
 def matrix(spec_path: Path, out_dir: Path, db: Path | None, cache_dir: Path | None, targets: str | None,
            batch_sizes: str | None, precisions: str | None, rounds: int | None, allow_code: bool,
-           as_json: bool) -> None:
+           executor: str, ray_address: str | None, as_json: bool) -> None:
     """Benchmark every model of SPEC.toml on every target, batch size and precision.
 
     \b
@@ -70,9 +75,21 @@ def matrix(spec_path: Path, out_dir: Path, db: Path | None, cache_dir: Path | No
     spec = load_spec(spec_path, allow_code).with_overrides(
         _split(targets, str, "--targets"), _split(batch_sizes, int, "--batch-sizes"),
         _split(precisions, str, "--precisions"), rounds)
+    if ray_address and executor != "ray":
+        raise ConfigError("--address needs --executor ray")
+    checks_on = None
+    if executor == "ray":
+        from deploykit.matrix.run import targets_file_of
+        from deploykit.rayexec import RayExecutor
+        from deploykit.targets import load_targets
+
+        # a local instance stands for this machine's devices: those of the targets file without an address
+        path = targets_file_of(spec)
+        here = [d.name for d in load_targets(path).devices.values() if not d.address] if path else []
+        checks_on = RayExecutor(ray_address, devices=here)
     show = not as_json
     progress = _Progress(show)
-    opts = MatrixOptions(out_dir=out_dir, db=db, cache_dir=cache_dir,
+    opts = MatrixOptions(out_dir=out_dir, db=db, cache_dir=cache_dir, executor=checks_on,
                          on_event=progress.event, on_cell=progress.cell)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

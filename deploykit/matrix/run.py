@@ -91,11 +91,16 @@ def plan(spec: MatrixSpec, targets: list[Target]) -> list[tuple[ModelSpec, Targe
     return [(m, t, b, p) for m in spec.models for t in targets for b in spec.batch_sizes for p in spec.precisions]
 
 
+def targets_file_of(spec: MatrixSpec) -> Path | None:
+    """The spec's targets file, else ./targets.toml when there is one."""
+    if spec.targets_file is None and Path("targets.toml").is_file():
+        return Path("targets.toml")
+    return spec.targets_file
+
+
 def resolve_targets(spec: MatrixSpec, registry: Registry) -> tuple[TargetsFile, list[Target]]:
     """The targets file (the spec's, else ./targets.toml, else none) and the matrix's targets."""
-    path = spec.targets_file
-    if path is None and Path("targets.toml").is_file():
-        path = Path("targets.toml")
+    path = targets_file_of(spec)
     tf = load_targets(path) if path is not None else TargetsFile(None, {}, {})
     return tf, [replace(t, batch_sizes=spec.batch_sizes) for t in registry.resolve(tf, list(spec.targets))]
 

@@ -61,6 +61,8 @@ class TFLiteBackend(Backend):
     artifact_suffix = ".tflite"
     metrics = ("int8_fraction",)
     capabilities = frozenset({Capability.FP32_RUNNER, Capability.LAYER_RUNNER})
+    #: zero points become the flatbuffer's zero points (plugins/tflite/tests/test_tflite_profiles.py)
+    activation_profiles = ("symmetric", "asymmetric")
     options = {
         "input_type": Option(str, "int8", "type of the model's input tensors", ("int8", "float32")),
         "output_type": Option(str, "int8", "type of the model's output tensors", ("int8", "float32")),

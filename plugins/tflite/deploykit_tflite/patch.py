@@ -12,6 +12,11 @@ EfficientNet-Lite0, 48 of 111 tensors differed before this step):
   (2**30), half the int32 range, leaving the other half to the products: a bias at the very
   edge of int32 wraps around once the kernel adds them (measured on EfficientNet-Lite0's stem:
   dead channels read 125 instead of 0). Those channels are named in ``not_kept`` with the reason.
+- activation scales: the converter derives a tensor's scale from its fake-quant range,
+  ``(max - min) / 255``; with a non-zero zero point (asymmetric activations) that sum of two
+  float32 roundings can land one float32 step away from the canonical scale. Such scales (same
+  zero point, relative difference below 1e-6) are written back, on every tensor carrying the
+  converter's value, before the biases are computed from them.
 - a float op whose TFLite int8 kernel has fixed output parameters (SOFTMAX: 1/256) and whose
   output the canonical model quantizes: the converter quantizes to the fixed scale, then
   requantizes to the canonical one (two roundings, up to several steps off). The two QUANTIZE
@@ -40,11 +45,13 @@ class PatchReport:
     not_kept: list[str] = field(default_factory=list)  # "weight channel c: reason"
     not_kept_channels: dict[str, list[int]] = field(default_factory=dict)  # canonical weight -> channels
     requantize_merged: list[str] = field(default_factory=list)  # QUANTIZE pairs made one rounding
+    activation_scales_restored: list[str] = field(default_factory=list)  # converter rounding undone
     unchanged_checked: int = 0  # tensors compared before/after and found identical
 
     def as_dict(self) -> dict[str, Any]:
         return {"weights_rewritten": self.weights_rewritten, "channels_rewritten": self.channels_rewritten,
                 "not_kept": self.not_kept, "requantize_merged": self.requantize_merged,
+                "activation_scales_restored": self.activation_scales_restored,
                 "unchanged_checked": self.unchanged_checked}
 
 
@@ -80,6 +87,7 @@ def patch(model_content: bytes, lowered: Any) -> tuple[bytes, PatchReport]:
     for t in sg.tensors:
         buffer_users[t.buffer] = buffer_users.get(t.buffer, 0) + 1
 
+    _restore_activation_scales(sg, schema, lowered, report, touched)
     for op in sg.operators:
         kind = names[op.opcodeIndex]
         if kind not in FILTER_OPS or len(op.inputs) < 2:
@@ -96,6 +104,34 @@ def patch(model_content: bytes, lowered: Any) -> tuple[bytes, PatchReport]:
     out = fb.convert_object_to_bytearray(model)
     report.unchanged_checked = _check_unchanged(model_content, out, touched, fb)
     return out, report
+
+
+#: a stored activation scale this close to the canonical one is the converter's float rounding
+SCALE_ROUNDING = 1e-6
+
+
+def _restore_activation_scales(sg: Any, schema: Any, lowered: Any, report: PatchReport, touched: set[int]) -> None:
+    """Undo the converter's one-step float rounding of activation scales (see the module doc)."""
+    fixes: dict[tuple[float, int], float] = {}  # the converter's (scale, zero point) -> the canonical scale
+    for t in sg.tensors:
+        q = t.quantization
+        if t.type != schema.TensorType.INT8 or q is None or q.scale is None or len(q.scale) != 1:
+            continue
+        spec = next((lowered.activations[tok] for tok in _name(t).split(";") if tok in lowered.activations), None)
+        if spec is None or spec.source == "fixed":
+            continue
+        stored, want = np.float32(q.scale[0]), np.float32(spec.scale)
+        if stored != want and int(q.zeroPoint[0]) == spec.zero_point and abs(stored - want) <= SCALE_ROUNDING * want:
+            fixes[(float(stored), spec.zero_point)] = float(want)
+    for i, t in enumerate(sg.tensors):
+        q = t.quantization
+        if t.type != schema.TensorType.INT8 or q is None or q.scale is None or len(q.scale) != 1:
+            continue
+        want_scale = fixes.get((float(np.float32(q.scale[0])), int(q.zeroPoint[0])))
+        if want_scale is not None:
+            q.scale = [want_scale]
+            touched.add(i)
+            report.activation_scales_restored.append(_name(t))
 
 
 def _set_buffer(model: Any, t: Any, values: np.ndarray, buffer_users: dict[int, int]) -> None:
