@@ -10,7 +10,9 @@ on the same model and the same real data, in the same run.
 
 deploykit calibrates once (ranges and histograms) and every deploykit row is placed from those
 same statistics with ``requantize`` (no re-calibration); each canonical model is lowered by the
-real onnxruntime and OpenVINO backends and run there. Anchors: onnxruntime.quantization
+real onnxruntime and OpenVINO backends (default options; for the CNN also OpenVINO's other
+``overflow_fix`` modes) and run there; the ``canonical`` column is the canonical model itself
+(exact Q/DQ semantics), what the runtimes' integer kernels are judged against. Anchors: onnxruntime.quantization
 (``quantize_static``, MinMax, per-channel; uint8 asymmetric and int8 symmetric activations;
 MatMul only for the encoder) run in onnxruntime and OpenVINO; NNCF (``nncf.quantize`` on the
 ONNX model: default and mixed presets; the transformer model type, i.e. SmoothQuant, for the
@@ -63,17 +65,27 @@ def run_openvino(path: Path, feeds: Feeds, size: int = 16) -> np.ndarray:
                            for b in batches(feeds, size)])
 
 
-def run_backend(backend_name: str, canonical: Any, feeds: Feeds, workdir: Path) -> np.ndarray:
-    """Lower the canonical model with the real backend plugin and run the artifact."""
+def run_backend(backend_name: str, canonical: Any, feeds: Feeds, workdir: Path, **options: Any) -> np.ndarray:
+    """Lower the canonical model with the real backend plugin (default options unless given)
+    and run the artifact."""
     from deploykit.plugins import load_registry
     from deploykit.testing import make_target
 
     backend_cls = load_registry().backends[backend_name]
     backend = backend_cls()
-    target = make_target(backend_cls)
-    dest = workdir / f"{backend_name}{backend.artifact_suffix}"
+    target = make_target(backend_cls, **options)
+    tag = "".join(f"_{v}" for v in options.values())
+    dest = workdir / f"{backend_name}{tag}{backend.artifact_suffix}"
     artifact = backend.lower(canonical, target, dest)
-    runner = backend.load(artifact, target)
+    with backend.load(artifact, target) as runner:
+        return np.concatenate([runner.run(b)[0] for b in batches(feeds, 16)])
+
+
+def run_canonical_exact(path: Path, feeds: Feeds) -> np.ndarray:
+    """The canonical model's own semantics (onnxruntime, graph optimizations off: exact Q/DQ)."""
+    from deploykit.reference import canonical_runner
+
+    runner = canonical_runner(path)
     return np.concatenate([runner.run(b)[0] for b in batches(feeds, 16)])
 
 
@@ -145,7 +157,8 @@ def net_setup(net: str, n_calib: int, n_eval: int) -> tuple[Path, Feeds, Feeds, 
     return path, calib, evaluation, "cosine", realnets.mean_cosine
 
 
-def bench_net(net: str, n_calib: int, n_eval: int, use_nncf: bool, root: Path, configs: list[tuple[str, str]]) -> list[dict]:
+def bench_net(net: str, n_calib: int, n_eval: int, use_nncf: bool, root: Path, configs: list[tuple[str, ...]],
+              overflow_modes: list[str]) -> list[dict]:
     from deploykit import data, model as modelmod
     from deploykit.quantize import quantize, requantize, write_canonical
 
@@ -159,15 +172,18 @@ def bench_net(net: str, n_calib: int, n_eval: int, use_nncf: bool, root: Path, c
     ref_ov = run_openvino(fp32_path, evaluation)
     rows: list[dict] = []
 
-    def row(name: str, onnxruntime: float | None, openvino: float | None, seconds: float, note: str = "") -> None:
+    def row(name: str, onnxruntime: float | None, openvino: float | None, seconds: float, note: str = "",
+            **extra: float | None) -> None:
         r = {"net": net, "metric": metric_name, "what": name, "onnxruntime": onnxruntime, "openvino": openvino,
-             "seconds": round(seconds, 1), "note": note}
+             **extra, "seconds": round(seconds, 1), "note": note}
         rows.append(r)
+
         def fmt(v: float | None) -> str:
             return "-" if v is None else f"{v:.4f}"
 
-        print(f"{net:8s} {name:48s} onnxruntime {fmt(onnxruntime)}  openvino {fmt(openvino)}  ({seconds:.0f} s) {note}",
-              flush=True)
+        more = "".join(f"  {k} {fmt(v)}" for k, v in extra.items())
+        print(f"{net:8s} {name:48s} onnxruntime {fmt(onnxruntime)}  openvino {fmt(openvino)}{more}  "
+              f"({seconds:.0f} s) {note}", flush=True)
 
     row("FP32 (OpenVINO f32 vs onnxruntime)", 1.0, metric(ref, ref_ov), 0.0)
 
@@ -176,7 +192,7 @@ def bench_net(net: str, n_calib: int, n_eval: int, use_nncf: bool, root: Path, c
     source = data.open_source(lambda: batches(calib, 16), modelmod.input_specs(fp32))
     from deploykit.quantize.observe import needs_histograms
 
-    first = next((m for m, _ in configs if needs_histograms(m)), "minmax")  # histograms only when a row needs them
+    first = next((m for m, *_ in configs if needs_histograms(m)), "minmax")  # histograms only when a row needs them
     observed = quantize(fp32, source, first, batch_size=16)
     calib_s = time.monotonic() - t0
     what = "ranges + histograms" if needs_histograms(first) else "ranges"
@@ -191,15 +207,19 @@ def bench_net(net: str, n_calib: int, n_eval: int, use_nncf: bool, root: Path, c
         d = work / f"dk_{method}_{profile}_{recipe.replace(':', '')}"
         d.mkdir(exist_ok=True)
         canonical = write_canonical(result, fp32, d)
-        values = {}
-        for backend in ("onnxruntime", "openvino"):
+        values: dict[str, float | None] = {}
+        runs: list[tuple[str, str, dict[str, Any]]] = [("onnxruntime", "onnxruntime", {}), ("openvino", "openvino", {})]
+        if net == "cnn":  # OpenVINO's overflow fix for CPUs without VNNI (default auto), each mode
+            runs += [(f"openvino[{m}]", "openvino", {"overflow_fix": m}) for m in overflow_modes]
+        for label, backend, options in runs:
             try:
-                values[backend] = metric(ref, run_backend(backend, canonical, evaluation, d))
+                values[label] = metric(ref, run_backend(backend, canonical, evaluation, d, **options))
             except Exception as exc:  # noqa: BLE001 -- one failing backend must not lose the others
-                print(f"  {backend}: {type(exc).__name__}: {exc}", file=sys.stderr)
-                values[backend] = None
+                print(f"  {label}: {type(exc).__name__}: {exc}", file=sys.stderr)
+                values[label] = None
+        values["canonical"] = metric(ref, run_canonical_exact(canonical.path, evaluation))
         label = f"deploykit {method}, {profile}" + (f", {result.recipe}" if recipe != "none" else "")
-        row(label, values["onnxruntime"], values["openvino"], time.monotonic() - t0)
+        row(label, values.pop("onnxruntime"), values.pop("openvino"), time.monotonic() - t0, **values)
 
     matmul_only = net == "encoder"
     for symmetric in (False, True):
@@ -238,8 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval", type=int, default=512, help="held-out evaluation samples")
     ap.add_argument("--no-nncf", action="store_true", help="skip the NNCF anchors")
     ap.add_argument("--configs", default="", help="deploykit rows as method:profile[:recipe],... e.g. "
-                    "minmax:asymmetric:bias_correction, minmax:asymmetric:smoothquant:0.8 (default: six, plus the "
+                    "minmax:asymmetric:bias_correction, minmax:asymmetric:smoothquant:0.9 (default: six, plus the "
                     "default recipe of each net)")
+    ap.add_argument("--overflow", default="none,all", help="OpenVINO overflow_fix modes measured as extra columns "
+                    "of the CNN's deploykit rows, besides the default (auto); empty: none")
     ap.add_argument("--json", help="write the rows as JSON here")
     args = ap.parse_args(argv)
     from deploykit.testing import realnets
@@ -254,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="deploykit-accuracy-") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for net in [n.strip() for n in args.nets.split(",") if n.strip()]:
-            rows += bench_net(net, args.calib, args.eval, not args.no_nncf, Path(tmp), configs)  # type: ignore[arg-type]
+            rows += bench_net(net, args.calib, args.eval, not args.no_nncf, Path(tmp), configs,
+                              [m for m in args.overflow.split(",") if m])
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0

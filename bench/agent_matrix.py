@@ -3,6 +3,13 @@ for two devices), optionally vs Ray: the same accuracy figures, latency within t
 what the dispatch costs.
 
     python bench/agent_matrix.py [--models digits32,efficientnet] [--rounds 5] [--runs 50] [--ray]
+    python bench/agent_matrix.py --matrix [--models digits32] [--repeats 3] [--ray]
+
+``--matrix``: ``deploykit matrix`` itself (fp32 and int8 at batch 1 and 8, INT8 and FP32 timed in
+interleaved rounds inside each job) run ``--repeats`` times in rotating order as: all cells on
+this machine; the same cells on agent A and agent B; [the same on Ray]. Reported per cell: the
+accuracy figures and whether they equal the local ones, p50 and INT8/FP32 speed-up per
+configuration (medians over repeats), and each configuration's wall time.
 
 For each model, one ``deploykit build`` (onnxruntime, batch sizes 1 and 8) gives the target's
 check job; the same job then runs ``--rounds`` times on each executor, in rotating order within
@@ -118,6 +125,79 @@ def in_job_seconds(result) -> float:
     return sum(v for k, v in result.seconds.items() if k in ("load", "accuracy", "layers", "latency"))
 
 
+def bench_matrix(args: argparse.Namespace, work: Path, agents: list[tuple[subprocess.Popen, str]]) -> dict:
+    """The matrix on this machine, on two agents, [on Ray]: same cells, rotating order."""
+    from deploykit.jobs import LocalExecutor
+    from deploykit.matrix import MatrixOptions, load_spec, run_matrix
+    from deploykit.remote import DeviceRouter
+
+    os.environ["DEPLOYKIT_CACHE"] = str(work / "cache")  # artifacts lowered once, reused by every run
+    os.environ["DK_BENCH_TOKEN"] = TOKEN
+    toml = work / "matrix-targets.toml"
+    text = "".join(f'[devices.{n}]\naddress = "{a}"\ntoken_env = "DK_BENCH_TOKEN"\n'
+                   for n, (_, a) in zip(("a", "b"), agents))
+    text += '[devices.edge]\nkind = "cpu"\n'
+    for name, device in (("here", None), ("a", "a"), ("b", "b"), ("edge", "edge")):
+        text += f'[targets.{name}]\nbackend = "onnxruntime"\n' + (f'device = "{device}"\n' if device else "")
+        text += '[targets.' + name + '.options]\nthreads = 1\n'
+    toml.write_text(text)
+    models = ""
+    for m in [m.strip() for m in args.models.split(",") if m.strip()]:
+        model, calib, evaluation = model_files(m, work)
+        models += f'[[models]]\nname = "{m}"\npath = "{model}"\ncalib = "{calib}"\neval = "{evaluation}"\n'
+    configs = {"local": ["here"], "agents": ["a", "b"]}
+    if args.ray:
+        configs["ray"] = ["here", "edge"]
+    specs = {}
+    for config, targets in configs.items():
+        path = work / f"matrix-{config}.toml"
+        path.write_text(models + f'[matrix]\ntargets = {json.dumps(targets)}\nbatch_sizes = [1, 8]\n'
+                        f'precisions = ["fp32", "int8"]\nrounds = {args.rounds}\neval_samples = {args.eval_samples}\n'
+                        f'targets_file = "{toml}"\n')
+        specs[config] = load_spec(path)
+    executors: dict = {"local": None, "agents": DeviceRouter(LocalExecutor())}
+    if args.ray:
+        from deploykit.rayexec import RayExecutor
+
+        executors["ray"] = RayExecutor(devices=["edge"], num_cpus=1)
+    runs: dict[str, list] = {c: [] for c in configs}
+    names = list(configs)
+    for r in range(args.repeats):
+        for config in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.monotonic()
+            result = run_matrix(specs[config], MatrixOptions(work / f"mx-{config}-{r}-{os.getpid()}",
+                                                            db=work / "history.sqlite", executor=executors[config]))
+            runs[config].append(({c.key: c for c in result.cells}, time.monotonic() - t0))
+            print(f"repeat {r + 1}: {config}: {len(result.cells)} cells in {runs[config][-1][1]:.1f} s, "
+                  f"{len(result.errors)} errors")
+    out: dict = {"configs": {}}
+    print(f"\n{'cell':34} {'config':7} {'top-1 agr':>9} {'cosine':>9} {'same':>5} {'p50 ms':>9} {'vs local':>9} "
+          f"{'speed-up':>9}")
+    for key in sorted(runs["local"][0][0]):
+        model, _, b, p = key.split("/")
+        here = [cells[key] for cells, _ in runs["local"]]
+        for config, targets in configs.items():
+            for target in targets:
+                k = f"{model}/{target}/{b}/{p}"
+                cells = [c[k] for c, _ in runs[config]]
+                same = all((c.top1_agreement, c.cosine, c.accuracy) == (here[0].top1_agreement, here[0].cosine,
+                                                                        here[0].accuracy) for c in cells)
+                p50 = statistics.median(c.p50_ms for c in cells if c.p50_ms)
+                ratio = statistics.median(c.p50_ms / h.p50_ms for c, h in zip(cells, here) if c.p50_ms and h.p50_ms)
+                speedups = [c.speedup for c in cells if c.speedup]
+                out["configs"].setdefault(config, {})[k] = {"same_accuracy": same, "p50_ms": p50, "ratio": ratio,
+                                                            "speedup": statistics.median(speedups) if speedups else None}
+                print(f"{k:34} {config:7} {cells[0].top1_agreement or 0:9.4f} {cells[0].cosine or 0:9.6f} "
+                      f"{'yes' if same else 'NO':>5} {p50:9.3f} {ratio:8.2f}x "
+                      + (f"{statistics.median(speedups):8.2f}x" if speedups else "       -"))
+    for config in configs:
+        walls = [w for _, w in runs[config]]
+        out["configs"].setdefault(config, {})["wall_s"] = walls
+        print(f"{config}: wall per matrix run {statistics.median(walls):.1f} s (median of {len(walls)}: "
+              f"{', '.join(f'{w:.1f}' for w in walls)}) for {len(runs[config][0][0])} cells")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="digits32,efficientnet")
@@ -125,6 +205,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=50, help="timed runs per batch size in each job")
     ap.add_argument("--eval-samples", type=int, default=128)
     ap.add_argument("--ray", action="store_true", help="also run each job as a task on a local Ray instance")
+    ap.add_argument("--matrix", action="store_true", help="run deploykit matrix itself (see above)")
+    ap.add_argument("--repeats", type=int, default=3, help="with --matrix: runs of each configuration")
     ap.add_argument("--dir", default="/tmp/deploykit-agent-bench")
     ap.add_argument("--json", dest="json_out", help="write every figure to this file")
     args = ap.parse_args()
@@ -142,6 +224,14 @@ def main() -> None:
     try:
         for proc, address in agents:
             wait_ready(proc, address)
+        if args.matrix:
+            figures = {"load_average_start": os.getloadavg(), **bench_matrix(args, work, agents)}
+            figures["load_average_end"] = os.getloadavg()
+            print(f"\nload average: start {figures['load_average_start']}, end {figures['load_average_end']} "
+                  f"({os.cpu_count()} cores)")
+            if args.json_out:
+                Path(args.json_out).write_text(json.dumps(figures, indent=2, default=str))
+            return
         executors: dict[str, object] = {"local": LocalExecutor(load_registry())}
         for (_, address), n in zip(agents, ("agent-a", "agent-b")):
             executors[n] = AgentExecutor(address, TOKEN, name=n)

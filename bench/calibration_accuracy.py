@@ -19,11 +19,11 @@ def main() -> None:
     args = ap.parse_args()
 
     import deploykit
-    from deploykit.testing import export_kind, models
+    from deploykit.testing import exported_onnx, models
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        export_kind("digits", tmp / "digits.onnx")
+        exported_onnx("digits", tmp / "digits.onnx")
         data = models.digits()
         np.savez(tmp / "calib.npz", x=data.x_train[:256])
         np.savez(tmp / "eval.npz", x=data.x_test, labels=data.y_test)

@@ -1,5 +1,5 @@
 """Per-layer fidelity on EfficientNet-Lite0 (real weights, scikit-image photo crops): for each
-backend, the worst layer and its fraction of values within one int8 step of the canonical model
+backend (onnxruntime, OpenVINO's IR, the .tflite; each run by its own layer runner), the worst layer and its fraction of values within one int8 step of the canonical model
 (each layer fed the canonical inputs), next to the end-to-end figures; and a 5% scale error
 injected in one late layer of the onnxruntime artifact, as the per-layer comparison and the
 end-to-end figures see it.
@@ -74,6 +74,8 @@ def main() -> None:
         e2e = checks.compare([want], [got], classification=True)
         worst = report.worst
         counts = ", ".join(f"{k} {v}" for k, v in report.counts().items() if v)
+        if report.not_compared:
+            counts += f", not compared {len(report.not_compared)} ({', '.join(report.not_compared)})"
         print(f"{spec:<22} {worst.layer[:34]:<34} {worst.within_one_step:>13.2%} {worst.max_steps:>4} "
               f"{worst.verdict:<16} {counts} | {e2e['cosine']:.5f}, {e2e['rel_l2']:.4f}, {e2e['top1_agreement']:.3f}")
         if name == "onnxruntime" and variant == "int8":

@@ -3,6 +3,7 @@
     python bench/matrix_figures.py prepare [--dir D]          # real nets + data + spec (3 models)
     deploykit matrix D/real.toml --out D/real-out --db D/real.sqlite
     python bench/matrix_figures.py reruns --spec S -n 5       # rebuilt artifacts and compare's false alarms
+    python bench/matrix_figures.py reruns --spec S --compare-only  # judge the stored reruns again
     python bench/matrix_figures.py slowdown --variant threads1 # a deliberate slowdown must be flagged
     python bench/matrix_figures.py resume --spec S            # kill half-way, rerun: nothing lost or duplicated
 
@@ -16,6 +17,7 @@ import argparse
 import itertools
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -83,7 +85,6 @@ task = "other"
 targets = ["onnxruntime", "openvino", "tflite", "coreml"]
 batch_sizes = [1, 8]
 precisions = ["fp32", "int8"]
-method = "minmax"
 calib_samples = {args.calib}
 eval_samples = {args.eval}
 rounds = 3
@@ -92,36 +93,57 @@ rounds = 3
 
 
 def reruns(args: argparse.Namespace) -> None:
+    """N+1 runs of one unchanged matrix into one database, then ``deploykit compare`` on every
+    pair of them: each flag is a false alarm (nothing changed). ``--compare-only`` judges the
+    runs already in the database again (e.g. after a change to compare's noise model)."""
     d = _dir(args)
     out, db = d / "reruns-out", d / "reruns.sqlite"
-    runs = []
-    for _ in range(args.n + 1):
-        code, doc, wall = _matrix(Path(args.spec), out, db, *args.extra)
-        run = doc.get("run", {})
-        runs.append(run.get("run_id"))
-        print(f"run {run.get('run_id')}: exit {code}, {wall:.0f} s, rebuilt {run.get('rebuilt')}, "
-              f"load {os.getloadavg()[0]:.1f}")
-    alarms = 0
-    for a, b in itertools.pairwise(runs):
-        code, text = _compare(db, a, b)
-        alarms += code == 1
-        flagged = [line for line in text.splitlines() if "REGRESSION" in line]
-        print(f"compare {a} -> {b}: exit {code}; {len(flagged)} flagged; {text.splitlines()[-1]}")
-        for line in flagged:
-            print("   ", line)
-    print(f"false alarms: {alarms} of {len(runs) - 1} compares")
+    runs: list[int] = []
+    if args.compare_only:
+        with sqlite3.connect(db) as con:
+            runs = [r[0] for r in con.execute("SELECT id FROM runs WHERE status = 'complete' ORDER BY id")]
+    else:
+        for _ in range(args.n + 1):
+            code, doc, wall = _matrix(Path(args.spec), out, db, *args.extra)
+            run = doc.get("run", {})
+            runs.append(run.get("run_id"))
+            print(f"run {run.get('run_id')}: exit {code}, {wall:.0f} s, rebuilt {run.get('rebuilt')}, "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
+    flagged_pairs, cells_flagged, cells_compared = 0, 0, 0
+    consecutive = 0
+    for a, b in itertools.combinations(runs, 2):
+        proc = subprocess.run([sys.executable, "-m", "deploykit.cli", "compare", str(a), str(b), "--db", str(db),
+                               "--json"], capture_output=True, text=True, check=False)
+        doc = json.loads(proc.stdout)
+        flags = [c for c in doc["changes"] if c["flags"]]
+        measured = [c for c in doc["changes"] if c["status_a"] == c["status_b"] == "ok"]
+        flagged_pairs += proc.returncode == 1
+        consecutive += proc.returncode == 1 and runs.index(b) == runs.index(a) + 1
+        cells_flagged += len(flags)
+        cells_compared += len(measured)
+        print(f"compare {a} -> {b}: exit {proc.returncode}; {len(flags)} of {len(measured)} cells flagged", flush=True)
+        for c in flags:
+            print(f"    {c['key']}: {'; '.join(c['flags'])}")
+    pairs = len(runs) * (len(runs) - 1) // 2
+    print(f"false alarms: {consecutive} of {len(runs) - 1} consecutive compares; {flagged_pairs} of {pairs} compares "
+          f"over all pairs of runs; {cells_flagged} of {cells_compared} cell comparisons flagged")
 
 
 def slowdown(args: argparse.Namespace) -> None:
-    """A baseline run, then the same matrix (digits32 on onnxruntime, batch 1 and 8) with a worse
-    configuration through its targets file; compare must flag the second."""
+    """A baseline run, then the same matrix (digits32 on onnxruntime and OpenVINO, batch 1 and 8)
+    with a worse onnxruntime configuration through its targets file; compare must flag the
+    second. OpenVINO's cells are the unchanged rest (a run where every cell got slower reads as
+    the machine). Variants: threads1 (1 intra-op thread instead of 2: costs no CPU time),
+    int8act (int8 activations instead of uint8), noopt (graph optimisations off: Q/DQ not fused)."""
     d = _dir(args)
     out, db = d / "slow-out", d / "slow.sqlite"
     db.unlink(missing_ok=True)
+    shutil.rmtree(out, ignore_errors=True)  # scratch of an earlier run: start clean
     worse = {"threads1": ('threads = 2', 'threads = 1'),
-             "int8act": ('activations = "uint8"', 'activations = "int8"')}[args.variant]
+             "int8act": ('activations = "uint8"', 'activations = "int8"'),
+             "noopt": ('graph_optimization_level = "all"', 'graph_optimization_level = "disable"')}[args.variant]
     base = f'[targets.onnxruntime]\nbackend = "onnxruntime"\n[targets.onnxruntime.options]\n{worse[0]}\n'
-    if args.variant == "int8act":
+    if args.variant != "threads1":
         base += "threads = 2\n"
     ids = []
     for name, targets in (("base", base), ("slow", base.replace(worse[0], worse[1]))):
@@ -135,7 +157,7 @@ calib = "{SAMPLES / 'digits32_calib.npz'}"
 eval = "{SAMPLES / 'digits32_eval.npz'}"
 
 [matrix]
-targets = ["onnxruntime"]
+targets = ["onnxruntime", "openvino"]
 targets_file = "{tf}"
 batch_sizes = [1, 8]
 rounds = 5
@@ -153,20 +175,25 @@ def resume(args: argparse.Namespace) -> None:
     out, db = d / "resume-out", d / "resume.sqlite"
     for p in (db,):
         p.unlink(missing_ok=True)
-    journal = out / "matrix.journal.jsonl"
-    journal.unlink(missing_ok=True)
+    shutil.rmtree(out, ignore_errors=True)
+
+    def stored() -> int:  # cells journaled and stored so far (the history gets each cell right after its step)
+        try:
+            with sqlite3.connect(db, timeout=1) as con:
+                return int(con.execute("SELECT COUNT(*) FROM cells").fetchone()[0])
+        except sqlite3.Error:
+            return 0
+
     proc = subprocess.Popen([sys.executable, "-m", "deploykit.cli", "matrix", args.spec, "--out", str(out), "--db",
                              str(db), "--json"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     total = args.total
     while proc.poll() is None:
-        done = max(0, len(journal.read_text().splitlines()) - 1) if journal.is_file() else 0
-        if done >= total // 2:
+        if stored() >= total // 2:
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.2)
     proc.wait()
-    kept = max(0, len(journal.read_text().splitlines()) - 1)
-    print(f"killed (SIGKILL) with {kept} of {total} cells in the journal")
+    print(f"killed (SIGKILL) with {stored()} of {total} cells stored")
     code, doc, wall = _matrix(Path(args.spec), out, db)
     run = doc.get("run", {})
     con = sqlite3.connect(db)
@@ -187,9 +214,10 @@ def main() -> None:
     p = sub.add_parser("reruns")
     p.add_argument("--spec", required=True)
     p.add_argument("-n", type=int, default=5)
+    p.add_argument("--compare-only", action="store_true", help="judge the runs already in the database again")
     p.add_argument("extra", nargs="*", help="extra flags for deploykit matrix, after --")
     p = sub.add_parser("slowdown")
-    p.add_argument("--variant", choices=["threads1", "int8act"], default="threads1")
+    p.add_argument("--variant", choices=["threads1", "int8act", "noopt"], default="noopt")
     p = sub.add_parser("resume")
     p.add_argument("--spec", required=True)
     p.add_argument("--total", type=int, required=True, help="cells in the matrix")

@@ -2,6 +2,7 @@
 scale, how close is it to the canonical model, and how fast is INT8 against float TFLite.
 
     python bench/tflite_realnets.py [--nets cnn,dynamo,legacy] [--samples 64] [--seq 64] [--rounds 10]
+        [--recipes none,smoothquant:0.8] [--layers 8] [--anchors onnxruntime]
 
 - cnn: EfficientNet-Lite0 (``deploykit.testing.realnets``), minmax canonical model calibrated on
   ``--calib`` photo crops; ``scales_match`` (tensors compared, mismatches, dead channels not kept),
@@ -11,9 +12,16 @@ scale, how close is it to the canonical model, and how fast is INT8 against floa
   mean-pooled embeddings with the canonical model (mean and worst sentence).
 - latency: the INT8 artifact against the same graph converted in float, batch 1, LiteRT, in
   interleaved rounds in one process (medians); say the load average with the figures.
+- ``--recipes``: one row per PTQ recipe of the canonical model (``none``; ``smoothquant:0.8`` is
+  what ``deploykit build`` picks for an encoder), with the canonical model's and the .tflite's
+  cosine with FP32 beside the cosine with the canonical model.
+- ``--anchors onnxruntime``: the same canonical model lowered to another backend and run as a user
+  would (onnxruntime: its integer kernels), its agreement with the canonical model beside TFLite's.
+- ``--layers N``: the per-layer comparison (deploykit.layers, the TFLite layer runner) on the
+  first N evaluation samples: worst layer, verdict counts.
 
-Canonical models are cached under ~/.cache/deploykit/bench_tflite (keyed by net, calibration size
-and sequence); the lowering itself always runs (it is what is measured).
+Canonical models are cached under ~/.cache/deploykit/bench_tflite (keyed by net, calibration size,
+sequence and recipe); the lowering itself always runs (it is what is measured).
 """
 
 from __future__ import annotations
@@ -31,12 +39,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import interleaved_medians
 
 
-def canonical_cached(net: str, calib: int, seq: int):
+def canonical_cached(net: str, calib: int, seq: int, recipe: str = "none"):
     from deploykit.quantize import load_canonical
     from deploykit.testing import canonical_from_onnx, realnets
 
+    suffix = "" if recipe == "none" else "_" + recipe.replace(":", "")
     work = Path(os.environ.get("DEPLOYKIT_CACHE", Path.home() / ".cache" / "deploykit")) / "bench_tflite" / \
-        f"{net}_c{calib}_s{seq}"
+        f"{net}_c{calib}_s{seq}{suffix}"
     path = work / f"{net}.qdq.onnx"
     if path.exists():
         return load_canonical(path)
@@ -44,7 +53,7 @@ def canonical_cached(net: str, calib: int, seq: int):
         src, data = realnets.efficientnet_lite0(), {"input": realnets.photo_crops(calib, split="calib")}
     else:
         src, data = realnets.minilm(net), realnets.sentences_feeds(calib, seq_len=seq, split="calib")
-    return canonical_from_onnx(src, data, work, net)
+    return canonical_from_onnx(src, data, work, net, recipe=None if recipe == "none" else recipe)
 
 
 def canonical_outputs(canonical, feeds) -> np.ndarray:
@@ -55,19 +64,24 @@ def canonical_outputs(canonical, feeds) -> np.ndarray:
     return run_canonical(canonical.path, feeds)[0]
 
 
-def bench(net: str, args) -> dict:
+def cosines(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    return {"mean": round(float(cos.mean()), 5), "min": round(float(cos.min()), 5)}
+
+
+def bench(net: str, recipe: str, args) -> dict:
     from deploykit.testing import make_target, realnets
     from deploykit_tflite import TFLiteBackend
 
     t0 = time.monotonic()
-    canonical = canonical_cached(net, args.calib, args.seq)
-    row: dict = {"net": net, "canonical_s": round(time.monotonic() - t0, 1)}
+    canonical = canonical_cached(net, args.calib, args.seq, recipe)
+    row: dict = {"net": net, "recipe": recipe, "canonical_s": round(time.monotonic() - t0, 1)}
     backend = TFLiteBackend()
     options = {"threads": args.threads}
     if net != "cnn":
         options["input_shapes"] = {k: [1, args.seq] for k in realnets.ENCODER_INPUTS}
     target = make_target(TFLiteBackend, **options)
-    out_dir = Path(args.out) / net
+    out_dir = Path(args.out) / f"{net}_{recipe.replace(':', '')}"
     t0 = time.monotonic()
     artifact = backend.lower(canonical, target, out_dir / f"{net}.tflite")
     row["lower_s"] = round(time.monotonic() - t0, 1)
@@ -89,8 +103,37 @@ def bench(net: str, args) -> dict:
     if net == "cnn":
         row["top1_agreement_with_canonical"] = realnets.top1_agreement(ref, out)
     else:
-        cos = (ref * out).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(out, axis=1)
-        row["cosine_with_canonical"] = {"mean": float(cos.mean()), "min": float(cos.min())}
+        from deploykit.reference import fp32_runner
+
+        fp32_out = fp32_runner(canonical.fp32_path).run(feeds)[0]
+        row["cosine_with_canonical"] = cosines(ref, out)
+        row["cosine_canonical_vs_fp32"] = cosines(ref, fp32_out)
+        row["cosine_tflite_vs_fp32"] = cosines(out, fp32_out)
+    for name in [a for a in args.anchors.split(",") if a]:
+        # the same canonical model on another backend, as a user would run it: how close does a
+        # runtime with its own integer kernels get to the canonical model (onnxruntime: optimizations on)
+        from deploykit.plugins import load_registry
+
+        other = load_registry().get(name)
+        other_target = make_target(type(other))
+        suffix = {"onnxruntime": ".onnx", "openvino": ".xml"}.get(name, "")
+        other_artifact = other.lower(canonical, other_target, out_dir / f"anchor_{name}{suffix}")
+        other_out = other.load(other_artifact, other_target).run(feeds)[0]
+        key = "top1_agreement_with_canonical" if net == "cnn" else "cosine_with_canonical"
+        row[f"anchor_{name}"] = {key: realnets.top1_agreement(ref, other_out) if net == "cnn"
+                                 else cosines(ref, other_out)}
+    if args.layers:
+        from deploykit import layers
+
+        first = {k: v[:args.layers] for k, v in feeds.items()}
+        report = layers.layer_report(backend, artifact, canonical, target, [first], args.layers)
+        worst = report.worst
+        row["layers"] = {"compared": len(report.layers), "not_compared": len(report.not_compared),
+                         "counts": report.counts(), "samples": report.samples,
+                         "worst": None if worst is None else {"layer": worst.layer, "tensor": worst.tensor,
+                                                              "within_one_step": round(worst.within_one_step, 5),
+                                                              "max_steps": worst.max_steps, "verdict": worst.verdict},
+                         "five_worst": layers.table(report, 5, worst_first=True).splitlines()}
     if args.rounds:
         fp32 = backend.fp32_runner(canonical, target, out_dir)
         one = {k: v[:1] for k, v in feeds.items()}
@@ -111,9 +154,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=10, help="latency rounds (0: skip latency)")
     ap.add_argument("--out", default="/tmp/deploykit_tflite_realnets")
+    ap.add_argument("--recipes", default="none", help="comma list of canonical-model recipes: none, smoothquant:0.8, ...")
+    ap.add_argument("--layers", type=int, default=0, help="per-layer comparison on this many samples (0: skip)")
+    ap.add_argument("--anchors", default="", help="comma list of other backends run on the same canonical model "
+                                                  "(e.g. onnxruntime): their agreement with it, same inputs")
     args = ap.parse_args()
     for net in args.nets.split(","):
-        print(json.dumps(bench(net.strip(), args), indent=1), flush=True)
+        for recipe in args.recipes.split(","):
+            print(json.dumps(bench(net.strip(), recipe.strip(), args), indent=1), flush=True)
 
 
 if __name__ == "__main__":

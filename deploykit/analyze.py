@@ -156,9 +156,12 @@ class Quantized:
         return self.result.calibrated if self.result.calibrated is not None else self.fp32
 
     def variant(self, float_layers: Iterable[str]) -> onnx.ModelProto:
+        """The canonical model with ``float_layers`` float, besides the layers the result already
+        keeps float (declared with --keep-float)."""
         from deploykit.quantize import requantize
 
-        return requantize(self.result, self.fp32, float_layers=tuple(float_layers)).model
+        floats = tuple(dict.fromkeys([*self.result.float_layers, *float_layers]))
+        return requantize(self.result, self.fp32, float_layers=floats).model
 
 
 def quantized_layers(q: Quantized) -> list[str]:
@@ -241,14 +244,25 @@ class SearchResult:
 
 RANK_SAMPLES = 128
 
+#: Runs a canonical model (a variant) the way one target would and returns its first output
+#: over the evaluation data, in order: the search judges prefixes by what the artifacts compute.
+Judge = Callable[[onnx.ModelProto], np.ndarray]
+
 
 def search_float_layers(q: Quantized, data: EvalData, target: AccuracyTarget, analysis: Analysis | None = None,
-                        rank_samples: int = RANK_SAMPLES) -> SearchResult:
+                        rank_samples: int = RANK_SAMPLES, judges: Mapping[str, Judge] | None = None) -> SearchResult:
     """Fewest float layers meeting ``target``: layers ranked by sensitivity per MAC (the recovery
     keeping a layer float buys, divided by the compute it moves to float), prefixes of that
     ranking tried by doubling (1, 2, 4, ...) then bisected between the last miss and the first
     hit. Ships the best prefix found when none meets the target. The ranking runs on the first
-    ``rank_samples`` evaluation samples (one pass per layer); every prefix is judged on all."""
+    ``rank_samples`` evaluation samples (one pass per layer, canonical semantics); every prefix
+    is judged on all of them.
+
+    ``judges``: name -> how a target runs a variant (lowered by its backend, run by its runner).
+    With judges a prefix meets the target only when it meets it on every judge (the worst one
+    counts; a judge that raises is dropped with a message): the runtimes' integer kernels round, and on CPUs without VNNI saturate, on their
+    own, so the canonical semantics alone can pass a prefix that the artifacts then fail.
+    Without judges, prefixes are judged on the canonical semantics (onnxruntime, exact Q/DQ)."""
     from deploykit.progress import echo
     from deploykit.quantize.islands import layer_macs
 
@@ -260,20 +274,36 @@ def search_float_layers(q: Quantized, data: EvalData, target: AccuracyTarget, an
                           "or --task classification)")
     macs = layer_macs(q.graph)
     total = sum(macs.values()) or 1
+    metric = target.metric
     cache: dict[int, dict[str, float]] = {}
+    per_judge: dict[int, dict[str, float]] = {}  # prefix size -> judge -> the target's metric
+    active = dict(judges or {})
+
+    def judged(k: int, names: Sequence[str]) -> dict[str, float]:
+        model = q.variant(names[:k])
+        measured = {}
+        for name, judge in list(active.items()):
+            try:
+                measured[name] = metrics(data, judge(model))
+            except Exception as exc:  # noqa: BLE001 -- one target that cannot run a variant must not stop the search
+                echo(f"accuracy target: {name} cannot judge the variants ({type(exc).__name__}: {exc}); "
+                     "judging without it (its own check still judges the shipped model)")
+                del active[name]
+        if not measured:
+            return metrics(data, run_model(model, data))
+        per_judge[k] = {name: m[metric] for name, m in measured.items()}
+        worse = max if metric == "accuracy_drop" else min
+        return measured[worse(measured, key=lambda name: measured[name][metric])]
 
     if analysis is None:
-        baseline = metrics(data, run_model(q.variant(()), data))
-        cache[0] = baseline
-        if target.met(baseline[target.metric]):
-            return SearchResult(target, True, [], baseline[target.metric], baseline,
-                                [{"float_layers": 0, target.metric: baseline[target.metric]}], 1.0)
+        cache[0] = judged(0, [])
+        if target.met(cache[0][metric]):
+            return SearchResult(target, True, [], cache[0][metric], cache[0],
+                                [{"float_layers": 0, metric: cache[0][metric], **_judges_of(per_judge, 0)}], 1.0)
         analysis = analyze(q, data.head(rank_samples), both=False)
     else:
-        baseline = analysis.baseline
-        cache[0] = baseline
-    metric = target.metric
-
+        cache[0] = judged(0, []) if judges else analysis.baseline
+    baseline = cache[0]
     rank_base = analysis.baseline
 
     # top-1 agreement moves in whole samples: on a small ranking set many layers tie at 0 gain,
@@ -287,8 +317,10 @@ def search_float_layers(q: Quantized, data: EvalData, target: AccuracyTarget, an
 
     def evaluate(k: int) -> dict[str, float]:
         if k not in cache:
-            cache[k] = metrics(data, run_model(q.variant(names[:k]), data))
-            echo(f"accuracy target {target}: {k} float layer(s) -> {metric} {cache[k][metric]:.4f}")
+            cache[k] = judged(k, names)
+            on = ", ".join(f"{j} {v:.4f}" for j, v in per_judge.get(k, {}).items())
+            echo(f"accuracy target {target}: {k} float layer(s) -> {metric} {cache[k][metric]:.4f}"
+                 + (f" (worst of: {on})" if on else ""))
         return cache[k]
 
     if target.met(baseline[metric]):
@@ -318,9 +350,13 @@ def search_float_layers(q: Quantized, data: EvalData, target: AccuracyTarget, an
     else:
         chosen, met = hit, True
     floats = names[:chosen]
-    tried = [{"float_layers": k, metric: cache[k][metric]} for k in sorted(cache)]
+    tried = [{"float_layers": k, metric: cache[k][metric], **_judges_of(per_judge, k)} for k in sorted(cache)]
     share = 1.0 - sum(macs.get(n, 0) for n in floats) / total
     return SearchResult(target, met, floats, cache[chosen][metric], cache[chosen], tried, share)
+
+
+def _judges_of(per_judge: Mapping[int, Mapping[str, float]], k: int) -> dict[str, Any]:
+    return {"judges": dict(per_judge[k])} if k in per_judge else {}
 
 
 # --------------------------------------------------------------------------- output

@@ -70,10 +70,14 @@ def compare(reference: list[np.ndarray], candidate: list[np.ndarray], prefix: st
     cand = np.concatenate([c.astype(np.float64).reshape(-1) for c in candidate])
     if ref.shape != cand.shape:
         raise ValueError(f"outputs have {cand.size} values, expected {ref.size}")
-    denom = np.linalg.norm(ref) * np.linalg.norm(cand)
+    # numpy's own pairwise sums, not BLAS (``@``, ``linalg.norm``): a threaded BLAS adds in another
+    # order with another thread count (a Ray worker runs it on one thread), and the same outputs
+    # must give the same figures in any process
+    ref_norm, cand_norm = float(np.sqrt(np.sum(ref * ref))), float(np.sqrt(np.sum(cand * cand)))
+    denom = ref_norm * cand_norm
     metrics = {
-        f"{prefix}cosine": float(ref @ cand / denom) if denom > 0 else float(np.array_equal(ref, cand)),
-        f"{prefix}rel_l2": float(np.linalg.norm(ref - cand)) / max(float(np.linalg.norm(ref)), 1e-12),
+        f"{prefix}cosine": float(np.sum(ref * cand)) / denom if denom > 0 else float(np.array_equal(ref, cand)),
+        f"{prefix}rel_l2": float(np.sqrt(np.sum((ref - cand) ** 2))) / max(ref_norm, 1e-12),
         f"{prefix}max_abs" + ("" if prefix else "_error"): float(np.abs(ref - cand).max(initial=0.0)),
     }
     if classification is None:

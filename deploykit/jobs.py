@@ -10,6 +10,10 @@ never runs code) and pickles as it is (Ray). An :class:`Executor` runs it and re
     job.save("job-dir")                       # or CheckJob.load("job-dir")
     deploykit run-job job-dir                 # same checks, another process or machine
 
+``CheckSettings.rounds`` > 0 times the artifact and the backend's FP32 model in alternating
+rounds (:mod:`deploykit.timing`), as a benchmark matrix does; 0 (the build) times them one
+after the other.
+
 docs/check-jobs.md describes the format.
 """
 
@@ -18,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import tempfile
 import time
 import zipfile
@@ -29,7 +32,7 @@ from typing import Any, Mapping, Protocol, Sequence
 import numpy as np
 import onnx
 
-from deploykit import checks, layers
+from deploykit import checks, layers, timing
 from deploykit.backend import Backend, Capability, Runner
 from deploykit.canonical import CalibrationTable, CanonicalModel
 from deploykit.errors import ConfigError
@@ -39,6 +42,7 @@ from deploykit.progress import bar, step
 from deploykit.results import (
     SCHEMA_VERSION,
     Artifact,
+    Availability,
     CheckResult,
     JobResult,
     LatencyResult,
@@ -63,6 +67,28 @@ class CheckSettings:
     fp32_accuracy: float | None = None  # FP32 task accuracy on the same labelled samples
     #: FP32 onnxruntime p50 per batch size: the speed-up reference when the backend has no FP32 runner
     baseline_fp32_ms: Mapping[int, float] = field(default_factory=dict)
+    #: > 0: time the artifact and the backend's FP32 runner in this many alternating rounds of about
+    #: ``min_round_ms`` each (deploykit.timing; p50 = median of round medians, speed-up per round);
+    #: 0: ``target.runs`` calls of each, one after the other
+    rounds: int = 0
+    min_round_ms: float = 60.0
+    layers: bool = True  # the per-layer comparison (layer_within_one_step)
+    #: also judge the backend's FP32 runner (accuracy vs FP32 onnxruntime, task accuracy, memory)
+    #: into ``JobResult.fp32_checks``: a benchmark matrix's FP32 cells
+    fp32_checks: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"classification": self.classification, "fp32_accuracy": self.fp32_accuracy,
+                "baseline_fp32_ms": {str(k): v for k, v in self.baseline_fp32_ms.items()},
+                "rounds": self.rounds, "min_round_ms": self.min_round_ms, "layers": self.layers,
+                "fp32_checks": self.fp32_checks}
+
+    @classmethod
+    def from_json(cls, s: Mapping[str, Any]) -> CheckSettings:
+        return cls(bool(s["classification"]), s.get("fp32_accuracy"),
+                   {int(k): float(v) for k, v in s.get("baseline_fp32_ms", {}).items()},
+                   int(s.get("rounds", 0)), float(s.get("min_round_ms", 60.0)), bool(s.get("layers", True)),
+                   bool(s.get("fp32_checks", False)))
 
 
 @dataclass(frozen=True)
@@ -110,10 +136,7 @@ class CheckJob:
         return {
             "schema_version": self.schema_version,
             "kind": "deploykit.check_job",
-            "target": {"name": t.name, "backend": t.backend, "description": t.description,
-                       "device": dataclasses.asdict(t.device), "options": jsonable(dict(t.options)),
-                       "thresholds": dict(t.thresholds), "batch_sizes": list(t.batch_sizes),
-                       "warmup": t.warmup, "runs": t.runs},
+            "target": target_to_json(t),
             "artifact": {"backend": a.backend, "path": _store(a.path, folder),
                          "files": [_store(f, folder) for f in a.files], "metadata": jsonable(dict(a.metadata)),
                          "checks": [c.to_json() for c in a.checks]},
@@ -121,9 +144,7 @@ class CheckJob:
             "fp32_path": _store(self.fp32_path, folder),
             "batches": len(self.inputs),
             "outputs": len(self.reference_fp32),
-            "settings": {"classification": self.settings.classification,
-                         "fp32_accuracy": self.settings.fp32_accuracy,
-                         "baseline_fp32_ms": {str(k): v for k, v in self.settings.baseline_fp32_ms.items()}},
+            "settings": self.settings.to_json(),
         }
 
     @classmethod
@@ -157,8 +178,7 @@ class CheckJob:
     @classmethod
     def _from_json(cls, raw: Mapping[str, Any], arrays: Mapping[str, np.ndarray], folder: Path) -> CheckJob:
         t, a, s = raw["target"], raw["artifact"], raw["settings"]
-        target = Target(t["name"], t["backend"], Device(**t["device"]), dict(t["options"]), dict(t["thresholds"]),
-                        tuple(t["batch_sizes"]), int(t["warmup"]), int(t["runs"]), t.get("description", ""))
+        target = target_from_json(t)
         artifact = Artifact(a["backend"], _load(a["path"], folder), tuple(_load(f, folder) for f in a["files"]),
                             dict(a["metadata"]), tuple(CheckResult.from_json(c) for c in a["checks"]))
         inputs: list[dict[str, np.ndarray]] = [{} for _ in range(int(raw["batches"]))]
@@ -167,12 +187,23 @@ class CheckJob:
                 _, index, name = key.split("/", 2)
                 inputs[int(index)][name] = value
         outputs = int(raw["outputs"])
-        settings = CheckSettings(bool(s["classification"]), s.get("fp32_accuracy"),
-                                 {int(k): float(v) for k, v in s.get("baseline_fp32_ms", {}).items()})
+        settings = CheckSettings.from_json(s)
         return cls(target, artifact, _load(raw["canonical_path"], folder), _load(raw["fp32_path"], folder),
                    tuple(inputs), arrays.get("labels"),
                    tuple(arrays[f"reference_fp32/{i}"] for i in range(outputs)),
                    tuple(arrays[f"reference_canonical/{i}"] for i in range(outputs)), settings)
+
+
+def target_to_json(t: Target) -> dict[str, Any]:
+    """A resolved target as JSON (its options as validated, its device with it)."""
+    return {"name": t.name, "backend": t.backend, "description": t.description,
+            "device": dataclasses.asdict(t.device), "options": jsonable(dict(t.options)),
+            "thresholds": dict(t.thresholds), "batch_sizes": list(t.batch_sizes), "warmup": t.warmup, "runs": t.runs}
+
+
+def target_from_json(t: Mapping[str, Any]) -> Target:
+    return Target(t["name"], t["backend"], Device(**t["device"]), dict(t["options"]), dict(t["thresholds"]),
+                  tuple(t["batch_sizes"]), int(t["warmup"]), int(t["runs"]), t.get("description", ""))
 
 
 def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
@@ -203,7 +234,15 @@ def _load(text: str, folder: Path) -> Path:
 # executors
 # ---------------------------------------------------------------------------------------
 class Executor(Protocol):
-    """Runs check jobs somewhere: this process, a device agent, a Ray worker."""
+    """Runs check jobs somewhere: this process, a device agent, a Ray worker.
+
+    The build and ``deploykit matrix`` ask :meth:`accepts` for each target before they make its
+    job, and call :meth:`run` only when it says ``""``."""
+
+    def accepts(self, target: Target, availability: Availability) -> str:
+        """``""`` when this executor can run ``target``'s checks; otherwise why not (one line).
+        ``availability`` is the backend's probe on this machine."""
+        ...
 
     def run(self, job: CheckJob) -> JobResult: ...
 
@@ -213,12 +252,29 @@ class DevicePlacing:
     Ray with ``device:NAME`` resources): the build hands them remote targets' jobs as they are,
     where any other executor gets only this machine's (docs/agent.md)."""
 
+    def accepts(self, target: Target, availability: Availability) -> str:
+        """A remote device's target always (its agent says what it can run); one of this machine's
+        when its backend can run here."""
+        if target.device.address or availability.can_run:
+            return ""
+        return availability.reason or f"backend {target.backend} cannot run here"
+
 
 class LocalExecutor:
     """Runs a job in this process, with this registry's backends."""
 
     def __init__(self, registry: Registry | None = None) -> None:
         self.registry = registry
+
+    def accepts(self, target: Target, availability: Availability) -> str:
+        """This machine's targets only: not one whose backend cannot run here or whose device
+        has an ``address`` (it runs through that device's agent)."""
+        if not availability.can_run:
+            return availability.reason or f"backend {target.backend} cannot run here"
+        if target.device.address:
+            return (f"device '{target.device.name}' is remote ({target.device.address}); the local executor runs "
+                    f"checks on this machine only")
+        return ""
 
     def run(self, job: CheckJob) -> JobResult:
         if self.registry is None:
@@ -236,7 +292,7 @@ def run_job(job: CheckJob, registry: Registry | None = None) -> JobResult:
     backend = registry.get(job.target.backend)
     target, th = job.target, job.target.thresholds
     result = JobResult()
-    rss0 = _rss_mb()
+    rss0 = timing.rss_mb()
     t0 = time.monotonic()
     with backend.load(job.artifact, target) as runner:
         result.seconds["load"] = time.monotonic() - t0
@@ -244,19 +300,28 @@ def run_job(job: CheckJob, registry: Registry | None = None) -> JobResult:
         got = _outputs(runner, job.inputs, f"{target.name}: accuracy")
         result.seconds["accuracy"] = time.monotonic() - t0
         result.checks.extend(_accuracy_checks(job, got))
-        t0 = time.monotonic()
-        result.checks.append(_layer_check(backend, job))
-        result.seconds["layers"] = time.monotonic() - t0
-        memory_mb = max(0.0, _rss_mb() - rss0)  # before a baseline runner adds its own
+        if job.settings.layers:
+            t0 = time.monotonic()
+            result.checks.append(_layer_check(backend, job))
+            result.seconds["layers"] = time.monotonic() - t0
+        memory_mb = max(0.0, timing.rss_mb() - rss0)  # before a baseline runner adds its own
         t0 = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="deploykit-fp32-") as scratch:
             fp32 = None
             if Capability.FP32_RUNNER in backend.capabilities:  # e.g. float TFLite: a conversion, seconds
                 with step(f"{target.name}: FP32 baseline model", total=1, unit="model") as prepared:
+                    rss1 = timing.rss_mb()
                     fp32 = _fp32_runner(backend, job, Path(scratch), result)
+                    if fp32 is not None and job.settings.fp32_checks:
+                        result.fp32_checks.extend(_fp32_checks(job, fp32, rss1))
                     prepared.update()
+            elif job.settings.fp32_checks:
+                result.notes["fp32_runner"] = f"backend {target.backend} has no FP32 runner"
             try:
-                _latency(job, backend, runner, fp32, result)
+                if job.settings.rounds > 0:
+                    _interleaved_latency(job, runner, fp32, result)
+                else:
+                    _latency(job, backend, runner, fp32, result)
             finally:
                 if fp32 is not None:
                     fp32.close()
@@ -295,9 +360,27 @@ def _accuracy_checks(job: CheckJob, got: list[np.ndarray]) -> list[CheckResult]:
     return out
 
 
+def _fp32_checks(job: CheckJob, fp32: Runner, rss0: float) -> list[CheckResult]:
+    """The backend's FP32 runner judged like the artifact (no thresholds: it is the reference row)."""
+    got = _outputs(fp32, job.inputs, f"{job.target.name}: FP32 accuracy")
+    s, labels = job.settings, job.labels
+    out = [checks.judge(name, value, {}, f"{job.target.backend} FP32 vs FP32 in onnxruntime")
+           for name, value in checks.compare(list(job.reference_fp32), got, classification=s.classification).items()]
+    if labels is not None and s.classification:
+        out.append(checks.judge("accuracy", checks.task_accuracy(got[0], labels), {},
+                                f"on {len(labels)} labelled samples"))
+    out.append(checks.judge("memory_mb", max(0.0, timing.rss_mb() - rss0), {},
+                            "resident memory added by loading and running the FP32 model"))
+    return out
+
+
 def _canonical(job: CheckJob) -> CanonicalModel:
+    """The canonical model as the build held it, with the evaluation data's shapes at batch 1 as
+    ``example_shapes`` (a backend that fixes dynamic dims, TFLite, needs them for its FP32 model)."""
     model = onnx.load(str(job.canonical_path))
-    return CanonicalModel(job.canonical_path, model, CalibrationTable.from_model(model), job.fp32_path)
+    shapes = {name: (1, *np.asarray(a).shape[1:]) for name, a in job.inputs[0].items()} if job.inputs else None
+    return CanonicalModel(job.canonical_path, model, CalibrationTable.from_model(model), job.fp32_path,
+                          example_shapes=shapes)
 
 
 def _layer_check(backend: Backend, job: CheckJob) -> CheckResult:
@@ -365,11 +448,39 @@ def _latency(job: CheckJob, backend: Backend, runner: Runner, fp32: Runner | Non
             progress.update()
 
 
-def _rss_mb() -> float:
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:  # not Linux
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _interleaved_latency(job: CheckJob, runner: Runner, fp32: Runner | None, result: JobResult) -> None:
+    """Each batch size: the artifact and the backend's FP32 runner in alternating rounds
+    (deploykit.timing), so a load burst hits both; the speed-up is the median per-round ratio."""
+    target, th, s = job.target, job.target.thresholds, job.settings
+    with bar(len(target.batch_sizes), f"{target.name}: latency ({s.rounds} interleaved rounds)") as progress:
+        for i, b in enumerate(target.batch_sizes):
+            feeds = latency_feeds(job.inputs, b)
+            runners: dict[str, timing.Runs] = {"int8": runner}
+            if fp32 is not None:
+                runners["fp32"] = fp32
+            timings, ratios = timing.interleaved(runners, feeds, s.rounds, target.warmup, s.min_round_ms)
+            q = timings["int8"]
+            stats = q.stats()
+            entry = LatencyResult(stats, rounds_ms=tuple(q.round_ms), calls_per_round=q.calls_per_round,
+                                  cpu_rounds_ms=tuple(q.round_cpu_ms))
+            if fp32 is not None:
+                f = timings["fp32"]
+                speedup, _ = timing.summarise_ratio(ratios["int8"])
+                entry = dataclasses.replace(entry, fp32_p50_ms=f.p50_ms, speedup=speedup,
+                                            speedup_vs=f"{target.backend} fp32", fp32_rounds_ms=tuple(f.round_ms),
+                                            fp32_calls_per_round=f.calls_per_round, fp32_stats=f.stats(),
+                                            fp32_cpu_rounds_ms=tuple(f.round_cpu_ms))
+            elif b in s.baseline_fp32_ms:
+                base = s.baseline_fp32_ms[b]
+                entry = dataclasses.replace(entry, fp32_p50_ms=base, speedup=base / stats.p50_ms,
+                                            speedup_vs="onnxruntime fp32")
+            result.latency.append(entry)
+            if i == 0:  # thresholds apply to the first batch size
+                note = f"batch {b}, median of {s.rounds} interleaved rounds of {q.calls_per_round} calls"
+                result.checks.append(checks.judge("latency_p50_ms", stats.p50_ms, th, note))
+                result.checks.append(checks.judge("latency_p99_ms", stats.p99_ms, th, note))
+                result.checks.append(checks.judge("throughput", stats.throughput, th, f"samples/s at batch {b}"))
+                if entry.speedup is not None:
+                    result.checks.append(checks.judge("speedup", entry.speedup, th,
+                                                      f"INT8 vs {entry.speedup_vs} p50 at batch {b}"))
+            progress.update()

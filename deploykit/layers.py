@@ -124,7 +124,7 @@ def cut_model(model: onnx.ModelProto, tensors: Iterable[str], types: Mapping[str
     missing = wanted - found
     if missing:
         raise ValueError(f"{len(missing)} tensors to cut at are produced by no node, e.g. {sorted(missing)[0]!r}")
-    shapes = _shapes(model)
+    shapes = tensor_shapes(model)
     keep_info = [v for v in cut.graph.value_info if v.name not in wanted]
     del cut.graph.value_info[:]
     cut.graph.value_info.extend(keep_info)
@@ -136,7 +136,9 @@ def cut_model(model: onnx.ModelProto, tensors: Iterable[str], types: Mapping[str
     return cut
 
 
-def _shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
+def tensor_shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
+    """Every tensor's shape by ONNX shape inference (a dim is an int, a symbol or None); empty
+    when inference fails."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception:  # shapes are a courtesy to the runtimes; the cut works without them

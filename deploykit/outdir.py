@@ -353,9 +353,10 @@ class OutDir:
                 path.unlink()
 
     # -- publishing -------------------------------------------------------------------------
-    def publish(self, layout: Mapping[str, str], manifest: Mapping[str, Any], report: str) -> list[str]:
+    def publish(self, layout: Mapping[str, str], manifest: Mapping[str, Any], report: str | None) -> list[str]:
         """Swap the finished steps into place: ``layout`` maps a step to its folder in OUT
         ("" for the top level). The previous build's files go first, the manifest comes last.
+        ``report``: the text of report.md, or None for none (a step wrote its own report).
         Returns the published files (relative paths)."""
         self._retire_previous_report()
         for name in list(self.journal["steps"]):
@@ -376,12 +377,14 @@ class OutDir:
                 if p.is_file():
                     rel = str(p.relative_to(done))
                     moves.append((str(p.relative_to(self.state)), str(Path(dest) / rel) if dest else rel))
-        files = sorted({dst for _, dst in moves} | {MANIFEST, REPORT})
+        files = sorted({dst for _, dst in moves} | {MANIFEST} | ({REPORT} if report is not None else set()))
         full = dict(manifest)
         full["files"] = files
-        (pending / REPORT).write_text(report, encoding="utf-8")
+        if report is not None:
+            (pending / REPORT).write_text(report, encoding="utf-8")
+            moves.append((f"publish/{REPORT}", REPORT))
         (pending / MANIFEST).write_text(dumps(full), encoding="utf-8")
-        moves += [(f"publish/{REPORT}", REPORT), (f"publish/{MANIFEST}", MANIFEST)]  # manifest last
+        moves.append((f"publish/{MANIFEST}", MANIFEST))  # manifest last
         for _, dst in moves:
             self.inside(dst)
         self.journal["publish"] = {"remove": sorted(set(self.journal.get("published", [])) | {MANIFEST, REPORT}),

@@ -40,7 +40,7 @@ from deploykit.quantize import adopt, load_canonical, quantize, requantize, writ
 from deploykit.quantize.islands import layer_macs, mac_summary, resolve_keep_float
 from deploykit.quantize.observe import METHODS
 from deploykit.reference import canonical_runner, fp32_runner
-from deploykit.remote import DEVICE_NOTE, on_devices
+from deploykit.remote import DEVICE_NOTE, DeviceRouter, on_devices
 from deploykit.results import SCHEMA_VERSION, Artifact, Availability, CheckResult, TargetResult, jsonable
 from deploykit.targets import Calibration, Preprocess, Target, TargetsFile, load_targets
 
@@ -163,7 +163,8 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
         keep_float, keep_where = ((options.keep_float, "--keep-float") if options.keep_float is not None
                                   else (list(tf.quantization.keep_float), tf.where("quantization", "keep_float")))
         float_layers = resolve_keep_float(fp32, keep_float, keep_where) if keep_float and not adopting else []
-        recipe = "none" if adopting else _recipe(options.recipe, calib_cfg.recipe, tf.where("calibration", "recipe"), fp32)
+        recipe = "none" if adopting else resolve_recipe(options.recipe, calib_cfg.recipe,
+                                                        tf.where("calibration", "recipe"), fp32)
         target_spec = parse_accuracy_target(options.accuracy_target) if options.accuracy_target else None
         if target_spec is not None:  # the accuracy target is checked on every target
             targets = [_judged_on(t, target_spec) for t in targets]
@@ -237,8 +238,9 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
                 result = requantize(result, fp32, float_layers=float_layers)
             search = None
             if target_spec is not None:
+                judges = _artifact_judges(targets, registry, availability, fp32, step.dir / "judges")
                 result, search = _meet_accuracy_target(fp32, result, eval_src, target_spec, options.task,
-                                                       float_layers, events)
+                                                       float_layers, events, judges)
             write_canonical(result, fp32, step.dir)
             if options.compare_profiles:
                 other_profile = SYMMETRIC if activations == ASYMMETRIC else ASYMMETRIC
@@ -388,7 +390,7 @@ def quantization_summary(fp32: Any, result: Any, reason: str) -> dict[str, Any]:
             **mac_summary(layer_macs(graph), result.float_layers)}
 
 
-def _recipe(option: str | None, configured: str, where: str, fp32: Any) -> str:
+def resolve_recipe(option: str | None, configured: str, where: str, fp32: Any) -> str:
     """The recipe to run (``auto`` resolved for this network), validated: a bad one names its source."""
     from deploykit.quantize import recipes
 
@@ -400,22 +402,67 @@ def _recipe(option: str | None, configured: str, where: str, fp32: Any) -> str:
 
 
 def _meet_accuracy_target(fp32: Any, result: Any, eval_src: Any, target: Any, task: str, declared: list[str],
-                          events: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
+                          events: Callable[[str], None],
+                          judges: dict[str, Callable[..., Any]] | None = None) -> tuple[Any, dict[str, Any]]:
     """Fewest float layers (beyond the declared ones) meeting ``target`` on the evaluation data,
-    from the same calibration; their latency cost measured on the canonical models in onnxruntime."""
+    from the same calibration, judged on the targets' own artifacts where ``judges`` has them
+    (else on the canonical semantics); their latency cost measured on the canonical models in
+    onnxruntime."""
     from deploykit import analyze
 
     data = analyze.prepare_eval(fp32, eval_src, task=task)
     q = analyze.Quantized(fp32, result)
-    found = analyze.search_float_layers(q, data, target)
+    if judges:
+        judges = {name: _judge_on(judge, data) for name, judge in judges.items()}
+    found = analyze.search_float_layers(q, data, target, judges=judges)
     floats = list(dict.fromkeys(list(declared) + found.float_layers))
     chosen = requantize(result, fp32, float_layers=floats) if found.float_layers else result
+    judged_on = ", ".join(judges) if judges else "the canonical model"
     events(f"accuracy target {target}: {'met' if found.met else 'NOT met'} with {len(found.float_layers)} float "
-           f"layer(s), {found.metrics.get(target.metric, float('nan')):.4f} (int8 share of MACs "
+           f"layer(s), {found.metrics.get(target.metric, float('nan')):.4f} on {judged_on} (int8 share of MACs "
            f"{found.int8_mac_share:.1%})")
     summary = found.to_json()
+    summary["judged_on"] = list(judges) if judges else ["canonical"]
     summary["latency_cost"] = _latency_cost(result, chosen, eval_src) if found.float_layers else None
     return chosen, summary
+
+
+def _artifact_judges(targets: list[Target], registry: Registry, availability: dict[str, Availability], fp32: Any,
+                     workdir: Path) -> dict[str, Callable[[Any, Any], np.ndarray]]:
+    """For each target that can lower and run here: (variant, eval data) -> its first output,
+    computed by lowering the variant with the target's backend and running its runner. Targets
+    that cannot run here (missing runtime, remote device) do not judge."""
+    import onnx
+
+    from deploykit.canonical import CalibrationTable
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    fp32_path = workdir / "fp32.onnx"
+    onnx.save(fp32, str(fp32_path))
+    judges: dict[str, Callable[[Any, Any], np.ndarray]] = {}
+    for target in targets:
+        avail = availability.get(target.name)
+        if avail is None or not (avail.can_lower and avail.can_run) or target.device.address:
+            continue
+        backend = registry.get(target.backend)
+        folder = workdir / target.name
+
+        def judge(variant: Any, data: Any, backend: Any = backend, target: Target = target,
+                  folder: Path = folder) -> np.ndarray:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / "variant.qdq.onnx"
+            onnx.save(variant, str(path))
+            canonical = CanonicalModel(path, variant, CalibrationTable.from_model(variant), fp32_path)
+            artifact = backend.lower(canonical, target, folder / f"variant{backend.artifact_suffix}")
+            with backend.load(artifact, target) as runner:
+                return np.concatenate([runner.run(b.feeds)[0] for b in data.source.batches(data.batch_size)])
+
+        judges[target.name] = judge
+    return judges
+
+
+def _judge_on(judge: Callable[[Any, Any], np.ndarray], data: Any) -> Callable[[Any], np.ndarray]:
+    return lambda variant: judge(variant, data)
 
 
 def _latency_cost(all_int8: Any, chosen: Any, source: Any, rounds: int = 15) -> dict[str, Any]:
@@ -674,22 +721,28 @@ def _target_stages(res: TargetResult, progress: Step, registry: Registry, execut
         progress.total = 4 if availability.can_run or remote else 2  # preflight, lower[, accuracy, latency]
         progress.update()
         res.checks.extend(checks.apply_thresholds(c, target.thresholds) for c in pre_checks)
-        if not res.availability.can_lower:
+        # a backend that cannot lower here lowers on the device when it has an agent (TensorRT
+        # engines are built where they run); the artifact is downloaded into --out all the same
+        lower_there = not res.availability.can_lower and remote and isinstance(executor, DeviceRouter)
+        if not res.availability.can_lower and not lower_there:
             res.status, res.reason = "skipped", _missing(res.availability)
             log.debug("%s: skipped: %s", target.name, res.reason)
             return
         dest = folder / f"{target.name}{backend.artifact_suffix}"
         t0 = time.monotonic()
-        with bar(1, f"{target.name}: lower", "model") as b:
-            res.artifact = backend.lower(canonical, target, dest)
+        with bar(1, f"{target.name}: lower" + (f" on {target.device.name}" if lower_there else ""), "model") as b:
+            res.artifact = (executor.lower(canonical, target, dest) if isinstance(executor, DeviceRouter) and lower_there
+                            else backend.lower(canonical, target, dest))
             b.update()
+        if lower_there:
+            res.metadata["lowered_on"] = f"{target.device.name} ({target.device.address})"
         res.seconds["lower"] = time.monotonic() - t0
         progress.update()
         res.checks.extend(checks.apply_thresholds(c, target.thresholds) for c in res.artifact.checks)
         log.debug("%s: lowered to %s (%.1f MB) in %.1f s; verification: %s", target.name, res.artifact.path.name,
                   _size_mb(res.artifact.path), res.seconds["lower"],
                   ", ".join(f"{c.name} {c.status}" for c in res.artifact.checks) or "none")
-        not_here = res.availability.reason if not (res.availability.can_run or remote) else ""
+        not_here = executor.accepts(target, res.availability)  # a remote device's agent: "" (docs/agent.md)
         if not_here:  # lowered and verified, never "ok": nothing was measured
             res.status, res.reason = "lowered", f"lowered and verified; checks not run: {not_here}"
             for name in ("top1_agreement", "cosine", "fidelity_rel_l2", "latency_p50_ms"):

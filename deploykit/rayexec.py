@@ -15,6 +15,7 @@ this machine stands for (``local`` and the names given). docs/agent.md has the s
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
 from pathlib import Path
@@ -22,8 +23,10 @@ from typing import Any, Callable, Iterable, Mapping
 
 from deploykit.errors import ConfigError, DeviceError
 from deploykit.jobs import CheckJob, DevicePlacing, run_job
+from deploykit.plugins import Registry, load_registry
 from deploykit.remote import DEVICE_NOTE, bundle, fingerprint, lay_out
-from deploykit.results import JobResult
+from deploykit.results import Availability, JobResult
+from deploykit.targets import Target
 
 INSTALL_HINT = "pip install 'deploykit[ray]'"
 LOCAL_DEVICE = "local"  # a target without a device in targets.toml
@@ -32,6 +35,12 @@ LOCAL_DEVICE = "local"  # a target without a device in targets.toml
 def resource(device: str) -> str:
     """The Ray custom resource standing for ``device``."""
     return f"device:{device}"
+
+
+@functools.lru_cache(maxsize=1)
+def _registry() -> Registry:
+    """The worker's backends, loaded once per worker process (Ray reuses its workers)."""
+    return load_registry()
 
 
 def run_bundle(files: Mapping[str, bytes]) -> dict[str, Any]:
@@ -44,7 +53,7 @@ def run_bundle(files: Mapping[str, bytes]) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="deploykit-ray-job-") as tmp:
         job = lay_out(Path(tmp), {name: writer(data) for name, data in files.items()})
-        result = run_job(job)
+        result = run_job(job, _registry())
         result.notes[DEVICE_NOTE] = fingerprint()
         return result.to_json()
 
@@ -60,15 +69,36 @@ class RayExecutor(DevicePlacing):
             raise ConfigError(f"--executor ray needs Ray: {INSTALL_HINT}") from None
         self.ray: Any = ray  # untyped SDK
         self.timeout = timeout
+        self.address = address or "a local Ray instance"
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False}
             if address:
-                ray.init(address=address, **kwargs)
+                kwargs["address"] = address
             else:  # a local instance standing for this machine's devices
-                names = {LOCAL_DEVICE, *devices}
-                ray.init(num_cpus=num_cpus, resources={resource(n): 1 for n in sorted(names)}, **kwargs)
-        self.address = address or "a local Ray instance"
+                kwargs["num_cpus"] = num_cpus
+                kwargs["resources"] = {resource(n): 1 for n in sorted({LOCAL_DEVICE, *devices})}
+            self._init(kwargs)
         self._remote = ray.remote(max_retries=0)(run_bundle)
+
+    def _init(self, kwargs: Mapping[str, Any], attempts: int = 3) -> None:
+        """``ray.init``, tried again when the node misses Ray's fixed 30 s start-up window (seen on
+        a 2-core machine under a load average of 20)."""
+        for attempt in range(attempts):
+            try:
+                self.ray.init(**kwargs)
+                return
+            except ConnectionError as exc:
+                raise DeviceError(f"cannot reach the Ray cluster at {self.address}: {exc}") from None
+            except Exception as exc:
+                self.ray.shutdown()
+                if "timed out during startup" not in str(exc) or attempt + 1 == attempts:
+                    raise DeviceError(f"{self.address} did not start: {type(exc).__name__}: "
+                                      f"{(str(exc).strip().splitlines() or [''])[0][:300]}") from None
+
+    def accepts(self, target: Target, availability: Availability) -> str:
+        """Every target: its job goes to the node declaring its device, whatever this machine can
+        run; a device no node declares is an error of that target (:meth:`submit`), not a skip."""
+        return ""
 
     def declared(self) -> set[str]:
         """The devices some node of the cluster declares."""

@@ -179,8 +179,18 @@ class LatencyResult:
     stats: LatencyStats
     gpu_compute_ms: float | None = None  # the device's own timing (Capability.GPU_TIME)
     fp32_p50_ms: float | None = None
-    speedup: float | None = None
+    speedup: float | None = None  # fp32 p50 / p50; with rounds: the median of the per-round ratios
     speedup_vs: str | None = None  # "<backend> fp32" or "onnxruntime fp32"
+    # interleaved timing (CheckSettings.rounds > 0): each round's median, INT8 and the FP32 it
+    # alternated with, so a reader can judge the noise (deploykit compare does)
+    rounds_ms: tuple[float, ...] = ()
+    fp32_rounds_ms: tuple[float, ...] = ()
+    calls_per_round: int = 0
+    fp32_calls_per_round: int = 0
+    fp32_stats: LatencyStats | None = None  # the FP32 runner's own figures from the same rounds
+    #: this process's CPU time per call, each round (all its threads; immune to other processes' load)
+    cpu_rounds_ms: tuple[float, ...] = ()
+    fp32_cpu_rounds_ms: tuple[float, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         out = self.stats.to_json()
@@ -188,13 +198,26 @@ class LatencyResult:
             out["gpu_compute_ms"] = self.gpu_compute_ms
         if self.speedup is not None:
             out.update(fp32_p50_ms=self.fp32_p50_ms, speedup=self.speedup, speedup_vs=self.speedup_vs)
+        if self.rounds_ms:
+            out.update(rounds_ms=list(self.rounds_ms), fp32_rounds_ms=list(self.fp32_rounds_ms),
+                       calls_per_round=self.calls_per_round, fp32_calls_per_round=self.fp32_calls_per_round,
+                       cpu_rounds_ms=list(self.cpu_rounds_ms), fp32_cpu_rounds_ms=list(self.fp32_cpu_rounds_ms))
+        if self.fp32_stats is not None:
+            out["fp32_stats"] = self.fp32_stats.to_json()
         return out
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> LatencyResult:
         names = [f.name for f in dataclasses.fields(LatencyStats)]
+        fp32 = raw.get("fp32_stats")
         return cls(LatencyStats(**{k: raw[k] for k in names}), raw.get("gpu_compute_ms"), raw.get("fp32_p50_ms"),
-                   raw.get("speedup"), raw.get("speedup_vs"))
+                   raw.get("speedup"), raw.get("speedup_vs"),
+                   tuple(float(x) for x in raw.get("rounds_ms", ())),
+                   tuple(float(x) for x in raw.get("fp32_rounds_ms", ())),
+                   int(raw.get("calls_per_round", 0)), int(raw.get("fp32_calls_per_round", 0)),
+                   LatencyStats(**{k: fp32[k] for k in names}) if fp32 else None,
+                   tuple(float(x) for x in raw.get("cpu_rounds_ms", ())),
+                   tuple(float(x) for x in raw.get("fp32_cpu_rounds_ms", ())))
 
 
 @dataclass
@@ -205,18 +228,23 @@ class JobResult:
     latency: list[LatencyResult] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # load, accuracy, latency
     notes: dict[str, Any] = field(default_factory=dict)  # e.g. fp32_baseline_error, for the manifest
+    #: the backend's own FP32 runner judged like the artifact (CheckSettings.fp32_checks): accuracy
+    #: vs FP32 in onnxruntime, task accuracy, memory; a benchmark matrix's FP32 cells
+    fp32_checks: list[CheckResult] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:
         return {"schema_version": self.schema_version, "checks": [c.to_json() for c in self.checks],
                 "latency": [entry.to_json() for entry in self.latency],
-                "seconds": dict(self.seconds), "notes": jsonable(self.notes)}
+                "seconds": dict(self.seconds), "notes": jsonable(self.notes),
+                "fp32_checks": [c.to_json() for c in self.fp32_checks]}
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> JobResult:
         return cls([CheckResult.from_json(c) for c in raw["checks"]],
                    [LatencyResult.from_json(entry) for entry in raw["latency"]],
                    {k: float(v) for k, v in raw.get("seconds", {}).items()}, dict(raw.get("notes", {})),
+                   [CheckResult.from_json(c) for c in raw.get("fp32_checks", [])],
                    int(raw.get("schema_version", SCHEMA_VERSION)))
 
 

@@ -3,6 +3,7 @@ loopback: two ports stand for two devices. Every test talks HTTP to a real serve
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -104,10 +105,10 @@ def agents(tmp_path_factory):
             a.kill()
 
 
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    """An agent with a 0.05 MB upload limit, served by uvicorn in a thread of this process (the
-    same application and server as ``deploykit agent``, without another start-up)."""
+@contextlib.contextmanager
+def _in_process(folder: Path, max_upload_bytes: int, **ssl: str):
+    """An agent served by uvicorn in a thread of this process: the same application and server
+    as ``deploykit agent``, without another process start-up."""
     import threading
 
     import uvicorn
@@ -118,10 +119,9 @@ def small(tmp_path_factory):
 
     registry = Registry()
     registry.add_plugin(deploykit_onnxruntime, PluginInfo("onnxruntime", "deploykit_onnxruntime"))
-    folder = tmp_path_factory.mktemp("small")
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(folder, TOKEN, int(0.05 * 2**20), registry), host="127.0.0.1",
-                                           port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(folder, TOKEN, max_upload_bytes, registry), host="127.0.0.1",
+                                           port=port, log_level="warning", **ssl))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -132,6 +132,13 @@ def small(tmp_path_factory):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """An agent with a 0.05 MB upload limit."""
+    with _in_process(tmp_path_factory.mktemp("small"), int(0.05 * 2**20)) as agent:
+        yield agent
 
 
 def _files(folder: Path) -> list[Path]:
@@ -277,6 +284,24 @@ def test_a_job_naming_a_path_outside_its_folder_is_refused(agents, tmp_path):
         assert _files(a.folder) == before and list((a.folder / "jobs").iterdir()) == []
 
 
+def test_a_lowering_request_naming_files_it_did_not_send_is_refused(agents):
+    import hashlib
+
+    a = agents["a"]
+    for canonical in ("../../etc/passwd", "/etc/passwd", "model/other.onnx"):
+        raw = {"kind": "deploykit.lower_request", "schema_version": 1, "target": {"backend": "onnxruntime"},
+               "canonical": canonical, "fp32": "model/fp32.onnx"}
+        blob = json.dumps(raw).encode()
+        digest = hashlib.sha256(blob).hexdigest()
+        assert _call("PUT", f"{a.address}/v1/blobs/{digest}", blob)[0] in (200, 201)
+        before = _files(a.folder)
+        status, answer = _call("POST", a.address + "/v1/lower",
+                               json.dumps({"files": {"lower.json": digest, "model/fp32.onnx": digest}}).encode(),
+                               headers={"Content-Type": "application/json"})
+        assert status == 400 and "nothing written" in json.loads(answer)["error"]
+        assert _files(a.folder) == before and list((a.folder / "jobs").iterdir()) == []
+
+
 def test_safe_names():
     assert str(safe_name("artifact/model.xml")) == "artifact/model.xml"
     for bad in ESCAPES + ["C:/x", "a/\x00b", None, "x" * 600]:
@@ -354,6 +379,66 @@ def test_agent_executor_errors_are_one_line_naming_the_device(agents):
         gone.probe()
 
 
+def test_a_backend_that_cannot_lower_here_lowers_on_the_device(agents, tmp_path, ort_registry, monkeypatch):
+    """As a TensorRT engine is built on the Jetson: the build machine's probe says it cannot
+    lower (patched here: no TensorRT on any machine of this test), the agent lowers with its
+    real backend, the artifact is downloaded into --out and checked on the device."""
+    import deploykit_onnxruntime
+    from deploykit.fileio import sha256
+    from deploykit.results import Availability
+
+    monkeypatch.setenv("DK_TEST_AGENT_TOKEN", TOKEN)
+    real_probe = deploykit_onnxruntime.OnnxRuntimeBackend.probe
+
+    def probe(self, target):  # this machine cannot lower for the remote device; the agent can
+        return Availability.missing("no SDK for this device here") if target.device.address else real_probe(self,
+                                                                                                             target)
+
+    monkeypatch.setattr(deploykit_onnxruntime.OnnxRuntimeBackend, "probe", probe)
+    toml = _targets(tmp_path, {"a": agents["a"].address})
+    got = _build(tmp_path, toml, ["local-ort", "a-ort"], ort_registry)
+    here, there = got["local-ort"], got["a-ort"]
+    assert here.status == "ok" and there.status == "ok", there.reason
+    assert there.metadata["lowered_on"] == f"a ({agents['a'].address})"
+    assert there.artifact is not None and there.artifact.path.is_file()
+    assert sha256(there.artifact.path) == sha256(here.artifact.path)  # the same lowering, done there
+    assert _untimed(there) == _untimed(here)
+    assert (tmp_path / "out" / "a-ort" / there.artifact.path.name).is_file()  # published into --out
+
+
+def test_a_matrix_through_two_agents_gives_the_local_figures_and_a_dead_one_fails_its_cells_only(
+        agents, tmp_path, monkeypatch):
+    """deploykit matrix: each model x target is a check job; a remote device's go to its agent."""
+    from deploykit.matrix import MatrixOptions, load_spec, run_matrix
+
+    monkeypatch.setenv("DK_TEST_AGENT_TOKEN", TOKEN)
+    monkeypatch.setenv("DEPLOYKIT_CACHE", str(tmp_path / "cache"))
+    devices = {"a": agents["a"].address, "b": agents["b"].address, "gone": f"http://127.0.0.1:{_free_port()}"}
+    toml = _targets(tmp_path, devices)
+    spec_path = tmp_path / "matrix.toml"
+    spec_path.write_text(f'[[models]]\nname = "digits"\npath = "{SAMPLES / "digits_cnn.onnx"}"\n'
+                         f'calib = "{SAMPLES / "digits_calib.npz"}"\neval = "{SAMPLES / "digits_eval.npz"}"\n'
+                         f'[matrix]\ntargets = ["local-ort", "a-ort", "b-ort", "gone-ort"]\nbatch_sizes = [1]\n'
+                         f'precisions = ["fp32", "int8"]\nrounds = 2\nwarmup = 1\nmin_round_ms = 5\n'
+                         f'eval_samples = 128\ntargets_file = "{toml}"\n')
+    router = DeviceRouter(LocalExecutor(), retries=1, backoff=0.01)
+    result = run_matrix(load_spec(spec_path), MatrixOptions(tmp_path / "out", db=tmp_path / "h.sqlite",
+                                                            executor=router))
+    cells = {c.key: c for c in result.cells}
+    for p in ("fp32", "int8"):
+        here = cells[f"digits/local-ort/b1/{p}"]
+        assert here.status == "ok" and here.top1_agreement is not None
+        for device in ("a", "b"):
+            there = cells[f"digits/{device}-ort/b1/{p}"]
+            assert there.status == "ok", there.error
+            assert (there.top1_agreement, there.cosine, there.accuracy) == (here.top1_agreement, here.cosine,
+                                                                            here.accuracy)
+            assert there.p50_ms and there.speedup is not None
+        gone = cells[f"digits/gone-ort/b1/{p}"]
+        assert gone.status == "error" and "unreachable" in gone.error and devices["gone"] in gone.error
+    assert len(result.errors) == 2  # the dead device's two cells, nothing else
+
+
 def test_an_agent_killed_mid_job_fails_its_target_the_rest_complete_and_a_rerun_finishes(agents, tmp_path,
                                                                                           ort_registry, monkeypatch):
     """Agent b is killed (SIGKILL) while it times b's job; last in this file, it restarts b."""
@@ -394,3 +479,25 @@ def test_an_agent_killed_mid_job_fails_its_target_the_rest_complete_and_a_rerun_
     again = _build(tmp_path, toml, ["local-ort", "a-ort", "b-ort"], ort_registry, out="out2")
     assert all(t.status == "ok" for t in again.values())
     assert _untimed(again["b-ort"]) == _untimed(got["local-ort"])
+
+
+def test_tls_with_a_certificate_the_client_trusts(tmp_path, monkeypatch):
+    """--cert/--key serve https; the client verifies the certificate (SSL_CERT_FILE names the
+    authority it trusts) and refuses one it does not trust, as unreachable, naming the reason."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    with _in_process(tmp_path / "tls", 2**20, ssl_certfile=str(cert), ssl_keyfile=str(key)) as agent:
+        address = f"https://127.0.0.1:{agent.port}"
+        untrusted = AgentExecutor(address, TOKEN, name="tls", retries=0)
+        with pytest.raises(DeviceError, match=r"device 'tls' \(https://127.0.0.1:\d+\) unreachable: .*CERTIFICATE_VERIFY_FAILED"):
+            untrusted.probe()
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        assert AgentExecutor(address, TOKEN, name="tls").probe()["api"] == 1
+        with pytest.raises(DeviceError, match="refused the token"):
+            AgentExecutor(address, "wrong-token-0123456789", name="tls").probe()
+    from deploykit.agent import serve
+
+    with pytest.raises(ConfigError, match="TLS needs both --cert and --key"):
+        serve("127.0.0.1", _free_port(), tmp_path / "f", TOKEN, 1.0, cert=cert)

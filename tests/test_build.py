@@ -360,10 +360,10 @@ def test_speedup_is_against_fp32_on_the_same_runtime(digits_files, tmp_path):
 @pytest.mark.slow
 def test_transformer_encoder_as_other_task(ort_registry, tmp_path):
     pytest.importorskip("torch")
-    from deploykit.testing import export_kind
+    from deploykit.testing import exported_onnx
     from deploykit.testing.models import encoder_inputs
 
-    model, _ = export_kind("encoder", tmp_path / "encoder.onnx")
+    model = exported_onnx("encoder", tmp_path / "encoder.onnx")
     np.savez(tmp_path / "calib.npz", **encoder_inputs(64, seed=0))
     np.savez(tmp_path / "eval.npz", **encoder_inputs(64, seed=1))
     toml = tmp_path / "targets.toml"

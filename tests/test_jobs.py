@@ -123,6 +123,52 @@ def test_job_inside_its_folder_moves_with_it(built, tmp_path):
     assert loaded.artifact.path == tmp_path / "b" / artifact.name and loaded.artifact.path.is_file()
 
 
+def test_interleaved_job_times_int8_beside_fp32_and_judges_the_fp32_runner(built, tmp_path):
+    """What a benchmark matrix asks of a job: INT8 and the backend's FP32 in alternating rounds,
+    the FP32 runner's own accuracy, no per-layer comparison; the settings survive the disk."""
+    _, job, _ = built
+    settings = dataclasses.replace(job.settings, rounds=3, min_round_ms=2.0, layers=False, fp32_checks=True)
+    job = CheckJob.load(dataclasses.replace(job, settings=settings).save(tmp_path / "job"))
+    assert job.settings == settings
+    result = run_job(job)
+    assert "layer_within_one_step" not in {c.name for c in result.checks}
+    assert [entry.stats.batch_size for entry in result.latency] == [1, 4]
+    for entry in result.latency:
+        assert len(entry.rounds_ms) == len(entry.fp32_rounds_ms) == 3 and entry.calls_per_round >= 5
+        assert len(entry.cpu_rounds_ms) == len(entry.fp32_cpu_rounds_ms) == 3 and min(entry.cpu_rounds_ms) > 0
+        assert entry.stats.runs == 3 * entry.calls_per_round
+        assert entry.stats.p50_ms == pytest.approx(float(np.median(entry.rounds_ms)))
+        assert entry.fp32_stats is not None and entry.fp32_p50_ms == entry.fp32_stats.p50_ms
+        per_round = [f / q for f, q in zip(entry.fp32_rounds_ms, entry.rounds_ms)]
+        assert entry.speedup == pytest.approx(float(np.median(per_round)))
+        assert entry.speedup_vs == "onnxruntime fp32"  # the backend's own FP32 runner, timed beside it
+    fp32 = {c.name: c for c in result.fp32_checks}
+    assert fp32["top1_agreement"].value == pytest.approx(1.0) and fp32["cosine"].value > 0.9999
+    assert fp32["accuracy"].value == pytest.approx(job.settings.fp32_accuracy) and "memory_mb" in fp32
+    again = JobResult.from_json(json.loads(json.dumps(result.to_json())))
+    assert again.to_json() == result.to_json() and again.latency[0].fp32_stats == result.latency[0].fp32_stats
+
+
+def test_the_jobs_canonical_model_carries_the_evaluation_shapes(built):
+    """A backend's FP32 runner built from the job (TFLite fixes dynamic dims from them: MiniLM's
+    sequence) sees the shapes the build saw."""
+    from deploykit.jobs import _canonical
+
+    _, job, _ = built
+    assert _canonical(job).example_shapes == {"x": (1, *job.inputs[0]["x"].shape[1:])}
+
+
+def test_local_executor_accepts_only_this_machines_runnable_targets(ort_registry):
+    from deploykit.targets import Device, Target
+
+    here = Target("ort", "onnxruntime", Device("local"), {}, {}, (1,), 1, 1)
+    remote = dataclasses.replace(here, device=Device("pixel", address="http://10.0.0.7:8470"))
+    executor = LocalExecutor(ort_registry)
+    assert executor.accepts(here, Availability.ready()) == ""
+    assert "remote (http://10.0.0.7:8470)" in executor.accepts(remote, Availability.ready())
+    assert executor.accepts(here, Availability(True, False, "needs macOS")) == "needs macOS"
+
+
 def test_run_job_on_a_folder_that_is_not_a_job_is_one_line(tmp_path, capsys):
     from deploykit.cli import main
 
@@ -227,3 +273,17 @@ def test_backend_validates_its_options_at_load_time(tmp_path):
 def test_artifact_is_a_plain_value():
     art = Artifact("x", Path("/tmp/a.onnx"), (Path("/tmp/a.onnx"),))
     assert pickle.loads(pickle.dumps(art)) == art
+
+
+def test_accuracy_figures_do_not_depend_on_the_blas_thread_count(tmp_path):
+    """A Ray worker runs BLAS on one thread; the same outputs must give the same figures there
+    (a threaded dot product sums in another order: the cosine moved in its 15th digit)."""
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((128, 1000)).astype(np.float32)
+    np.savez(tmp_path / "outputs.npz", ref=ref, cand=ref + 0.01 * rng.standard_normal(ref.shape).astype(np.float32))
+    code = ("import json, numpy as np; from deploykit.checks import compare; z = np.load(r'%s'); "
+            "print(json.dumps(compare([z['ref']], [z['cand']])))" % (tmp_path / "outputs.npz"))
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "OMP_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n}).stdout
+            for n in ("1", "2")]
+    assert json.loads(runs[0]) == json.loads(runs[1]) and json.loads(runs[0])["cosine"] > 0.99

@@ -35,12 +35,12 @@ pytest.importorskip("torch", reason="the test models are exported from torch (pi
 @pytest.fixture(scope="module")
 def fp32s(tmp_path_factory):
     """kind -> (normalised FP32 model, calibration DataSource)."""
-    from deploykit.testing import eval_feeds, export_kind
+    from deploykit.testing import eval_feeds, exported_onnx
 
     root = tmp_path_factory.mktemp("profiles")
     out = {}
     for kind in ("resnet", "mobilenet", "encoder"):
-        src, _ = export_kind(kind, root / f"{kind}.onnx")
+        src = exported_onnx(kind, root / f"{kind}.onnx")
         fp32 = modelmod.normalise(modelmod.load_onnx(src), str(src))
         calib = eval_feeds(kind, 48, seed=0)
         out[kind] = (fp32, data.open_source(lambda c=calib: [c], modelmod.input_specs(fp32)))

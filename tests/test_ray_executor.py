@@ -67,3 +67,35 @@ def test_build_on_ray_gives_the_local_figures_and_an_undeclared_device_fails_alo
     assert ghost.status == "error" and "declares device 'ghost'" in ghost.reason
     assert "ray start --address HEAD:6379 --resources '{\"device:ghost\": 1}'" in ghost.reason
     assert ghost.artifact is not None and ghost.artifact.path.is_file()
+
+
+def test_matrix_on_ray_gives_the_local_figures(ray_executor, tmp_path, monkeypatch, capsys):
+    """deploykit matrix --executor ray: each model x target a Ray task on its device's node (the
+    command joins the Ray instance this process already runs)."""
+    import json
+
+    from deploykit.cli import main
+    from deploykit.matrix import MatrixOptions, load_spec, run_matrix
+
+    monkeypatch.setenv("DEPLOYKIT_CACHE", str(tmp_path / "cache"))
+    toml = tmp_path / "targets.toml"
+    toml.write_text('[devices.edge]\nkind = "cpu"\n[targets.here]\nbackend = "onnxruntime"\n'
+                    '[targets.edge]\nbackend = "onnxruntime"\ndevice = "edge"\n')
+    spec_path = tmp_path / "matrix.toml"
+    spec_path.write_text(f'[[models]]\nname = "digits"\npath = "{SAMPLES / "digits_cnn.onnx"}"\n'
+                         f'calib = "{SAMPLES / "digits_calib.npz"}"\neval = "{SAMPLES / "digits_eval.npz"}"\n'
+                         f'[matrix]\ntargets = ["here", "edge"]\nbatch_sizes = [1]\nprecisions = ["fp32", "int8"]\n'
+                         f'rounds = 2\nwarmup = 1\nmin_round_ms = 5\neval_samples = 128\ntargets_file = "{toml}"\n')
+    spec = load_spec(spec_path)
+    local = {c.key: c for c in run_matrix(spec, MatrixOptions(tmp_path / "local", db=tmp_path / "h.sqlite")).cells}
+    capsys.readouterr()
+    assert main(["matrix", str(spec_path), "--out", str(tmp_path / "ray"), "--db", str(tmp_path / "h.sqlite"),
+                 "--executor", "ray", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    on_ray = {f"{c['model']}/{c['target']}/b{c['batch_size']}/{c['precision']}": c for c in doc["cells"]}
+    assert set(on_ray) == set(local) and len(local) == 4
+    for key, cell in on_ray.items():
+        assert cell["status"] == "ok" == local[key].status, cell["error"]
+        assert (cell["top1_agreement"], cell["cosine"], cell["accuracy"]) == (
+            local[key].top1_agreement, local[key].cosine, local[key].accuracy)
+        assert cell["p50_ms"] and cell["speedup"] is not None

@@ -42,6 +42,10 @@ class Cell:
     speedup: float | None = None
     speedup_spread: float | None = None
     fp32_p50_ms: float | None = None
+    # this process's CPU time per call (all threads), median over rounds, and FP32's over INT8's per
+    # round: the work, which other processes' load does not stretch (a descheduled call uses no CPU)
+    cpu_ms: float | None = None
+    cpu_speedup: float | None = None
     # accuracy on the evaluation data (against onnxruntime FP32 and the labels)
     top1_agreement: float | None = None
     cosine: float | None = None
@@ -49,6 +53,7 @@ class Cell:
     fp32_accuracy: float | None = None
     eval_samples: int = 0
     guard: str = ""  # performance guard: why this INT8 cell is not faster than FP32
+    note: str = ""  # what a reader should know besides (e.g. why the guard held back)
     artifact: dict[str, Any] = field(default_factory=dict)  # key, path, rebuilt, checks
     env: dict[str, Any] = field(default_factory=dict)  # cpu, cores, threads, os, versions, load average
     seconds: dict[str, float] = field(default_factory=dict)

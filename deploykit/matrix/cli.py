@@ -35,7 +35,7 @@ def _split(text: str | None, cast: Any = str, flag: str = "") -> list[Any] | Non
 @click.command()
 @click.argument("spec_path", metavar="SPEC.toml", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path),
-              help="Output folder: matrix.md, .csv, .json, .html and the run's journal.")
+              help="Output folder: matrix.md, .csv, .json, .html, manifest.json and the run's journal.")
 @click.option("--db", type=click.Path(dir_okay=False, path_type=Path), help=DB_HELP)
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Artifact cache [default: $DEPLOYKIT_CACHE, else ~/.cache/deploykit].")
@@ -44,10 +44,15 @@ def _split(text: str | None, cast: Any = str, flag: str = "") -> list[Any] | Non
 @click.option("--precisions", help="Override the spec's precisions: fp32,fp16,int8.")
 @click.option("--rounds", type=int, help="Interleaved timing rounds per cell [default: the spec's, else 5].")
 @click.option("--allow-code", is_flag=True, help="Let the spec name module:function data sources (runs that code).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where the cells' check jobs run: local (this machine, and each remote device's agent) or ray "
+                   "(a Ray task per model x target on the node declaring resource device:NAME; docs/agent.md).")
+@click.option("--address", "ray_address", metavar="ADDR",
+              help="With --executor ray: the cluster to join (e.g. HEAD:6379) [default: start a local instance].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout instead of the table.")
 def matrix(spec_path: Path, out_dir: Path, db: Path | None, cache_dir: Path | None, targets: str | None,
            batch_sizes: str | None, precisions: str | None, rounds: int | None, allow_code: bool,
-           as_json: bool) -> None:
+           executor: str, ray_address: str | None, as_json: bool) -> None:
     """Benchmark every model of SPEC.toml on every target, batch size and precision.
 
     \b
@@ -70,9 +75,21 @@ def matrix(spec_path: Path, out_dir: Path, db: Path | None, cache_dir: Path | No
     spec = load_spec(spec_path, allow_code).with_overrides(
         _split(targets, str, "--targets"), _split(batch_sizes, int, "--batch-sizes"),
         _split(precisions, str, "--precisions"), rounds)
+    if ray_address and executor != "ray":
+        raise ConfigError("--address needs --executor ray")
+    checks_on = None
+    if executor == "ray":
+        from deploykit.matrix.run import targets_file_of
+        from deploykit.rayexec import RayExecutor
+        from deploykit.targets import load_targets
+
+        # a local instance stands for this machine's devices: those of the targets file without an address
+        path = targets_file_of(spec)
+        here = [d.name for d in load_targets(path).devices.values() if not d.address] if path else []
+        checks_on = RayExecutor(ray_address, devices=here)
     show = not as_json
     progress = _Progress(show)
-    opts = MatrixOptions(out_dir=out_dir, db=db, cache_dir=cache_dir,
+    opts = MatrixOptions(out_dir=out_dir, db=db, cache_dir=cache_dir, executor=checks_on,
                          on_event=progress.event, on_cell=progress.cell)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -80,21 +97,13 @@ def matrix(spec_path: Path, out_dir: Path, db: Path | None, cache_dir: Path | No
             result = run_matrix(spec, opts)
         finally:
             progress.stop()
-    loads = sorted({tuple(c.env.get("load_average", [])) for c in result.cells if c.env.get("load_average")})
-    ok = [c for c in result.cells if c.status == "ok"]
-    summary = (f"{len(result.cells)} cells ({len(ok)} measured, {len(result.errors)} errors) in "
-               f"{result.seconds:.1f} s; {result.rebuilt} artifact(s) built, the rest reused from the cache"
-               + ("; resumed" if result.resumed else ""))
-    meta = {"run_id": result.run_id, "spec": str(spec_path), "summary": summary, "env": result.env,
-            "load_average": f"{loads[0][0]}-{loads[-1][0]}" if loads else "n/a", "db": str(result.db),
-            "seconds": round(result.seconds, 1), "rebuilt": result.rebuilt, "resumed": result.resumed}
-    written = render.write_outputs(out_dir, result.cells, meta)
+    meta = result.meta
     if as_json:
         click.echo(json.dumps(render.json_doc(result.cells, meta), indent=2, allow_nan=False, default=str))
     else:
         click.echo(render.terminal(result.cells, meta, plain=not sys.stdout.isatty()))
-        click.echo(f"\nrun {result.run_id}: {summary}")
-        click.echo(f"wrote {', '.join(str(p) for p in written)}; history: {result.db}")
+        click.echo(f"\nrun {result.run_id}: {meta['summary']}")
+        click.echo(f"wrote {', '.join(str(p) for p in result.files)}; history: {result.db}")
     if result.errors:
         raise CheckFailed(f"{len(result.errors)} cell(s) errored (see {out_dir / 'matrix.md'})")
 
@@ -180,8 +189,14 @@ def results(db: Path | None, run_id: int | None, limit: int, as_json: bool) -> N
 def compare(run_a: int | None, run_b: int | None, db: Path | None, as_json: bool) -> None:
     """Compare two stored runs [default: the last two matrix runs]; flag the regressions larger
     than the measured noise (latency, accuracy, errors) and exit 1 when any is flagged, so CI
-    can gate on it. The 'noise:' line says what got worse inside the noise."""
-    from deploykit.compare import compare_cells, render
+    can gate on it.
+
+    \b
+    Each cell is a statistical test (its rounds' spread, the between-run spread across the
+    cells and from the cell's earlier runs of the same matrix), corrected for the number of
+    cells (Holm, family-wise 1%), and a change must exceed 10% (speed-up) or 25% (p50) to
+    count. The 'noise:' line says what got worse inside the noise. docs/matrix.md explains it."""
+    from deploykit.compare import HISTORY_RUNS, compare_cells, render
     from deploykit.history import History
     from deploykit.matrix.cell import Cell
 
@@ -196,9 +211,12 @@ def compare(run_a: int | None, run_b: int | None, db: Path | None, as_json: bool
                                   f"see 'deploykit results'")
             run_a, run_b = runs[1].id, runs[0].id
         h.run(run_a)
-        h.run(run_b)
+        b = h.run(run_b)
+        # earlier finished runs of the same matrix: each cell's own between-run spread
+        earlier = [r.id for r in h.runs(kind=b.kind) if r.id < run_b and r.id != run_a and r.status == "complete"
+                   and b.fingerprint and r.fingerprint == b.fingerprint][:HISTORY_RUNS]
         result = compare_cells([Cell.from_json(c) for c in h.cells(run_a)], [Cell.from_json(c) for c in h.cells(run_b)],
-                               run_a, run_b)
+                               run_a, run_b, [[Cell.from_json(c) for c in h.cells(i)] for i in earlier])
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2, allow_nan=False, default=str))
     else:

@@ -27,7 +27,7 @@ def _pct(value: float | None) -> str:
 
 
 def row(c: Cell) -> list[str]:
-    note = c.guard and ("GUARD: " + c.guard) or (c.error if c.status != "ok" else "")
+    note = c.guard and ("GUARD: " + c.guard) or (c.error if c.status != "ok" else c.note)
     speed = "-" if c.speedup is None else (f"{c.speedup:.2f}x" + (f" ±{c.speedup_spread * 50:.0f}%"
                                                                   if c.speedup_spread and c.precision != "fp32" else ""))
     rebuilt = c.artifact.get("rebuilt")
@@ -77,8 +77,8 @@ def markdown(cells: Sequence[Cell], meta: Mapping[str, Any]) -> str:
 
 def csv_text(cells: Sequence[Cell]) -> str:
     fields = ["model", "target", "backend", "device", "batch_size", "precision", "status", "p50_ms", "spread",
-              "p90_ms", "p99_ms", "throughput", "speedup", "speedup_spread", "fp32_p50_ms", "top1_agreement",
-              "cosine", "accuracy", "fp32_accuracy", "eval_samples", "memory_mb", "guard", "error", "rebuilt",
+              "p90_ms", "p99_ms", "throughput", "speedup", "speedup_spread", "fp32_p50_ms", "cpu_ms", "cpu_speedup", "top1_agreement",
+              "cosine", "accuracy", "fp32_accuracy", "eval_samples", "memory_mb", "guard", "note", "error", "rebuilt",
               "load_average", "threads"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")

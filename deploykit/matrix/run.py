@@ -1,20 +1,23 @@
 """Run a benchmark matrix: models x targets x batch sizes x precisions.
 
 Per model: normalise, calibrate once into the canonical model (cached by content), evaluate
-FP32 in onnxruntime as the accuracy reference. Per model x target (one *group*): lower the
-INT8 artifact (cached by content: an unchanged cell is never rebuilt), load it and the same
-runtime's FP32 model, measure accuracy per precision, then time every precision of each batch
-size in interleaved rounds. Each finished cell goes to the journal and the history at once,
+FP32 and the canonical model in onnxruntime as the references. Per model x target (one
+*group*): lower the INT8 artifact (cached by content: an unchanged cell is never rebuilt),
+then run the group as one :class:`deploykit.jobs.CheckJob` on the executor
+(``MatrixOptions.executor``: this process by default; a device agent or Ray elsewhere): the
+job measures the artifact's and the backend's FP32 accuracy, and times both in alternating
+rounds at every batch size. Each finished cell goes to the journal and the history at once,
 so an interrupted matrix resumes; an error fails its own cells only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import platform
-import tempfile
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -23,10 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from deploykit import checks, data, model as modelmod
+from deploykit import checks, data, model as modelmod, timing
 from deploykit.errors import ConfigError, DeploykitError
 from deploykit.fileio import sha256 as file_hash
 from deploykit.history import History
+from deploykit.jobs import CheckJob, CheckSettings, Executor, LocalExecutor
 from deploykit.matrix.cache import (
     Cache,
     key_of,
@@ -35,16 +39,23 @@ from deploykit.matrix.cache import (
     toolchain_versions,
 )
 from deploykit.matrix.cell import Cell
-from deploykit.matrix.journal import Journal
-from deploykit.matrix.measure import interleaved, rss_mb, summarise_ratio
+from deploykit.matrix.render import write_outputs
 from deploykit.matrix.spec import MatrixSpec, ModelSpec
+from deploykit.outdir import OutDir
+from deploykit.pipeline import choose_profile, resolve_recipe
 from deploykit.plugins import Registry, load_registry
+from deploykit.reference import canonical_runner, fp32_runner
+from deploykit.remote import DEVICE_NOTE, on_devices
+from deploykit.results import CheckResult
 from deploykit.targets import Target, TargetsFile, load_targets
 
 log = logging.getLogger("deploykit")
 
 #: below this FP32 p50 (ms per call) the guard blames per-call overhead
 TINY_CALL_MS = 0.25
+#: an INT8 cell whose CPU time per call is this much below FP32's, measured under a load above
+#: the machine's cores, is not guarded for a wall-clock ratio at or below 1.0 (see guard())
+CPU_CLEARS = 1.05
 
 
 @dataclass
@@ -52,6 +63,8 @@ class MatrixOptions:
     out_dir: Path
     db: Path | None = None
     cache_dir: Path | None = None
+    #: runs each model x target's check job (default: LocalExecutor, this process)
+    executor: Executor | None = None
     on_event: Callable[[str], None] = field(default=lambda msg: None)
     on_cell: Callable[[Cell, int, int], None] = field(default=lambda cell, done, total: None)
 
@@ -66,6 +79,8 @@ class MatrixResult:
     db: Path
     env: dict[str, Any]
     rebuilt: int = 0  # artifacts lowered in this run (0 on an unchanged rerun)
+    meta: dict[str, Any] = field(default_factory=dict)  # what the outputs say besides the cells
+    files: list[Path] = field(default_factory=list)  # the outputs written
 
     @property
     def errors(self) -> list[Cell]:
@@ -76,12 +91,52 @@ def plan(spec: MatrixSpec, targets: list[Target]) -> list[tuple[ModelSpec, Targe
     return [(m, t, b, p) for m in spec.models for t in targets for b in spec.batch_sizes for p in spec.precisions]
 
 
-def resolve_targets(spec: MatrixSpec, registry: Registry) -> list[Target]:
-    path = spec.targets_file
-    if path is None and Path("targets.toml").is_file():
-        path = Path("targets.toml")
+def targets_file_of(spec: MatrixSpec) -> Path | None:
+    """The spec's targets file, else ./targets.toml when there is one."""
+    if spec.targets_file is None and Path("targets.toml").is_file():
+        return Path("targets.toml")
+    return spec.targets_file
+
+
+def resolve_targets(spec: MatrixSpec, registry: Registry) -> tuple[TargetsFile, list[Target]]:
+    """The targets file (the spec's, else ./targets.toml, else none) and the matrix's targets."""
+    path = targets_file_of(spec)
     tf = load_targets(path) if path is not None else TargetsFile(None, {}, {})
-    return [replace(t, batch_sizes=spec.batch_sizes) for t in registry.resolve(tf, list(spec.targets))]
+    return tf, [replace(t, batch_sizes=spec.batch_sizes) for t in registry.resolve(tf, list(spec.targets))]
+
+
+@dataclass(frozen=True)
+class Calibrate:
+    """How each model is calibrated: what ``deploykit build`` does with the same targets file
+    and these targets (method, samples, percentile, batch, recipe, activation profile, float
+    islands), unless the spec says otherwise; so a matrix cell's artifact is the build's."""
+
+    method: str
+    samples: int
+    percentile: float
+    batch_size: int
+    recipe: str  # unresolved ("auto" is resolved per network)
+    recipe_where: str
+    activations: str
+    activations_why: str
+    keep_float: tuple[str, ...]
+    keep_float_where: str
+    preprocess: Any
+
+    @classmethod
+    def of(cls, spec: MatrixSpec, tf: TargetsFile, targets: list[Target], registry: Registry) -> Calibrate:
+        cal = tf.calibration
+        where = str(spec.path or "matrix.toml") + " [matrix] key '{}'"
+        profile, why = choose_profile(targets, registry, spec.activations, tf.quantization.activations,
+                                      tf.where("quantization", "activations"))
+        return cls(spec.method or cal.method, spec.calib_samples or cal.samples, cal.percentile, cal.batch_size,
+                   spec.recipe if spec.recipe is not None else cal.recipe,
+                   where.format("recipe") if spec.recipe is not None else tf.where("calibration", "recipe"),
+                   profile, why, tuple(tf.quantization.keep_float), tf.where("quantization", "keep_float"),
+                   tf.preprocess)
+
+    def describe(self, recipe: str) -> str:
+        return f"{self.method}, {self.activations} activations ({self.activations_why}), recipe {recipe}"
 
 
 def host_env() -> dict[str, Any]:
@@ -110,67 +165,121 @@ def load_average() -> list[float]:
 
 
 def run_matrix(spec: MatrixSpec, opts: MatrixOptions, registry: Registry | None = None) -> MatrixResult:
+    """Measure every cell of ``spec`` into ``opts.out_dir`` and the history; write the outputs.
+
+    The folder is a :class:`deploykit.outdir.OutDir`: locked for the run, each finished cell a
+    journaled step, so a rerun after an interruption resumes the same run id and measures only
+    the missing cells; the outputs (matrix.md, .csv, .json, .html) replace the previous run's
+    only at the end."""
     registry = registry or load_registry()
-    targets = resolve_targets(spec, registry)  # unknown targets fail before any work
+    tf, targets = resolve_targets(spec, registry)  # unknown targets fail before any work
+    calibrate = Calibrate.of(spec, tf, targets, registry)  # a bad profile or target fails here too
     for m in spec.models:
         if not m.path.is_file():
             raise ConfigError(f"{spec.path or 'matrix.toml'}: model '{m.name}': {m.path} not found")
     cells_plan = plan(spec, targets)
     env = host_env()
     fingerprint = spec.fingerprint()
-    journal = Journal(opts.out_dir)
-    journal.lock()
     started = time.monotonic()
-    try:
-        journal.read()
+    with OutDir(opts.out_dir) as out:
         history = History(opts.db)
         db = str(history.path.resolve())
         with history:
-            resumed = journal.resumable(fingerprint, db)
-            if resumed:
-                run_id = int(journal.header["run_id"])
+            run_key = key_of("matrix-run", fingerprint, db)
+            header = out.finished(RUN_STEP, run_key)
+            resumed = header is not None
+            if header is not None:
+                run_id = int(header["run_id"])
                 history.reopen_run(run_id)
-                history.add_cells(run_id, journal.cells.values())  # the journal is the truth for this folder
-                opts.on_event(f"resuming run {run_id}: {len(journal.cells)} of {len(cells_plan)} cells already done")
             else:
                 run_id = history.start_run("matrix", str(spec.path or ""), fingerprint, str(opts.out_dir.resolve()),
                                            {**env, "load_average": load_average()})
-            journal.start({"run_id": run_id, "fingerprint": fingerprint, "db": db, "status": "running",
-                           "spec": str(spec.path or "")}, keep_cells=resumed)
-            runner = _Runner(spec, opts, registry, history, journal, run_id, env, len(cells_plan))
+                with out.step(RUN_STEP, run_key) as step:
+                    step.payload.update(run_id=run_id, fingerprint=fingerprint, db=db)
+            runner = _Runner(spec, opts, registry, history, out, f"{run_key}:{run_id}", run_id, env, len(cells_plan),
+                             calibrate)
+            kept = [runner.finished(_key(m, t, b, p)) for m, t, b, p in cells_plan]
+            if resumed:  # the folder's journal is the truth: the history gets each kept cell (once)
+                history.add_cells(run_id, [c for c in kept if c is not None])
+                opts.on_event(f"resuming run {run_id}: {sum(c is not None for c in kept)} of {len(cells_plan)} "
+                              f"cells already done")
             for m in spec.models:
                 runner.model(m, targets)
             history.finish_run(run_id)
-            journal.complete()
         order = {(m.name, t.name, b, p): i for i, (m, t, b, p) in enumerate(cells_plan)}
-        cells = sorted((Cell.from_json(c) for c in journal.cells.values()),
+        cells = sorted((Cell.from_json(c) for c in runner.cells.values()),
                        key=lambda c: order.get((c.model, c.target, c.batch_size, c.precision), 1 << 30))
-        return MatrixResult(run_id, resumed, cells, time.monotonic() - started, opts.out_dir, Path(db), env,
-                            runner.rebuilt)
-    finally:
-        journal.unlock()
+        result = MatrixResult(run_id, resumed, cells, time.monotonic() - started, opts.out_dir, Path(db), env,
+                              runner.rebuilt)
+        result.meta = _meta(spec, result)
+        with out.step(OUTPUT_STEP, uuid.uuid4().hex) as step:
+            write_outputs(step.dir, cells, result.meta)
+        manifest = {"kind": "deploykit.matrix", "run_id": run_id, "spec": str(spec.path or ""), "db": db,
+                    "cells": len(cells), "errors": len(result.errors), "summary": result.meta["summary"]}
+        published = out.publish({name: "" for name in out.journal["steps"]}, manifest, None)
+        result.files = [opts.out_dir / f for f in published if f.startswith("matrix.")]
+        return result
+
+
+RUN_STEP = "run"
+OUTPUT_STEP = "outputs"
+
+
+def _key(m: ModelSpec, t: Target, b: int, p: str) -> str:
+    return f"{m.name}/{t.name}/b{b}/{p}"  # = Cell.key
+
+
+def _step_name(cell_key: str) -> str:
+    """A cell's journal step (a folder name: the key's hash, since cell keys hold slashes)."""
+    return "cell-" + hashlib.sha256(cell_key.encode()).hexdigest()[:24]
+
+
+def _meta(spec: MatrixSpec, result: MatrixResult) -> dict[str, Any]:
+    """What the outputs say about the run besides the cells."""
+    loads = sorted({tuple(c.env.get("load_average", [])) for c in result.cells if c.env.get("load_average")})
+    ok = [c for c in result.cells if c.status == "ok"]
+    summary = (f"{len(result.cells)} cells ({len(ok)} measured, {len(result.errors)} errors) in "
+               f"{result.seconds:.1f} s; {result.rebuilt} artifact(s) built, the rest reused from the cache"
+               + ("; resumed" if result.resumed else ""))
+    return {"run_id": result.run_id, "spec": str(spec.path or ""), "summary": summary, "env": result.env,
+            "load_average": f"{loads[0][0]}-{loads[-1][0]}" if loads else "n/a", "db": str(result.db),
+            "seconds": round(result.seconds, 1), "rebuilt": result.rebuilt, "resumed": result.resumed}
 
 
 class _Runner:
     def __init__(self, spec: MatrixSpec, opts: MatrixOptions, registry: Registry, history: History,
-                 journal: Journal, run_id: int, env: dict[str, Any], total: int) -> None:
-        self.spec, self.opts, self.registry = spec, opts, registry
-        self.history, self.journal, self.run_id, self.env = history, journal, run_id, env
+                 out: OutDir, run_key: str, run_id: int, env: dict[str, Any], total: int,
+                 calibrate: Calibrate) -> None:
+        self.spec, self.opts, self.registry, self.calibrate = spec, opts, registry, calibrate
+        self.history, self.out, self.run_key, self.run_id, self.env = history, out, run_key, run_id, env
         self.total = total
         self.cache = Cache(opts.cache_dir)
+        # a remote device's cells go to its agent, unless the executor places jobs itself (Ray)
+        self.executor: Executor = on_devices(opts.executor or LocalExecutor(registry))
         self.rebuilt = 0
+        self.cells: dict[str, dict[str, Any]] = {}  # this run's finished cells, kept and new
 
     # ------------------------------------------------------------------ bookkeeping
+    def finished(self, key: str) -> dict[str, Any] | None:
+        """A cell this run finished before an interruption (its journal step), else None."""
+        payload = self.out.finished(_step_name(key), self.run_key)
+        if payload is not None:
+            self.cells[key] = payload["cell"]
+            return dict(payload["cell"])
+        return None
+
     def done(self, key: str) -> bool:
-        return key in self.journal.cells
+        return key in self.cells
 
     def record(self, cell: Cell) -> None:
         if self.done(cell.key):  # resumed: never measured twice
             return
         raw = cell.to_json()
-        self.journal.add(cell.key, raw)
+        with self.out.step(_step_name(cell.key), self.run_key) as step:  # journaled (fsync) before it counts
+            step.payload["cell"] = raw
+        self.cells[cell.key] = raw
         self.history.add_cells(self.run_id, [raw])
-        self.opts.on_cell(cell, len(self.journal.cells), self.total)
+        self.opts.on_cell(cell, len(self.cells), self.total)
 
     def blank(self, m: ModelSpec, t: Target, b: int, p: str) -> Cell:
         threads = t.options.get("threads", t.options.get("num_threads", "default")) or "default"
@@ -190,7 +299,7 @@ class _Runner:
         keys = [self.blank(m, t, b, p).key for t in targets for b in self.spec.batch_sizes for p in self.spec.precisions]
         if all(self.done(k) for k in keys):
             return
-        self.opts.on_event(f"model {m.name}: calibrating ({self.spec.method}) and FP32 reference")
+        self.opts.on_event(f"model {m.name}: canonical model (cached by content) and the references")
         try:
             prepared = self.prepare(m)
         except DeploykitError as exc:
@@ -204,39 +313,50 @@ class _Runner:
             self.group(m, t, prepared)
 
     def prepare(self, m: ModelSpec) -> _Prepared:
-        from deploykit.quantize import load_canonical, quantize, write_canonical
+        from deploykit.quantize import load_canonical, quantize, requantize, write_canonical
+        from deploykit.quantize.islands import resolve_keep_float
 
+        c = self.calibrate
         raw = modelmod.load_onnx(m.path)
         fp32 = modelmod.normalise(raw, str(m.path))
         specs = modelmod.input_specs(fp32)
         versions = self.env["versions"]
+        recipe = resolve_recipe(None, c.recipe, c.recipe_where, fp32)
+        float_layers = resolve_keep_float(fp32, list(c.keep_float), c.keep_float_where) if c.keep_float else []
         calib_hash = file_hash(m.calib) if m.calib and Path(m.calib).exists() else str(m.calib)
-        ckey = key_of("canonical", file_hash(m.path), calib_hash, self.spec.method, self.spec.calib_samples,
-                      versions.get("deploykit"), versions.get("onnx"), versions.get("onnxruntime"))
+        ckey = key_of("canonical", file_hash(m.path), calib_hash, c.method, c.samples, c.percentile, c.batch_size,
+                      recipe, c.activations, float_layers, str(c.preprocess), versions.get("deploykit"),
+                      versions.get("onnx"), versions.get("onnxruntime"))
 
         def build(folder: Path) -> None:
-            src = data.open_source(m.calib, specs, None, self.spec.calib_samples) if m.calib else None
+            src = data.open_source(m.calib, specs, c.preprocess, c.samples) if m.calib else None
             if src is None:
                 warnings.warn(f"model {m.name}: no calib data; calibrating on random inputs", stacklevel=2)
                 src = data.RandomSource(specs, 64, 0)
-            result = quantize(fp32, src, self.spec.method, source_hash=file_hash(m.path))
+            self.opts.on_event(f"model {m.name}: calibrating ({c.describe(recipe)}) on {src.description}")
+            result = quantize(fp32, src, c.method, c.percentile, c.batch_size, file_hash(m.path),
+                              activations=c.activations, recipe=recipe)
+            if float_layers:  # from the same statistics, as the build
+                result = requantize(result, fp32, float_layers=float_layers)
             write_canonical(result, fp32, folder)
 
         folder, built = self.cache.get_or_build("canonical", ckey, build)
         canonical = load_canonical(folder / "canonical.qdq.onnx")
         eval_spec = m.eval or m.calib
-        src = data.open_source(eval_spec, specs, None, self.spec.eval_samples) if eval_spec else None
+        src = data.open_source(eval_spec, specs, c.preprocess, self.spec.eval_samples) if eval_spec else None
         if src is None:
             src = data.RandomSource(specs, 64, 1)
         fixed = modelmod.fixed_batch(specs)
         eval_batch = fixed or max(self.spec.batch_sizes)
         feeds, label_arr = data.collect_batches(src, eval_batch)
-        reference = checks.run_all(_ort_runner(canonical.fp32_path, {}), feeds)
+        reference = checks.run_all(fp32_runner(canonical.fp32_path), feeds)
+        reference_canonical = checks.run_all(canonical_runner(canonical.path), feeds)  # the jobs' fidelity reference
         classification = checks.classifies(m.task, reference[0])
         fp32_acc = checks.task_accuracy(reference[0], label_arr) if label_arr is not None and classification else None
         if feeds:  # what a target that needs fixed shapes (TFLite) fixes dynamic dims to, as the build does
             canonical = replace(canonical, example_shapes={name: (1, *a.shape[1:]) for name, a in feeds[0].items()})
-        return _Prepared(canonical, ckey, built, feeds, label_arr, reference, classification, fp32_acc, fixed)
+        return _Prepared(canonical, ckey, built, feeds, label_arr, reference, reference_canonical, classification,
+                         fp32_acc, fixed)
 
     # ------------------------------------------------------------------ per model x target
     def group(self, m: ModelSpec, t: Target, prep: _Prepared) -> None:
@@ -253,18 +373,13 @@ class _Runner:
             if not av.can_lower:
                 self._not_run(m, t, todo, f"{av.reason}" + (f" (install: {av.install_hint})" if av.install_hint else ""))
                 return
-            art_info: dict[str, Any] = {}
-            artifact = None
-            if "int8" in self.spec.precisions:
-                artifact, art_info = self.lower(backend, t, prep)
-            not_here = av.reason if not av.can_run else (
-                f"device '{t.device.name}' is remote ({t.device.address}); its checks run through its agent"
-                if t.device.address else "")
+            # the job times INT8 beside FP32, so an fp32-only matrix lowers too (cached all the same)
+            artifact, art_info = self.lower(backend, t, prep)
+            not_here = self.executor.accepts(t, av)
             if not_here:
-                what = "lowered and verified; " if artifact is not None else ""
-                self._not_run(m, t, todo, f"{what}checks not run: {not_here}", art_info)
+                self._not_run(m, t, todo, f"lowered and verified; checks not run: {not_here}", art_info)
                 return
-            self._measure(m, t, prep, backend, artifact, art_info, todo, time.monotonic() - t0)
+            self._measure(m, t, prep, artifact, art_info, todo, time.monotonic() - t0)
         except DeploykitError as exc:
             self._errors(m, t, todo, str(exc))
         except Exception as exc:  # a plugin bug fails this group's cells only
@@ -305,98 +420,112 @@ class _Runner:
             cell.status, cell.error = "error", why
             self.record(cell)
 
-    def _measure(self, m: ModelSpec, t: Target, prep: _Prepared, backend: Any, artifact: Any,
-                 art_info: dict[str, Any], todo: list[tuple[int, str]], lower_s: float) -> None:
-        precisions = sorted({p for _, p in todo}, key=["fp32", "fp16", "int8"].index)
-        base_rss = rss_mb()
-        runners: dict[str, Any] = {}
-        notes: dict[str, str] = {}
-        with tempfile.TemporaryDirectory(prefix="deploykit-matrix-") as scratch:
-            if "int8" in precisions:
-                runners["int8"] = backend.load(artifact, t)
-            if "fp32" in precisions or "int8" in precisions:
-                fp32 = backend.fp32_runner(prep.canonical, t, Path(scratch))
-                if fp32 is None and t.backend == "onnxruntime":
-                    fp32 = _ort_runner(prep.canonical.fp32_path, t.options)
-                if fp32 is None:
-                    notes["fp32"] = f"backend {t.backend} has no FP32 runner"
+    def _measure(self, m: ModelSpec, t: Target, prep: _Prepared, artifact: Any, art_info: dict[str, Any],
+                 todo: list[tuple[int, str]], lower_s: float) -> None:
+        """Run the group's check job on the executor and turn its result into cells."""
+        sizes = sorted({b for b, _ in todo})
+        if prep.fixed_batch:  # a fixed-batch model runs only full batches
+            other = [(b, p) for b, p in todo if b != prep.fixed_batch]
+            if other:
+                self._not_run(m, t, other, f"the model has a fixed batch size of {prep.fixed_batch}")
+            sizes = [b for b in sizes if b == prep.fixed_batch]
+            if not sizes:
+                return
+        target = replace(t, batch_sizes=tuple(sizes), warmup=self.spec.warmup)
+        settings = CheckSettings(prep.classification, prep.fp32_accuracy, rounds=self.spec.rounds,
+                                 min_round_ms=self.spec.min_round_ms, layers=False, fp32_checks=True)
+        job = CheckJob(target, artifact, prep.canonical.path, prep.canonical.fp32_path, tuple(prep.feeds),
+                       prep.labels, tuple(prep.reference), tuple(prep.reference_canonical), settings)
+        t1 = time.monotonic()
+        result = self.executor.run(job)
+        job_s = time.monotonic() - t1
+        load = load_average()
+        device = result.notes.get(DEVICE_NOTE)  # where a remote device's agent ran it
+        if len(result.latency) != len(sizes):
+            raise DeploykitError(f"the check job returned latency for {len(result.latency)} batch sizes, "
+                                 f"not {len(sizes)}")
+        int8_values, fp32_values = _values(result.checks), _values(result.fp32_checks)
+        n = len(prep.reference[0]) if prep.reference else 0
+        seconds = {"lower": round(lower_s, 3), "job": round(job_s, 3),
+                   **{k: round(v, 3) for k, v in result.seconds.items()}}
+        for b, entry in zip(sizes, result.latency):
+            for p in [p for p in ("fp32", "fp16", "int8") if (b, p) in todo]:
+                cell = self.blank(m, t, b, p)
+                cell.env["load_average"] = load
+                if device:
+                    cell.env["device"] = device
+                cell.seconds = dict(seconds)
+                if p == "fp16":
+                    cell.status, cell.error = "not_run", f"backend {t.backend} has no fp16 mode on this device"
+                elif p == "int8":
+                    cell.artifact = dict(art_info)
+                    _fill(cell, entry.stats.p50_ms, entry.stats, entry.rounds_ms, entry.calls_per_round, int8_values, n)
+                    cell.fp32_p50_ms = entry.fp32_p50_ms
+                    cell.cpu_ms = _median(entry.cpu_rounds_ms)
+                    if entry.fp32_rounds_ms:
+                        cell.speedup, cell.speedup_spread = timing.summarise_ratio(
+                            _ratios(entry.fp32_rounds_ms, entry.rounds_ms))
+                    elif entry.speedup is not None:
+                        cell.speedup, cell.speedup_spread = entry.speedup, None
+                    if entry.fp32_cpu_rounds_ms and entry.cpu_rounds_ms:
+                        cell.cpu_speedup = timing.summarise_ratio(
+                            _ratios(entry.fp32_cpu_rounds_ms, entry.cpu_rounds_ms))[0]
+                    cell.guard, cell.note = guard(cell, art_info)
+                elif entry.fp32_stats is None:
+                    cell.status, cell.error = "not_run", result.notes.get(
+                        "fp32_runner", result.notes.get("fp32_baseline_error", f"backend {t.backend} has no FP32 runner"))
                 else:
-                    runners["fp32"] = fp32
-            if "fp16" in precisions:
-                notes["fp16"] = f"backend {t.backend} has no fp16 mode on this device"
-            try:
-                load_s = time.monotonic()
-                accuracy = {p: self._accuracy(r, prep) for p, r in runners.items()}
-                acc_s = time.monotonic() - load_s
-                for b in self.spec.batch_sizes:
-                    wanted = [p for p in precisions if (b, p) in todo]
-                    if not wanted:
-                        continue
-                    timed = {p: runners[p] for p in precisions if p in runners}  # FP32 always, for the speed-up
-                    feeds = _latency_feeds(prep.feeds, b if not prep.fixed_batch else prep.fixed_batch)
-                    t1 = time.monotonic()
-                    try:
-                        timings, ratios = interleaved(timed, feeds, self.spec.rounds, self.spec.warmup,
-                                                      self.spec.min_round_ms) if timed else ({}, {})
-                    except Exception as exc:
-                        log.debug("timing %s/%s b%d failed", m.name, t.name, b, exc_info=True)
-                        self._errors(m, t, [(b, p) for p in wanted], f"timing at batch {b}: {type(exc).__name__}: {exc}")
-                        continue
-                    load = load_average()
-                    for p in wanted:
-                        cell = self.blank(m, t, b, p)
-                        cell.env["load_average"] = load
-                        cell.seconds = {"lower": round(lower_s, 3), "accuracy": round(acc_s, 3),
-                                        "timing": round(time.monotonic() - t1, 3)}
-                        if p == "int8":
-                            cell.artifact = dict(art_info)
-                        elif p == "fp32":
-                            cell.artifact = {"key": prep.canonical_key, "path": str(prep.canonical.fp32_path),
-                                             "rebuilt": prep.canonical_built}
-                        if p not in timings:
-                            cell.status, cell.error = "not_run", notes.get(p, f"no {p} runner")
-                            self.record(cell)
-                            continue
-                        tm = timings[p]
-                        cell.p50_ms, cell.p90_ms, cell.p99_ms = tm.p50_ms, tm.p90_ms, tm.p99_ms
-                        cell.spread, cell.round_ms, cell.calls_per_round = tm.spread, tm.round_ms, tm.calls_per_round
-                        cell.throughput = tm.throughput
-                        cell.memory_mb = round(max(0.0, tm.peak_rss_mb - base_rss), 1)
-                        if "fp32" in timings:
-                            cell.fp32_p50_ms = timings["fp32"].p50_ms
-                        if p in ratios:
-                            cell.speedup, cell.speedup_spread = summarise_ratio(ratios[p])
-                        elif p == "fp32":
-                            cell.speedup, cell.speedup_spread = 1.0, 0.0
-                        acc = accuracy.get(p, {})
-                        cell.top1_agreement, cell.cosine = acc.get("top1_agreement"), acc.get("cosine")
-                        cell.accuracy, cell.fp32_accuracy = acc.get("accuracy"), prep.fp32_accuracy
-                        cell.eval_samples = int(acc.get("n", 0))
-                        if p == "int8":
-                            cell.guard = guard(cell, art_info)
-                        self.record(cell)
-            finally:
-                for runner in runners.values():  # runners that hold native sessions say so with close()
-                    close = getattr(runner, "close", None)
-                    if callable(close):
-                        close()
-
-    def _accuracy(self, runner: Any, prep: _Prepared) -> dict[str, float]:
-        got = checks.run_all(runner, prep.feeds)
-        measured = checks.compare(prep.reference, got, classification=prep.classification)
-        out = {"cosine": measured["cosine"], "n": float(len(got[0]))}
-        if "top1_agreement" in measured:
-            out["top1_agreement"] = measured["top1_agreement"]
-        if prep.labels is not None and prep.classification:
-            out["accuracy"] = checks.task_accuracy(got[0], prep.labels)
-        return out
+                    cell.artifact = {"key": prep.canonical_key, "path": str(prep.canonical.fp32_path),
+                                     "rebuilt": prep.canonical_built}
+                    _fill(cell, entry.fp32_stats.p50_ms, entry.fp32_stats, entry.fp32_rounds_ms,
+                          entry.fp32_calls_per_round, fp32_values, n)
+                    cell.fp32_p50_ms = entry.fp32_stats.p50_ms
+                    cell.cpu_ms = _median(entry.fp32_cpu_rounds_ms)
+                    cell.speedup, cell.speedup_spread = 1.0, 0.0
+                cell.fp32_accuracy = prep.fp32_accuracy
+                self.record(cell)
 
 
-def guard(cell: Cell, art_info: Mapping[str, Any]) -> str:
-    """The performance guard: an INT8 cell not faster than the same runtime's FP32, with the
-    likely cause ('' when it is faster)."""
+def _values(results: list[CheckResult]) -> dict[str, float]:
+    return {c.name: float(c.value) for c in results if c.value is not None}
+
+
+def _ratios(fp32: tuple[float, ...], int8: tuple[float, ...]) -> list[float]:
+    """The per-round speed-ups: FP32's round figure over INT8's, round by round."""
+    return [f / q if q > 0 else 0.0 for f, q in zip(fp32, int8)]
+
+
+def _median(values: tuple[float, ...]) -> float | None:
+    return float(np.median(values)) if values else None
+
+
+def _fill(cell: Cell, p50: float, stats: Any, rounds_ms: tuple[float, ...], calls: int, values: Mapping[str, float],
+          n: int) -> None:
+    """Latency and accuracy of one precision into its cell."""
+    cell.p50_ms, cell.p90_ms, cell.p99_ms, cell.throughput = p50, stats.p90_ms, stats.p99_ms, stats.throughput
+    cell.round_ms, cell.calls_per_round = list(rounds_ms), calls
+    cell.spread = (max(rounds_ms) - min(rounds_ms)) / p50 if rounds_ms and p50 > 0 else None
+    cell.top1_agreement, cell.cosine = values.get("top1_agreement"), values.get("cosine")
+    cell.accuracy, cell.memory_mb = values.get("accuracy"), values.get("memory_mb")
+    if cell.memory_mb is not None:
+        cell.memory_mb = round(cell.memory_mb, 1)
+    cell.eval_samples = n
+
+
+def guard(cell: Cell, art_info: Mapping[str, Any]) -> tuple[str, str]:
+    """The performance guard: (why this INT8 cell is not faster than the same runtime's FP32,
+    or ''; a note when the guard held back).
+
+    It holds back in one case: the wall-clock speed-up is at most 1.0, but the machine was
+    oversubscribed (load average above its cores) and INT8 took clearly less CPU time per call
+    in the same rounds (CPU_CLEARS). Then the wall clock measured the load, not the kernels: a
+    call that outlasts a time slice waits for other processes, one that fits in it does not."""
     if cell.speedup is None or cell.speedup > 1.0:
-        return ""
+        return "", ""
+    load, cores = (cell.env.get("load_average") or [0.0])[0], cell.env.get("cores") or 1
+    if cell.cpu_speedup is not None and cell.cpu_speedup > CPU_CLEARS and load > cores:
+        return "", (f"INT8 took {cell.cpu_speedup:.2f}x less CPU per call than FP32 in the same rounds; the "
+                    f"wall-clock {cell.speedup:.2f}x is the load's ({load:g} on {cores} cores), not the kernels'")
     causes = []
     for c in art_info.get("checks", []):
         if c.get("name") == "int8_fraction" and c.get("value") is not None and c["value"] < 1.0:
@@ -408,7 +537,8 @@ def guard(cell: Cell, art_info: Mapping[str, Any]) -> str:
                       "so this runtime's INT8 kernels do not beat its FP32 ones at this size")
     if not causes:
         causes.append("this runtime's INT8 kernels are no faster than its FP32 ones on this CPU at this size")
-    return f"INT8 not faster than {cell.backend} FP32 ({cell.speedup:.2f}x): likely " + "; ".join(causes)
+    cpu = f"; CPU time per call {cell.cpu_speedup:.2f}x" if cell.cpu_speedup is not None else ""
+    return f"INT8 not faster than {cell.backend} FP32 ({cell.speedup:.2f}x{cpu}): likely " + "; ".join(causes), ""
 
 
 @dataclass
@@ -419,40 +549,7 @@ class _Prepared:
     feeds: list[dict[str, np.ndarray]]
     labels: np.ndarray | None
     reference: list[np.ndarray]
+    reference_canonical: list[np.ndarray]
     classification: bool
     fp32_accuracy: float | None
     fixed_batch: int | None
-
-
-def _ort_runner(path: Path, options: Mapping[str, Any]) -> Any:
-    """FP32 in onnxruntime with the target's thread and optimisation options."""
-    import onnxruntime as ort  # type: ignore[import-untyped]
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    threads = int(options.get("threads") or 0)
-    if threads:
-        so.intra_op_num_threads = threads
-    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-    so.graph_optimization_level = levels.get(str(options.get("graph_optimization_level", "all")),
-                                             ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-    class _Runner:
-        def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-            return list(session.run(None, dict(feeds)))
-
-    return _Runner()
-
-
-def _latency_feeds(batches: list[dict[str, np.ndarray]], batch_size: int) -> dict[str, np.ndarray]:
-    """The first ``batch_size`` evaluation samples (repeated when there are fewer)."""
-    taken, n = [], 0
-    for b in batches:
-        taken.append(b)
-        n += len(next(iter(b.values())))
-        if n >= batch_size:
-            break
-    reps = -(-batch_size // max(n, 1))
-    return {k: np.ascontiguousarray(np.concatenate([b[k] for b in taken] * reps)[:batch_size]) for k in taken[0]}

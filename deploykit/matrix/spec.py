@@ -15,8 +15,12 @@ benchmark matrix. Every key is validated here; errors name the file, the table a
     batch_sizes = [1, 8]
     precisions = ["fp32", "int8"]   # fp32 | fp16 | int8
     targets_file = "targets.toml"   # optional, relative to the spec; default ./targets.toml if present
-    method = "minmax"               # calibration method
-    calib_samples = 256             # calibration samples
+    # calibration: by default exactly what `deploykit build` does with the same targets file
+    # ([calibration] method, samples, recipe; the activation profile chosen from the targets)
+    method = "minmax"               # optional: minmax | percentile | entropy | mse
+    recipe = "auto"                 # optional: an accuracy-recovering recipe (docs/recipes.md)
+    activations = "symmetric"       # optional: symmetric | asymmetric
+    calib_samples = 512             # optional: calibration samples
     eval_samples = 500              # evaluation samples (accuracy)
     rounds = 5                      # interleaved timing rounds
     warmup = 5                      # calls before the first round
@@ -40,7 +44,7 @@ METHODS = ("minmax", "percentile", "entropy", "mse")
 TASKS = ("auto", "classification", "other")
 _MODEL_KEYS: dict[str, type] = {"name": str, "path": str, "calib": str, "eval": str, "task": str}
 _MATRIX_KEYS: dict[str, type] = {"targets": list, "batch_sizes": list, "precisions": list, "targets_file": str, "method": str,
-                "calib_samples": int, "eval_samples": int, "rounds": int, "warmup": int, "min_round_ms": float}
+                "recipe": str, "activations": str, "calib_samples": int, "eval_samples": int, "rounds": int, "warmup": int, "min_round_ms": float}
 
 
 @dataclass(frozen=True)
@@ -60,8 +64,10 @@ class MatrixSpec:
     batch_sizes: tuple[int, ...] = (1,)
     precisions: tuple[str, ...] = ("fp32", "int8")
     targets_file: Path | None = None
-    method: str = "minmax"
-    calib_samples: int = 256
+    method: str | None = None  # None: the targets file's [calibration] method, as the build
+    recipe: str | None = None  # None: the targets file's [calibration] recipe (default auto)
+    activations: str | None = None  # None: [quantization] activations, else chosen from the targets
+    calib_samples: int | None = None  # None: the targets file's [calibration] samples
     eval_samples: int = 500
     rounds: int = 5
     warmup: int = 5
@@ -137,16 +143,21 @@ def parse_spec(raw: dict[str, Any], path: Path | None = None, allow_code: bool =
     _check_keys(mx, _MATRIX_KEYS, loc)
     if "targets" not in mx:
         raise ConfigError(f"{loc}: missing key 'targets' (e.g. targets = [\"onnxruntime\", \"openvino\"])")
-    method = mx.get("method", "minmax")
-    if method not in METHODS:
+    method = mx.get("method")
+    if method is not None and method not in METHODS:
         raise ConfigError(f"{loc} key 'method': '{method}' is not one of {', '.join(METHODS)}")
+    activations = mx.get("activations")
+    if activations is not None and activations not in ("symmetric", "asymmetric"):
+        raise ConfigError(f"{loc} key 'activations': '{activations}' is not symmetric or asymmetric")
+    samples = mx.get("calib_samples")
     tfile = mx.get("targets_file")
     return MatrixSpec(
         path=path, models=tuple(models), targets=_names(mx["targets"], f"{loc} key 'targets'"),
         batch_sizes=_batch_sizes(mx.get("batch_sizes", [1]), f"{loc} key 'batch_sizes'"),
         precisions=_precisions(mx.get("precisions", ["fp32", "int8"]), f"{loc} key 'precisions'"),
-        targets_file=(base / tfile) if tfile else None, method=method,
-        calib_samples=_positive(mx.get("calib_samples", 256), f"{loc} key 'calib_samples'", lo=1),
+        targets_file=(base / tfile) if tfile else None, method=method, recipe=mx.get("recipe"),
+        activations=activations,
+        calib_samples=_positive(samples, f"{loc} key 'calib_samples'", lo=1) if samples is not None else None,
         eval_samples=_positive(mx.get("eval_samples", 500), f"{loc} key 'eval_samples'", lo=1),
         rounds=_positive(mx.get("rounds", 5), f"{loc} key 'rounds'", lo=1, hi=1000),
         warmup=_positive(mx.get("warmup", 5), f"{loc} key 'warmup'", lo=0, hi=100000),

@@ -7,8 +7,9 @@ from deploykit.testing.fixtures import (
     canonical_from_onnx,
     eval_feeds,
     export_kind,
+    exported_onnx,
     make_canonical,
     make_target,
 )
 
-__all__ = ["KINDS", "canonical_from_onnx", "eval_feeds", "export_kind", "make_canonical", "make_target"]
+__all__ = ["KINDS", "canonical_from_onnx", "eval_feeds", "export_kind", "exported_onnx", "make_canonical", "make_target"]

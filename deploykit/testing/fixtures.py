@@ -51,12 +51,8 @@ def eval_feeds(kind: str, n: int, seed: int = 1) -> dict[str, np.ndarray]:
 _EXPORTED: dict[tuple[str, int], tuple[bytes, Any]] = {}  # (kind, seed) -> (onnx bytes, module): train and export once per process
 
 
-def export_kind(kind: str, path: Path | str, seed: int = 0) -> tuple[Path | str, Any]:
-    """Export a test model kind to ONNX (dynamic batch). Returns (path, torch module)."""
-    if (kind, seed) in _EXPORTED:
-        blob, module = _EXPORTED[(kind, seed)]
-        Path(path).write_bytes(blob)
-        return path, module
+def _module(kind: str, seed: int) -> Any:
+    """The test model ``kind`` as a torch module in eval mode: the same weights for a seed."""
     import torch
 
     from deploykit.testing import models
@@ -75,18 +71,85 @@ def export_kind(kind: str, path: Path | str, seed: int = 0) -> tuple[Path | str,
     else:
         raise ValueError(f"unknown kind {kind!r}; one of {KINDS}")
     module.eval()
-    feeds = eval_feeds(kind, 2, seed=seed)
-    example = tuple(torch.from_numpy(v) for v in feeds.values())
-    models.export_onnx(module, example, path, list(feeds), dynamic_sequence=kind == "bert")
+    return module
+
+
+def _export_cache(kind: str, seed: int) -> Path:
+    """Where the ONNX export of a test model kind lives on this machine. torch's exporter takes
+    seconds to a minute per model and the suite exports every kind in every process, so the
+    exported bytes are kept, keyed by everything they are made from: the source of the model
+    definitions, of the exporter wrapper and of this module, and the versions of the packages
+    that build or export the weights. Change any of them and the export runs again."""
+    import hashlib
+    import os
+    from importlib import metadata
+
+    from deploykit import model as model_module
+    from deploykit.testing import models
+
+    sources = [Path(m.__file__).read_bytes() for m in (models, model_module) if m.__file__]
+    sources.append(Path(__file__).read_bytes())
+    versions = []
+    for package in ("torch", "onnx", "onnxscript", "transformers", "numpy", "scikit-learn"):
+        try:
+            versions.append(f"{package}={metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{package}=none")
+    key = hashlib.sha256(b"\0".join([*sources, repr((kind, seed, versions)).encode()])).hexdigest()[:16]
+    root = Path(os.environ.get("DEPLOYKIT_CACHE", Path.home() / ".cache" / "deploykit"))
+    return root / "exports" / f"{kind}-{seed}-{key}.onnx"
+
+
+def exported_onnx(kind: str, path: Path | str, seed: int = 0) -> Path:
+    """Write the ONNX export of a test model kind (dynamic batch) to ``path``: exported once
+    per machine (:func:`_export_cache`), copied after that."""
+    import os
+    import tempfile
+
+    if (kind, seed) in _EXPORTED:
+        Path(path).write_bytes(_EXPORTED[(kind, seed)][0])
+        return Path(path)
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; one of {KINDS}")
+    cache = _export_cache(kind, seed)
+    if not cache.is_file():
+        import torch
+
+        from deploykit.testing import models
+
+        module = _module(kind, seed)
+        feeds = eval_feeds(kind, 2, seed=seed)
+        example = tuple(torch.from_numpy(v) for v in feeds.values())
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{cache.stem}.", suffix=".onnx", dir=cache.parent)
+        os.close(fd)
+        try:
+            models.export_onnx(module, example, tmp, list(feeds), dynamic_sequence=kind == "bert")
+            os.replace(tmp, cache)  # atomic: a concurrent identical export simply wins or loses
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    Path(path).write_bytes(cache.read_bytes())
+    return Path(path)
+
+
+def export_kind(kind: str, path: Path | str, seed: int = 0) -> tuple[Path | str, Any]:
+    """Export a test model kind to ONNX (dynamic batch). Returns (path, torch module)."""
+    if (kind, seed) in _EXPORTED:
+        blob, module = _EXPORTED[(kind, seed)]
+        Path(path).write_bytes(blob)
+        return path, module
+    exported_onnx(kind, path, seed)
+    module = _module(kind, seed)
     _EXPORTED[(kind, seed)] = (Path(path).read_bytes(), module)
     return path, module
 
 
 def canonical_from_onnx(src: Path | str, calib: dict[str, np.ndarray], workdir: Path | str, stem: str,
                         method: str = "minmax", activations: str = "symmetric",
-                        keep_float: tuple[str, ...] = ()) -> CanonicalModel:
+                        keep_float: tuple[str, ...] = (), recipe: str | None = None) -> CanonicalModel:
     """Normalise an FP32 .onnx, calibrate it on ``calib`` (one dict of arrays) and write
-    ``<stem>.qdq.onnx`` and friends under ``workdir``. Returns the CanonicalModel."""
+    ``<stem>.qdq.onnx`` and friends under ``workdir`` (``recipe``: as ``quantize``'s, default
+    none). Returns the CanonicalModel."""
     from deploykit import data, model
     from deploykit.quantize import quantize, write_canonical
 
@@ -94,7 +157,7 @@ def canonical_from_onnx(src: Path | str, calib: dict[str, np.ndarray], workdir: 
     source = data.open_source(lambda: [calib], model.input_specs(fp32))
     assert source is not None
     result = quantize(fp32, source, method, source_hash=model.model_hash(fp32), activations=activations,
-                      keep_float=keep_float)
+                      keep_float=keep_float, recipe=recipe)
     return write_canonical(result, fp32, Path(workdir), stem)
 
 
@@ -109,6 +172,6 @@ def make_canonical(kind: str, workdir: Path | str, method: str = "minmax", sampl
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    src, _ = export_kind(kind, workdir / f"{kind}.onnx")
+    src = exported_onnx(kind, workdir / f"{kind}.onnx")
     calib = {"x": models.digits().x_train[:samples]} if kind == "digits" else eval_feeds(kind, samples, seed=0)
     return canonical_from_onnx(src, calib, workdir, kind, method, activations, keep_float)

@@ -69,6 +69,8 @@ class CoreMLBackend(Backend):
     install_hint = INSTALL_HINT
     artifact_suffix = ".mlpackage"
     capabilities = frozenset({Capability.LAYER_RUNNER})  # declared; off macOS it says why it cannot run
+    #: zero points are stored on quantize/dequantize as they are (tests/test_coreml_profiles.py)
+    activation_profiles = ("symmetric", "asymmetric")
     metrics = ("int8_fraction",)
     options = {
         "minimum_deployment_target": Option(

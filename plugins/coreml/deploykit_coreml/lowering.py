@@ -40,6 +40,8 @@ REMOVED_PASSES = ("common::distributive_quantized_binary_op_scale_normalization"
                   "common::nullify_redundant_quantization_zero_point",
                   "common::const_deduplication")
 FP16_MAX = 65504.0
+#: The smallest positive fp16 value (a subnormal, 2**-24): no scale stored in fp16 is smaller.
+FP16_TINY = 2.0 ** -24
 _INT_TYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8,
               onnx.TensorProto.UINT8}
 
@@ -215,21 +217,60 @@ class LoweringContext:
             self.unsupported(node, f"weight '{node.input[0]}' is {data.dtype}; the canonical model stores int8")
         name = self.name(node)
         axis = None if p.axis is None else p.axis % data.ndim
+        scale_values = p.scale
+        if self.fp16:
+            stored = fp16_storable(data, p.scale, p.zero_point, axis)
+            data, scale_values = stored.data, stored.scale
         if self.opset in IOS18_TARGETS:
             # blockwise op: scale/offset have the weight's rank, size 1 except on the channel axis
             block_shape = [1] * data.ndim
             if axis is not None:
                 block_shape[axis] = data.shape[axis]
-            scale = p.scale.reshape(block_shape).astype(np.float32)
+            scale = scale_values.reshape(block_shape).astype(np.float32)
             offset = p.zero_point.reshape(block_shape).astype(np.int8)
             value = mb.constexpr_blockwise_shift_scale(data=data, scale=scale, offset=offset, name=name)
         else:
             kwargs = {"axis": np.int32(axis if axis is not None else 0)}
-            value = mb.constexpr_affine_dequantize(quantized_data=data, scale=_scale(p.scale),
+            value = mb.constexpr_affine_dequantize(quantized_data=data, scale=_scale(scale_values),
                                                    zero_point=_zero_point(p.zero_point).astype(np.int8),
                                                    name=name, **kwargs)
         self.bind(node, value)
         self.qdq_names.append(QdqName(node.name, node.op_type, name, True))
+
+
+@dataclass(frozen=True)
+class StorableWeight:
+    """An int8 weight as Core ML can store it with fp16 scales."""
+
+    data: np.ndarray  # int8, the canonical values except in ``channels``
+    scale: np.ndarray  # float32, the canonical scales except in ``channels`` (FP16_TINY there)
+    channels: tuple[int, ...]  # channels whose canonical scale rounds to 0 in fp16
+
+
+def fp16_storable(data: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None) -> StorableWeight:
+    """The weight Core ML stores when its scales are fp16 (``compute_precision = "fp16"``).
+
+    A canonical scale below 2**-25 rounds to 0 in fp16, which no dequantize can use. minmax
+    calibration gives such scales to dead channels (all weights near 0: EfficientNet-Lite0 has
+    109 in 27 weights, down to 2e-11). Left to coremltools, 13 of them became 2**-24 with the
+    int8 values kept, which multiplies those weights by up to 2**-24 / scale (2.6e3 on
+    EfficientNet-Lite0). Here such a channel stores 2**-24 with its int8 values re-rounded to
+    it: every dequantized weight stays within 2**-25 (3e-8) of the canonical one, the closest
+    fp16 scales allow. Verification expects exactly this and names the channels."""
+    scale = np.asarray(scale, np.float32).reshape(-1)
+    zero_point = np.asarray(zero_point).reshape(-1)
+    tiny = np.nonzero(scale.astype(np.float16) == 0)[0]
+    if tiny.size == 0:
+        return StorableWeight(data, scale, ())
+    data = np.array(data, copy=True)
+    scale = scale.copy()
+    for c in tiny:
+        zp = int(zero_point[c] if zero_point.size > 1 else zero_point[0])
+        index: tuple[Any, ...] = (slice(None),) * (axis or 0) + (int(c),) if scale.size > 1 else (...,)
+        steps = (data[index].astype(np.float64) - zp) * (float(scale[c]) / FP16_TINY)
+        data[index] = np.clip(np.round(steps) + zp, -128, 127).astype(np.int8)
+        scale[c] = np.float32(FP16_TINY)
+    return StorableWeight(data, scale, tuple(int(c) for c in tiny))
 
 
 def _scale(scale: np.ndarray):

@@ -3,7 +3,10 @@
 Works on any OS: the spec comes from ``MLModel(path, skip_model_load=True).get_spec()`` and the
 weights from ``weights/weight.bin`` through coremltools' blob reader. The comparison is exact:
 against the canonical fp32 scale for fp32 compute precision, against its fp16-rounded value for
-fp16 (Core ML then stores scales as fp16).
+fp16 (Core ML then stores scales as fp16). With fp16 scales, a weight channel whose canonical
+scale rounds to 0 in fp16 is stored as :func:`deploykit_coreml.lowering.fp16_storable` says
+(scale 2**-24, int8 values re-rounded); verification expects exactly that and names those
+channels in ``details.not_kept``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import onnx
 
 from deploykit.backend import CheckResult
 from deploykit.canonical import QdqGraph
+from deploykit_coreml.lowering import FP16_TINY, fp16_storable
 
 #: add_fp16_cast renames every op it rewrites "<name>_cast_fp16".
 FP16_SUFFIX = "_cast_fp16"
@@ -151,6 +155,7 @@ def verify_package(model: onnx.ModelProto, package: Path | str) -> CheckResult:
 def compare(model: onnx.ModelProto, stored_ops: Mapping[str, StoredOp], mil_name: Mapping[str, str],
             fp16: bool) -> CheckResult:
     g = QdqGraph(model)
+    not_kept: list[str] = []  # "node channel c: reason", channels fp16 cannot store as the canonical model
     mismatches: list[dict[str, Any]] = []
     counts = {"weights_compared": 0, "weight_values": 0, "scales_compared": 0, "scale_values": 0,
               "zero_points_compared": 0}
@@ -175,6 +180,13 @@ def compare(model: onnx.ModelProto, stored_ops: Mapping[str, StoredOp], mil_name
         expected_scale = _expected_scale(p.scale, fp16)
         if weight:
             data = g.constant(node.input[0])
+            if fp16:
+                axis = None if p.axis is None else p.axis % data.ndim
+                storable = fp16_storable(data, p.scale, p.zero_point, axis)
+                data, expected_scale = storable.data, _expected_scale(storable.scale, fp16)
+                not_kept += [f"{node.name} channel {c}: scale {float(p.scale.reshape(-1)[c]):.3g} rounds to 0 "
+                             f"in fp16; stored {FP16_TINY:.3g} (2**-24) with its int8 values re-rounded "
+                             "(dequantized weights within 3e-8 of the canonical ones)" for c in storable.channels]
             stored_data = op.params.get("quantized_data", op.params.get("data"))
             counts["weights_compared"] += 1
             counts["weight_values"] += int(data.size)
@@ -216,9 +228,14 @@ def compare(model: onnx.ModelProto, stored_ops: Mapping[str, StoredOp], mil_name
         message = f"{len(mismatches)} mismatches comparing {what} with the canonical model: {first}"
     else:
         message = f"{what} equal the canonical model" + (" (scales as fp16, as stored)" if fp16 else " exactly")
+    if not_kept:
+        weights = len({entry.split(" channel ")[0] for entry in not_kept})
+        message += (f"; {len(not_kept)} dead channels in {weights} weights have scales below fp16's range, stored "
+                    "as 2**-24 with re-rounded int8 values (see details.not_kept; compute_precision = \"fp32\" "
+                    "keeps them)")
     return CheckResult("scales_match", status, float(len(mismatches)), message=message,
                        details={**counts, "mismatches": mismatches[:MAX_LISTED],
-                                "mismatch_count": len(mismatches), "fp16_scales": fp16})
+                                "mismatch_count": len(mismatches), "fp16_scales": fp16, "not_kept": not_kept})
 
 
 def quantized_compute(stored_ops: Mapping[str, StoredOp]) -> CheckResult:

@@ -133,6 +133,65 @@ def test_fp32_stores_scales_bit_exactly(canonicals, workdir):
     assert nodes[w.name].op_type == "DequantizeLinear"
 
 
+def test_fp16_storable_rounds_tiny_channels_to_the_smallest_fp16_scale():
+    """A scale that rounds to 0 in fp16 becomes 2**-24 with the int8 values re-rounded: every
+    dequantized weight stays within 2**-25 of the canonical one; other channels are untouched."""
+    rng = np.random.default_rng(0)
+    data = rng.integers(-127, 128, size=(4, 3, 3, 3)).astype(np.int8)
+    scale = np.array([0.01, 1.9e-8, 2.3e-11, 1e-7], np.float32)  # 1e-7 is a (subnormal) fp16 value
+    stored = lowering.fp16_storable(data, scale, np.zeros(4, np.int8), 0)
+    assert stored.channels == (1, 2)
+    assert stored.scale[1] == stored.scale[2] == np.float32(2.0 ** -24)
+    np.testing.assert_array_equal(stored.data[[0, 3]], data[[0, 3]])
+    np.testing.assert_array_equal(stored.scale[[0, 3]], scale[[0, 3]])
+    canonical = data.astype(np.float64) * scale.reshape(4, 1, 1, 1)
+    kept = stored.data.astype(np.float64) * stored.scale.astype(np.float64).reshape(4, 1, 1, 1)
+    assert np.abs(kept - canonical).max() <= 2.0 ** -25
+    assert np.float16(2.0 ** -24) > 0 and np.float16(2.0 ** -25) == 0  # the fp16 facts this relies on
+
+
+@pytest.mark.slow
+def test_scales_below_fp16_range_are_stored_re_rounded_and_named(canonicals, workdir):
+    """EfficientNet-Lite0's dead channels have weight scales down to 2e-11, which fp16 cannot hold:
+    coremltools stored 2**-24 with the int8 values kept (those weights 2.6e3x too large) and
+    scales_match failed. The lowering stores what fp16_storable says and the check names them."""
+    from dataclasses import replace
+
+    canonical = canonicals["mobilenet"]
+    model = onnx.ModelProto()
+    model.CopyFrom(canonical.model)
+    inits = {i.name: i for i in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                and onnx.numpy_helper.to_array(inits[n.input[1]]).size > 1)
+    scale = onnx.numpy_helper.to_array(inits[node.input[1]]).copy()
+    scale[1] = 1.9e-8
+    inits[node.input[1]].CopyFrom(onnx.numpy_helper.from_array(scale, node.input[1]))
+    path = workdir / "tiny-scale.qdq.onnx"
+    onnx.save(model, str(path))
+    tiny = replace(canonical, path=path, model=model)
+    artifact = CoreMLBackend().lower(tiny, make_target(CoreMLBackend), workdir / "tiny-scale.mlpackage")
+    check = _check(artifact, "scales_match")
+    assert check.status == "pass", check.message
+    assert check.details["not_kept"] == [next(e for e in check.details["not_kept"] if e.startswith(f"{node.name} channel 1:"))]
+    assert "dead channels" in check.message
+    qdq_ops = json.loads(verify.package_metadata(artifact.path)[verify.META_QDQ_OPS])
+    op = verify.read_package(artifact.path)[qdq_ops[node.name]]
+    assert float(op.params["scale"].reshape(-1)[1]) == 2.0 ** -24
+    data = onnx.numpy_helper.to_array(inits[node.input[0]])
+    axis = int(next((a.i for a in node.attribute if a.name == "axis"), 1)) % data.ndim
+    want = np.clip(np.round(np.take(data, 1, axis).astype(np.float64) * float(scale[1]) / 2.0 ** -24), -128, 127)
+    np.testing.assert_array_equal(np.take(op.params["quantized_data"], 1, axis), want)
+    # and the check still fails a package whose tiny channel keeps the canonical int8 values
+    stored = {**verify.read_package(artifact.path)}
+    values = np.array(op.params["quantized_data"], copy=True)
+    index = [slice(None)] * values.ndim
+    index[axis] = 1
+    values[tuple(index)] = np.take(data, 1, axis)
+    stored[qdq_ops[node.name]] = verify.StoredOp(op.type, op.name, {**op.params, "quantized_data": values}, op.inputs)
+    bad = verify.compare(model, stored, qdq_ops, True)
+    assert bad.status == "fail" and "int8 weight values differ" in bad.details["mismatches"][0]["what"]
+
+
 def _tampered_copy(package: Path, dest: Path, *, scale: bool = False, weight: bool = False) -> Path:
     from coremltools.proto import Model_pb2
 

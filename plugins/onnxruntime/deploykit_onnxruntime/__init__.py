@@ -58,7 +58,7 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     description = "onnxruntime CPU: canonical QDQ model with uint8 activations (x86 fast path)"
     install_hint = "pip install onnxruntime"
-    capabilities = frozenset({Capability.LAYER_RUNNER})
+    capabilities = frozenset({Capability.FP32_RUNNER, Capability.LAYER_RUNNER})
     artifact_suffix = ".onnx"
     activation_profiles = ("symmetric", "asymmetric")
     options = {
@@ -112,6 +112,11 @@ class OnnxRuntimeBackend(Backend):
 
     def load(self, artifact: Artifact, target: Target) -> "OrtRunner":
         return OrtRunner(artifact.path, target.options, require("onnxruntime", self.install_hint))
+
+    def fp32_runner(self, canonical: CanonicalModel, target: Target, workdir: Path) -> "OrtRunner":
+        """The FP32 model in a session with the target's own options (threads, optimisation level,
+        provider): the INT8 artifact's fair baseline, timed beside it."""
+        return OrtRunner(Path(canonical.fp32_path), target.options, require("onnxruntime", self.install_hint))
 
     def layer_runner(self, artifact: Artifact, canonical: CanonicalModel, target: Target, cut: Any) -> Any:
         """The artifact itself, cut at every quantized tensor, in a session with the target's own

@@ -29,6 +29,7 @@ from deploykit.canonical import model_float_layers, model_profile
 from deploykit.cpu import u8s8_saturates
 from deploykit.errors import BackendUnavailable, ConfigError, LoweringError
 from deploykit.fileio import atomic_output, remove
+from deploykit_openvino.overflow import MODES, check_split, merge_halves, select, split_convs
 
 INSTALL_HINT = "pip install 'deploykit[openvino]'"
 #: Virtual devices that name real ones after a colon ("AUTO:GPU,CPU").
@@ -53,6 +54,30 @@ def missing_devices(device: str, available: list[str]) -> list[str]:
     names = [d.split("(")[0] for d in rest.split(",") if d] if base in VIRTUAL_DEVICES else [device]
     listed = set(available) | {d.split(".")[0] for d in available}
     return [d for d in names if d not in listed]
+
+
+def overflow_mode(target: Target) -> str:
+    """The target's ``overflow_fix``, with ``auto`` resolved: first_layer for a CPU device when
+    this machine's CPU saturates u8 x s8 pair sums (no VNNI; a remote device's CPU is not known
+    here: set the option for it), else none."""
+    mode = str(target.options.get("overflow_fix", "auto"))
+    if mode != "auto":
+        return mode
+    local_cpu = device_name(target).startswith("CPU") and not target.device.address
+    return "first_layer" if local_cpu and u8s8_saturates() else "none"
+
+
+def _with_split_check(scales: CheckResult, problems: list[str]) -> CheckResult:
+    """scales_match of the IR against the split model, plus the split against the canonical one."""
+    import dataclasses
+
+    if not problems:
+        return scales
+    details = dict(scales.details)
+    details["mismatches"] = list(details.get("mismatches", [])) + problems
+    return dataclasses.replace(scales, status="fail", value=float(len(details["mismatches"])),
+                               message=f"{scales.message}; split convolutions: {'; '.join(problems[:3])}",
+                               details=details)
 
 
 def compile_config(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -99,6 +124,12 @@ class OpenVINOBackend(Backend):
         "inference_precision": Option(str, "f32", "INFERENCE_PRECISION_HINT for the float parts; "
                                                   "'default' keeps the device's (bf16 on AVX512-BF16 CPUs)",
                                       ("f32", "bf16", "f16", "default")),
+        "overflow_fix": Option(str, "auto", "split convolutions' int8 weights into two halves that cannot saturate "
+                                            "the int16 pair sums of CPUs without VNNI (exact, same scales; twice "
+                                            "those layers' int8 compute): first_layer (convs reading the model "
+                                            "input), all (every non-depthwise conv), none; auto: first_layer on a "
+                                            "CPU device of a local CPU without VNNI, else none",
+                               MODES),
     }
 
     # -- availability --------------------------------------------------------------------
@@ -145,18 +176,27 @@ class OpenVINOBackend(Backend):
         ov = _ov()
         core = ov.Core()
         dest = Path(dest)
-        model = read_onnx(core, canonical.path, canonical.model)
+        split = select(canonical.model, overflow_mode(target))
+        lowered = split_convs(canonical.model, split) if split else canonical.model
         bin_dest = dest.with_suffix(".bin")
         dest.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.stem}."))
         try:
+            if split:
+                import onnx
+
+                onnx.save(lowered, str(stage / "split.onnx"))
+                model = read_onnx(core, stage / "split.onnx", lowered)
+            else:
+                model = read_onnx(core, canonical.path, canonical.model)
             # FP32 weights stay FP32 (save_model compresses to fp16 by default); int8 weights stay int8.
             ov.save_model(model, stage / "model.xml", compress_to_fp16=False)
             saved = core.read_model(stage / "model.xml")
             from deploykit_openvino.verify import verify_scales
 
-            checks = [verify_scales(saved, canonical.model)]
-            audit, audit_meta = self._audit(core, saved, canonical, target)
+            checks = [_with_split_check(verify_scales(saved, lowered), check_split(canonical.model, lowered, split))
+                      if split else verify_scales(saved, canonical.model)]
+            audit, audit_meta = self._audit(core, saved, canonical, target, lowered)
             checks.append(audit)
             if device_name(target).startswith("CPU") and u8s8_saturates():
                 checks.append(CheckResult(
@@ -179,11 +219,15 @@ class OpenVINOBackend(Backend):
         metadata = {"openvino": ov.get_version(), "device": device_name(target),
                     "config": compile_config(target.options), "compress_to_fp16": False,
                     "fake_quantize": sum(op.get_type_name() == "FakeQuantize" for op in saved.get_ordered_ops()),
+                    "overflow_fix": overflow_mode(target), "split_convs": split,
                     **audit_meta}
         return Artifact(self.name, dest, (dest, bin_dest), metadata, tuple(checks))
 
-    def _audit(self, core, model, canonical: CanonicalModel, target) -> tuple[CheckResult, dict[str, Any]]:
-        """Compile once on the target device and read the precision each compute layer runs in."""
+    def _audit(self, core, model, canonical: CanonicalModel, target,
+               lowered: Any = None) -> tuple[CheckResult, dict[str, Any]]:
+        """Compile once on the target device and read the precision each compute layer runs in
+        (read against ``lowered``, the ONNX model read, when it is not the canonical one; a split
+        convolution is one row, int8 when both halves are)."""
         from deploykit_openvino.verify import runtime_layers
 
         device = device_name(target)
@@ -197,7 +241,9 @@ class OpenVINOBackend(Backend):
         except RuntimeError as exc:  # read fine, but the device plugin rejects a layer
             detail = next((l.strip() for l in reversed(str(exc).splitlines()) if l.strip()), str(exc))
             raise LoweringError(f"OpenVINO cannot compile {canonical.path} for {device}: {detail}") from None
-        layers = runtime_layers(compiled.get_runtime_model(), canonical.model)
+        layers = runtime_layers(compiled.get_runtime_model(), canonical.model if lowered is None else lowered)
+        if lowered is not None:
+            layers = merge_halves(layers)
         try:
             precision = _text(compiled.get_property("INFERENCE_PRECISION_HINT"))
         except RuntimeError:  # AUTO and some plugins do not report it
@@ -230,37 +276,19 @@ class OpenVINOBackend(Backend):
 
 
     def layer_runner(self, artifact: Artifact, canonical: CanonicalModel, target, cut: Any) -> Any:
-        """The canonical model cut at every quantized tensor, through the lowering's own path
-        (read_model of the QDQ ONNX, the target's compile config): what OpenVINO computes for
-        each layer from the canonical inputs."""
-        from deploykit.layers import OnnxLayerRunner
+        """The saved IR itself cut at every canonical int8 tensor (deploykit_openvino.layers),
+        compiled with the target's configuration: what the artifact computes for each layer
+        from the canonical inputs."""
+        from deploykit_openvino.layers import IrLayerRunner
 
         ov = _ov()
         core = ov.Core()
         device = device_name(target)
+        missing = missing_devices(device, list(core.available_devices))
+        if missing:
+            raise BackendUnavailable(f"target '{target.name}': OpenVINO device '{', '.join(missing)}' is not present")
         config = _supported_config(core, device, compile_config(target.options))
-
-        def make_runner(model) -> Any:
-            import onnx
-
-            with tempfile.TemporaryDirectory(prefix="deploykit-ov-layers-") as tmp:
-                path = Path(tmp) / "cut.onnx"
-                onnx.save(model, str(path))
-                compiled = core.compile_model(read_onnx(core, path, model), device, config)
-            request = compiled.create_infer_request()
-            names = [(out, set(out.get_names())) for out in compiled.outputs]
-
-            def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-                results = request.infer(dict(feeds))
-                values = {}
-                for out, aliases in names:
-                    for alias in aliases:
-                        values[alias] = np.asarray(results[out])
-                return values
-
-            return run
-
-        return OnnxLayerRunner(canonical.model, cut, make_runner)
+        return IrLayerRunner(core, core.read_model(artifact.path), cut, device, config)
 
 
 def _text(value: Any) -> str:

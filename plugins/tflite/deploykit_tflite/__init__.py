@@ -60,7 +60,9 @@ class TFLiteBackend(Backend):
     install_hint = INSTALL_HINT
     artifact_suffix = ".tflite"
     metrics = ("int8_fraction",)
-    capabilities = frozenset({Capability.FP32_RUNNER})
+    capabilities = frozenset({Capability.FP32_RUNNER, Capability.LAYER_RUNNER})
+    #: zero points become the flatbuffer's zero points (plugins/tflite/tests/test_tflite_profiles.py)
+    activation_profiles = ("symmetric", "asymmetric")
     options = {
         "input_type": Option(str, "int8", "type of the model's input tensors", ("int8", "float32")),
         "output_type": Option(str, "int8", "type of the model's output tensors", ("int8", "float32")),
@@ -157,6 +159,23 @@ class TFLiteBackend(Backend):
         nhwc = all(i.get("nhwc", True) for i in meta.get("inputs", []) if len(i.get("shape", [])) == 4) and \
             all(o.get("nhwc", True) for o in meta.get("outputs", []) if len(o.get("shape", [])) == 4)
         return LiteRTRunner(Path(artifact.path), inputs, outputs, int(target.options.get("threads") or 0), nhwc)
+
+    def layer_runner(self, artifact: Artifact, canonical: CanonicalModel, target: Target, cut: Any) -> Any:
+        """The .tflite cut at every canonical quantized tensor it carries (metadata tensor_map),
+        run by LiteRT with each layer fed the canonical model's own inputs."""
+        from deploykit.layers import tensor_shapes
+        from deploykit_tflite.float_ops import needs_islands
+        from deploykit_tflite.layers import TFLiteLayerRunner
+
+        meta = artifact.metadata or {}
+        tensor_map = meta.get("tensor_map")
+        if not tensor_map:
+            raise BackendUnavailable(f"{Path(artifact.path).name} has no tensor_map in its metadata (lowered "
+                                     "without LiteRT installed, or by an older deploykit): lower it again")
+        nhwc = not needs_islands(canonical.model)  # the lowering's own choice of layout
+        return TFLiteLayerRunner(Path(artifact.path), tensor_map, cut, tensor_shapes(canonical.model),
+                                 [i["name"] for i in meta.get("inputs", [])], nhwc,
+                                 int(target.options.get("threads") or 0))
 
     def fp32_runner(self, canonical: CanonicalModel, target: Target, workdir: Path):
         """The same NHWC graph without fake-quant, converted to a float TFLite model."""

@@ -165,7 +165,9 @@ def _dense(lw: Lowering, node: onnx.NodeProto) -> None:
     fake-quant on a MatMul weight ("mismatched quantized axes"), a 1x1 conv keeps it exact."""
     tf = lw.tf
     a = attrs(node)
-    if lw.g.weight(node.input[1]) is None:
+    # a declared float island keeps its float constant weight (weight_filter makes it a float filter)
+    float_island = node.name in lw.float_layers and node.input[1] in lw.g.initializers
+    if lw.g.weight(node.input[1]) is None and not float_island:
         if node.op_type == "MatMul":
             return _matmul_activations(lw, node)
         raise lw.error(node, "the weight (input 1) must be a quantized constant")
@@ -177,7 +179,7 @@ def _dense(lw: Lowering, node: onnx.NodeProto) -> None:
     def to_kn(w: np.ndarray) -> np.ndarray:  # ONNX weight -> [K, N]
         return w.T if transposed else w
 
-    weight = lw.g.weight_of(node.input[1])[0]
+    weight = lw.require_const(node, 1) if float_island else lw.g.weight_of(node.input[1])[0]
     if weight.ndim != 2:
         raise lw.error(node, f"weight of rank {weight.ndim}: only 2-D weights are supported")
     x = lw.onnx_order(lw.values[node.input[0]])

@@ -6,9 +6,17 @@ EfficientNet-Lite0, 48 of 111 tensors differed before this step):
 
 - per-channel weight scales: a channel whose range is tiny or zero is widened and its int8
   values re-derived; the canonical int8 weights, per-channel scales and int32 biases are
-  written back instead. A dead channel whose float bias does not fit TFLite's int32 bias at the
-  canonical scale (``bias / (input scale * weight scale)`` beyond 2**31 - 1) takes the smallest
-  weight scale at which it fits; those channels are named in ``not_kept`` with the reason.
+  written back instead. A dead channel whose float bias does not fit TFLite's int32 accumulator
+  at the canonical scale (``bias / (input scale * weight scale)`` plus the largest sum of
+  products beyond 2**31 - 1) takes the weight scale that puts its bias at ``BIAS_LIMIT``
+  (2**30), half the int32 range, leaving the other half to the products: a bias at the very
+  edge of int32 wraps around once the kernel adds them (measured on EfficientNet-Lite0's stem:
+  dead channels read 125 instead of 0). Those channels are named in ``not_kept`` with the reason.
+- activation scales: the converter derives a tensor's scale from its fake-quant range,
+  ``(max - min) / 255``; with a non-zero zero point (asymmetric activations) that sum of two
+  float32 roundings can land one float32 step away from the canonical scale. Such scales (same
+  zero point, relative difference below 1e-6) are written back, on every tensor carrying the
+  converter's value, before the biases are computed from them.
 - a float op whose TFLite int8 kernel has fixed output parameters (SOFTMAX: 1/256) and whose
   output the canonical model quantizes: the converter quantizes to the fixed scale, then
   requantizes to the canonical one (two roundings, up to several steps off). The two QUANTIZE
@@ -23,6 +31,9 @@ from typing import Any
 import numpy as np
 
 INT32_MAX = 2 ** 31 - 1
+#: A rewritten dead channel's int32 bias is at most this: the rest of the int32 range holds the
+#: sum of products (at most 255 * 127 per input, so up to 33,000 inputs per output).
+BIAS_LIMIT = 2 ** 30
 #: ops whose input 1 is a per-channel int8 filter and input 2 an int32 bias
 FILTER_OPS = {"CONV_2D": 0, "DEPTHWISE_CONV_2D": 3, "FULLY_CONNECTED": 0}
 
@@ -34,11 +45,13 @@ class PatchReport:
     not_kept: list[str] = field(default_factory=list)  # "weight channel c: reason"
     not_kept_channels: dict[str, list[int]] = field(default_factory=dict)  # canonical weight -> channels
     requantize_merged: list[str] = field(default_factory=list)  # QUANTIZE pairs made one rounding
+    activation_scales_restored: list[str] = field(default_factory=list)  # converter rounding undone
     unchanged_checked: int = 0  # tensors compared before/after and found identical
 
     def as_dict(self) -> dict[str, Any]:
         return {"weights_rewritten": self.weights_rewritten, "channels_rewritten": self.channels_rewritten,
                 "not_kept": self.not_kept, "requantize_merged": self.requantize_merged,
+                "activation_scales_restored": self.activation_scales_restored,
                 "unchanged_checked": self.unchanged_checked}
 
 
@@ -74,6 +87,7 @@ def patch(model_content: bytes, lowered: Any) -> tuple[bytes, PatchReport]:
     for t in sg.tensors:
         buffer_users[t.buffer] = buffer_users.get(t.buffer, 0) + 1
 
+    _restore_activation_scales(sg, schema, lowered, report, touched)
     for op in sg.operators:
         kind = names[op.opcodeIndex]
         if kind not in FILTER_OPS or len(op.inputs) < 2:
@@ -90,6 +104,34 @@ def patch(model_content: bytes, lowered: Any) -> tuple[bytes, PatchReport]:
     out = fb.convert_object_to_bytearray(model)
     report.unchanged_checked = _check_unchanged(model_content, out, touched, fb)
     return out, report
+
+
+#: a stored activation scale this close to the canonical one is the converter's float rounding
+SCALE_ROUNDING = 1e-6
+
+
+def _restore_activation_scales(sg: Any, schema: Any, lowered: Any, report: PatchReport, touched: set[int]) -> None:
+    """Undo the converter's one-step float rounding of activation scales (see the module doc)."""
+    fixes: dict[tuple[float, int], float] = {}  # the converter's (scale, zero point) -> the canonical scale
+    for t in sg.tensors:
+        q = t.quantization
+        if t.type != schema.TensorType.INT8 or q is None or q.scale is None or len(q.scale) != 1:
+            continue
+        spec = next((lowered.activations[tok] for tok in _name(t).split(";") if tok in lowered.activations), None)
+        if spec is None or spec.source == "fixed":
+            continue
+        stored, want = np.float32(q.scale[0]), np.float32(spec.scale)
+        if stored != want and int(q.zeroPoint[0]) == spec.zero_point and abs(stored - want) <= SCALE_ROUNDING * want:
+            fixes[(float(stored), spec.zero_point)] = float(want)
+    for i, t in enumerate(sg.tensors):
+        q = t.quantization
+        if t.type != schema.TensorType.INT8 or q is None or q.scale is None or len(q.scale) != 1:
+            continue
+        want_scale = fixes.get((float(np.float32(q.scale[0])), int(q.zeroPoint[0])))
+        if want_scale is not None:
+            q.scale = [want_scale]
+            touched.add(i)
+            report.activation_scales_restored.append(_name(t))
 
 
 def _set_buffer(model: Any, t: Any, values: np.ndarray, buffer_users: dict[int, int]) -> None:
@@ -120,6 +162,7 @@ def _rewrite_filter(model: Any, sg: Any, op: Any, kind: str, spec: Any, schema: 
         if model.buffers[w.buffer].data is not None else None
     old_scales = np.asarray(w.quantization.scale, np.float32)
     s_in = float(np.asarray(x.quantization.scale, np.float32)[0])
+    zp_in = int(np.asarray(x.quantization.zeroPoint if x.quantization.zeroPoint is not None else [0])[0])
     bias_t = sg.tensors[op.inputs[2]] if len(op.inputs) > 2 and op.inputs[2] >= 0 else None
     bias = spec.bias
     if bias is None and bias_t is not None and bias_t.type == schema.TensorType.INT32:
@@ -128,15 +171,18 @@ def _rewrite_filter(model: Any, sg: Any, op: Any, kind: str, spec: Any, schema: 
     values = values.astype(np.int8)
     if bias is not None:
         bias = np.asarray(bias, np.float64).reshape(-1)
-        limit = np.abs(bias) / (s_in * scales.astype(np.float64))
-        for c in np.nonzero(limit > INT32_MAX)[0]:
-            # dead channel: the bias cannot be an int32 at the canonical scale; smallest scale that fits
-            new = np.float32(abs(bias[c]) / (s_in * INT32_MAX) * (1 + 1e-6))
+        bias_steps = np.abs(bias) / (s_in * scales.astype(np.float64))
+        reduce = tuple(a for a in range(values.ndim) if a != axis)
+        products = (128 + abs(zp_in)) * np.abs(values.astype(np.int64)).sum(axis=reduce)  # |x - zp| <= 128 + |zp|
+        for c in np.nonzero(bias_steps + products > INT32_MAX)[0]:
+            # dead channel: bias and products overflow int32 at the canonical scale
+            new = np.float32(abs(bias[c]) / (s_in * BIAS_LIMIT))
             ch = tuple(int(c) if a == axis else slice(None) for a in range(values.ndim))
             w_float = values[ch].astype(np.float64) * scales[c]
             values[ch] = np.clip(np.round(w_float / new), -127, 127).astype(np.int8)
-            report.not_kept.append(f"{spec.tensor} channel {c}: bias {bias[c]:.4g} exceeds int32 at input scale "
-                                   f"{s_in:.4g} x weight scale {scales[c]:.4g}; weight scale {new:.4g} instead")
+            report.not_kept.append(f"{spec.tensor} channel {c}: bias {bias[c]:.4g} overflows the int32 accumulator "
+                                   f"at input scale {s_in:.4g} x weight scale {scales[c]:.4g}; weight scale "
+                                   f"{new:.4g} instead")
             scales[c] = new
             report.not_kept_channels.setdefault(spec.tensor, []).append(int(c))
     changed = stored is None or not np.array_equal(stored, values) or old_scales.shape != scales.shape \

@@ -110,6 +110,15 @@ def verify(model_content: bytes, lowered: Lowered, allow_float_fallback: bool,
             fixed.append(f"{spec.tensor}: scale {scales[0]:.6g}, zero point {int(zps[0])} (fixed by the TFLite spec)")
         elif spec.source == "derived":
             derived.append(f"{spec.tensor}: scale {scales[0]:.6g}")
+    # a canonical tensor read only by float ops (a MatMul computing in float on the canonical int8
+    # values) is carried by the int8 input of the DEQUANTIZE the lowering named after it
+    for op in ops:
+        if op["op_name"] != "DEQUANTIZE" or not len(op["inputs"]) or not len(op["outputs"]):
+            continue
+        src, out = details[int(op["inputs"][0])], details[int(op["outputs"][0])]
+        spec = next((lowered.activations[t] for t in out["name"].split(";") if t in lowered.activations), None)
+        if src["dtype"] == np.int8 and spec is not None and spec.source == "canonical" and spec.tensor in lowered.q_outputs:
+            tensor_map.setdefault(lowered.q_outputs[spec.tensor], src["name"])
     for index in unmatched:
         d = details[index]
         neighbour = _same_params_neighbour(index, details, producer, consumers)
