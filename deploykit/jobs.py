@@ -136,10 +136,7 @@ class CheckJob:
         return {
             "schema_version": self.schema_version,
             "kind": "deploykit.check_job",
-            "target": {"name": t.name, "backend": t.backend, "description": t.description,
-                       "device": dataclasses.asdict(t.device), "options": jsonable(dict(t.options)),
-                       "thresholds": dict(t.thresholds), "batch_sizes": list(t.batch_sizes),
-                       "warmup": t.warmup, "runs": t.runs},
+            "target": target_to_json(t),
             "artifact": {"backend": a.backend, "path": _store(a.path, folder),
                          "files": [_store(f, folder) for f in a.files], "metadata": jsonable(dict(a.metadata)),
                          "checks": [c.to_json() for c in a.checks]},
@@ -181,8 +178,7 @@ class CheckJob:
     @classmethod
     def _from_json(cls, raw: Mapping[str, Any], arrays: Mapping[str, np.ndarray], folder: Path) -> CheckJob:
         t, a, s = raw["target"], raw["artifact"], raw["settings"]
-        target = Target(t["name"], t["backend"], Device(**t["device"]), dict(t["options"]), dict(t["thresholds"]),
-                        tuple(t["batch_sizes"]), int(t["warmup"]), int(t["runs"]), t.get("description", ""))
+        target = target_from_json(t)
         artifact = Artifact(a["backend"], _load(a["path"], folder), tuple(_load(f, folder) for f in a["files"]),
                             dict(a["metadata"]), tuple(CheckResult.from_json(c) for c in a["checks"]))
         inputs: list[dict[str, np.ndarray]] = [{} for _ in range(int(raw["batches"]))]
@@ -196,6 +192,18 @@ class CheckJob:
                    tuple(inputs), arrays.get("labels"),
                    tuple(arrays[f"reference_fp32/{i}"] for i in range(outputs)),
                    tuple(arrays[f"reference_canonical/{i}"] for i in range(outputs)), settings)
+
+
+def target_to_json(t: Target) -> dict[str, Any]:
+    """A resolved target as JSON (its options as validated, its device with it)."""
+    return {"name": t.name, "backend": t.backend, "description": t.description,
+            "device": dataclasses.asdict(t.device), "options": jsonable(dict(t.options)),
+            "thresholds": dict(t.thresholds), "batch_sizes": list(t.batch_sizes), "warmup": t.warmup, "runs": t.runs}
+
+
+def target_from_json(t: Mapping[str, Any]) -> Target:
+    return Target(t["name"], t["backend"], Device(**t["device"]), dict(t["options"]), dict(t["thresholds"]),
+                  tuple(t["batch_sizes"]), int(t["warmup"]), int(t["runs"]), t.get("description", ""))
 
 
 def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
