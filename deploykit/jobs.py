@@ -375,8 +375,12 @@ def _fp32_checks(job: CheckJob, fp32: Runner, rss0: float) -> list[CheckResult]:
 
 
 def _canonical(job: CheckJob) -> CanonicalModel:
+    """The canonical model as the build held it, with the evaluation data's shapes at batch 1 as
+    ``example_shapes`` (a backend that fixes dynamic dims, TFLite, needs them for its FP32 model)."""
     model = onnx.load(str(job.canonical_path))
-    return CanonicalModel(job.canonical_path, model, CalibrationTable.from_model(model), job.fp32_path)
+    shapes = {name: (1, *np.asarray(a).shape[1:]) for name, a in job.inputs[0].items()} if job.inputs else None
+    return CanonicalModel(job.canonical_path, model, CalibrationTable.from_model(model), job.fp32_path,
+                          example_shapes=shapes)
 
 
 def _layer_check(backend: Backend, job: CheckJob) -> CheckResult:
