@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval", type=int, default=512, help="held-out evaluation samples")
     ap.add_argument("--no-nncf", action="store_true", help="skip the NNCF anchors")
     ap.add_argument("--configs", default="", help="deploykit rows as method:profile[:recipe],... e.g. "
-                    "minmax:asymmetric:bias_correction, minmax:asymmetric:smoothquant:0.8 (default: six, plus the "
+                    "minmax:asymmetric:bias_correction, minmax:asymmetric:smoothquant:0.9 (default: six, plus the "
                     "default recipe of each net)")
     ap.add_argument("--overflow", default="none,all", help="OpenVINO overflow_fix modes measured as extra columns "
                     "of the CNN's deploykit rows, besides the default (auto); empty: none")

@@ -2,7 +2,7 @@
 scale, how close is it to the canonical model, and how fast is INT8 against float TFLite.
 
     python bench/tflite_realnets.py [--nets cnn,dynamo,legacy] [--samples 64] [--seq 64] [--rounds 10]
-        [--recipes none,smoothquant:0.8] [--layers 8]
+        [--recipes none,smoothquant:0.8] [--layers 8] [--anchors onnxruntime]
 
 - cnn: EfficientNet-Lite0 (``deploykit.testing.realnets``), minmax canonical model calibrated on
   ``--calib`` photo crops; ``scales_match`` (tensors compared, mismatches, dead channels not kept),
@@ -15,6 +15,8 @@ scale, how close is it to the canonical model, and how fast is INT8 against floa
 - ``--recipes``: one row per PTQ recipe of the canonical model (``none``; ``smoothquant:0.8`` is
   what ``deploykit build`` picks for an encoder), with the canonical model's and the .tflite's
   cosine with FP32 beside the cosine with the canonical model.
+- ``--anchors onnxruntime``: the same canonical model lowered to another backend and run as a user
+  would (onnxruntime: its integer kernels), its agreement with the canonical model beside TFLite's.
 - ``--layers N``: the per-layer comparison (deploykit.layers, the TFLite layer runner) on the
   first N evaluation samples: worst layer, verdict counts.
 
@@ -107,6 +109,19 @@ def bench(net: str, recipe: str, args) -> dict:
         row["cosine_with_canonical"] = cosines(ref, out)
         row["cosine_canonical_vs_fp32"] = cosines(ref, fp32_out)
         row["cosine_tflite_vs_fp32"] = cosines(out, fp32_out)
+    for name in [a for a in args.anchors.split(",") if a]:
+        # the same canonical model on another backend, as a user would run it: how close does a
+        # runtime with its own integer kernels get to the canonical model (onnxruntime: optimizations on)
+        from deploykit.plugins import load_registry
+
+        other = load_registry().get(name)
+        other_target = make_target(type(other))
+        suffix = {"onnxruntime": ".onnx", "openvino": ".xml"}.get(name, "")
+        other_artifact = other.lower(canonical, other_target, out_dir / f"anchor_{name}{suffix}")
+        other_out = other.load(other_artifact, other_target).run(feeds)[0]
+        key = "top1_agreement_with_canonical" if net == "cnn" else "cosine_with_canonical"
+        row[f"anchor_{name}"] = {key: realnets.top1_agreement(ref, other_out) if net == "cnn"
+                                 else cosines(ref, other_out)}
     if args.layers:
         from deploykit import layers
 
@@ -141,6 +156,8 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/deploykit_tflite_realnets")
     ap.add_argument("--recipes", default="none", help="comma list of canonical-model recipes: none, smoothquant:0.8, ...")
     ap.add_argument("--layers", type=int, default=0, help="per-layer comparison on this many samples (0: skip)")
+    ap.add_argument("--anchors", default="", help="comma list of other backends run on the same canonical model "
+                                                  "(e.g. onnxruntime): their agreement with it, same inputs")
     args = ap.parse_args()
     for net in args.nets.split(","):
         for recipe in args.recipes.split(","):

@@ -39,12 +39,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+import onnx
+
 from deploykit._version import __version__
+from deploykit.canonical import CalibrationTable, CanonicalModel
 from deploykit.errors import ConfigError, DeploykitError
-from deploykit.jobs import JOB_FILE, CheckJob, run_job
+from deploykit.fileio import sha256
+from deploykit.jobs import JOB_FILE, CheckJob, run_job, target_from_json
 from deploykit.plugins import Registry, load_registry
-from deploykit.remote import API_VERSION, DEVICE_NOTE, check_job_json, check_names, fingerprint, is_digest, lay_out
-from deploykit.results import SCHEMA_VERSION
+from deploykit.remote import (
+    API_VERSION,
+    DEVICE_NOTE,
+    LOWER_FILE,
+    LOWER_KIND,
+    check_job_json,
+    check_names,
+    fingerprint,
+    inside,
+    is_digest,
+    lay_out,
+    safe_name,
+)
+from deploykit.results import SCHEMA_VERSION, jsonable
 from deploykit.targets import Device, Target
 
 if TYPE_CHECKING:
@@ -123,19 +139,29 @@ class Worker:
         self.device = device
         self.announce = announce
         self.entries: dict[str, _Entry] = {}
-        self._queue: queue.Queue[tuple[_Entry, CheckJob, Path]] = queue.Queue()
+        self._queue: queue.Queue[tuple[_Entry, Callable[[], dict[str, Any]], Path]] = queue.Queue()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="deploykit-agent-worker", daemon=True)
         self._thread.start()
 
     def submit(self, job: CheckJob, folder: Path, job_id: str) -> _Entry:
-        entry = _Entry(job_id, job.target.name)
+        """Queue a check job; its result is the JobResult's JSON."""
+        def work() -> dict[str, Any]:
+            result = run_job(job, self.registry)
+            result.notes[DEVICE_NOTE] = {**self.device, **self._device_info(job)}
+            return result.to_json()
+
+        return self.queue(f"{job.target.name}, {job.target.backend}", work, folder, job_id)
+
+    def queue(self, label: str, work: Callable[[], dict[str, Any]], folder: Path, job_id: str) -> _Entry:
+        """Queue ``work`` (run in ``folder``, removed afterwards); its result is what it returns."""
+        entry = _Entry(job_id, label)
         with self._lock:
             self.entries[job_id] = entry
             finished = [e for e in self.entries.values() if e.done.is_set()]
             for old in sorted(finished, key=lambda e: e.submitted)[:max(0, len(finished) - KEEP_FINISHED)]:
                 del self.entries[old.id]
-        self._queue.put((entry, job, folder))
+        self._queue.put((entry, work, folder))
         return entry
 
     def pending(self) -> int:
@@ -150,13 +176,11 @@ class Worker:
 
     def _loop(self) -> None:
         while True:
-            entry, job, folder = self._queue.get()
+            entry, work, folder = self._queue.get()
             entry.state = "running"
             t0 = time.monotonic()
             try:
-                result = run_job(job, self.registry)
-                result.notes[DEVICE_NOTE] = {**self.device, **self._device_info(job)}
-                entry.result, entry.state = result.to_json(), "done"
+                entry.result, entry.state = work(), "done"
             except DeploykitError as exc:
                 entry.error, entry.state = str(exc), "error"
             except Exception as exc:  # a plugin's bug fails this job, never the agent
@@ -165,8 +189,49 @@ class Worker:
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
                 entry.done.set()
-            self.announce(f"job {entry.id[:8]} ({entry.target}, {job.target.backend}): {entry.state} in "
+            self.announce(f"job {entry.id[:8]} ({entry.target}): {entry.state} in "
                           f"{time.monotonic() - t0:.1f} s" + (f": {entry.error}" if entry.error else ""))
+
+
+def check_lower_request(raw: object, names: set[str]) -> dict[str, Any]:
+    """A received ``lower.json``, or ValueError: its two model names safe and among the files."""
+    if not isinstance(raw, dict) or raw.get("kind") != LOWER_KIND:
+        raise ValueError(f"{LOWER_FILE} is not a lowering request")
+    if raw.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{LOWER_FILE} has schema {raw.get('schema_version')}, this agent reads {SCHEMA_VERSION}")
+    for key in ("canonical", "fp32"):
+        if str(safe_name(raw.get(key))) not in names:
+            raise ValueError(f"{LOWER_FILE} {key}: {str(raw.get(key))[:80]!r} is not one of the files sent")
+    if not isinstance(raw.get("target"), dict):
+        raise ValueError(f"{LOWER_FILE} has no target")
+    return raw
+
+
+def lower_here(folder: Path, request: dict[str, Any], registry: Registry, blobs: Path) -> dict[str, Any]:
+    """Lower the canonical model laid out in ``folder`` with this device's backend; store the
+    artifact's files in ``blobs`` (content-addressed) and describe it: path, files by sha256,
+    metadata, the backend's verification checks."""
+    target = target_from_json(request["target"])
+    backend = registry.get(target.backend)
+    path = folder / safe_name(request["canonical"])
+    model = onnx.load(str(path))
+    shapes = request.get("example_shapes")
+    canonical = CanonicalModel(path, model, CalibrationTable.from_model(model), folder / safe_name(request["fp32"]),
+                               {k: tuple(v) for k, v in shapes.items()} if shapes else None)
+    out = folder / "out"
+    artifact = backend.lower(canonical, target, out / f"{target.name}{backend.artifact_suffix}")
+    files = {}
+    for f in artifact.files or ([artifact.path] if artifact.path.is_file() else sorted(artifact.path.rglob("*"))):
+        if not f.is_file() or not inside(f, out):
+            continue
+        digest = sha256(f)
+        if not (blobs / digest).is_file():
+            tmp = blobs / f".lowered-{uuid.uuid4().hex}"
+            shutil.copyfile(f, tmp)
+            os.replace(tmp, blobs / digest)
+        files[f.resolve().relative_to(out.resolve()).as_posix()] = digest
+    return {"path": artifact.path.resolve().relative_to(out.resolve()).as_posix(), "files": files,
+            "metadata": jsonable(dict(artifact.metadata)), "checks": [c.to_json() for c in artifact.checks]}
 
 
 def create_app(folder: Path, token: str, max_upload_bytes: int, registry: Registry | None = None,
@@ -174,7 +239,7 @@ def create_app(folder: Path, token: str, max_upload_bytes: int, registry: Regist
     """The agent's ASGI application (serve it with uvicorn; :func:`serve` does)."""
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
-    from starlette.responses import JSONResponse, Response
+    from starlette.responses import FileResponse, JSONResponse, Response
     from starlette.routing import Route
 
     if len(token) < MIN_TOKEN:
@@ -211,6 +276,8 @@ def create_app(folder: Path, token: str, max_upload_bytes: int, registry: Regist
         dest = blobs / digest
         if request.method == "HEAD":
             return Response(status_code=200 if dest.is_file() else 404)
+        if request.method == "GET":  # an artifact this agent lowered
+            return FileResponse(dest) if dest.is_file() else error(404, "no such file")
         if dest.is_file():  # content-addressed: already here, nothing to store
             return JSONResponse({"digest": digest, "stored": False}, 200)
         declared = request.headers.get("content-length")
@@ -272,6 +339,43 @@ def create_app(folder: Path, token: str, max_upload_bytes: int, registry: Regist
         worker.submit(job, job_dir, job_id)
         return JSONResponse({"id": job_id}, 202)
 
+    async def lower(request: Request) -> Response:
+        """Lower on this device (a backend only the device has, e.g. TensorRT): the canonical model
+        in, the artifact's files into the blob store, their names and digests out."""
+        declared = request.headers.get("content-length", "")
+        if not declared.isdigit() or int(declared) > MAX_JOB_REQUEST:
+            return error(413, f"a request is JSON of at most {MAX_JOB_REQUEST} bytes with a Content-Length")
+        try:
+            files = json.loads(await request.body())["files"]
+            if not isinstance(files, dict) or not all(isinstance(d, str) and is_digest(d) for d in files.values()):
+                raise ValueError("'files' must map each file name to its sha256")
+            check_names(list(files), required=(LOWER_FILE,))
+        except (ValueError, KeyError, TypeError) as exc:
+            return error(400, f"request refused, nothing written: {exc}")
+        missing = sorted({d for d in files.values() if not (blobs / d).is_file()})
+        if missing:
+            return error(409, "upload these files first", missing=missing)
+        try:
+            spec = check_lower_request(json.loads((blobs / files[LOWER_FILE]).read_text(encoding="utf-8")), set(files))
+            if spec["target"].get("backend") not in available:
+                raise ValueError(f"no backend {str(spec['target'].get('backend'))[:40]!r} on this device")
+        except (ValueError, UnicodeDecodeError) as exc:
+            return error(400, f"request refused, nothing written: {exc}")
+        job_id = uuid.uuid4().hex
+        job_dir = jobs / job_id
+
+        def place() -> None:
+            job_dir.mkdir()
+            for name, digest in files.items():
+                dest = job_dir / safe_name(name)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(blobs / digest, dest)
+
+        await run_in_threadpool(place)
+        label = f"{spec['target'].get('name')}, lower with {spec['target'].get('backend')}"
+        worker.queue(label, lambda: lower_here(job_dir, spec, registry, blobs), job_dir, job_id)
+        return JSONResponse({"id": job_id}, 202)
+
     async def status(request: Request) -> Response:
         entry = worker.entries.get(request.path_params["job_id"])
         if entry is None:
@@ -286,8 +390,9 @@ def create_app(folder: Path, token: str, max_upload_bytes: int, registry: Regist
 
     app = Starlette(routes=[
         Route("/v1/probe", probe, methods=["GET"]),
-        Route("/v1/blobs/{digest}", blob, methods=["HEAD", "PUT"]),
+        Route("/v1/blobs/{digest}", blob, methods=["HEAD", "PUT", "GET"]),
         Route("/v1/jobs", submit, methods=["POST"]),
+        Route("/v1/lower", lower, methods=["POST"]),
         Route("/v1/jobs/{job_id}", status, methods=["GET"]),
     ])
     app.add_middleware(_BearerAuth, token=token)  # around everything: no answer at all without the token

@@ -92,7 +92,7 @@ def cli(verbose: bool) -> None:
               "[default: targets.toml [quantization] keep_float].")
 @click.option("--recipe", metavar="STEPS", help="Accuracy-recovering PTQ, comma-separated: bias_correction, "
               "smoothquant[:ALPHA], cle, adaround[:ITERATIONS]; 'none' for plain calibration [default: targets.toml "
-              "[calibration] recipe, else auto: bias_correction for CNNs, smoothquant:0.8 for transformers].")
+              "[calibration] recipe, else auto: bias_correction for CNNs, smoothquant:0.9 for transformers].")
 @click.option("--accuracy-target", "accuracy_target", metavar="METRIC=VALUE", help="Keep the fewest layers float "
               "(by sensitivity per MAC) that meet top1_agreement=0.95, cosine=0.998 or accuracy_drop=0.01 on the "
               "evaluation data; checked on every target; exit 1 (shipping the best found) when not met.")
@@ -232,7 +232,7 @@ def _record_build(manifest: dict[str, Any], db: Path | None, out_dir: Path, quie
 @click.option("--activations", type=click.Choice(["symmetric", "asymmetric"]), default="asymmetric",
               show_default=True, help="Activation profile (symmetric if you ship to TensorRT).")
 @click.option("--recipe", default="auto", show_default=True, metavar="STEPS",
-              help="Accuracy-recovering recipe, as for build (none, bias_correction, smoothquant:0.8, ...).")
+              help="Accuracy-recovering recipe, as for build (none, bias_correction, smoothquant:0.9, ...).")
 @click.option("--samples", type=int, default=512, show_default=True, help="Calibration samples.")
 @click.option("--eval-samples", type=int, default=512, show_default=True, help="Evaluation samples.")
 @click.option("--task", type=click.Choice(["auto", "classification", "other"]), default="auto", show_default=True,

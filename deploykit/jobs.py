@@ -136,10 +136,7 @@ class CheckJob:
         return {
             "schema_version": self.schema_version,
             "kind": "deploykit.check_job",
-            "target": {"name": t.name, "backend": t.backend, "description": t.description,
-                       "device": dataclasses.asdict(t.device), "options": jsonable(dict(t.options)),
-                       "thresholds": dict(t.thresholds), "batch_sizes": list(t.batch_sizes),
-                       "warmup": t.warmup, "runs": t.runs},
+            "target": target_to_json(t),
             "artifact": {"backend": a.backend, "path": _store(a.path, folder),
                          "files": [_store(f, folder) for f in a.files], "metadata": jsonable(dict(a.metadata)),
                          "checks": [c.to_json() for c in a.checks]},
@@ -181,8 +178,7 @@ class CheckJob:
     @classmethod
     def _from_json(cls, raw: Mapping[str, Any], arrays: Mapping[str, np.ndarray], folder: Path) -> CheckJob:
         t, a, s = raw["target"], raw["artifact"], raw["settings"]
-        target = Target(t["name"], t["backend"], Device(**t["device"]), dict(t["options"]), dict(t["thresholds"]),
-                        tuple(t["batch_sizes"]), int(t["warmup"]), int(t["runs"]), t.get("description", ""))
+        target = target_from_json(t)
         artifact = Artifact(a["backend"], _load(a["path"], folder), tuple(_load(f, folder) for f in a["files"]),
                             dict(a["metadata"]), tuple(CheckResult.from_json(c) for c in a["checks"]))
         inputs: list[dict[str, np.ndarray]] = [{} for _ in range(int(raw["batches"]))]
@@ -196,6 +192,18 @@ class CheckJob:
                    tuple(inputs), arrays.get("labels"),
                    tuple(arrays[f"reference_fp32/{i}"] for i in range(outputs)),
                    tuple(arrays[f"reference_canonical/{i}"] for i in range(outputs)), settings)
+
+
+def target_to_json(t: Target) -> dict[str, Any]:
+    """A resolved target as JSON (its options as validated, its device with it)."""
+    return {"name": t.name, "backend": t.backend, "description": t.description,
+            "device": dataclasses.asdict(t.device), "options": jsonable(dict(t.options)),
+            "thresholds": dict(t.thresholds), "batch_sizes": list(t.batch_sizes), "warmup": t.warmup, "runs": t.runs}
+
+
+def target_from_json(t: Mapping[str, Any]) -> Target:
+    return Target(t["name"], t["backend"], Device(**t["device"]), dict(t["options"]), dict(t["thresholds"]),
+                  tuple(t["batch_sizes"]), int(t["warmup"]), int(t["runs"]), t.get("description", ""))
 
 
 def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
@@ -367,8 +375,12 @@ def _fp32_checks(job: CheckJob, fp32: Runner, rss0: float) -> list[CheckResult]:
 
 
 def _canonical(job: CheckJob) -> CanonicalModel:
+    """The canonical model as the build held it, with the evaluation data's shapes at batch 1 as
+    ``example_shapes`` (a backend that fixes dynamic dims, TFLite, needs them for its FP32 model)."""
     model = onnx.load(str(job.canonical_path))
-    return CanonicalModel(job.canonical_path, model, CalibrationTable.from_model(model), job.fp32_path)
+    shapes = {name: (1, *np.asarray(a).shape[1:]) for name, a in job.inputs[0].items()} if job.inputs else None
+    return CanonicalModel(job.canonical_path, model, CalibrationTable.from_model(model), job.fp32_path,
+                          example_shapes=shapes)
 
 
 def _layer_check(backend: Backend, job: CheckJob) -> CheckResult:
@@ -426,14 +438,20 @@ def _latency(job: CheckJob, backend: Backend, runner: Runner, fp32: Runner | Non
                       f"; {entry.speedup_vs} p50 {entry.fp32_p50_ms:.3f} ms -> {entry.speedup:.2f}x"
                       if entry.speedup is not None else "")
             if i == 0:  # thresholds apply to the first batch size
-                note = f"batch {b}, {target.runs} runs after {target.warmup} warm-up"
-                result.checks.append(checks.judge("latency_p50_ms", stats.p50_ms, th, note))
-                result.checks.append(checks.judge("latency_p99_ms", stats.p99_ms, th, note))
-                result.checks.append(checks.judge("throughput", stats.throughput, th, f"samples/s at batch {b}"))
-                if entry.speedup is not None:
-                    result.checks.append(checks.judge("speedup", entry.speedup, th,
-                                                      f"INT8 vs {entry.speedup_vs} p50 at batch {b}"))
+                result.checks.extend(_latency_checks(entry, th, f"batch {b}, {target.runs} runs after "
+                                                                f"{target.warmup} warm-up"))
             progress.update()
+
+
+def _latency_checks(entry: LatencyResult, th: Mapping[str, float], note: str) -> list[CheckResult]:
+    """The latency thresholds, judged on one batch size's figures."""
+    stats, b = entry.stats, entry.stats.batch_size
+    out = [checks.judge("latency_p50_ms", stats.p50_ms, th, note),
+           checks.judge("latency_p99_ms", stats.p99_ms, th, note),
+           checks.judge("throughput", stats.throughput, th, f"samples/s at batch {b}")]
+    if entry.speedup is not None:
+        out.append(checks.judge("speedup", entry.speedup, th, f"INT8 vs {entry.speedup_vs} p50 at batch {b}"))
+    return out
 
 
 def _interleaved_latency(job: CheckJob, runner: Runner, fp32: Runner | None, result: JobResult) -> None:
@@ -464,11 +482,6 @@ def _interleaved_latency(job: CheckJob, runner: Runner, fp32: Runner | None, res
                                             speedup_vs="onnxruntime fp32")
             result.latency.append(entry)
             if i == 0:  # thresholds apply to the first batch size
-                note = f"batch {b}, median of {s.rounds} interleaved rounds of {q.calls_per_round} calls"
-                result.checks.append(checks.judge("latency_p50_ms", stats.p50_ms, th, note))
-                result.checks.append(checks.judge("latency_p99_ms", stats.p99_ms, th, note))
-                result.checks.append(checks.judge("throughput", stats.throughput, th, f"samples/s at batch {b}"))
-                if entry.speedup is not None:
-                    result.checks.append(checks.judge("speedup", entry.speedup, th,
-                                                      f"INT8 vs {entry.speedup_vs} p50 at batch {b}"))
+                result.checks.extend(_latency_checks(entry, th, f"batch {b}, median of {s.rounds} interleaved "
+                                                                f"rounds of {q.calls_per_round} calls"))
             progress.update()

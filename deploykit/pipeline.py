@@ -40,7 +40,7 @@ from deploykit.quantize import adopt, load_canonical, quantize, requantize, writ
 from deploykit.quantize.islands import layer_macs, mac_summary, resolve_keep_float
 from deploykit.quantize.observe import METHODS
 from deploykit.reference import canonical_runner, fp32_runner
-from deploykit.remote import DEVICE_NOTE, on_devices
+from deploykit.remote import DEVICE_NOTE, DeviceRouter, on_devices
 from deploykit.results import SCHEMA_VERSION, Artifact, Availability, CheckResult, TargetResult, jsonable
 from deploykit.targets import Calibration, Preprocess, Target, TargetsFile, load_targets
 
@@ -721,15 +721,21 @@ def _target_stages(res: TargetResult, progress: Step, registry: Registry, execut
         progress.total = 4 if availability.can_run or remote else 2  # preflight, lower[, accuracy, latency]
         progress.update()
         res.checks.extend(checks.apply_thresholds(c, target.thresholds) for c in pre_checks)
-        if not res.availability.can_lower:
+        # a backend that cannot lower here lowers on the device when it has an agent (TensorRT
+        # engines are built where they run); the artifact is downloaded into --out all the same
+        lower_there = not res.availability.can_lower and remote and isinstance(executor, DeviceRouter)
+        if not res.availability.can_lower and not lower_there:
             res.status, res.reason = "skipped", _missing(res.availability)
             log.debug("%s: skipped: %s", target.name, res.reason)
             return
         dest = folder / f"{target.name}{backend.artifact_suffix}"
         t0 = time.monotonic()
-        with bar(1, f"{target.name}: lower", "model") as b:
-            res.artifact = backend.lower(canonical, target, dest)
+        with bar(1, f"{target.name}: lower" + (f" on {target.device.name}" if lower_there else ""), "model") as b:
+            res.artifact = (executor.lower(canonical, target, dest) if isinstance(executor, DeviceRouter) and lower_there
+                            else backend.lower(canonical, target, dest))
             b.update()
+        if lower_there:
+            res.metadata["lowered_on"] = f"{target.device.name} ({target.device.address})"
         res.seconds["lower"] = time.monotonic() - t0
         progress.update()
         res.checks.extend(checks.apply_thresholds(c, target.thresholds) for c in res.artifact.checks)

@@ -19,6 +19,7 @@ docs/agent.md describes the API and the set-up.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import http.client
 import json
 import logging
@@ -26,6 +27,7 @@ import os
 import platform
 import re
 import socket
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -35,10 +37,11 @@ from typing import Any, Callable, Mapping
 
 from deploykit import cpu
 from deploykit._version import __version__
+from deploykit.canonical import CanonicalModel
 from deploykit.errors import DeviceError
-from deploykit.fileio import sha256
-from deploykit.jobs import ARRAYS_FILE, JOB_FILE, CheckJob, DevicePlacing, Executor
-from deploykit.results import SCHEMA_VERSION, Availability, JobResult
+from deploykit.fileio import atomic_output, sha256
+from deploykit.jobs import ARRAYS_FILE, JOB_FILE, CheckJob, DevicePlacing, Executor, target_to_json
+from deploykit.results import SCHEMA_VERSION, Artifact, Availability, CheckResult, JobResult
 from deploykit.targets import Device, Target
 
 log = logging.getLogger("deploykit")
@@ -47,6 +50,9 @@ log = logging.getLogger("deploykit")
 API_VERSION = 1
 #: key of ``JobResult.notes`` under which a remote executor reports the device's fingerprint
 DEVICE_NOTE = "device"
+#: a lowering request: the target, the canonical model's two files, the example shapes
+LOWER_FILE = "lower.json"
+LOWER_KIND = "deploykit.lower_request"
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _MAX_NAME = 512
 _MAX_FILES = 10_000
@@ -81,8 +87,9 @@ def safe_name(name: object) -> PurePosixPath:
     return PurePosixPath(name)
 
 
-def check_names(names: list[str]) -> None:
-    """Every name safe, none twice, no file where another one needs a folder; else ValueError."""
+def check_names(names: list[str], required: tuple[str, ...] = (JOB_FILE, ARRAYS_FILE)) -> None:
+    """Every name safe, none twice, no file where another one needs a folder, the ``required``
+    ones there; else ValueError."""
     if len(names) > _MAX_FILES:
         raise ValueError(f"{len(names)} files in one job: at most {_MAX_FILES}")
     paths = [safe_name(n) for n in names]
@@ -93,8 +100,8 @@ def check_names(names: list[str]) -> None:
         for parent in p.parents:
             if parent in files:
                 raise ValueError(f"file name {str(p)!r} needs {str(parent)!r} to be a folder, but it is also a file")
-    if PurePosixPath(JOB_FILE) not in files or PurePosixPath(ARRAYS_FILE) not in files:
-        raise ValueError(f"a job needs {JOB_FILE} and {ARRAYS_FILE}")
+    if any(PurePosixPath(r) not in files for r in required):
+        raise ValueError(f"a request needs {' and '.join(required)}")
 
 
 def inside(path: Path, folder: Path) -> bool:
@@ -322,47 +329,89 @@ class AgentExecutor(DevicePlacing):
             self._refused(status, raw, f"upload of {path.name}")
         self.uploaded.append(digest)
 
-    def run(self, job: CheckJob) -> JobResult:
-        import tempfile
-
-        backend = job.target.backend
+    def _backend(self, backend: str, can: str) -> None:
         availability = self.probe().get("backends", {}).get(backend)
-        if not availability or not availability.get("can_run"):
+        if not availability or not availability.get(can):
             why = (availability or {}).get("reason") or "backend not installed there"
-            raise DeviceError(f"{self._where()} cannot run {backend}: {why}")
-        with tempfile.TemporaryDirectory(prefix="deploykit-ship-") as tmp:
-            files = bundle(job, Path(tmp))
-            digests = {name: sha256(path) for name, path in files.items()}
-            body = json.dumps({"files": digests}).encode()
-            post = (lambda: body)
-            headers = {"Content-Type": "application/json"}
-            status, raw = self._request("POST", "/v1/jobs", post, headers)
-            if status == 409:  # submitted first, one round trip when the agent holds every file already
-                missing = set(_field(raw, "missing") or ())
-                for name, path in files.items():
-                    if digests[name] in missing:
-                        self._put(path, digests[name])
-                        missing.discard(digests[name])
-                status, raw = self._request("POST", "/v1/jobs", post, headers)
-        if status != 202:
-            self._refused(status, raw, "POST /v1/jobs")
-        return self._wait(str(_field(raw, "id") or ""), job)
+            raise DeviceError(f"{self._where()} cannot {can.removeprefix('can_')} {backend}: {why}")
 
-    def _wait(self, job_id: str, job: CheckJob) -> JobResult:
-        if not is_digest(job_id) and not re.fullmatch(r"[0-9a-f]{32}", job_id):
+    def run(self, job: CheckJob) -> JobResult:
+        self._backend(job.target.backend, "can_run")
+        with tempfile.TemporaryDirectory(prefix="deploykit-ship-") as tmp:
+            job_id = self._submit("/v1/jobs", bundle(job, Path(tmp)))
+        result = JobResult.from_json(self._wait(job_id, job.target.name))
+        result.notes.setdefault(DEVICE_NOTE, {"address": self.address, **self.probe().get("device", {})})
+        return result
+
+    def lower(self, canonical: CanonicalModel, target: Target, dest: Path) -> Artifact:
+        """Lower ``canonical`` for ``target`` on the device (when only the device can: TensorRT
+        engines are built where they run) and download the artifact beside ``dest``."""
+        self._backend(target.backend, "can_lower")
+        with tempfile.TemporaryDirectory(prefix="deploykit-ship-") as tmp:
+            model, fp32 = f"model/{canonical.path.name}", f"model/fp32-{canonical.fp32_path.name}"
+            request = {"kind": LOWER_KIND, "schema_version": SCHEMA_VERSION, "target": target_to_json(target),
+                       "canonical": model, "fp32": fp32,
+                       "example_shapes": {k: list(v) for k, v in (canonical.example_shapes or {}).items()} or None}
+            (Path(tmp) / LOWER_FILE).write_text(json.dumps(request), encoding="utf-8")
+            job_id = self._submit("/v1/lower", {LOWER_FILE: Path(tmp) / LOWER_FILE, model: canonical.path,
+                                                fp32: canonical.fp32_path})
+        art = self._wait(job_id, f"{target.name}: lowering")
+        base = dest.parent
+        try:
+            files = {str(safe_name(name)): digest for name, digest in art["files"].items()}
+            path = base / safe_name(art["path"])
+        except (KeyError, AttributeError, ValueError) as exc:
+            raise DeviceError(f"{self._where()}: {target.name}: a lowered artifact this client cannot place ({exc})") \
+                from None
+        for name, digest in files.items():
+            self._download(str(digest), base / name)
+        return Artifact(target.backend, path, tuple(base / name for name in files), dict(art.get("metadata", {})),
+                        tuple(CheckResult.from_json(c) for c in art.get("checks", [])))
+
+    def _download(self, digest: str, dest: Path) -> None:
+        if not is_digest(digest):
+            raise DeviceError(f"{self._where()}: answered {digest[:40]!r} for a file's sha256")
+        status, raw = self._request("GET", f"/v1/blobs/{digest}", timeout=max(self.request_timeout, 600.0))
+        if status != 200:
+            self._refused(status, raw, f"download of {dest.name}")
+        if hashlib.sha256(raw).hexdigest() != digest:
+            raise DeviceError(f"{self._where()}: {dest.name} arrived damaged (its sha256 is not {digest[:12]}...)")
+        with atomic_output(dest) as tmp:
+            tmp.write_bytes(raw)
+
+    def _submit(self, endpoint: str, files: Mapping[str, Path]) -> str:
+        """POST the names and digests of ``files``; upload only those the agent says are missing
+        (409) and post again: one round trip when it holds them all. The job's id."""
+        digests = {name: sha256(path) for name, path in files.items()}
+        body = json.dumps({"files": digests}).encode()
+        headers = {"Content-Type": "application/json"}
+        status, raw = self._request("POST", endpoint, lambda: body, headers)
+        if status == 409:
+            missing = set(_field(raw, "missing") or ())
+            for name, path in files.items():
+                if digests[name] in missing:
+                    self._put(path, digests[name])
+                    missing.discard(digests[name])
+            status, raw = self._request("POST", endpoint, lambda: body, headers)
+        if status != 202:
+            self._refused(status, raw, f"POST {endpoint}")
+        job_id = str(_field(raw, "id") or "")
+        if not re.fullmatch(r"[0-9a-f]{32}", job_id):
             raise DeviceError(f"{self._where()}: answered a job id {job_id[:40]!r} that is not one")
+        return job_id
+
+    def _wait(self, job_id: str, what: str) -> Any:
+        """The job's result, long-polling until it is done or the device's timeout passes."""
         deadline = time.monotonic() + self.timeout
         while True:
             wait = max(0.0, min(20.0, deadline - time.monotonic()))
             state = self._json("GET", f"/v1/jobs/{job_id}?wait={wait:.1f}", timeout=wait + self.request_timeout)
             if state.get("state") == "done":
-                result = JobResult.from_json(state["result"])
-                result.notes.setdefault(DEVICE_NOTE, {"address": self.address, **self.probe().get("device", {})})
-                return result
+                return state["result"]
             if state.get("state") == "error":
-                raise DeviceError(f"{self._where()}: {job.target.name}: {state.get('error') or 'failed'}")
+                raise DeviceError(f"{self._where()}: {what}: {state.get('error') or 'failed'}")
             if time.monotonic() >= deadline:
-                raise DeviceError(f"{self._where()}: {job.target.name}: no result within {self.timeout:g} s "
+                raise DeviceError(f"{self._where()}: {what}: no result within {self.timeout:g} s "
                                   f"(targets.toml [devices.{self.name}] timeout)")
 
 
@@ -407,6 +456,12 @@ class DeviceRouter(DevicePlacing):
     def run(self, job: CheckJob) -> JobResult:
         device = job.target.device
         return self.agent(device).run(job) if device.address else self.local.run(job)
+
+    def lower(self, canonical: CanonicalModel, target: Target, dest: Path) -> Artifact:
+        """Lower on the target's device (its agent), for a backend that cannot lower here."""
+        if not target.device.address:
+            raise DeviceError(f"{target.name}: device '{target.device.name}' has no agent to lower on")
+        return self.agent(target.device).lower(canonical, target, dest)
 
 
 def on_devices(executor: Executor) -> Executor:

@@ -284,6 +284,24 @@ def test_a_job_naming_a_path_outside_its_folder_is_refused(agents, tmp_path):
         assert _files(a.folder) == before and list((a.folder / "jobs").iterdir()) == []
 
 
+def test_a_lowering_request_naming_files_it_did_not_send_is_refused(agents):
+    import hashlib
+
+    a = agents["a"]
+    for canonical in ("../../etc/passwd", "/etc/passwd", "model/other.onnx"):
+        raw = {"kind": "deploykit.lower_request", "schema_version": 1, "target": {"backend": "onnxruntime"},
+               "canonical": canonical, "fp32": "model/fp32.onnx"}
+        blob = json.dumps(raw).encode()
+        digest = hashlib.sha256(blob).hexdigest()
+        assert _call("PUT", f"{a.address}/v1/blobs/{digest}", blob)[0] in (200, 201)
+        before = _files(a.folder)
+        status, answer = _call("POST", a.address + "/v1/lower",
+                               json.dumps({"files": {"lower.json": digest, "model/fp32.onnx": digest}}).encode(),
+                               headers={"Content-Type": "application/json"})
+        assert status == 400 and "nothing written" in json.loads(answer)["error"]
+        assert _files(a.folder) == before and list((a.folder / "jobs").iterdir()) == []
+
+
 def test_safe_names():
     assert str(safe_name("artifact/model.xml")) == "artifact/model.xml"
     for bad in ESCAPES + ["C:/x", "a/\x00b", None, "x" * 600]:
@@ -359,6 +377,33 @@ def test_agent_executor_errors_are_one_line_naming_the_device(agents):
     with pytest.raises(DeviceError, match=r"device 'gone' \(http://127.0.0.1:\d+\) unreachable: connection refused "
                                           r"\(after 2 attempts\)"):
         gone.probe()
+
+
+def test_a_backend_that_cannot_lower_here_lowers_on_the_device(agents, tmp_path, ort_registry, monkeypatch):
+    """As a TensorRT engine is built on the Jetson: the build machine's probe says it cannot
+    lower (patched here: no TensorRT on any machine of this test), the agent lowers with its
+    real backend, the artifact is downloaded into --out and checked on the device."""
+    import deploykit_onnxruntime
+    from deploykit.fileio import sha256
+    from deploykit.results import Availability
+
+    monkeypatch.setenv("DK_TEST_AGENT_TOKEN", TOKEN)
+    real_probe = deploykit_onnxruntime.OnnxRuntimeBackend.probe
+
+    def probe(self, target):  # this machine cannot lower for the remote device; the agent can
+        return Availability.missing("no SDK for this device here") if target.device.address else real_probe(self,
+                                                                                                             target)
+
+    monkeypatch.setattr(deploykit_onnxruntime.OnnxRuntimeBackend, "probe", probe)
+    toml = _targets(tmp_path, {"a": agents["a"].address})
+    got = _build(tmp_path, toml, ["local-ort", "a-ort"], ort_registry)
+    here, there = got["local-ort"], got["a-ort"]
+    assert here.status == "ok" and there.status == "ok", there.reason
+    assert there.metadata["lowered_on"] == f"a ({agents['a'].address})"
+    assert there.artifact is not None and there.artifact.path.is_file()
+    assert sha256(there.artifact.path) == sha256(here.artifact.path)  # the same lowering, done there
+    assert _untimed(there) == _untimed(here)
+    assert (tmp_path / "out" / "a-ort" / there.artifact.path.name).is_file()  # published into --out
 
 
 def test_a_matrix_through_two_agents_gives_the_local_figures_and_a_dead_one_fails_its_cells_only(

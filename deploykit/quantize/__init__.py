@@ -59,7 +59,7 @@ def quantize(fp32: onnx.ModelProto, calib: DataSource, method: str = "minmax", p
              keep_float: Sequence[str] = (), recipe: str | None = None) -> QuantizeResult:
     """Calibrate the normalised FP32 model on ``calib`` and return the canonical QDQ model.
 
-    ``recipe``: accuracy-recovering steps (``bias_correction``, ``smoothquant:0.8``, ``cle``,
+    ``recipe``: accuracy-recovering steps (``bias_correction``, ``smoothquant:0.9``, ``cle``,
     ``adaround:300``, comma-separated; ``auto`` picks by network kind; None/"none": no recipe),
     see :mod:`deploykit.quantize.recipes`.
 
