@@ -6,6 +6,7 @@ end-to-end figures see it.
 
     PYTHONPATH=.:plugins/onnxruntime:plugins/openvino:plugins/tflite \\
         python bench/compare_layers_realnet.py [--samples 32] [--calib 64] [--backends onnxruntime,openvino]
+        (onnxruntime-int8: int8 activations; openvino-all / openvino-none: that overflow_fix)
         [--plot /tmp/layers.png]
 """
 
@@ -62,7 +63,9 @@ def main() -> None:
     for spec in args.backends.split(","):
         name, _, variant = spec.partition("-")
         backend = registry.get(name)
-        options = {"activations": "int8"} if variant == "int8" else {}
+        options: dict = {"activations": "int8"} if variant == "int8" else {}
+        if name == "openvino" and variant:  # openvino-all / openvino-none / openvino-first_layer
+            options = {"overflow_fix": variant}
         target = make_target(type(backend), name=spec, **options)
         suffix = {"onnxruntime": ".onnx", "openvino": ".xml", "tflite": ".tflite"}.get(name, "")
         artifact = backend.lower(canonical, target, work / f"{spec}{suffix}")

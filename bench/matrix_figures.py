@@ -17,6 +17,7 @@ import argparse
 import itertools
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -129,15 +130,20 @@ def reruns(args: argparse.Namespace) -> None:
 
 
 def slowdown(args: argparse.Namespace) -> None:
-    """A baseline run, then the same matrix (digits32 on onnxruntime, batch 1 and 8) with a worse
-    configuration through its targets file; compare must flag the second."""
+    """A baseline run, then the same matrix (digits32 on onnxruntime and OpenVINO, batch 1 and 8)
+    with a worse onnxruntime configuration through its targets file; compare must flag the
+    second. OpenVINO's cells are the unchanged rest (a run where every cell got slower reads as
+    the machine). Variants: threads1 (1 intra-op thread instead of 2: costs no CPU time),
+    int8act (int8 activations instead of uint8), noopt (graph optimisations off: Q/DQ not fused)."""
     d = _dir(args)
     out, db = d / "slow-out", d / "slow.sqlite"
     db.unlink(missing_ok=True)
+    shutil.rmtree(out, ignore_errors=True)  # scratch of an earlier run: start clean
     worse = {"threads1": ('threads = 2', 'threads = 1'),
-             "int8act": ('activations = "uint8"', 'activations = "int8"')}[args.variant]
+             "int8act": ('activations = "uint8"', 'activations = "int8"'),
+             "noopt": ('graph_optimization_level = "all"', 'graph_optimization_level = "disable"')}[args.variant]
     base = f'[targets.onnxruntime]\nbackend = "onnxruntime"\n[targets.onnxruntime.options]\n{worse[0]}\n'
-    if args.variant == "int8act":
+    if args.variant != "threads1":
         base += "threads = 2\n"
     ids = []
     for name, targets in (("base", base), ("slow", base.replace(worse[0], worse[1]))):
@@ -151,7 +157,7 @@ calib = "{SAMPLES / 'digits32_calib.npz'}"
 eval = "{SAMPLES / 'digits32_eval.npz'}"
 
 [matrix]
-targets = ["onnxruntime"]
+targets = ["onnxruntime", "openvino"]
 targets_file = "{tf}"
 batch_sizes = [1, 8]
 rounds = 5
@@ -169,8 +175,6 @@ def resume(args: argparse.Namespace) -> None:
     out, db = d / "resume-out", d / "resume.sqlite"
     for p in (db,):
         p.unlink(missing_ok=True)
-    import shutil
-
     shutil.rmtree(out, ignore_errors=True)
 
     def stored() -> int:  # cells journaled and stored so far (the history gets each cell right after its step)
@@ -213,7 +217,7 @@ def main() -> None:
     p.add_argument("--compare-only", action="store_true", help="judge the runs already in the database again")
     p.add_argument("extra", nargs="*", help="extra flags for deploykit matrix, after --")
     p = sub.add_parser("slowdown")
-    p.add_argument("--variant", choices=["threads1", "int8act"], default="threads1")
+    p.add_argument("--variant", choices=["threads1", "int8act", "noopt"], default="noopt")
     p = sub.add_parser("resume")
     p.add_argument("--spec", required=True)
     p.add_argument("--total", type=int, required=True, help="cells in the matrix")

@@ -375,8 +375,12 @@ def _fp32_checks(job: CheckJob, fp32: Runner, rss0: float) -> list[CheckResult]:
 
 
 def _canonical(job: CheckJob) -> CanonicalModel:
+    """The canonical model as the build held it, with the evaluation data's shapes at batch 1 as
+    ``example_shapes`` (a backend that fixes dynamic dims, TFLite, needs them for its FP32 model)."""
     model = onnx.load(str(job.canonical_path))
-    return CanonicalModel(job.canonical_path, model, CalibrationTable.from_model(model), job.fp32_path)
+    shapes = {name: (1, *np.asarray(a).shape[1:]) for name, a in job.inputs[0].items()} if job.inputs else None
+    return CanonicalModel(job.canonical_path, model, CalibrationTable.from_model(model), job.fp32_path,
+                          example_shapes=shapes)
 
 
 def _layer_check(backend: Backend, job: CheckJob) -> CheckResult:
@@ -434,14 +438,20 @@ def _latency(job: CheckJob, backend: Backend, runner: Runner, fp32: Runner | Non
                       f"; {entry.speedup_vs} p50 {entry.fp32_p50_ms:.3f} ms -> {entry.speedup:.2f}x"
                       if entry.speedup is not None else "")
             if i == 0:  # thresholds apply to the first batch size
-                note = f"batch {b}, {target.runs} runs after {target.warmup} warm-up"
-                result.checks.append(checks.judge("latency_p50_ms", stats.p50_ms, th, note))
-                result.checks.append(checks.judge("latency_p99_ms", stats.p99_ms, th, note))
-                result.checks.append(checks.judge("throughput", stats.throughput, th, f"samples/s at batch {b}"))
-                if entry.speedup is not None:
-                    result.checks.append(checks.judge("speedup", entry.speedup, th,
-                                                      f"INT8 vs {entry.speedup_vs} p50 at batch {b}"))
+                result.checks.extend(_latency_checks(entry, th, f"batch {b}, {target.runs} runs after "
+                                                                f"{target.warmup} warm-up"))
             progress.update()
+
+
+def _latency_checks(entry: LatencyResult, th: Mapping[str, float], note: str) -> list[CheckResult]:
+    """The latency thresholds, judged on one batch size's figures."""
+    stats, b = entry.stats, entry.stats.batch_size
+    out = [checks.judge("latency_p50_ms", stats.p50_ms, th, note),
+           checks.judge("latency_p99_ms", stats.p99_ms, th, note),
+           checks.judge("throughput", stats.throughput, th, f"samples/s at batch {b}")]
+    if entry.speedup is not None:
+        out.append(checks.judge("speedup", entry.speedup, th, f"INT8 vs {entry.speedup_vs} p50 at batch {b}"))
+    return out
 
 
 def _interleaved_latency(job: CheckJob, runner: Runner, fp32: Runner | None, result: JobResult) -> None:
@@ -472,11 +482,6 @@ def _interleaved_latency(job: CheckJob, runner: Runner, fp32: Runner | None, res
                                             speedup_vs="onnxruntime fp32")
             result.latency.append(entry)
             if i == 0:  # thresholds apply to the first batch size
-                note = f"batch {b}, median of {s.rounds} interleaved rounds of {q.calls_per_round} calls"
-                result.checks.append(checks.judge("latency_p50_ms", stats.p50_ms, th, note))
-                result.checks.append(checks.judge("latency_p99_ms", stats.p99_ms, th, note))
-                result.checks.append(checks.judge("throughput", stats.throughput, th, f"samples/s at batch {b}"))
-                if entry.speedup is not None:
-                    result.checks.append(checks.judge("speedup", entry.speedup, th,
-                                                      f"INT8 vs {entry.speedup_vs} p50 at batch {b}"))
+                result.checks.extend(_latency_checks(entry, th, f"batch {b}, median of {s.rounds} interleaved "
+                                                                f"rounds of {q.calls_per_round} calls"))
             progress.update()

@@ -234,10 +234,12 @@ def _quantizer_class() -> type:
     class CanonicalQuantizer(Quantizer):  # type: ignore[misc]
         """Annotates an exported torch graph so the converted model is deploykit's canonical model."""
 
-        def __init__(self, method: str = "minmax", percentile: float = 99.99, activations: str = rules.SYMMETRIC) -> None:
+        def __init__(self, method: str = "minmax", percentile: float = 99.99, activations: str = rules.SYMMETRIC,
+                     learn_scales: bool = False) -> None:
             super().__init__()
             act_obs, w_obs = _observer_classes()
             self.ops = _aten_sets()
+            self.learn = learn_scales
             self.act = self._act_spec(act_obs, method, percentile, activations, False)
             self.act_sym = self._act_spec(act_obs, method, percentile, activations, True)
             self.w_obs = w_obs
@@ -252,14 +254,15 @@ def _quantizer_class() -> type:
                         qscheme=torch.per_channel_symmetric, ch_axis=axis))
             return self.weight_specs[axis]
 
-        @staticmethod
-        def _act_spec(obs: type, method: str, percentile: float, profile: str, symmetric: bool) -> Any:
+        def _act_spec(self, obs: type, method: str, percentile: float, profile: str, symmetric: bool) -> Any:
             scheme = torch.per_tensor_symmetric if profile == rules.SYMMETRIC or symmetric else torch.per_tensor_affine
+            # learnable scales (LSQ, gradients scaled by 1/sqrt(numel * 127)), or fixed after calibration
+            ctr, extra = (ao.LearnableFakeQuantize, {"use_grad_scaling": True}) if self.learn else (ao.FakeQuantize, {})
             return QuantizationSpec(dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=scheme, is_dynamic=False,
-                                    observer_or_fake_quant_ctr=ao.FakeQuantize.with_args(
+                                    observer_or_fake_quant_ctr=ctr.with_args(
                                         observer=obs, quant_min=-128, quant_max=127, dtype=torch.int8, qscheme=scheme,
                                         method=method, percentile=percentile, profile=profile,
-                                        force_symmetric=symmetric))
+                                        force_symmetric=symmetric, **extra))
 
         def _weight_axis(self, node: Any, weight: Any) -> int:
             rank = _rank(weight) or 2
@@ -440,8 +443,16 @@ class Prepared:
     seconds: dict[str, float] = field(default_factory=dict)
 
     def parameters(self) -> Iterator[Any]:
-        """What a training loop optimises: the weights and biases (scales are not parameters)."""
+        """What a training loop optimises: the weights and biases, and the activation scales when
+        prepared with ``learn_scales``."""
         return (p for p in self.module.parameters() if p.requires_grad)
+
+    def scale_parameters(self) -> list[Any]:
+        """The learned activation scales (and zero points) alone (empty without ``learn_scales``)."""
+        torch = _torch()
+        return [t for fq in _fake_quants(self.module) for t in (getattr(fq, "scale", None),
+                                                                 getattr(fq, "zero_point", None))
+                if isinstance(t, torch.nn.Parameter) and t.requires_grad]
 
     def __call__(self, *inputs: Any) -> Any:
         return self.module(*inputs)
@@ -449,7 +460,8 @@ class Prepared:
 
 def prepare(model: Any, example_inputs: tuple[Any, ...], calib: Any, *, method: str = "minmax",
             percentile: float = 99.99, activations: str = rules.SYMMETRIC, batch_size: int = 8,
-            input_names: Sequence[str] | None = None, dynamic_sequence: bool = False) -> Prepared:
+            input_names: Sequence[str] | None = None, dynamic_sequence: bool = False,
+            learn_scales: bool = False) -> Prepared:
     """Insert the canonical fake quantization into ``model`` and calibrate it on ``calib``.
 
     ``example_inputs``: a tuple of tensors (as for torch.export). ``calib``: unlabeled samples
@@ -457,7 +469,8 @@ def prepare(model: Any, example_inputs: tuple[Any, ...], calib: Any, *, method: 
     iterable of batches). ``method``/``percentile``: the PTQ calibration method that sets the
     starting activation scales (as ``deploykit build --method``). ``activations``: the contract's
     activation profile (symmetric lowers to every backend). ``dynamic_sequence``: dimension 1
-    of every input is dynamic too (token sequences).
+    of every input is dynamic too (token sequences). ``learn_scales``: activation scales are
+    trained too (LSQ), starting from the calibrated ones; else they stay as calibrated.
     """
     torch = _torch()
     ao = _ao()
@@ -479,7 +492,7 @@ def prepare(model: Any, example_inputs: tuple[Any, ...], calib: Any, *, method: 
         module = exported.module()
         _fuse_conv_bn_(module)  # BatchNorm folded as deploykit's normalisation does: what trains is what ships
         names = list(input_names or [n.name for n in module.graph.nodes if n.op == "placeholder"])
-        prepared = prepare_qat_pt2e(module, _quantizer_class()(method, percentile, activations))
+        prepared = prepare_qat_pt2e(module, _quantizer_class()(method, percentile, activations, learn_scales))
     for p in prepared.parameters():
         p.requires_grad_(True)
     observers = _fake_quants(prepared)
@@ -501,14 +514,20 @@ def prepare(model: Any, example_inputs: tuple[Any, ...], calib: Any, *, method: 
                 for feeds in batches:
                     prepared(*_to_torch(feeds, names))
                     b.update(len(next(iter(feeds.values()))))
-    for fq in activation:  # the method's scales, then frozen: training moves weights, not ranges
+    for fq in activation:  # the method's scales; then frozen, or learned from there (learn_scales)
         obs = fq.activation_post_process
         obs.phase = "done"
         obs.final = obs.params()
-        scale, zp = fq.calculate_qparams()
-        fq.scale.resize_(scale.shape).copy_(scale)
-        fq.zero_point.resize_(zp.shape).copy_(zp)
-        fq.disable_observer()
+        scale, zp = obs.calculate_qparams()
+        if isinstance(fq, ao.LearnableFakeQuantize):
+            fq._initialize_or_update_qparams(scale, zp)
+            fq.enable_range_learning()
+            if fq.qscheme == torch.per_tensor_symmetric:
+                fq.zero_point.requires_grad_(False)
+        else:
+            fq.scale.resize_(scale.shape).copy_(scale)
+            fq.zero_point.resize_(zp.shape).copy_(zp)
+            fq.disable_observer()
     prepared.apply(ao.enable_fake_quant)
     data_hash = _data_hash(batches)
     result = Prepared(prepared, teacher, names, example_inputs, method, activations, batches, data_hash,
@@ -548,7 +567,7 @@ def _data_hash(batches: list[Feeds]) -> str:
 
 def distill(prepared: Prepared, data: Any, *, steps: int | None = None, epochs: float | None = None,
             lr: float = 1e-5, batch_size: int = 16, loss: str = "kl", temperature: float = 1.0,
-            budget_s: float | None = None, seed: int = 0, weight_decay: float = 0.0,
+            budget_s: float | None = None, seed: int = 0, weight_decay: float = 0.0, scale_lr: float | None = None,
             on_step: Callable[[int, float], None] | None = None) -> Prepared:
     """Label-free knowledge distillation: train ``prepared`` to reproduce its FP32 teacher on
     unlabeled ``data`` (same forms as :func:`prepare`'s ``calib``).
@@ -557,7 +576,9 @@ def distill(prepared: Prepared, data: Any, *, steps: int | None = None, epochs: 
     ``cosine`` (embeddings). Stops after ``steps`` optimiser steps, or ``epochs`` passes over the
     data (default one pass), or ``budget_s`` seconds, whichever comes first. Adam with a cosine
     learning-rate decay. The activation scales stay as calibrated; weight scales follow the
-    weights. Returns ``prepared`` (trained in place); ``prepared.history`` holds the losses.
+    weights. With ``learn_scales`` the activation scales train too, at ``scale_lr`` (default
+    10 x ``lr``: a scale is a hundredth of a typical weight's magnitude, Adam's steps are not
+    relative). Returns ``prepared`` (trained in place); ``prepared.history`` holds the losses.
     """
     torch = _torch()
     if loss not in LOSSES:
@@ -569,8 +590,12 @@ def distill(prepared: Prepared, data: Any, *, steps: int | None = None, epochs: 
     total = steps if steps is not None else (max(1, round((epochs or 1.0) * per_epoch)) if per_epoch else None)
     if total is None:
         raise ConfigError("qat.distill: give steps= when the data's length is not known up front")
-    params = list(prepared.parameters())
-    optimiser = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    scales = prepared.scale_parameters()
+    ids = {id(p) for p in scales}
+    groups = [{"params": [p for p in prepared.parameters() if id(p) not in ids], "weight_decay": weight_decay}]
+    if scales:
+        groups.append({"params": scales, "lr": 10 * lr if scale_lr is None else scale_lr, "weight_decay": 0.0})
+    optimiser = torch.optim.Adam(groups, lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / total)))
     started = time.monotonic()
     from deploykit.progress import bar

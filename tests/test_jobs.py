@@ -149,6 +149,15 @@ def test_interleaved_job_times_int8_beside_fp32_and_judges_the_fp32_runner(built
     assert again.to_json() == result.to_json() and again.latency[0].fp32_stats == result.latency[0].fp32_stats
 
 
+def test_the_jobs_canonical_model_carries_the_evaluation_shapes(built):
+    """A backend's FP32 runner built from the job (TFLite fixes dynamic dims from them: MiniLM's
+    sequence) sees the shapes the build saw."""
+    from deploykit.jobs import _canonical
+
+    _, job, _ = built
+    assert _canonical(job).example_shapes == {"x": (1, *job.inputs[0]["x"].shape[1:])}
+
+
 def test_local_executor_accepts_only_this_machines_runnable_targets(ort_registry):
     from deploykit.targets import Device, Target
 

@@ -134,3 +134,34 @@ def test_export_refuses_a_name_without_qdq_suffix(prepared, tmp_path):
 
     with pytest.raises(ConfigError, match="qdq.onnx"):
         qat.export(prepared, tmp_path / "model.onnx")
+
+
+def test_attention_encoder_exports_canonically(tmp_path):
+    """A transformer encoder (attention matmuls, 3-D linears, LayerNorm, mask add): the export
+    is canonical: both attention matmul inputs quantized with zero point 0, the linear weights
+    per-channel on their output axis, LayerNorm and Softmax float."""
+    torch.manual_seed(0)
+    module = models.tiny_encoder().eval()
+    feeds = models.encoder_inputs(32)
+    names = list(feeds)
+    example = tuple(torch.from_numpy(feeds[k][:2]) for k in names)
+    prepared = qat.prepare(module, example, feeds, input_names=names)
+    exported = onnx.load(str(qat.export(prepared, tmp_path / "encoder.qdq.onnx")))
+    assert lint(exported) == []
+    g = QdqGraph(exported)
+    matmuls = [n for n in exported.graph.node if n.op_type == "MatMul"]
+    attention = [n for n in matmuls if all(g.activation_source(i) for i in n.input[:2])]
+    assert len(attention) == 4  # QK^T and PV in each of two layers
+    assert all(g.weight(n.input[1]) for n in matmuls if n not in attention)
+    for op in ("LayerNormalization", "Softmax"):
+        for node in (n for n in exported.graph.node if n.op_type == op):
+            assert g.dq_feeding(node.input[0]) is None, node.name
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    got = ort.InferenceSession(exported.SerializeToString(), opts).run(None, feeds)[0]
+    with torch.no_grad():
+        want = prepared.teacher(*(torch.from_numpy(feeds[k]) for k in names)).numpy()
+    cosine = np.sum(got * want, -1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
+    assert cosine.mean() > 0.99

@@ -106,11 +106,11 @@ def adopt(model: onnx.ModelProto, *, source_hash: str = "", calib: Any = None, b
     if any(not n.name for n in m.graph.node) or len({n.name for n in m.graph.node}) < len(m.graph.node):
         unique_node_names(m)
         changes.append("node names made unique")
-    _fold_bias(m, changes)
-    _fold_weight_transposes(m, changes)
+    _fold_bias(m, where, changes)
+    _fold_weight_transposes(m, where, changes)
     _weights(m, where, changes)
     profile = _activations(m, where, changes)
-    _dedupe(m, changes)
+    _dedupe(m, where, changes)
     fp32 = dequantize(m, where)
     floats = _check_placement(m, fp32, where)
     if floats:
@@ -182,6 +182,13 @@ def _unique(graph: onnx.GraphProto, base: str) -> str:
     return name
 
 
+def _params(g: QdqGraph, node: onnx.NodeProto, where: str) -> rules.QuantParams:
+    try:
+        return g.params(node)
+    except ValueError:
+        raise _refuse(where, node, f"its scale '{node.input[1]}' is computed, not a constant initializer") from None
+
+
 def _dequantized(values: np.ndarray, p: rules.QuantParams) -> np.ndarray:
     """DequantizeLinear's float32 result, as onnxruntime computes it: float32(q - z) * s."""
     scale, zp = p.scale, p.zero_point.astype(np.int64)
@@ -193,7 +200,7 @@ def _dequantized(values: np.ndarray, p: rules.QuantParams) -> np.ndarray:
     return ((values.astype(np.int64) - zp).astype(np.float32) * scale.astype(np.float32)).astype(np.float32)
 
 
-def _fold_bias(m: onnx.ModelProto, changes: list[str]) -> None:
+def _fold_bias(m: onnx.ModelProto, where: str, changes: list[str]) -> None:
     g = QdqGraph(m)
     folded = []
     for node in list(m.graph.node):
@@ -202,7 +209,7 @@ def _fold_bias(m: onnx.ModelProto, changes: list[str]) -> None:
         if g.initializers[node.input[0]].data_type != onnx.TensorProto.INT32:
             continue
         values = g.constant(node.input[0])
-        _set_init(m.graph, _dequantized(values, g.params(node)), node.output[0])
+        _set_init(m.graph, _dequantized(values, _params(g, node, where)), node.output[0])
         folded.append(node)
     for node in folded:
         m.graph.node.remove(node)
@@ -210,7 +217,7 @@ def _fold_bias(m: onnx.ModelProto, changes: list[str]) -> None:
         changes.append(f"{len(folded)} int32 bias DequantizeLinear folded into float biases (the values they compute)")
 
 
-def _fold_weight_transposes(m: onnx.ModelProto, changes: list[str]) -> None:
+def _fold_weight_transposes(m: onnx.ModelProto, where: str, changes: list[str]) -> None:
     """DequantizeLinear(int8 W) -> Transpose -> compute node (torch's exporter writes a 3-D
     ``linear`` that way) becomes DequantizeLinear(int8 W transposed), its per-channel axis
     carried through the permutation: the same values in the same places."""
@@ -222,7 +229,7 @@ def _fold_weight_transposes(m: onnx.ModelProto, changes: list[str]) -> None:
         dq = g.dq_feeding(node.input[0])
         if dq is None or not g.is_weight_dq(dq):
             continue
-        values, p = g.constant(dq.input[0]), g.params(dq)
+        values, p = g.constant(dq.input[0]), _params(g, dq, where)
         perm = list(rules.attrs(node).get("perm", list(range(values.ndim))[::-1]))
         name = _unique(m.graph, f"{dq.input[0]}_transposed")
         m.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(values.transpose(perm)), name))
@@ -253,7 +260,7 @@ def _weights(m: onnx.ModelProto, where: str, changes: list[str]) -> None:
         if node.op_type != DQ or not g.is_weight_dq(node):
             continue
         init = g.initializers[node.input[0]]
-        p = g.params(node)
+        p = _params(g, node, where)
         values = g.constant(node.input[0])
         if init.data_type == onnx.TensorProto.UINT8:
             if np.any(p.zero_point.astype(np.int64) != 128):
@@ -321,7 +328,7 @@ def _activations(m: onnx.ModelProto, where: str, changes: list[str]) -> str:
             readers = g.consumers.get(node.output[0], [])
             if any(r.op_type != DQ for r in readers) or node.output[0] in {o.name for o in m.graph.output}:
                 raise _refuse(where, node, "its int8 output is read by something other than a DequantizeLinear")
-        p = g.params(node)
+        p = _params(g, node, where)
         if p.axis is not None:
             raise _refuse(where, node, "activation quantization is per-channel (the contract's is per-tensor)")
         zp = p.zero_point.astype(np.int64)
@@ -349,7 +356,7 @@ def _activations(m: onnx.ModelProto, where: str, changes: list[str]) -> str:
     return rules.ASYMMETRIC if nonzero else rules.SYMMETRIC
 
 
-def _dedupe(m: onnx.ModelProto, changes: list[str]) -> None:
+def _dedupe(m: onnx.ModelProto, where: str, changes: list[str]) -> None:
     """Several Q -> DQ pairs on one tensor with equal parameters become one."""
     g = QdqGraph(m)
     first: dict[str, tuple[onnx.NodeProto, str]] = {}
@@ -358,12 +365,12 @@ def _dedupe(m: onnx.ModelProto, changes: list[str]) -> None:
     for node in m.graph.node:
         if node.op_type != Q:
             continue
-        p = g.params(node)
+        p = _params(g, node, where)
         for dq in g.consumers.get(node.output[0], []):
             key = node.input[0]
             if key in first:
                 other_q, other_dq_out = first[key]
-                op = g.params(other_q)
+                op = _params(g, other_q, where)
                 if np.array_equal(op.scale, p.scale) and np.array_equal(op.zero_point, p.zero_point):
                     rename[dq.output[0]] = other_dq_out
                     drop.append(dq)
@@ -404,7 +411,7 @@ def dequantize(model: onnx.ModelProto, where: str = "model") -> onnx.ModelProto:
     drop = []
     for node in m.graph.node:
         if node.op_type == DQ and g.is_weight_dq(node):
-            _set_init(m.graph, _dequantized(g.constant(node.input[0]), g.params(node)), node.output[0])
+            _set_init(m.graph, _dequantized(g.constant(node.input[0]), _params(g, node, where)), node.output[0])
             drop.append(node)
         elif node.op_type == DQ:
             q = g.producer.get(node.input[0])
@@ -501,7 +508,7 @@ def _table(m: onnx.ModelProto, fp32: onnx.ModelProto, stats: Mapping[str, Any], 
     fixed: dict[str, tuple[float, int, str]] = {}
     for node in m.graph.node:
         if node.op_type == Q:
-            p = g.params(node)
+            p = _params(g, node, where)
             fixed[node.input[0]] = (float(p.scale.reshape(-1)[0]), int(p.zero_point.reshape(-1)[0]), node.name)
     tensors = set(float_tensors(fp32)) | set(fixed)
     b_operands = matmul_b_operands(fp32)

@@ -154,21 +154,73 @@ def amax_entropy(stats: TensorStats, stride: int = 4, **_: object) -> float:
     hist = hist.astype(np.float64)
     hist[0] = hist[1]
     tail = np.concatenate([np.cumsum(hist[::-1])[::-1], [0.0]])  # tail[i] = sum(hist[i:])
+    candidates = np.arange(QUANT_LEVELS, HIST_BINS + 1, stride)
+    # Every candidate's KL at once from prefix sums (:func:`_kl_rows`), instead of ~15 numpy
+    # calls over up to 2048 bins per candidate. Its sums run in another order than _kl's, so the candidates
+    # within a hair of the smallest are scored again by _kl, in the original order with a strict
+    # "<": the chosen threshold is exactly the one-candidate-at-a-time search's.
+    approx = _kl_rows(hist, tail, candidates)
+    finite = np.isfinite(approx)
+    if not finite.any():
+        return float(HIST_BINS * top / HIST_BINS)
+    near = candidates[approx <= approx[finite].min() * (1 + 1e-6) + 1e-12]
     total = hist.sum()
     best_kl, best_i = np.inf, HIST_BINS
-    for i in range(QUANT_LEVELS, HIST_BINS + 1, stride):
-        sliced = hist[:i]
-        p = sliced.copy()
-        p[-1] += tail[i]
-        nonzero = sliced > 0
-        level = np.minimum((np.arange(i) * QUANT_LEVELS) // i, QUANT_LEVELS - 1)
-        level_sum = np.bincount(level, weights=sliced, minlength=QUANT_LEVELS)
-        level_nz = np.bincount(level, weights=nonzero.astype(np.float64), minlength=QUANT_LEVELS)
-        q = np.where(nonzero, level_sum[level] / np.maximum(level_nz[level], 1.0), 0.0)
-        kl = _kl(p / total, q)
+    for i in near:
+        kl = _kl(*_p_q(hist, tail, int(i), total))
         if kl < best_kl:
-            best_kl, best_i = kl, i
+            best_kl, best_i = kl, int(i)
     return float(best_i * top / HIST_BINS)
+
+
+def _p_q(hist: np.ndarray, tail: np.ndarray, i: int, total: float) -> tuple[np.ndarray, np.ndarray]:
+    """P (hist[:i], outliers folded into its last bin, over ``total``) and Q (hist[:i] merged
+    into 128 levels, spread back over its non-empty bins) for threshold bin ``i``."""
+    sliced = hist[:i]
+    p = sliced.copy()
+    p[-1] += tail[i]
+    nonzero = sliced > 0
+    level = np.minimum((np.arange(i) * QUANT_LEVELS) // i, QUANT_LEVELS - 1)
+    level_sum = np.bincount(level, weights=sliced, minlength=QUANT_LEVELS)
+    level_nz = np.bincount(level, weights=nonzero.astype(np.float64), minlength=QUANT_LEVELS)
+    q = np.where(nonzero, level_sum[level] / np.maximum(level_nz[level], 1.0), 0.0)
+    return p / total, q
+
+
+def _kl_rows(hist: np.ndarray, tail: np.ndarray, bins: np.ndarray) -> np.ndarray:
+    """KL(P || Q) of :func:`_p_q` for every threshold bin in ``bins`` from prefix sums.
+
+    Q is constant over the bins of one level, so the sum over bins is a sum over the 128 levels
+    of (P's mass in the level) x log(Q's value there), plus P log P from a prefix sum: O(128)
+    per candidate instead of O(bins). The last bin carries the folded outliers and is scored
+    on its own. As :func:`_kl`: inf where Q misses P's mass."""
+    total = hist.sum()
+    nonzero = hist > 0
+    zero = np.zeros(1)
+    cum_h = np.concatenate([zero, np.cumsum(hist)])
+    cum_n = np.concatenate([zero, np.cumsum(nonzero.astype(np.float64))])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        plogp = np.where(nonzero, (hist / total) * np.log(np.where(nonzero, hist, 1.0) / total), 0.0)
+    cum_plogp = np.concatenate([zero, np.cumsum(plogp)])
+    i = bins[:, None].astype(np.int64)
+    levels = np.arange(QUANT_LEVELS)[None, :]
+    start = (levels * i + QUANT_LEVELS - 1) // QUANT_LEVELS
+    end = np.minimum(((levels + 1) * i + QUANT_LEVELS - 1) // QUANT_LEVELS, i)
+    level_sum = cum_h[end] - cum_h[start]  # Q's mass per level (all of hist[:i])
+    level_nz = cum_n[end] - cum_n[start]
+    last = bins - 1
+    in_p = level_sum.copy()
+    in_p[:, -1] -= hist[last]  # P's mass per level without the last bin (scored below)
+    covered = cum_h[bins]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q_value = level_sum / np.maximum(level_nz, 1.0) / covered[:, None]  # Q normalised, per bin
+        cross = np.where(in_p > 0, (in_p / total) * np.log(np.where(in_p > 0, q_value, 1.0)), 0.0).sum(axis=1)
+        p_last = (hist[last] + tail[bins]) / total
+        q_last = q_value[:, -1]
+        last_term = np.where(p_last > 0, p_last * np.log(np.where(p_last > 0, p_last, 1.0) / q_last), 0.0)
+    kl: np.ndarray = cum_plogp[last] - cross + last_term
+    kl[(covered == 0) | ((hist[last] == 0) & (tail[bins] > 0))] = np.inf
+    return kl
 
 
 def _kl(p: np.ndarray, q: np.ndarray) -> float:

@@ -59,6 +59,17 @@ def packages(canonicals, tmp_path_factory):
     return {k: CoreMLBackend().lower(c, target, work / f"{k}.mlpackage") for k, c in canonicals.items()}
 
 
+@pytest.fixture(scope="module")
+def fp32_programs(canonicals):
+    """Each export as a Core ML program at fp32 (batch up to 8), converted once for the
+    layer-by-layer runs: (lowered program, MLModel)."""
+    out = {}
+    for export, canonical in canonicals.items():
+        lowered = lowering.build_program(canonical.model, "iOS17")
+        out[export] = (lowered, lowering.convert(lowered, FP32, max_batch=8))
+    return out
+
+
 def _check(artifact, name):
     return next(c for c in artifact.checks if c.name == name)
 
@@ -132,19 +143,19 @@ def _expose(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 @pytest.mark.slow
 @pytest.mark.parametrize("export", ["dynamo", "legacy"])
 @pytest.mark.parametrize("seq", [7, 16, 40])
-def test_layer_by_layer_in_the_mil_interpreter(export, seq, canonicals):
+def test_layer_by_layer_in_the_mil_interpreter(export, seq, canonicals, fp32_programs):
     """Every int8 tensor within one step of onnxruntime's (float-simulated QDQ, no optimisations),
     every integer and boolean tensor (positions, the attention mask) exactly equal, and the
     pooled embedding with cosine > 0.9999, at sequence lengths other than the calibration's."""
     import onnxruntime as ort
 
     canonical = canonicals[export]
-    lowered = lowering.build_program(canonical.model, "iOS17")
-    mlmodel = lowering.convert(lowered, FP32, max_batch=8)
+    lowered, mlmodel = fp32_programs[export]
     feeds = bert_inputs(4, seq=seq, seed=5)
     mil_feeds = {i.coreml_name: feeds[i.onnx_name].astype(np.int32) for i in lowered.inputs}
     run_program = _mil_reference().run_program
-    got = run_program(mlmodel._mil_program, mil_feeds)[0]  # end to end
+    probe: dict = {}
+    got = run_program(mlmodel._mil_program, mil_feeds, probe)[0]  # end to end, every op's output kept
 
     model = onnx.shape_inference.infer_shapes(canonical.model)
     types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.value_info) + list(model.graph.output)}
@@ -153,8 +164,6 @@ def test_layer_by_layer_in_the_mil_interpreter(export, seq, canonicals):
     q_outputs = {nodes[n].output[0]: mil for n, mil in quantized.items() if nodes[n].op_type == "QuantizeLinear"}
     exact_types = (onnx.TensorProto.BOOL, onnx.TensorProto.INT64, onnx.TensorProto.INT32)
     exact = {t: lowering.mil_identifier(t) for t, kind in types.items() if kind in exact_types}
-    probe: dict = {}
-    run_program(mlmodel._mil_program, mil_feeds, probe)
     exact = {t: m for t, m in exact.items() if m in probe and np.ndim(probe[m]) > 0 and np.size(probe[m]) > 1}
     session = ort.InferenceSession(_expose(model, [*q_outputs, *exact]).SerializeToString(),
                                    _no_optimisations(), ["CPUExecutionProvider"])

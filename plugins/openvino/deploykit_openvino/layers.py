@@ -41,14 +41,27 @@ class IrLayerRunner:
         self.not_found = [t.name for t in cut.tensors if t.name not in outputs]
         params, results = [], []
         self.dtypes: dict[str, np.dtype] = {}
+        self.float_scales: dict[str, float] = {}  # tensors fed as float through a copy of their FakeQuantize
         for name in self.names:
             out = outputs[name]
             readers = list(out.get_target_inputs())
             out.set_names({OUTPUT_PREFIX + name})
-            param = ops.parameter(out.get_partial_shape(), out.get_element_type(), name=f"deploykit_layer_in/{name}")
+            fq = out.get_node().input_value(0).get_node() if out.get_node().get_type_name() == "Convert" else None
+            if fq is not None and fq.get_type_name() == "FakeQuantize":
+                # the readers get the same FakeQuantize -> Convert(i8) on a float Parameter: the
+                # low-precision transformations see the quantize they see in the whole IR
+                param = ops.parameter(fq.input_value(0).get_partial_shape(), fq.input_value(0).get_element_type(),
+                                      name=f"deploykit_layer_in/{name}")
+                copy = ops.fake_quantize(param, fq.input_value(1), fq.input_value(2), fq.input_value(3),
+                                         fq.input_value(4), int(fq.get_attributes()["levels"]))
+                source = ops.convert(copy, out.get_element_type()).output(0)
+                self.float_scales[name] = wanted[name].scale
+            else:
+                param = ops.parameter(out.get_partial_shape(), out.get_element_type(), name=f"deploykit_layer_in/{name}")
+                source = param.output(0)
             param.output(0).set_names({name})
             for reader in readers:
-                reader.replace_source_output(param.output(0))
+                reader.replace_source_output(source)
             result = ops.result(out)
             params.append(param)
             results.append(result)
@@ -67,7 +80,9 @@ class IrLayerRunner:
         given = {}
         for name, port in self.inputs:
             value = np.asarray(feeds[name])
-            if name in self.zero_points:
+            if name in self.float_scales:  # (q - zero point) * scale: the FakeQuantize gives q back
+                value = (value.astype(np.float64) * self.float_scales[name]).astype(np.float32)
+            elif name in self.zero_points:
                 value = (value.astype(np.int32) + self.zero_points[name]).astype(self.dtypes[name])
             given[port] = value
         results = self.request.infer(given)

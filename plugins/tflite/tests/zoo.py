@@ -60,11 +60,13 @@ def make_zoo_canonical(workdir: Path, seed: int = 0) -> CanonicalModel:
     return write_canonical(result, fp32, Path(workdir), "zoo")
 
 
-def op_zoo2_cnn():
+def op_zoo2_cnn(seed: int = 0):
     """LeakyRelu, HardSigmoid alone, Sub/Div by constants, padded MaxPool, Unsqueeze/Squeeze,
     ReduceMax, global average pool with keepdims, Clip to another range."""
     import torch
     from torch import nn
+
+    torch.manual_seed(seed)  # the same weights whatever ran before in this process
 
     class Zoo2(nn.Module):
         def __init__(self) -> None:
@@ -103,9 +105,12 @@ def make_canonical_from(module, workdir: Path, stem: str, shape=(3, 16, 16), see
     return write_canonical(result, fp32, Path(workdir), stem)
 
 
-def token_mlp():
+def token_mlp(seed: int = 0):
     """3-D activations through Linear layers: MatMul with a [K, N] weight, bias Add, ReLU, Mean."""
+    import torch
     from torch import nn
+
+    torch.manual_seed(seed)  # the same weights whatever ran before in this process
 
     class TokenMLP(nn.Module):
         def __init__(self) -> None:
@@ -119,15 +124,18 @@ def token_mlp():
     return TokenMLP()
 
 
-def fixed_into_conv():
+def fixed_into_conv(seed: int = 0):
     """TFLite-fixed outputs read through a canonical Q/DQ: Tanh -> Conv, Sigmoid -> Conv."""
+    import torch
     from torch import nn
+
+    torch.manual_seed(seed)  # the same weights whatever ran before in this process
 
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 8, 1), nn.Sigmoid(),
                          nn.Conv2d(8, 4, 1))
 
 
-def dead_channel_cnn():
+def dead_channel_cnn(seed: int = 0):
     """Per-channel weight ranges a real network has: conv channel 2 and depthwise channel 1 with
     weights ~1e-7 and no bias (the converter widens their scales), conv channel 5 ~1e-12 with a
     bias of 0.5 (dead: the bias cannot be an int32 at the canonical scale), conv channel 6 with
@@ -136,6 +144,8 @@ def dead_channel_cnn():
     accumulator past -2**31 and it wraps), ordinary ones."""
     import torch
     from torch import nn
+
+    torch.manual_seed(seed)  # the same weights whatever ran before in this process (xdist orders tests differently)
 
     class Dead(nn.Module):
         def __init__(self) -> None:
