@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--learn-scales", action="store_true", help="prepare(learn_scales=True): LSQ activation scales")
     ap.add_argument("--no-anchors", action="store_true", help="skip onnxruntime.quantization and NNCF")
     ap.add_argument("--lower", default="", help="comma-separated targets to build the QAT export for")
     ap.add_argument("--work", type=Path, default=None)
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t = time.monotonic()
     example = tuple(torch.from_numpy(s["calib"][k][:2]) for k in s["names"])
-    prepared = qat.prepare(s["module"], example, s["calib"], input_names=s["names"])
+    prepared = qat.prepare(s["module"], example, s["calib"], input_names=s["names"], learn_scales=args.learn_scales)
     t_prepare = time.monotonic() - t
     t = time.monotonic()
     before = qat.export(prepared, work / "untrained.qdq.onnx")
