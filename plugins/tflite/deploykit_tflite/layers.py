@@ -23,7 +23,7 @@ import numpy as np
 
 from deploykit.errors import BackendUnavailable
 from deploykit_tflite.lowering import NCHW_TO_NHWC, NHWC_TO_NCHW, safe_name
-from deploykit_tflite.runner import INSTALL_HINT, interpreter_class
+from deploykit_tflite.runner import INSTALL_HINT, interpreter_class, set_input
 
 OUTPUT_PREFIX = "deploykit_layer_out/"
 
@@ -172,19 +172,6 @@ class TFLiteLayerRunner:
         self.model_inputs = [(name, details[i]) for name, i in zip(input_names, indices)]
         self.batch = int(self.model_inputs[0][1]["shape"][0]) if self.model_inputs else 1
 
-    def _set_model_input(self, name: str, d: Mapping[str, Any], x: np.ndarray) -> None:
-        """As LiteRTRunner feeds it: ids and masks as given, floats in NHWC, int8 quantized here."""
-        if d["dtype"] not in (np.int8, np.float32):
-            self.interpreter.set_tensor(d["index"], np.ascontiguousarray(x, dtype=d["dtype"]))
-            return
-        x = x.astype(np.float32)
-        if x.ndim == 4 and self.nhwc:
-            x = x.transpose(NCHW_TO_NHWC)
-        if d["dtype"] == np.int8:
-            scale, zero_point = d["quantization"]
-            x = np.clip(np.round(x / scale) + zero_point, -128, 127)
-        self.interpreter.set_tensor(d["index"], np.ascontiguousarray(x, dtype=d["dtype"]))
-
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         total = int(np.asarray(feeds[self.model_inputs[0][0]]).shape[0])
         parts: dict[str, list[np.ndarray]] = {p.canonical: [] for p in self.points}
@@ -196,7 +183,7 @@ class TFLiteLayerRunner:
                 return v if n == self.batch else np.concatenate([v, np.repeat(v[-1:], self.batch - n, axis=0)])
 
             for name, d in self.model_inputs:
-                self._set_model_input(name, d, chunk(feeds[name]))
+                set_input(self.interpreter, d, chunk(feeds[name]), self.nhwc)
             for p in self.points:
                 if p.graph_input:
                     continue

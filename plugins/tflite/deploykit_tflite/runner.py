@@ -22,6 +22,22 @@ def interpreter_class():
     return Interpreter
 
 
+
+def set_input(interpreter: Any, detail: Mapping[str, Any], x: np.ndarray, nhwc: bool) -> None:
+    """Feed one model input as the artifact expects it: ids and masks (int64 / int32 / bool) as
+    given, float images NCHW -> NHWC when the model was lowered NHWC, int8 inputs quantized with
+    the input tensor's own scale and zero point."""
+    if detail["dtype"] not in (np.int8, np.float32):
+        interpreter.set_tensor(detail["index"], np.ascontiguousarray(x, dtype=detail["dtype"]))
+        return
+    x = x.astype(np.float32)
+    if x.ndim == 4 and nhwc:
+        x = x.transpose(NCHW_TO_NHWC)
+    if detail["dtype"] == np.int8:
+        scale, zero_point = detail["quantization"]
+        x = np.clip(np.round(x / scale) + zero_point, -128, 127)
+    interpreter.set_tensor(detail["index"], np.ascontiguousarray(x, dtype=detail["dtype"]))
+
 class LiteRTRunner(Runner):
     """NCHW in, canonical output order out. 4-D tensors are transposed to/from NHWC, int8 I/O is
     quantized/dequantized with the tensor's own parameters (round half to even, as onnxruntime).
@@ -118,17 +134,7 @@ class LiteRTRunner(Runner):
 
     def _invoke(self, it, ins: list[dict], outs: list[dict], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         for name, d in zip(self.input_names, ins):
-            x = np.asarray(feeds[name])
-            if d["dtype"] not in (np.int8, np.float32):  # ids and masks: int64 / int32 / bool as given
-                it.set_tensor(d["index"], np.ascontiguousarray(x, dtype=d["dtype"]))
-                continue
-            x = x.astype(np.float32)
-            if x.ndim == 4 and self.nhwc:
-                x = x.transpose(NCHW_TO_NHWC)
-            if d["dtype"] == np.int8:
-                scale, zero_point = d["quantization"]
-                x = np.clip(np.round(x / scale) + zero_point, -128, 127)
-            it.set_tensor(d["index"], np.ascontiguousarray(x, dtype=d["dtype"]))
+            set_input(it, d, np.asarray(feeds[name]), self.nhwc)
         it.invoke()
         results = []
         for d in outs:
