@@ -85,6 +85,10 @@ class EvalData:
     def samples(self) -> int:
         return len(self.reference)
 
+    def example(self) -> dict[str, np.ndarray]:
+        """One real sample, batch of 1 (shapes for the layers' MACs)."""
+        return dict(next(iter(self.source.batches(1))).feeds)
+
     def head(self, n: int) -> EvalData:
         """The first ``n`` samples (ranking layers needs fewer samples than judging the target)."""
         if n >= self.samples:
@@ -106,7 +110,7 @@ def prepare_eval(fp32: onnx.ModelProto, source: DataSource, batch_size: int = 32
     ref = np.concatenate(outs)
     from deploykit.checks import classifies
 
-    classification = classifies(task, ref)  # the build's rule, so analyze and build judge alike
+    classification = classifies(task, ref, fp32)  # the build's rule, so analyze and build judge alike
     return EvalData(source, batch_size, ref, np.concatenate(labels) if labels else None, classification)
 
 
@@ -208,7 +212,7 @@ def analyze(q: Quantized, data: EvalData, layers: Sequence[str] | None = None, b
     start = time.perf_counter()
     names = list(layers) if layers is not None else quantized_layers(q)
     ops = {n.name: n.op_type for n in q.graph.graph.node}
-    macs = layer_macs(q.graph)
+    macs = layer_macs(q.graph, data.example())
     metric = primary_metric(data)
     runs = 1 + len(names) * (2 if both else 1)
     with step("analyze: per-layer variants", runs * data.samples, "sample") as bar:
@@ -272,7 +276,7 @@ def search_float_layers(q: Quantized, data: EvalData, target: AccuracyTarget, an
     if target.metric == "top1_agreement" and not data.classification:
         raise ConfigError("--accuracy-target top1_agreement needs a classifier (use cosine= for other models, "
                           "or --task classification)")
-    macs = layer_macs(q.graph)
+    macs = layer_macs(q.graph, data.example())
     total = sum(macs.values()) or 1
     metric = target.metric
     cache: dict[int, dict[str, float]] = {}

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
 from deploykit.backend import Runner
 from deploykit.results import CheckResult, LatencyStats
+
+if TYPE_CHECKING:
+    import onnx
 
 
 def measure_latency(runner: Runner, feeds: Mapping[str, np.ndarray], warmup: int = 10, runs: int = 100) -> LatencyStats:
@@ -50,13 +53,56 @@ def is_classifier(output: np.ndarray) -> bool:
 
 TASKS = ("auto", "classification", "other")
 
+# what lies between a classifier's last linear layer and its output: shape ops, activations,
+# pooling, and elementwise ops with a constant (a bias)
+_HEAD_PASS = {"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Cast", "Dropout", "Softmax", "LogSoftmax",
+              "Sigmoid", "Relu", "Clip", "GlobalAveragePool", "GlobalMaxPool", "AveragePool", "MaxPool", "ReduceMean",
+              "Add", "Sub", "Mul"}
+_LINEAR = {"Gemm", "MatMul", "Conv", "ConvTranspose"}
+_EMBEDDING_NAMES = ("embed", "feature", "pool", "hidden", "vector", "encod")
+_SCORE_NAMES = ("logit", "prob", "score", "class", "pred")
 
-def classifies(task: str, output: np.ndarray) -> bool:
-    """Whether the first output is class scores: ``auto`` guesses from its shape ([N, C], C > 1),
-    which an embedding also has; say ``other`` for encoders, detectors and regressors."""
+
+def head_kind(model: onnx.ModelProto) -> str:
+    """``"scores"`` or ``"embedding"`` for the model's first output, from its name and the graph.
+
+    A name says it first (``*embed*``, ``*feature*``, ``*pool*``, ``*hidden*`` -> embedding;
+    ``*logit*``, ``*prob*``, ``*score*``, ``*class*``, ``*pred*`` -> scores). Otherwise the graph: walking back
+    from the output through shape ops, activations, pooling and elementwise ops with a constant
+    operand, class scores reach a linear layer (Gemm, MatMul, Conv); an embedding reaches something
+    else first (a mean pooling's division by the mask sum, a normalization, a LayerNormalization).
+    """
+    name = model.graph.output[0].name.lower()
+    if any(k in name for k in _EMBEDDING_NAMES):
+        return "embedding"
+    if any(k in name for k in _SCORE_NAMES):
+        return "scores"
+    producer = {o: n for n in model.graph.node for o in n.output}
+    constants = {i.name for i in model.graph.initializer} | {
+        o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    tensor = model.graph.output[0].name
+    for _ in range(len(model.graph.node)):
+        node = producer.get(tensor)
+        if node is None:  # a graph input
+            return "embedding"
+        if node.op_type in _LINEAR:
+            return "scores"
+        if node.op_type not in _HEAD_PASS:
+            return "embedding"
+        varying = [i for i in node.input if i and i not in constants]
+        if node.op_type in ("Add", "Sub", "Mul") and len(varying) != 1:
+            return "embedding"  # two computed operands: a residual, a gate, a mask product
+        tensor = varying[0] if varying else node.input[0]
+    return "embedding"
+
+
+def classifies(task: str, output: np.ndarray, model: onnx.ModelProto | None = None) -> bool:
+    """Whether the first output is class scores. ``auto``: its shape is [N, C] with C > 1 and, when
+    the model is given, :func:`head_kind` says scores (a sentence embedding is [N, 384] too); say
+    ``classification`` or ``other`` to decide it yourself."""
     if task == "classification":
         return True
-    return task == "auto" and is_classifier(output)
+    return task == "auto" and is_classifier(output) and (model is None or head_kind(model) == "scores")
 
 
 def compare(reference: list[np.ndarray], candidate: list[np.ndarray], prefix: str = "",

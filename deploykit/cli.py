@@ -106,7 +106,8 @@ def cli(verbose: bool) -> None:
               help="Evaluation samples to use.")
 @click.option("--task", type=click.Choice(["auto", "classification", "other"]), default="auto", show_default=True,
               help="classification: top-1/top-5 agreement and accuracy on the first output; other (encoders, "
-              "detectors): cosine and L2 only; auto: classification when the first output is [N, classes].")
+              "detectors): cosine and L2 only; auto: classification when the first output is [N, classes] from a linear "
+              "head, not an embedding (docs/accuracy.md).")
 @click.option("--calib-batch-size", type=click.IntRange(min=1), help="Batch size while calibrating (scales do not depend on it).")
 @click.option("--preprocess", metavar="K=V,...", help="Image preprocessing, e.g. "
               "'resize=256,crop=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,layout=NCHW'.")
@@ -236,7 +237,8 @@ def _record_build(manifest: dict[str, Any], db: Path | None, out_dir: Path, quie
 @click.option("--samples", type=int, default=512, show_default=True, help="Calibration samples.")
 @click.option("--eval-samples", type=int, default=512, show_default=True, help="Evaluation samples.")
 @click.option("--task", type=click.Choice(["auto", "classification", "other"]), default="auto", show_default=True,
-              help="classification: top-1 agreement; other (encoders): cosine; auto: from the output shape.")
+              help="classification: top-1 agreement; other (encoders): cosine; auto: as for build (an [N, C] output "
+              "from a linear head; an embedding is other).")
 @click.option("--only-float", is_flag=True, help="Measure only the 'this layer float' variant (half the time).")
 @click.option("--top", type=int, default=None, help="Rows to print [default: all].")
 @click.option("-o", "--out", "out_dir", default="deploykit-analyze", show_default=True, type=click.Path(path_type=Path),

@@ -22,7 +22,7 @@ import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, TypeVar
 
 import numpy as np
 
@@ -198,7 +198,8 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
         eval_batches, labels = data.collect_batches(eval_src, eval_batch)
         first_output = _try_first_batch(session, eval_src, eval_batch) if eval_src is not calib_src else \
             session.run(None, eval_batches[0])[0]
-        classification = _check_task(first_output, options.task, labels, eval_src.description)
+        classification = _check_task(first_output, options.task, labels, eval_src.description, fp32)
+        example = eval_batches[0] if eval_batches else None  # real shapes for the layers' MACs
         del session
     signals.checkpoint()  # between stages: a safe point to stop
     with stage("probing the backends"):
@@ -222,7 +223,7 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
                                 quantization={"activations": taken.profile,
                                               "activations_reason": "fixed by the quantized model",
                                               "recipe": "none", "recipe_summary": {},
-                                              **mac_summary(layer_macs(taken.fp32), taken.float_layers),
+                                              **mac_summary(layer_macs(taken.fp32, example), taken.float_layers),
                                               "adoption": adopt.describe(taken)})
         calib_info = out.finished("calibration", calib_key) or {}
     elif calib_info is None:
@@ -247,7 +248,7 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
                 other_model = requantize(result, fp32, activations=other_profile).model
             step.payload.update(method=result.method, samples=result.samples, data_hash=result.data_hash,
                                 random_data=result.random_data, seconds=time.monotonic() - t0,
-                                quantization=quantization_summary(fp32, result, activations_reason))
+                                quantization=quantization_summary(fp32, result, activations_reason, example))
             if search is not None:
                 step.payload["quantization"]["accuracy_target"] = search
         calib_info = out.finished("calibration", calib_key) or {}
@@ -381,13 +382,14 @@ def _meta(model: "onnx.ModelProto", key: str) -> str:
     return next((p.value for p in model.metadata_props if p.key == key), "")
 
 
-def quantization_summary(fp32: Any, result: Any, reason: str) -> dict[str, Any]:
-    """For the manifest: the activation profile and why, the float layers, their MACs and the
-    int8 share of MACs."""
+def quantization_summary(fp32: Any, result: Any, reason: str,
+                         example: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """For the manifest: the activation profile and why, the float layers, their MACs (at the shapes
+    of ``example``, one evaluation batch) and the int8 share of MACs."""
     graph = result.calibrated if getattr(result, "calibrated", None) is not None else fp32
     return {"activations": result.activations, "activations_reason": reason,
             "recipe": getattr(result, "recipe", "none"), "recipe_summary": dict(getattr(result, "recipe_summary", {})),
-            **mac_summary(layer_macs(graph), result.float_layers)}
+            **mac_summary(layer_macs(graph, example), result.float_layers)}
 
 
 def resolve_recipe(option: str | None, configured: str, where: str, fp32: Any) -> str:
@@ -619,13 +621,14 @@ def _try_first_batch(session: Any, src: data.DataSource, batch_size: int) -> np.
         raise DataError(f"{src.description}: the model cannot run on this data: {first}{hint}") from None
 
 
-def _check_task(out0: np.ndarray, task: str, labels: np.ndarray | None, where: str) -> bool:
-    """Decide classification from the first output; check labels against it (shape, type, range)."""
+def _check_task(out0: np.ndarray, task: str, labels: np.ndarray | None, where: str, model: onnx.ModelProto) -> bool:
+    """Decide classification from the first output and the model's head (checks.classifies); check
+    labels against it (shape, type, range)."""
     out0 = np.asarray(out0)
     if task == "classification" and not checks.is_classifier(out0):
         raise ConfigError(f"--task classification needs a first output of shape [N, classes], the model gives "
                           f"{list(out0.shape)}; use --task other")
-    classification = checks.classifies(task, out0)
+    classification = checks.classifies(task, out0, model)
     if labels is not None and classification:
         if labels.ndim > 1 and int(np.prod(labels.shape[1:])) != 1:
             raise DataError(f"{where}: labels have shape {list(labels.shape)}; give one class index per sample")

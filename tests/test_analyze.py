@@ -188,3 +188,57 @@ def test_build_unmet_accuracy_target_ships_the_best_and_exits_1(tmp_path, capsys
     assert (out / "canonical.qdq.onnx").exists()  # the best found is shipped
     assert main(["build", str(model), "--target", "onnxruntime", "--calib", str(tmp_path / "calib.npz"),
                  "--accuracy-target", "top1=0.9", "-o", str(tmp_path / "bad")]) == 2
+
+
+# ------------------------------------------------------------------------------ --task auto
+def _rename_output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    old = out.graph.output[0].name
+    for node in out.graph.node:
+        node.output[:] = [name if o == old else o for o in node.output]
+    out.graph.output[0].name = name
+    return out
+
+
+def _mean_pooled(dim: int = 12) -> onnx.ModelProto:
+    """A sentence embedding's head: token states [N, S, D] (a MatMul), masked sum over S, divided
+    by the mask's sum: [N, D], the shape class scores have too."""
+    w = numpy_helper.from_array(np.eye(dim, dtype=np.float32), "w")
+    axis = numpy_helper.from_array(np.array([1], np.int64), "axis")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+             helper.make_node("Unsqueeze", ["mask", "two"], ["m3"], name="m3"),
+             helper.make_node("Mul", ["h", "m3"], ["hm"], name="masked"),
+             helper.make_node("ReduceSum", ["hm", "axis"], ["s"], name="sum", keepdims=0),
+             helper.make_node("ReduceSum", ["m3", "axis"], ["n"], name="count", keepdims=0),
+             helper.make_node("Div", ["s", "n"], ["out"], name="mean")]
+    graph = helper.make_graph(nodes, "pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S", dim]),
+                                              helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["N", "S"])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", dim])],
+                              [w, axis, numpy_helper.from_array(np.array([2], np.int64), "two")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_task_auto_tells_class_scores_from_an_embedding(tmp_path):
+    from deploykit.checks import classifies, head_kind
+
+    mlp = _mlp()  # Gemm -> output
+    assert head_kind(_rename_output(mlp, "out")) == "scores"
+    soft = onnx.ModelProto()
+    soft.CopyFrom(_rename_output(mlp, "z"))
+    soft.graph.node.append(helper.make_node("Softmax", ["z"], ["out"], name="soft"))
+    soft.graph.output[0].name = "out"
+    assert head_kind(soft) == "scores"  # through the Softmax to the Gemm
+    pooled = _mean_pooled()
+    assert head_kind(pooled) == "embedding"  # the mask sum's division comes first
+    assert head_kind(_rename_output(pooled, "logits")) == "scores"  # a name that says it decides
+    assert head_kind(_rename_output(mlp, "sentence_embedding")) == "embedding"
+    scores = np.zeros((4, 12), np.float32)  # the same [N, C] array either way
+    assert classifies("auto", scores, mlp) and not classifies("auto", scores, pooled)
+    assert classifies("classification", scores, pooled) and not classifies("other", scores, mlp)
+    assert not classifies("auto", np.zeros((4, 5, 12), np.float32), mlp)  # rank 3: token states
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.normal(size=(8, 5, 12)).astype(np.float32), "mask": np.ones((8, 5), np.float32)}
+    np.savez(tmp_path / "eval.npz", **feeds)
+    data = an.prepare_eval(pooled, ArraySource(tmp_path / "eval.npz", input_specs(pooled)), task="auto")
+    assert not data.classification and an.primary_metric(data) == "cosine"

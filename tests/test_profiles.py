@@ -202,6 +202,34 @@ def test_macs_and_int8_share():
     assert summary["float_layers"] == [{"name": "fc", "macs": 2560}]
 
 
+
+def _attention_like(seq: str | int = "S") -> onnx.ModelProto:
+    """x [N, S, 8] -> MatMul with a weight [8, 8] -> reshape to heads [N, S, 2, 4] -> transpose ->
+    scores [N, 2, S, S] (activation x activation MatMul): a symbolic S hides every cost."""
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", seq, 8])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    w = numpy_helper.from_array(np.ones((8, 8), np.float32), "w")
+    heads = numpy_helper.from_array(np.array([0, 0, 2, 4], np.int64), "heads")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+             helper.make_node("Reshape", ["h", "heads"], ["r"], name="split"),
+             helper.make_node("Transpose", ["r"], ["q"], name="t", perm=[0, 2, 1, 3]),
+             helper.make_node("Transpose", ["r"], ["k"], name="tk", perm=[0, 2, 3, 1]),
+             helper.make_node("MatMul", ["q", "k"], ["y"], name="scores")]
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], [w, heads]),
+                             opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_macs_of_a_sequence_model_use_the_evaluation_shapes():
+    m = _attention_like()
+    example = {"x": np.zeros((3, 10, 8), np.float32)}  # batch 3, sequence 10
+    macs = layer_macs(m, example)
+    assert macs == {"proj": 10 * 8 * 8, "scores": 2 * 10 * 10 * 4}  # per sample, at sequence 10
+    blind = layer_macs(m)  # shape inference only: the sequence counts as 1, the scores are unknown
+    assert blind["proj"] == 8 * 8 and blind["scores"] != macs["scores"]
+    # a model that does not run on the example falls back to shape inference, never raises
+    assert layer_macs(m, {"x": np.zeros((1, 10, 5), np.float32)}) == blind
+    assert layer_macs(_attention_like(10)) == macs  # static shapes: inference alone is right
+
 # ------------------------------------------------------------------------------ lint rules
 def _copy(m: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()

@@ -92,6 +92,7 @@ def test_sentence_feeds_use_the_models_tokenizer():
 def test_efficientnet_lite0_export_matches_torch(tmp_path, monkeypatch):
     _need("cnn")
     _need("photos")
+    import onnx
     import onnxruntime as ort
     import torch
 
@@ -105,6 +106,12 @@ def test_efficientnet_lite0_export_matches_torch(tmp_path, monkeypatch):
         want = realnets.efficientnet_lite0_module()(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, want, atol=1e-3)
     assert realnets.top1_agreement(want, got) == 1.0
+    from deploykit.checks import head_kind
+
+    model = onnx.load(str(path))
+    assert head_kind(model) == "scores"
+    model.graph.node[-1].output[0] = model.graph.output[0].name = "output"  # no name hint: the Gemm head says it
+    assert head_kind(model) == "scores"
     calib, evals = realnets.write_cnn_data(tmp_path, calib=3, eval=2)
     assert np.load(calib)["input"].shape == (3, 3, 224, 224) and np.load(evals)["input"].shape[0] == 2
 
@@ -125,6 +132,17 @@ def test_minilm_export_matches_sentence_transformers(exporter):
         feeds = realnets.tokenize(texts[: 3 if seq_len == 16 else 6], seq_len)
         out = sess.run(None, feeds)[0]
         assert out.shape == (len(feeds["input_ids"]), 384)
+    from deploykit.checks import head_kind
+    from deploykit.quantize.islands import layer_macs
+
+    assert head_kind(model) == "embedding"  # [N, 384] like class scores, but an embedding: cosine
+    producer = next(n for n in model.graph.node if model.graph.output[0].name in n.output)
+    producer.output[0] = model.graph.output[0].name = "output"
+    assert head_kind(model) == "embedding"  # no name hint: the mean pooling's division says it
+    macs = layer_macs(model, realnets.tokenize(texts[:1], 64))
+    linear = [v for v in macs.values() if v == 64 * 384 * 384]  # Q, K, V, output projections at sequence 64
+    assert len(linear) == 6 * 4 and max(macs.values()) == 64 * 384 * 1536  # the FFN
+    assert sum(macs.values()) > 600e6  # ~0.7 GMACs per sentence of 64 tokens, not 10 MMACs
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError:

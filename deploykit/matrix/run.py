@@ -351,7 +351,7 @@ class _Runner:
         feeds, label_arr = data.collect_batches(src, eval_batch)
         reference = checks.run_all(fp32_runner(canonical.fp32_path), feeds)
         reference_canonical = checks.run_all(canonical_runner(canonical.path), feeds)  # the jobs' fidelity reference
-        classification = checks.classifies(m.task, reference[0])
+        classification = checks.classifies(m.task, reference[0], fp32)
         fp32_acc = checks.task_accuracy(reference[0], label_arr) if label_arr is not None and classification else None
         if feeds:  # what a target that needs fixed shapes (TFLite) fixes dynamic dims to, as the build does
             canonical = replace(canonical, example_shapes={name: (1, *a.shape[1:]) for name, a in feeds[0].items()})

@@ -42,24 +42,23 @@ def resolve_keep_float(model: onnx.ModelProto, patterns: Iterable[str], where: s
     return [n.name for n in nodes if n.name in matched and n.name in quantizable]
 
 
-def layer_macs(model: onnx.ModelProto) -> dict[str, int]:
+def layer_macs(model: onnx.ModelProto, example: Mapping[str, np.ndarray] | None = None) -> dict[str, int]:
     """Multiply-accumulates of every compute node (Conv, ConvTranspose, Gemm, MatMul) per sample.
 
-    From the shapes onnx shape inference finds; a symbolic dimension (batch, sequence) counts as 1.
+    ``example``: one batch of real inputs (the evaluation data). Its first sample is run through
+    onnxruntime and every compute node's shapes are read off the tensors: a sequence model's
+    MatMuls then cost what they cost at that sequence length (shape inference alone leaves the
+    sequence dimension symbolic, and the reshapes of attention unknown). Without it, or when that
+    run fails, the shapes onnx shape inference finds; a symbolic dimension (batch, sequence) then
+    counts as 1.
     """
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 -- shape inference is best effort; unknown shapes count as 0 MACs
-        inferred = model
-    shapes: dict[str, list[int]] = {}
-    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
-        t = vi.type.tensor_type
-        if t.HasField("shape"):
-            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in t.shape.dim]
-    for init in inferred.graph.initializer:
+    shapes = _observed_shapes(model, example) if example is not None else None
+    if shapes is None:
+        shapes = _inferred_shapes(model)
+    for init in model.graph.initializer:
         shapes[init.name] = list(init.dims)
     out: dict[str, int] = {}
-    for node in inferred.graph.node:
+    for node in model.graph.node:
         if node.op_type not in COMPUTE_OPS:
             continue
         y = shapes.get(node.output[0])
@@ -81,6 +80,43 @@ def layer_macs(model: onnx.ModelProto) -> dict[str, int]:
                 macs = int(np.prod(y)) * int(k)
         out[node.name] = macs
     return out
+
+
+def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 -- shape inference is best effort; unknown shapes count as 0 MACs
+        inferred = model
+    shapes: dict[str, list[int]] = {}
+    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in t.shape.dim]
+    return shapes
+
+
+def _observed_shapes(model: onnx.ModelProto, example: Mapping[str, np.ndarray]) -> dict[str, list[int]] | None:
+    """Shapes of the compute nodes' tensors in one onnxruntime run on the first sample of
+    ``example``; None when the model does not run on it (the caller falls back to inference)."""
+    import onnxruntime as ort
+
+    constants = {i.name for i in model.graph.initializer}
+    wanted = {t for n in model.graph.node if n.op_type in COMPUTE_OPS
+              for t in (n.input[0], n.input[1] if len(n.input) > 1 else "", n.output[0]) if t and t not in constants}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    outputs = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in sorted(wanted - outputs))
+    try:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every node's tensors
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        names = {i.name for i in sess.get_inputs()}
+        got = sess.run(None, {k: np.asarray(v)[:1] for k, v in example.items() if k in names})
+    except Exception:  # noqa: BLE001 -- best effort: shape inference is the fallback
+        return None
+    return {o.name: list(np.shape(v)) for o, v in zip(sess.get_outputs(), got)}
 
 
 def mac_summary(macs: Mapping[str, int], float_layers: Iterable[str]) -> dict[str, object]:
