@@ -45,7 +45,7 @@ from deploykit._version import __version__
 from deploykit.canonical import CalibrationTable, CanonicalModel
 from deploykit.errors import ConfigError, DeploykitError
 from deploykit.fileio import sha256
-from deploykit.jobs import JOB_FILE, CheckJob, run_job, target_from_json
+from deploykit.jobs import ARRAYS_FILE, JOB_FILE, CheckJob, run_job, target_from_json
 from deploykit.plugins import Registry, load_registry
 from deploykit.remote import (
     API_VERSION,
@@ -301,23 +301,32 @@ def create_app(folder: Path, token: str, max_upload_bytes: int, registry: Regist
             tmp.unlink(missing_ok=True)
         return JSONResponse({"digest": digest, "stored": True}, 201)
 
-    async def submit(request: Request) -> Response:
+    async def uploaded_files(request: Request, what: str,
+                             required: tuple[str, ...]) -> tuple[dict[str, str], bytes] | Response:
+        """The request's ``{"files": {name: sha256}}`` (every blob already uploaded) and the body of
+        its ``required[0]`` file, or the error response: nothing is written before this passes."""
         declared = request.headers.get("content-length", "")
         if not declared.isdigit() or int(declared) > MAX_JOB_REQUEST:
-            return error(413, f"a job request is JSON of at most {MAX_JOB_REQUEST} bytes with a Content-Length")
+            return error(413, f"{what} is JSON of at most {MAX_JOB_REQUEST} bytes with a Content-Length")
         try:
-            body = json.loads(await request.body())
-            files = body["files"]
+            files = json.loads(await request.body())["files"]
             if not isinstance(files, dict) or not all(isinstance(d, str) and is_digest(d) for d in files.values()):
                 raise ValueError("'files' must map each file name to its sha256")
-            check_names(list(files))
+            check_names(list(files), required=required)
         except (ValueError, KeyError, TypeError) as exc:
-            return error(400, f"job refused, nothing written: {exc}")
+            return error(400, f"{what} refused, nothing written: {exc}")
         missing = sorted({d for d in files.values() if not (blobs / d).is_file()})
         if missing:
             return error(409, "upload these files first", missing=missing)
+        return files, (blobs / files[required[0]]).read_bytes()
+
+    async def submit(request: Request) -> Response:
+        got = await uploaded_files(request, "a job request", (JOB_FILE, ARRAYS_FILE))
+        if isinstance(got, Response):
+            return got
+        files, job_json = got
         try:
-            check_job_json(json.loads((blobs / files[JOB_FILE]).read_text(encoding="utf-8")))
+            check_job_json(json.loads(job_json.decode("utf-8")))
         except (ValueError, UnicodeDecodeError) as exc:
             return error(400, f"job refused, nothing written: {exc}")
         job_id = uuid.uuid4().hex
@@ -342,21 +351,12 @@ def create_app(folder: Path, token: str, max_upload_bytes: int, registry: Regist
     async def lower(request: Request) -> Response:
         """Lower on this device (a backend only the device has, e.g. TensorRT): the canonical model
         in, the artifact's files into the blob store, their names and digests out."""
-        declared = request.headers.get("content-length", "")
-        if not declared.isdigit() or int(declared) > MAX_JOB_REQUEST:
-            return error(413, f"a request is JSON of at most {MAX_JOB_REQUEST} bytes with a Content-Length")
+        got = await uploaded_files(request, "a lowering request", (LOWER_FILE,))
+        if isinstance(got, Response):
+            return got
+        files, lower_json = got
         try:
-            files = json.loads(await request.body())["files"]
-            if not isinstance(files, dict) or not all(isinstance(d, str) and is_digest(d) for d in files.values()):
-                raise ValueError("'files' must map each file name to its sha256")
-            check_names(list(files), required=(LOWER_FILE,))
-        except (ValueError, KeyError, TypeError) as exc:
-            return error(400, f"request refused, nothing written: {exc}")
-        missing = sorted({d for d in files.values() if not (blobs / d).is_file()})
-        if missing:
-            return error(409, "upload these files first", missing=missing)
-        try:
-            spec = check_lower_request(json.loads((blobs / files[LOWER_FILE]).read_text(encoding="utf-8")), set(files))
+            spec = check_lower_request(json.loads(lower_json.decode("utf-8")), set(files))
             if spec["target"].get("backend") not in available:
                 raise ValueError(f"no backend {str(spec['target'].get('backend'))[:40]!r} on this device")
         except (ValueError, UnicodeDecodeError) as exc:

@@ -148,6 +148,7 @@ def test_attention_encoder_exports_canonically(tmp_path):
     prepared = qat.prepare(module, example, feeds, input_names=names)
     exported = onnx.load(str(qat.export(prepared, tmp_path / "encoder.qdq.onnx")))
     assert lint(exported) == []
+    assert {p.key: p.value for p in exported.metadata_props}["deploykit.recipe"] == "smoothquant:0.9"  # auto
     g = QdqGraph(exported)
     matmuls = [n for n in exported.graph.node if n.op_type == "MatMul"]
     attention = [n for n in matmuls if all(g.activation_source(i) for i in n.input[:2])]
@@ -165,3 +166,39 @@ def test_attention_encoder_exports_canonically(tmp_path):
         want = prepared.teacher(*(torch.from_numpy(feeds[k]) for k in names)).numpy()
     cosine = np.sum(got * want, -1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
     assert cosine.mean() > 0.99
+
+
+def test_smoothquant_recipe_starts_qat_at_the_smoothed_ptq_point():
+    """``prepare(recipe=...)`` applies the build's SmoothQuant to the float torch graph before the
+    fake quantization: the function is unchanged (fake quantization off), an encoder whose
+    LayerNorm outputs carry outlier channels (as real BERT-family encoders do) quantizes much
+    closer to FP32 than without it."""
+    from torchao.quantization.pt2e import disable_fake_quant, enable_fake_quant
+
+    torch.manual_seed(0)
+    module = models.tiny_encoder().eval()
+    with torch.no_grad():
+        for layer in module.layers:
+            layer.ln1.weight[[3, 17]] *= 40.0  # a few outlier channels feeding the linears
+            layer.ln2.weight[[5]] *= 40.0
+    feeds = models.encoder_inputs(64)
+    names = list(feeds)
+    example = tuple(torch.from_numpy(feeds[k][:2]) for k in names)
+    inputs = tuple(torch.from_numpy(feeds[k]) for k in names)
+
+    def error(prepared: qat.Prepared) -> float:
+        with torch.no_grad():
+            got, want = prepared(*inputs), prepared.teacher(*inputs)
+        return float((1 - torch.nn.functional.cosine_similarity(got, want, dim=-1)).mean())
+
+    plain = qat.prepare(module, example, feeds, input_names=names, recipe="none")
+    smoothed = qat.prepare(module, example, feeds, input_names=names, recipe="auto")
+    assert (plain.recipe, smoothed.recipe) == ("none", "smoothquant:0.9")  # auto: a transformer
+    muls = [n for n in smoothed.module.graph.nodes if n.target == torch.ops.aten.mul.Tensor
+            and any("smooth_inv" in str(a) for a in n.args)]
+    assert len(muls) == 8  # per layer: the inputs of qkv, proj, ff1 and ff2
+    smoothed.module.apply(disable_fake_quant)
+    assert error(smoothed) < 1e-6  # the float rewrite keeps the function
+    smoothed.module.apply(enable_fake_quant)
+    assert error(smoothed) < 0.5 * error(plain), (error(smoothed), error(plain))
+    # the smoothed export (lint, placement) is test_attention_encoder_exports_canonically's: auto is its default
