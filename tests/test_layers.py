@@ -11,7 +11,9 @@ import numpy as np
 import onnx
 import pytest
 
-pytest.importorskip("torch", reason="the test models need torch (pip install torch==2.13.0)")
+from deploykit.testing import skip_unless_installed
+
+skip_unless_installed("torch", reason="the test models need torch (pip install torch==2.13.0)")
 
 from deploykit import layers  # noqa: E402
 from deploykit.backend import Artifact  # noqa: E402

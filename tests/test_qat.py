@@ -10,8 +10,10 @@ import numpy as np
 import onnx
 import pytest
 
-torch = pytest.importorskip("torch", reason="QAT needs torch (pip install 'deploykit[qat]')")
-pytest.importorskip("torchao", reason="QAT needs torchao (pip install 'deploykit[qat]')")
+from deploykit.testing import skip_unless_installed
+
+skip_unless_installed("torch", reason="QAT needs torch (pip install 'deploykit[qat]')")
+skip_unless_installed("torchao", reason="QAT needs torchao (pip install 'deploykit[qat]')")
 
 from deploykit import data, model as modelmod, qat  # noqa: E402
 from deploykit.canonical import CalibrationTable, QdqGraph, lint  # noqa: E402
@@ -30,6 +32,8 @@ def digits():
 
 @pytest.fixture(scope="module")
 def prepared(digits):
+    import torch
+
     module, d, _ = digits
     return qat.prepare(module, (torch.from_numpy(d.x_train[:2]),), d.x_train[:256])
 
@@ -74,6 +78,8 @@ def test_untrained_export_is_the_ptq_canonical_model(prepared, digits, tmp_path)
 def test_plain_training_loop_with_labels_then_build(prepared, digits, tmp_path):
     """The digits CNN trained with labels through prepare + a plain loop + export, then built
     as given: accuracy within one point of FP32."""
+    import torch
+
     _, d, fp32_acc = digits
     model = copy.deepcopy(prepared)
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -98,6 +104,8 @@ def test_plain_training_loop_with_labels_then_build(prepared, digits, tmp_path):
 
 
 def test_distill_moves_the_quantized_model_towards_fp32(prepared, digits):
+    import torch
+
     _, d, _ = digits
     model = copy.deepcopy(prepared)
     held_out = torch.from_numpy(d.x_test)
@@ -115,6 +123,8 @@ def test_distill_moves_the_quantized_model_towards_fp32(prepared, digits):
 def test_concat_and_residual_add_share_the_canonical_scales(tmp_path):
     """A MobileNet-style CNN with a Concat and a residual Add: the export passes the lint
     (Concat inputs and output share one scale, both Add inputs quantized)."""
+    import torch
+
     torch.manual_seed(0)
     module = models.mobilenet_cnn(3, 10, 8).eval()
     x = np.random.default_rng(0).standard_normal((32, 3, 16, 16)).astype(np.float32)
@@ -140,6 +150,8 @@ def test_attention_encoder_exports_canonically(tmp_path):
     """A transformer encoder (attention matmuls, 3-D linears, LayerNorm, mask add): the export
     is canonical: both attention matmul inputs quantized with zero point 0, the linear weights
     per-channel on their output axis, LayerNorm and Softmax float."""
+    import torch
+
     torch.manual_seed(0)
     module = models.tiny_encoder().eval()
     feeds = models.encoder_inputs(32)
@@ -173,6 +185,7 @@ def test_smoothquant_recipe_starts_qat_at_the_smoothed_ptq_point():
     fake quantization: the function is unchanged (fake quantization off), an encoder whose
     LayerNorm outputs carry outlier channels (as real BERT-family encoders do) quantizes much
     closer to FP32 than without it."""
+    import torch
     from torchao.quantization.pt2e import disable_fake_quant, enable_fake_quant
 
     torch.manual_seed(0)
