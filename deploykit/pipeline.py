@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, TypeVar
 
 import numpy as np
 
-from deploykit import checks, data, model as modelmod, signals
+from deploykit import checks, data, model as modelmod, ortsession, signals
 from deploykit._version import __version__
 from deploykit.analyze import AccuracyTarget, parse_accuracy_target
 from deploykit.canonical import ASYMMETRIC, SYMMETRIC, CanonicalModel
@@ -475,8 +475,7 @@ def _latency_cost(all_int8: Any, chosen: Any, source: Any, rounds: int = 15) -> 
     import onnxruntime as ort
 
     feeds = {k: v[:1] for k, v in next(iter(source.batches(1))).feeds.items()}
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts = ortsession.session_options()
     sessions = {name: ort.InferenceSession(m.model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
                 for name, m in (("all_int8", all_int8), ("chosen", chosen))}
     times: dict[str, list[float]] = {k: [] for k in sessions}
@@ -497,8 +496,7 @@ def compare_profiles(other: "onnx.ModelProto", chosen_profile: str, batches: lis
     other_profile = SYMMETRIC if chosen_profile == ASYMMETRIC else ASYMMETRIC
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts = ortsession.session_options()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # exact Q/DQ, as the reference
     session = ort.InferenceSession(other.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     with bar(len(batches), f"canonical model, {other_profile} activations", "batch") as b:
@@ -605,8 +603,7 @@ def _source_key(src: Any) -> Any:
 def _ort_session_from_model(model: "onnx.ModelProto") -> Any:
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts = ortsession.session_options()
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 

@@ -10,8 +10,10 @@ import numpy as np
 import onnx
 import pytest
 
-torch = pytest.importorskip("torch", reason="QAT needs torch (pip install 'deploykit[qat]')")
-pytest.importorskip("torchao", reason="QAT needs torchao (pip install 'deploykit[qat]')")
+from deploykit.testing import skip_unless_installed
+
+skip_unless_installed("torch", reason="QAT needs torch (pip install 'deploykit[qat]')")
+skip_unless_installed("torchao", reason="QAT needs torchao (pip install 'deploykit[qat]')")
 
 from deploykit import data, model as modelmod, qat  # noqa: E402
 from deploykit.canonical import CalibrationTable, QdqGraph, lint  # noqa: E402
@@ -30,6 +32,8 @@ def digits():
 
 @pytest.fixture(scope="module")
 def prepared(digits):
+    import torch
+
     module, d, _ = digits
     return qat.prepare(module, (torch.from_numpy(d.x_train[:2]),), d.x_train[:256])
 
@@ -74,6 +78,8 @@ def test_untrained_export_is_the_ptq_canonical_model(prepared, digits, tmp_path)
 def test_plain_training_loop_with_labels_then_build(prepared, digits, tmp_path):
     """The digits CNN trained with labels through prepare + a plain loop + export, then built
     as given: accuracy within one point of FP32."""
+    import torch
+
     _, d, fp32_acc = digits
     model = copy.deepcopy(prepared)
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -98,6 +104,8 @@ def test_plain_training_loop_with_labels_then_build(prepared, digits, tmp_path):
 
 
 def test_distill_moves_the_quantized_model_towards_fp32(prepared, digits):
+    import torch
+
     _, d, _ = digits
     model = copy.deepcopy(prepared)
     held_out = torch.from_numpy(d.x_test)
@@ -115,6 +123,8 @@ def test_distill_moves_the_quantized_model_towards_fp32(prepared, digits):
 def test_concat_and_residual_add_share_the_canonical_scales(tmp_path):
     """A MobileNet-style CNN with a Concat and a residual Add: the export passes the lint
     (Concat inputs and output share one scale, both Add inputs quantized)."""
+    import torch
+
     torch.manual_seed(0)
     module = models.mobilenet_cnn(3, 10, 8).eval()
     x = np.random.default_rng(0).standard_normal((32, 3, 16, 16)).astype(np.float32)
@@ -140,6 +150,8 @@ def test_attention_encoder_exports_canonically(tmp_path):
     """A transformer encoder (attention matmuls, 3-D linears, LayerNorm, mask add): the export
     is canonical: both attention matmul inputs quantized with zero point 0, the linear weights
     per-channel on their output axis, LayerNorm and Softmax float."""
+    import torch
+
     torch.manual_seed(0)
     module = models.tiny_encoder().eval()
     feeds = models.encoder_inputs(32)
@@ -148,6 +160,7 @@ def test_attention_encoder_exports_canonically(tmp_path):
     prepared = qat.prepare(module, example, feeds, input_names=names)
     exported = onnx.load(str(qat.export(prepared, tmp_path / "encoder.qdq.onnx")))
     assert lint(exported) == []
+    assert {p.key: p.value for p in exported.metadata_props}["deploykit.recipe"] == "smoothquant:0.9"  # auto
     g = QdqGraph(exported)
     matmuls = [n for n in exported.graph.node if n.op_type == "MatMul"]
     attention = [n for n in matmuls if all(g.activation_source(i) for i in n.input[:2])]
@@ -165,3 +178,40 @@ def test_attention_encoder_exports_canonically(tmp_path):
         want = prepared.teacher(*(torch.from_numpy(feeds[k]) for k in names)).numpy()
     cosine = np.sum(got * want, -1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
     assert cosine.mean() > 0.99
+
+
+def test_smoothquant_recipe_starts_qat_at_the_smoothed_ptq_point():
+    """``prepare(recipe=...)`` applies the build's SmoothQuant to the float torch graph before the
+    fake quantization: the function is unchanged (fake quantization off), an encoder whose
+    LayerNorm outputs carry outlier channels (as real BERT-family encoders do) quantizes much
+    closer to FP32 than without it."""
+    import torch
+    from torchao.quantization.pt2e import disable_fake_quant, enable_fake_quant
+
+    torch.manual_seed(0)
+    module = models.tiny_encoder().eval()
+    with torch.no_grad():
+        for layer in module.layers:
+            layer.ln1.weight[[3, 17]] *= 40.0  # a few outlier channels feeding the linears
+            layer.ln2.weight[[5]] *= 40.0
+    feeds = models.encoder_inputs(64)
+    names = list(feeds)
+    example = tuple(torch.from_numpy(feeds[k][:2]) for k in names)
+    inputs = tuple(torch.from_numpy(feeds[k]) for k in names)
+
+    def error(prepared: qat.Prepared) -> float:
+        with torch.no_grad():
+            got, want = prepared(*inputs), prepared.teacher(*inputs)
+        return float((1 - torch.nn.functional.cosine_similarity(got, want, dim=-1)).mean())
+
+    plain = qat.prepare(module, example, feeds, input_names=names, recipe="none")
+    smoothed = qat.prepare(module, example, feeds, input_names=names, recipe="auto")
+    assert (plain.recipe, smoothed.recipe) == ("none", "smoothquant:0.9")  # auto: a transformer
+    muls = [n for n in smoothed.module.graph.nodes if n.target == torch.ops.aten.mul.Tensor
+            and any("smooth_inv" in str(a) for a in n.args)]
+    assert len(muls) == 8  # per layer: the inputs of qkv, proj, ff1 and ff2
+    smoothed.module.apply(disable_fake_quant)
+    assert error(smoothed) < 1e-6  # the float rewrite keeps the function
+    smoothed.module.apply(enable_fake_quant)
+    assert error(smoothed) < 0.5 * error(plain), (error(smoothed), error(plain))
+    # the smoothed export (lint, placement) is test_attention_encoder_exports_canonically's: auto is its default

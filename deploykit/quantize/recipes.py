@@ -42,6 +42,7 @@ from onnx import helper, numpy_helper
 
 from deploykit.data import DataSource
 from deploykit.errors import ConfigError
+from deploykit.ortsession import session_options
 
 log = logging.getLogger("deploykit")
 
@@ -174,9 +175,8 @@ def _session(model: onnx.ModelProto, tensors: Sequence[str]) -> Any:
     for t in tensors:
         if t not in have:
             m.graph.output.append(helper.make_empty_tensor_value_info(t))
-    opts = ort.SessionOptions()
+    opts = session_options()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
     return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
@@ -276,6 +276,17 @@ def channel_absmax(model: onnx.ModelProto, tensors: Sequence[str], data: DataSou
     return out
 
 
+def smoothing_factors(xmax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
+    """SmoothQuant's per-input-channel factors ``s_k = max|X_k|^a / max|W_k|^(1-a)`` (1 where
+    a channel is all zero): the activation is divided by ``s``, the weight's input rows
+    multiplied by it. Also used by deploykit.qat on the torch graph."""
+    x = np.asarray(xmax, np.float64)
+    w = np.asarray(wmax, np.float64)
+    s = np.power(np.maximum(x, 1e-5), alpha) / np.power(np.maximum(w, 1e-5), 1.0 - alpha)
+    s = np.where((x > 0) & (w > 0), s, 1.0).astype(np.float32)
+    return np.clip(s, 1e-5, 1e5)
+
+
 def smooth_quant(model: onnx.ModelProto, data: DataSource, alpha: float = DEFAULT_ALPHA,
                  batch_size: int = 8) -> tuple[onnx.ModelProto, int]:
     """SmoothQuant on every MatMul with a constant weight; returns the copy and the number of
@@ -291,10 +302,7 @@ def smooth_quant(model: onnx.ModelProto, data: DataSource, alpha: float = DEFAUL
     for tensor, mms in groups.items():
         weights = [g.const(m.input[1]) for m in mms]
         wmax = np.max([np.abs(w).max(axis=1) for w in weights if w is not None], axis=0)
-        x = xmax[tensor].astype(np.float64)
-        s = np.power(np.maximum(x, 1e-5), alpha) / np.power(np.maximum(wmax, 1e-5), 1.0 - alpha)
-        s = np.where((x > 0) & (wmax > 0), s, 1.0).astype(np.float32)
-        s = np.clip(s, 1e-5, 1e5)
+        s = smoothing_factors(xmax[tensor], wmax, alpha)
         for m, w in zip(mms, weights):
             assert w is not None
             name = g.add_const(f"{m.name}_smoothed_weight", (w * s[:, None]).astype(np.float32))
