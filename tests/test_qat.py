@@ -59,6 +59,8 @@ def test_untrained_export_is_the_ptq_canonical_model(prepared, digits, tmp_path)
     meta = {p.key: p.value for p in exported.metadata_props}
     assert meta["deploykit.calibration_method"] == "qat" and meta["deploykit.calibration_data_hash"] == prepared.data_hash
     assert (tmp_path / "digits.fp32.onnx").is_file() and (tmp_path / "digits.calib.json").is_file()
+    assert prepared.teacher_onnx is not None and prepared.teacher_onnx[0] == qat._teacher_key(prepared)
+    assert prepared.teacher_onnx[1] == (tmp_path / "digits.fp32.onnx").read_bytes()  # kept for the next export
     # deploykit's own PTQ of the same network on the same data: same placement, same scales
     fp32 = modelmod.normalise(onnx.load(str(tmp_path / "digits.fp32.onnx")))
     ptq = quantize(fp32, data.open_source(lambda: [{"x": d.x_train[:256]}], modelmod.input_specs(fp32)), "minmax",
@@ -73,6 +75,24 @@ def test_untrained_export_is_the_ptq_canonical_model(prepared, digits, tmp_path)
     # every tensor the model leaves float has a range in the table (TFLite quantizes more)
     table = CalibrationTable.from_model(exported)
     assert len(table) > len(_activation_scales(exported))
+
+
+def test_the_teacher_export_is_reused_only_for_the_same_teacher(prepared):
+    """export keeps the FP32 teacher's ONNX for the next export (test_untrained_export_... checks
+    the bytes written are the kept ones): keyed by the teacher's content (a deep copy, as a
+    training loop takes, keeps it), not by the object; a changed weight or other example shapes
+    miss."""
+    import torch
+
+    key = qat._teacher_key(prepared)
+    copied = copy.deepcopy(prepared)
+    assert qat._teacher_key(copied) == key
+    with torch.no_grad():
+        next(copied.teacher.parameters()).add_(1.0)
+    assert qat._teacher_key(copied) != key
+    other = copy.deepcopy(prepared)
+    other.example_inputs = tuple(x[:1] for x in other.example_inputs)
+    assert qat._teacher_key(other) != key
 
 
 def test_plain_training_loop_with_labels_then_build(prepared, digits, tmp_path):
