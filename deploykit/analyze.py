@@ -27,6 +27,7 @@ import onnx
 
 from deploykit.data import DataSource
 from deploykit.errors import ConfigError
+from deploykit.ortsession import session_options
 
 TARGET_METRICS = ("top1_agreement", "cosine", "accuracy_drop")
 
@@ -65,9 +66,8 @@ def parse_accuracy_target(text: str) -> AccuracyTarget:
 def _session(model: onnx.ModelProto) -> Any:
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
+    opts = session_options()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # exact Q/DQ semantics
-    opts.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 

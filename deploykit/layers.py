@@ -37,6 +37,7 @@ import numpy as np
 import onnx
 
 from deploykit.canonical import QdqGraph
+from deploykit.ortsession import session_options
 
 if TYPE_CHECKING:  # pragma: no cover
     from deploykit.results import CheckResult
@@ -234,9 +235,8 @@ def onnxruntime_runner(model: onnx.ModelProto, options: Any = None, providers: S
     import onnxruntime as ort
 
     if options is None:
-        options = ort.SessionOptions()
+        options = session_options()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 3
     session = ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
     names = [o.name for o in session.get_outputs()]
     return lambda feeds: dict(zip(names, session.run(None, dict(feeds))))

@@ -20,6 +20,7 @@ from onnx import external_data_helper
 
 from deploykit.canonical import OPSET
 from deploykit.errors import ModelError
+from deploykit.ortsession import session_options
 
 
 def load_onnx(path: Path | str) -> onnx.ModelProto:
@@ -164,10 +165,9 @@ def _ort_basic_optimise(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
     with tempfile.TemporaryDirectory(prefix="deploykit-norm-") as tmp:
         src, dst = os.path.join(tmp, "in.onnx"), os.path.join(tmp, "out.onnx")
         onnx.save(model, src)
-        opts = ort.SessionOptions()
+        opts = session_options()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         opts.optimized_model_filepath = dst
-        opts.log_severity_level = 3
         try:
             ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
         except Exception as exc:

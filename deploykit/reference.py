@@ -15,14 +15,14 @@ from typing import Any, Mapping
 import numpy as np
 
 from deploykit.backend import Runner
+from deploykit.ortsession import session_options
 
 
 def session(path: Path | str, *, exact: bool) -> Any:
     """An onnxruntime CPU session; ``exact`` turns graph optimizations off (canonical semantics)."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts = session_options()
     if exact:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

@@ -143,12 +143,21 @@ def test_analyze_cli_writes_table_json_and_plot(mlp_files, tmp_path, capsys):
     assert "unknown recipe step 'bogus'" in capsys.readouterr().err
 
 
-def test_build_accuracy_target_met_and_checked_on_each_target(mlp_files, tmp_path, capsys):
+def test_build_accuracy_target_met_and_checked_on_each_target(mlp_files, tmp_path, capsys, monkeypatch):
+    from deploykit_onnxruntime import OrtRunner
+
+    batches: list[int] = []  # every batch the onnxruntime artifacts run: the judged variants and the checks
+    real_run = OrtRunner.run
+    monkeypatch.setattr(OrtRunner, "run", lambda self, feeds: batches.append(len(next(iter(feeds.values()))))
+                        or real_run(self, feeds))
     model, calib, evals = mlp_files
     out = tmp_path / "b"
     code = main(["build", str(model), "--target", "onnxruntime", "--calib", str(calib), "--eval", str(evals),
                  "--task", "classification", "--activations", "symmetric", "--recipe", "none",
                  "--accuracy-target", "top1_agreement=0.97", "--no-baseline", "-o", str(out)])
+    # variants judged at the batch the accuracy check runs at (1, the target's first batch size; 8 is its
+    # latency), never at the evaluation's own batching (32): runtimes' int8 results depend on the batch
+    assert set(batches) == {1, 8} and batches.count(1) > 200
     manifest = json.loads((out / "manifest.json").read_text())
     search = manifest["quantization"]["accuracy_target"]
     assert search["met"] and search["float_layers"] == ["fc2"]

@@ -11,7 +11,9 @@ import numpy as np
 import onnx
 import pytest
 
-pytest.importorskip("torch", reason="the test models need torch (pip install torch==2.13.0)")
+from deploykit.testing import skip_unless_installed
+
+skip_unless_installed("torch", reason="the test models need torch (pip install torch==2.13.0)")
 
 from deploykit import layers  # noqa: E402
 from deploykit.backend import Artifact  # noqa: E402
@@ -155,8 +157,13 @@ def test_default_thresholds_judge_the_per_layer_figure(canonical, batches, tmp_p
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="off macOS only")
 def test_core_ml_layer_check_is_not_run_off_macos(canonical):
-    pytest.importorskip("coremltools")
-    from deploykit_coreml import CoreMLBackend
+    from deploykit.errors import BackendUnavailable
+    from deploykit_coreml import CoreMLBackend, sdk
+
+    try:
+        sdk.coremltools()
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
 
     target = make_target(CoreMLBackend, thresholds={"min_layer_within_one_step": 0.99})
     check, report = layers.layer_check(CoreMLBackend(), None, canonical, target, [])

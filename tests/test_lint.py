@@ -14,8 +14,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from deploykit import canonical
 from deploykit.canonical import META_SOURCE_HASH, META_TABLE, RULES, lint
+from deploykit.testing import skip_unless_installed
 
-pytest.importorskip("torch", reason="the canonical test models are exported from torch (pip install torch==2.13.0)")
+skip_unless_installed("torch", reason="the canonical test models are exported from torch (pip install torch==2.13.0)")
 
 
 @pytest.fixture(scope="module")

@@ -28,8 +28,9 @@ from deploykit.canonical import (
 from deploykit.errors import ConfigError
 from deploykit.quantize import quantize, requantize
 from deploykit.quantize.islands import layer_macs, mac_summary, resolve_keep_float
+from deploykit.testing import skip_unless_installed
 
-pytest.importorskip("torch", reason="the test models are exported from torch (pip install torch==2.13.0)")
+skip_unless_installed("torch", reason="the test models are exported from torch (pip install torch==2.13.0)")
 
 
 @pytest.fixture(scope="module")

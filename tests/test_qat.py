@@ -10,8 +10,10 @@ import numpy as np
 import onnx
 import pytest
 
-torch = pytest.importorskip("torch", reason="QAT needs torch (pip install 'deploykit[qat]')")
-pytest.importorskip("torchao", reason="QAT needs torchao (pip install 'deploykit[qat]')")
+from deploykit.testing import skip_unless_installed
+
+skip_unless_installed("torch", reason="QAT needs torch (pip install 'deploykit[qat]')")
+skip_unless_installed("torchao", reason="QAT needs torchao (pip install 'deploykit[qat]')")
 
 from deploykit import data, model as modelmod, qat  # noqa: E402
 from deploykit.canonical import CalibrationTable, QdqGraph, lint  # noqa: E402
@@ -30,6 +32,8 @@ def digits():
 
 @pytest.fixture(scope="module")
 def prepared(digits):
+    import torch
+
     module, d, _ = digits
     return qat.prepare(module, (torch.from_numpy(d.x_train[:2]),), d.x_train[:256])
 
@@ -55,6 +59,8 @@ def test_untrained_export_is_the_ptq_canonical_model(prepared, digits, tmp_path)
     meta = {p.key: p.value for p in exported.metadata_props}
     assert meta["deploykit.calibration_method"] == "qat" and meta["deploykit.calibration_data_hash"] == prepared.data_hash
     assert (tmp_path / "digits.fp32.onnx").is_file() and (tmp_path / "digits.calib.json").is_file()
+    assert prepared.teacher_onnx is not None and prepared.teacher_onnx[0] == qat._teacher_key(prepared)
+    assert prepared.teacher_onnx[1] == (tmp_path / "digits.fp32.onnx").read_bytes()  # kept for the next export
     # deploykit's own PTQ of the same network on the same data: same placement, same scales
     fp32 = modelmod.normalise(onnx.load(str(tmp_path / "digits.fp32.onnx")))
     ptq = quantize(fp32, data.open_source(lambda: [{"x": d.x_train[:256]}], modelmod.input_specs(fp32)), "minmax",
@@ -71,9 +77,29 @@ def test_untrained_export_is_the_ptq_canonical_model(prepared, digits, tmp_path)
     assert len(table) > len(_activation_scales(exported))
 
 
+def test_the_teacher_export_is_reused_only_for_the_same_teacher(prepared):
+    """export keeps the FP32 teacher's ONNX for the next export (test_untrained_export_... checks
+    the bytes written are the kept ones): keyed by the teacher's content (a deep copy, as a
+    training loop takes, keeps it), not by the object; a changed weight or other example shapes
+    miss."""
+    import torch
+
+    key = qat._teacher_key(prepared)
+    copied = copy.deepcopy(prepared)
+    assert qat._teacher_key(copied) == key
+    with torch.no_grad():
+        next(copied.teacher.parameters()).add_(1.0)
+    assert qat._teacher_key(copied) != key
+    other = copy.deepcopy(prepared)
+    other.example_inputs = tuple(x[:1] for x in other.example_inputs)
+    assert qat._teacher_key(other) != key
+
+
 def test_plain_training_loop_with_labels_then_build(prepared, digits, tmp_path):
     """The digits CNN trained with labels through prepare + a plain loop + export, then built
     as given: accuracy within one point of FP32."""
+    import torch
+
     _, d, fp32_acc = digits
     model = copy.deepcopy(prepared)
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -98,6 +124,8 @@ def test_plain_training_loop_with_labels_then_build(prepared, digits, tmp_path):
 
 
 def test_distill_moves_the_quantized_model_towards_fp32(prepared, digits):
+    import torch
+
     _, d, _ = digits
     model = copy.deepcopy(prepared)
     held_out = torch.from_numpy(d.x_test)
@@ -115,6 +143,8 @@ def test_distill_moves_the_quantized_model_towards_fp32(prepared, digits):
 def test_concat_and_residual_add_share_the_canonical_scales(tmp_path):
     """A MobileNet-style CNN with a Concat and a residual Add: the export passes the lint
     (Concat inputs and output share one scale, both Add inputs quantized)."""
+    import torch
+
     torch.manual_seed(0)
     module = models.mobilenet_cnn(3, 10, 8).eval()
     x = np.random.default_rng(0).standard_normal((32, 3, 16, 16)).astype(np.float32)
@@ -140,6 +170,8 @@ def test_attention_encoder_exports_canonically(tmp_path):
     """A transformer encoder (attention matmuls, 3-D linears, LayerNorm, mask add): the export
     is canonical: both attention matmul inputs quantized with zero point 0, the linear weights
     per-channel on their output axis, LayerNorm and Softmax float."""
+    import torch
+
     torch.manual_seed(0)
     module = models.tiny_encoder().eval()
     feeds = models.encoder_inputs(32)
@@ -173,6 +205,7 @@ def test_smoothquant_recipe_starts_qat_at_the_smoothed_ptq_point():
     fake quantization: the function is unchanged (fake quantization off), an encoder whose
     LayerNorm outputs carry outlier channels (as real BERT-family encoders do) quantizes much
     closer to FP32 than without it."""
+    import torch
     from torchao.quantization.pt2e import disable_fake_quant, enable_fake_quant
 
     torch.manual_seed(0)

@@ -22,8 +22,9 @@ from deploykit.quantize.observe import (
     amax_mse,
     amax_percentile,
 )
+from deploykit.testing import skip_unless_installed
 
-pytest.importorskip("torch", reason="the canonical test models are exported from torch (pip install torch==2.13.0)")
+skip_unless_installed("torch", reason="the canonical test models are exported from torch (pip install torch==2.13.0)")
 
 KINDS = ("resnet", "mobilenet", "encoder")
 

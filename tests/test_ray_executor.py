@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-ray = pytest.importorskip("ray", reason="the Ray executor needs Ray: pip install 'deploykit[ray]'")
+from deploykit.testing import skip_unless_installed
+
+skip_unless_installed("ray", reason="the Ray executor needs Ray: pip install 'deploykit[ray]'")
 
 import deploykit  # noqa: E402
 from deploykit.jobs import LocalExecutor  # noqa: E402
@@ -28,6 +30,8 @@ def ray_executor():
     try:
         yield RayExecutor(devices=["edge"], num_cpus=1)
     finally:
+        import ray
+
         ray.shutdown()
         if saved is None:
             os.environ.pop("DEPLOYKIT_DISABLE_PLUGINS", None)

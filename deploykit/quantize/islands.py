@@ -17,6 +17,7 @@ import onnx
 
 from deploykit.canonical import COMPUTE_OPS, attrs
 from deploykit.errors import ConfigError
+from deploykit.ortsession import session_options
 
 
 def resolve_keep_float(model: onnx.ModelProto, patterns: Iterable[str], where: str = "--keep-float") -> list[str]:
@@ -108,9 +109,8 @@ def _observed_shapes(model: onnx.ModelProto, example: Mapping[str, np.ndarray]) 
     outputs = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in sorted(wanted - outputs))
     try:
-        opts = ort.SessionOptions()
+        opts = session_options()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every node's tensors
-        opts.log_severity_level = 3
         sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         names = {i.name for i in sess.get_inputs()}
         got = sess.run(None, {k: np.asarray(v)[:1] for k, v in example.items() if k in names})

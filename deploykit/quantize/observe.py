@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from deploykit.data import Batch
+from deploykit.ortsession import session_options
 
 HIST_BINS = 2048  # docs/toolchain-facts.md: onnxruntime's 128-bin entropy path collapses to minmax
 QUANT_LEVELS = 128  # |x| maps onto 128 levels of symmetric int8 (0..127)
@@ -62,10 +63,9 @@ class Observer:
         for name in self.tensors:
             if name not in existing:
                 augmented.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-        opts = ort.SessionOptions()
+        opts = session_options()
         # no fusion: every tensor of the normalised model must still exist
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        opts.log_severity_level = 3
         self.session = ort.InferenceSession(augmented.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         self.stats = {name: TensorStats() for name in self.tensors}
         self.samples = 0

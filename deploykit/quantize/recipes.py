@@ -42,6 +42,7 @@ from onnx import helper, numpy_helper
 
 from deploykit.data import DataSource
 from deploykit.errors import ConfigError
+from deploykit.ortsession import session_options
 
 log = logging.getLogger("deploykit")
 
@@ -174,9 +175,8 @@ def _session(model: onnx.ModelProto, tensors: Sequence[str]) -> Any:
     for t in tensors:
         if t not in have:
             m.graph.output.append(helper.make_empty_tensor_value_info(t))
-    opts = ort.SessionOptions()
+    opts = session_options()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
     return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 

@@ -12,6 +12,20 @@ from deploykit.canonical import CanonicalModel
 from deploykit.targets import Device, Target
 
 
+def skip_unless_installed(*modules: str, reason: str = "") -> None:
+    """Skip the calling test module unless every one of ``modules`` is installed. Found, not
+    imported (``pytest.importorskip`` imports): pytest-xdist workers each collect every test
+    file, so a module-level import costs every worker, used or not (TensorFlow about 11 s of
+    CPU, torchao 5 s, torch 3 s). The tests import what they use where they use it."""
+    import importlib.util
+
+    import pytest
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed" + (f": {reason}" if reason else ""), allow_module_level=True)
+
+
 def make_target(backend: type[Backend], name: str | None = None, device: str = "local",
                 batch_sizes: tuple[int, ...] = (1,), thresholds: dict[str, float] | None = None,
                 warmup: int = 2, runs: int = 10, **options: Any) -> Target:

@@ -25,10 +25,10 @@ from deploykit.backend import (
     Option,
     Runner,
     Target,
-    require,
 )
 from deploykit.errors import BackendUnavailable, ConfigError, LoweringError
 from deploykit.fileio import atomic_output, remove
+from deploykit_coreml import sdk
 from deploykit_coreml.lowering import (
     DEPLOYMENT_TARGETS,
     REMOVED_PASSES,
@@ -37,13 +37,13 @@ from deploykit_coreml.lowering import (
     unsupported_nodes,
 )
 from deploykit_coreml.runner import MACOS_ONLY, META_INPUTS, CoreMLRunner
+from deploykit_coreml.sdk import INSTALL_HINT
 
-INSTALL_HINT = "pip install 'deploykit[coreml]'"
 COMPUTE_UNITS = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")
 
 
 def _ct():
-    return require("coremltools", INSTALL_HINT)
+    return sdk.coremltools()
 
 
 def max_batch(target) -> int:
@@ -91,7 +91,7 @@ class CoreMLBackend(Backend):
     }
 
     def probe(self, target: Target) -> Availability:
-        # found, not imported: importing coremltools takes ~5 s (it imports torch and TensorFlow)
+        # found, not imported: importing coremltools takes seconds (see deploykit_coreml.sdk)
         spec = importlib.util.find_spec("coremltools")
         if spec is None or not spec.submodule_search_locations:
             return Availability.missing("coremltools is not installed", INSTALL_HINT)

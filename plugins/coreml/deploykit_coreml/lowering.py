@@ -22,6 +22,7 @@ import onnx
 
 from deploykit.canonical import QdqGraph
 from deploykit.errors import ConfigError, LoweringError
+from deploykit_coreml import sdk
 
 #: Deployment targets that have int8 activation quantize/dequantize (the iOS17 opset).
 DEPLOYMENT_TARGETS = ("iOS17", "macOS14", "iOS18", "macOS15")
@@ -332,7 +333,7 @@ def unsupported_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 def build_program(model: onnx.ModelProto, deployment_target: str, batch: str = "range",
                   batch_size: int = 1, fp16: bool = False) -> Lowered:
     """Walk the canonical graph and build the MIL program (no conversion, no files)."""
-    import coremltools as ct
+    ct = sdk.coremltools()
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil import Function, Program, get_new_symbol, types
 
@@ -393,7 +394,7 @@ def build_program(model: onnx.ModelProto, deployment_target: str, batch: str = "
 
 def pass_pipeline():
     """The default pipeline minus the passes that would change stored scales or rename Q/DQ ops."""
-    import coremltools as ct
+    ct = sdk.coremltools()
 
     pipeline = ct.PassPipeline.DEFAULT  # a new pipeline object per call: convert() mutates it
     pipeline.remove_passes(list(REMOVED_PASSES))
@@ -429,7 +430,7 @@ def check_shapes(options: Mapping[str, Any]) -> None:
 def input_types(lowered: Lowered, options: Mapping[str, Any], max_batch: int) -> list:
     """ct.TensorType per input: the batch and the named dynamic dims as RangeDims, or enumerated shapes
     (every combination of the batch sizes and ``dim_sizes``, the same list on every input)."""
-    import coremltools as ct
+    ct = sdk.coremltools()
 
     ranged = options["batch"] == "range"
     batch_default = min(int(options["batch_size"]), max_batch)
@@ -460,7 +461,7 @@ def input_types(lowered: Lowered, options: Mapping[str, Any], max_batch: int) ->
 
 def convert(lowered: Lowered, options: Mapping[str, Any], max_batch: int):
     """ct.convert the program to an ML program (in memory; save with MLModel.save)."""
-    import coremltools as ct
+    ct = sdk.coremltools()
 
     check_shapes(options)
     target = getattr(ct.target, options["minimum_deployment_target"])

@@ -14,8 +14,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from deploykit.backend import Runner, check_feeds, require
+from deploykit.backend import Runner, check_feeds
 from deploykit.errors import BackendUnavailable
+from deploykit_coreml import sdk
 
 META_INPUTS = "deploykit.inputs"
 MACOS_ONLY = "needs macOS: Core ML prediction has no Linux runtime"
@@ -31,7 +32,7 @@ class CoreMLRunner(Runner):
     def __init__(self, package: Path | str, compute_units: str = "ALL") -> None:
         if sys.platform != "darwin":
             raise BackendUnavailable(f"cannot run {package}: {MACOS_ONLY}")
-        ct = require("coremltools", "pip install 'deploykit[coreml]'")
+        ct = sdk.coremltools()
         self.model = ct.models.MLModel(str(package), compute_units=getattr(ct.ComputeUnit, compute_units))
         spec = self.model.get_spec()
         meta = dict(spec.description.metadata.userDefined)

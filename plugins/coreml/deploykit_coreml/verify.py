@@ -21,6 +21,7 @@ import onnx
 
 from deploykit.backend import CheckResult
 from deploykit.canonical import QdqGraph
+from deploykit_coreml import sdk
 from deploykit_coreml.lowering import FP16_TINY, fp16_storable
 
 #: add_fp16_cast renames every op it rewrites "<name>_cast_fp16".
@@ -77,7 +78,7 @@ def _decode(value, reader, dtypes) -> np.ndarray:
 def read_package(package: Path | str) -> dict[str, StoredOp]:
     """Ops of the package's main function that carry quantization parameters, plus compute ops,
     keyed by their output name with the fp16 suffix removed."""
-    import coremltools as ct
+    ct = sdk.coremltools()
     from coremltools.libmilstoragepython import _BlobStorageReader
     from coremltools.proto import MIL_pb2
 
@@ -135,7 +136,7 @@ META_PRECISION = "deploykit.compute_precision"
 
 
 def package_metadata(package: Path | str) -> dict[str, str]:
-    import coremltools as ct
+    ct = sdk.coremltools()
 
     spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
     return dict(spec.description.metadata.userDefined)

@@ -16,10 +16,18 @@ import numpy as np
 import onnx
 import pytest
 
-pytest.importorskip("coremltools", reason="the Core ML backend needs coremltools (pip install 'deploykit[coreml]')")
-pytest.importorskip("torch", reason="the test models need torch (pip install torch==2.13.0)")
+from deploykit.errors import BackendUnavailable
+from deploykit_coreml import sdk
 
-from deploykit.errors import BackendUnavailable, ConfigError, LoweringError  # noqa: E402
+try:  # imported as the plugin imports it: without coremltools' TensorFlow/torch front ends
+    sdk.coremltools()
+except BackendUnavailable as exc:
+    pytest.skip(f"the Core ML backend needs coremltools: {exc}", allow_module_level=True)
+from deploykit.testing import skip_unless_installed
+
+skip_unless_installed("torch", reason="the test models need torch (pip install torch==2.13.0)")
+
+from deploykit.errors import ConfigError, LoweringError  # noqa: E402
 from deploykit.reference import run_canonical  # noqa: E402
 from deploykit.testing import eval_feeds, make_canonical, make_target  # noqa: E402
 from deploykit_coreml import CoreMLBackend, lowering, verify  # noqa: E402

@@ -15,9 +15,17 @@ import numpy as np
 import onnx
 import pytest
 
-pytest.importorskip("coremltools", reason="the Core ML backend needs coremltools (pip install 'deploykit[coreml]')")
-pytest.importorskip("torch", reason="the test models need torch (pip install torch==2.13.0)")
-pytest.importorskip("transformers", reason="the test encoder is transformers' BertModel (pip install transformers)")
+from deploykit.errors import BackendUnavailable
+from deploykit_coreml import sdk
+
+try:  # imported as the plugin imports it: without coremltools' TensorFlow/torch front ends
+    sdk.coremltools()
+except BackendUnavailable as exc:
+    pytest.skip(f"the Core ML backend needs coremltools: {exc}", allow_module_level=True)
+from deploykit.testing import skip_unless_installed
+
+skip_unless_installed("torch", reason="the test models need torch (pip install torch==2.13.0)")
+skip_unless_installed("transformers", reason="the test encoder is transformers' BertModel (pip install transformers)")
 
 from deploykit.errors import ConfigError  # noqa: E402
 from deploykit.testing import canonical_from_onnx, make_canonical, make_target  # noqa: E402

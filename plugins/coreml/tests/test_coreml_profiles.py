@@ -11,8 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("coremltools", reason="the Core ML backend needs coremltools (pip install 'deploykit[coreml]')")
-pytest.importorskip("torch", reason="the test models need torch (pip install torch==2.13.0)")
+from deploykit.errors import BackendUnavailable
+from deploykit_coreml import sdk
+
+try:  # imported as the plugin imports it: without coremltools' TensorFlow/torch front ends
+    sdk.coremltools()
+except BackendUnavailable as exc:
+    pytest.skip(f"the Core ML backend needs coremltools: {exc}", allow_module_level=True)
+from deploykit.testing import skip_unless_installed
+
+skip_unless_installed("torch", reason="the test models need torch (pip install torch==2.13.0)")
 
 from deploykit.canonical import ASYMMETRIC, QdqGraph  # noqa: E402
 from deploykit.reference import run_canonical  # noqa: E402

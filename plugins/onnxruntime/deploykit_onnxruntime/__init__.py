@@ -34,6 +34,7 @@ import onnx
 from onnx import numpy_helper
 
 import deploykit
+from deploykit import ortsession
 from deploykit.backend import (
     Artifact,
     Availability,
@@ -62,7 +63,8 @@ class OnnxRuntimeBackend(Backend):
     artifact_suffix = ".onnx"
     activation_profiles = ("symmetric", "asymmetric")
     options = {
-        "threads": Option(int, 0, "intra-op threads (0: onnxruntime's default, one per core)"),
+        "threads": Option(int, 0, "intra-op threads (0: OMP_NUM_THREADS when set, else onnxruntime's default, "
+                                  "one per core)"),
         "graph_optimization_level": Option(str, "all", "onnxruntime graph optimisation level", _LEVELS),
         "activations": Option(str, "uint8", "activation type in the lowered model: uint8 (x86 fast path, "
                               "bit-exact) or int8 (the canonical model unchanged)", ("uint8", "int8")),
@@ -136,8 +138,9 @@ class OnnxRuntimeBackend(Backend):
 
 
 def session_options(options: Mapping[str, Any], ort: Any) -> Any:
-    """The target's onnxruntime session options (optimisation level, threads)."""
-    opts = ort.SessionOptions()
+    """The target's onnxruntime session options (optimisation level, threads; threads 0: as
+    deploykit's own sessions, :func:`deploykit.ortsession.session_options`)."""
+    opts = ortsession.session_options()
     opts.graph_optimization_level = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -146,7 +149,6 @@ def session_options(options: Mapping[str, Any], ort: Any) -> Any:
     }[options.get("graph_optimization_level", "all")]
     if options.get("threads"):
         opts.intra_op_num_threads = int(options["threads"])
-    opts.log_severity_level = 3
     return opts
 
 

@@ -10,10 +10,10 @@ import pytest
 
 from deploykit.canonical import QdqGraph
 from deploykit.checks import compare
-from deploykit.testing import eval_feeds, make_canonical, make_target
+from deploykit.testing import eval_feeds, make_canonical, make_target, skip_unless_installed
 from deploykit_onnxruntime import OnnxRuntimeBackend
 
-pytest.importorskip("torch", reason="the test models are exported from torch (pip install torch==2.13.0)")
+skip_unless_installed("torch", reason="the test models are exported from torch (pip install torch==2.13.0)")
 
 
 def _plain(path, feeds):

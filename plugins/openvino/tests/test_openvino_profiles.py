@@ -10,12 +10,12 @@ from onnx import numpy_helper
 
 from deploykit.canonical import QdqGraph
 from deploykit.checks import compare
-from deploykit.testing import eval_feeds, make_canonical, make_target
+from deploykit.testing import eval_feeds, make_canonical, make_target, skip_unless_installed
 
 pytest.importorskip("openvino", reason="pip install 'deploykit[openvino]'")
-pytest.importorskip("torch", reason="the test models are exported from torch (pip install torch==2.13.0)")
-from deploykit_openvino import OpenVINOBackend
-from deploykit_openvino.verify import verify_scales
+skip_unless_installed("torch", reason="the test models are exported from torch (pip install torch==2.13.0)")
+from deploykit_openvino import OpenVINOBackend  # noqa: E402
+from deploykit_openvino.verify import verify_scales  # noqa: E402
 
 
 def _plain(path, feeds):

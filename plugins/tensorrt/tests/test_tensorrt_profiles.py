@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from deploykit.errors import LoweringError
-from deploykit.testing import make_canonical, make_target
+from deploykit.testing import make_canonical, make_target, skip_unless_installed
 from deploykit_tensorrt import TensorRTBackend
 
-pytest.importorskip("torch", reason="the test models are exported from torch (pip install torch==2.13.0)")
+skip_unless_installed("torch", reason="the test models are exported from torch (pip install torch==2.13.0)")
 
 
 def test_asymmetric_model_is_refused_in_one_line(tmp_path):

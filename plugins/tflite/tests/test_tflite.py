@@ -14,8 +14,10 @@ import onnx
 import pytest
 from onnx import helper
 
-pytest.importorskip("tensorflow")
-pytest.importorskip("ai_edge_litert")
+from deploykit.testing import skip_unless_installed
+
+skip_unless_installed("tensorflow")
+skip_unless_installed("ai_edge_litert")
 ort = pytest.importorskip("onnxruntime")
 
 from deploykit.backend import CanonicalModel  # noqa: E402

@@ -16,14 +16,14 @@ from onnx import TensorProto, helper, numpy_helper
 from deploykit.canonical import QdqGraph
 from deploykit.errors import LoweringError
 from deploykit.reference import run_canonical
-from deploykit.testing import eval_feeds, make_canonical, make_target
+from deploykit.testing import eval_feeds, make_canonical, make_target, skip_unless_installed
 from deploykit_tflite import TFLiteBackend
 from deploykit_tflite.float_ops import find_gelus
 from deploykit_tflite.lowering import convert, fixed_input_shapes, lower_graph
 from deploykit_tflite.verify import open_interpreter, verify
 
-pytest.importorskip("tensorflow")
-pytest.importorskip("ai_edge_litert")
+skip_unless_installed("tensorflow")
+skip_unless_installed("ai_edge_litert")
 pytest.importorskip("onnxruntime")
 
 sys.path.insert(0, str(Path(__file__).parent))

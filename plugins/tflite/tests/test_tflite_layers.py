@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("tensorflow", reason="lowering to TFLite needs tensorflow: pip install 'deploykit[tflite]'")
-pytest.importorskip("ai_edge_litert", reason="running TFLite needs ai_edge_litert: pip install 'deploykit[tflite]'")
-pytest.importorskip("torch", reason="the test models need torch (pip install torch==2.13.0)")
+from deploykit.testing import skip_unless_installed
+
+skip_unless_installed("tensorflow", reason="lowering to TFLite needs tensorflow: pip install 'deploykit[tflite]'")
+skip_unless_installed("ai_edge_litert", reason="running TFLite needs ai_edge_litert: pip install 'deploykit[tflite]'")
+skip_unless_installed("torch", reason="the test models need torch (pip install torch==2.13.0)")
 
 from deploykit import layers  # noqa: E402
 from deploykit.backend import Capability  # noqa: E402

@@ -7,9 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("tensorflow")
-pytest.importorskip("ai_edge_litert")
-pytest.importorskip("torch", reason="the test models are exported from torch (pip install torch==2.13.0)")
+from deploykit.testing import skip_unless_installed
+
+skip_unless_installed("tensorflow")
+skip_unless_installed("ai_edge_litert")
+skip_unless_installed("torch", reason="the test models are exported from torch (pip install torch==2.13.0)")
 
 from deploykit.canonical import ASYMMETRIC, QdqGraph  # noqa: E402
 from deploykit.reference import run_canonical  # noqa: E402
