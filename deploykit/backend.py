@@ -13,6 +13,8 @@ machine that has none of them.
 from __future__ import annotations
 
 import enum
+import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence, TypeVar
@@ -164,14 +166,35 @@ class Backend:
         raise BackendUnavailable(f"backend '{self.name}' has no per-layer runner")
 
 
-def require(module: str, install_hint: str) -> Any:
-    """Import a vendor SDK lazily, or raise BackendUnavailable saying how to install it."""
+_import_lock = threading.Lock()
+
+
+def require(module: str, install_hint: str, hide: Sequence[str] = ()) -> Any:
+    """Import a vendor SDK lazily, or raise BackendUnavailable saying how to install it.
+
+    ``hide``: packages the SDK imports at start-up for features the backend does not use
+    (coremltools imports TensorFlow, torch, torchao... for its converter front ends; TensorFlow
+    imports Keras). Each one not imported yet is made unimportable while the SDK loads
+    (``sys.modules[name] = None``: ``import name`` raises ImportError, which these SDKs take as
+    "not installed") and importable again right after, so the process can still import it
+    itself. An SDK already imported is returned as it is.
+    """
     import importlib
 
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise BackendUnavailable(f"{module} is not importable ({exc}); install it: {install_hint}") from None
+    if module in sys.modules and sys.modules[module] is not None:
+        return sys.modules[module]
+    with _import_lock:
+        hidden = [name for name in hide if name not in sys.modules]
+        for name in hidden:
+            sys.modules[name] = None  # type: ignore[assignment]
+        try:
+            return importlib.import_module(module)
+        except ImportError as exc:
+            raise BackendUnavailable(f"{module} is not importable ({exc}); install it: {install_hint}") from None
+        finally:
+            for name in hidden:
+                if name in sys.modules and sys.modules[name] is None:
+                    del sys.modules[name]
 
 
 def output_names(model: onnx.ModelProto) -> list[str]:

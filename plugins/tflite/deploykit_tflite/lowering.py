@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import onnx
 
-from deploykit.backend import CanonicalModel, input_names, output_names
+from deploykit.backend import CanonicalModel, input_names, output_names, require
 from deploykit.canonical import QdqGraph, attrs
 from deploykit.errors import LoweringError
 
@@ -86,11 +86,15 @@ class Lowered:
     q_outputs: dict[str, str] = field(default_factory=dict)
 
 
+#: imported by ``import tensorflow`` (an eager load of Keras' optimizers, about 2.5 s of CPU of
+#: its 10 s here) and never used: the lowering builds tf.functions, no Keras models
+UNUSED_BY_TFLITE = ("keras", "tf_keras")
+
+
 def _tf():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ start-up chatter is not for our users
-    import tensorflow as tf  # lazy: importing the plugin must not import TensorFlow
-
-    return tf
+    # lazy: importing the plugin must not import TensorFlow
+    return require("tensorflow", "pip install 'deploykit[tflite]'", hide=UNUSED_BY_TFLITE)
 
 
 def declared_float_layers(model: onnx.ModelProto) -> list[str]:
