@@ -25,6 +25,7 @@ The API, under ``/v1/``: ``GET /v1/probe``; ``HEAD|PUT /v1/blobs/SHA256``; ``POS
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -59,6 +60,7 @@ from deploykit.remote import (
     is_digest,
     lay_out,
     safe_name,
+    write_files,
 )
 from deploykit.results import SCHEMA_VERSION, jsonable
 from deploykit.targets import Device, Target
@@ -320,6 +322,10 @@ def create_app(folder: Path, token: str, max_upload_bytes: int, registry: Regist
             return error(409, "upload these files first", missing=missing)
         return files, (blobs / files[required[0]]).read_bytes()
 
+    def copies_of(files: dict[str, str]) -> dict[str, Callable[[Path], None]]:
+        """{name: sha256} -> {name: a writer copying that blob to the path it is given}."""
+        return {name: functools.partial(shutil.copyfile, blobs / digest) for name, digest in files.items()}
+
     async def submit(request: Request) -> Response:
         got = await uploaded_files(request, "a job request", (JOB_FILE, ARRAYS_FILE))
         if isinstance(got, Response):
@@ -334,9 +340,8 @@ def create_app(folder: Path, token: str, max_upload_bytes: int, registry: Regist
 
         def place() -> CheckJob:
             job_dir.mkdir()
-            writers = {name: (lambda dest, d=digest: shutil.copyfile(blobs / d, dest)) for name, digest in files.items()}
             try:
-                return lay_out(job_dir, writers)
+                return lay_out(job_dir, copies_of(files))
             except BaseException:
                 shutil.rmtree(job_dir, ignore_errors=True)
                 raise
@@ -366,10 +371,7 @@ def create_app(folder: Path, token: str, max_upload_bytes: int, registry: Regist
 
         def place() -> None:
             job_dir.mkdir()
-            for name, digest in files.items():
-                dest = job_dir / safe_name(name)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(blobs / digest, dest)
+            write_files(job_dir, copies_of(files))
 
         await run_in_threadpool(place)
         label = f"{spec['target'].get('name')}, lower with {spec['target'].get('backend')}"

@@ -171,6 +171,17 @@ def bundle(job: CheckJob, folder: Path) -> dict[str, Path]:
     return out
 
 
+def write_files(folder: Path, files: Mapping[str, Callable[[Path], None]]) -> None:
+    """Write each named file below ``folder`` (its name made safe, its parent folders created):
+    ``files`` maps a name to a function writing that file's bytes to the path it is given."""
+    for name, write in files.items():
+        dest = folder / safe_name(name)
+        if not inside(dest, folder):  # cannot happen after safe_name in a fresh folder; checked anyway
+            raise ValueError(f"file name {name!r} leaves the job's folder")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        write(dest)
+
+
 def lay_out(folder: Path, files: Mapping[str, Callable[[Path], None]]) -> CheckJob:
     """Write a received bundle into the fresh ``folder`` and load its job.
 
@@ -178,12 +189,7 @@ def lay_out(folder: Path, files: Mapping[str, Callable[[Path], None]]) -> CheckJ
     Every name is checked before anything is written; ValueError when a name or a path of the
     job is not allowed (the folder is then left as it was, or holds only the bundle's files)."""
     check_names(list(files))
-    for name, write in files.items():
-        dest = folder / safe_name(name)
-        if not inside(dest, folder):  # cannot happen after safe_name in a fresh folder; checked anyway
-            raise ValueError(f"file name {name!r} leaves the job's folder")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        write(dest)
+    write_files(folder, files)
     job = CheckJob.load(folder)
     check_job_paths(job, folder)
     return job
