@@ -95,7 +95,8 @@ def cli(verbose: bool) -> None:
               "[calibration] recipe, else auto: bias_correction for CNNs, smoothquant:0.9 for transformers].")
 @click.option("--accuracy-target", "accuracy_target", metavar="METRIC=VALUE", help="Keep the fewest layers float "
               "(by sensitivity per MAC) that meet top1_agreement=0.95, cosine=0.998 or accuracy_drop=0.01 on the "
-              "evaluation data; checked on every target; exit 1 (shipping the best found) when not met.")
+              "evaluation data, then tries those layers back in int8 (largest MACs first) while the target holds; "
+              "judged on every target's artifact; exit 1 (shipping the best found) when not met.")
 @click.option("--requantize", is_flag=True, help="MODEL is already quantized (QDQ): calibrate its float reference "
               "again instead of keeping its scales. Without it a canonical model is lowered as given, another "
               "quantizer's model is made canonical where that is exact, else refused naming the node and why.")
