@@ -412,6 +412,7 @@ def inspect(model: Path, run_lint: bool, tensorrt: bool, as_json: bool) -> None:
 
     from deploykit.canonical import META_TABLE, lint
     from deploykit.modelinfo import describe, render_text
+    from deploykit.quantize.saturation import META_SATURATION
     from deploykit.tables import escape
 
     if not model.is_file():
@@ -420,7 +421,7 @@ def inspect(model: Path, run_lint: bool, tensorrt: bool, as_json: bool) -> None:
         m = onnx.load(str(model))
     except Exception as exc:
         raise ConfigError(f"{model}: not a valid ONNX model ({type(exc).__name__})") from None
-    info = describe(m, model, meta_skip=(META_TABLE,))
+    info = describe(m, model, meta_skip=(META_TABLE, META_SATURATION))  # long per-tensor / per-layer JSON
     violations = lint(m, tensorrt_only=tensorrt) if run_lint else []
     if run_lint:
         info["lint"] = [{"rule": v.rule, "node": v.node, "message": v.message, "tensorrt": v.tensorrt} for v in violations]

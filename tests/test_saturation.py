@@ -70,3 +70,8 @@ def test_the_record_follows_placements_of_its_profile_only(placed):
     assert saturation.recorded(requantize(result, fp32, float_layers=["cool"]).model) == saturation.recorded(result.model)
     # measured on the asymmetric grid: a symmetric placement's u8 values differ, so no record
     assert saturation.recorded(requantize(result, fp32, activations=SYMMETRIC).model) is None
+
+
+def test_placing_again_gives_the_same_model_bytes(placed):
+    fp32, result = placed
+    assert requantize(result, fp32).model.SerializeToString() == result.model.SerializeToString()

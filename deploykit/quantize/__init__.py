@@ -166,16 +166,16 @@ def requantize(result: QuantizeResult, fp32: onnx.ModelProto, *, activations: st
         rules.META_FLOAT_LAYERS: json.dumps(list(floats)),
         META_RECIPE: result.recipe,
     }
-    if result.saturation and result.saturation.get("profile") == activations:  # measured on this profile's grid
-        from deploykit.quantize import saturation
-
-        saturation.record(qdq, result.saturation["relative_error"], activations, int(result.saturation["samples"]))
     existing = {p.key for p in qdq.metadata_props}
     for key, value in meta.items():
         if key in existing:
             next(p for p in qdq.metadata_props if p.key == key).value = value
         else:
             qdq.metadata_props.add(key=key, value=value)
+    if result.saturation and result.saturation.get("profile") == activations:  # measured on this profile's grid
+        from deploykit.quantize import saturation
+
+        saturation.record(qdq, result.saturation["relative_error"], activations, int(result.saturation["samples"]))
     qdq.producer_name, qdq.producer_version = "deploykit", __version__
     violations = rules.lint(qdq)
     if violations:  # a bug in placement, never the user's fault: say so
