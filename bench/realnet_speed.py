@@ -1,6 +1,7 @@
 """INT8 vs FP32 latency on real pretrained networks, onnxruntime and OpenVINO, in one process.
 
     python bench/realnet_speed.py --nets encoder,cnn [--calib 64] [--rounds 10] [--batch 1,8]
+    python bench/realnet_speed.py --nets cnn --canonical OUT/canonical.qdq.onnx   # a build's shipped model
 
 The canonical model is the default build's (minmax, asymmetric activations, recipe ``auto``)
 calibrated on real data (photo crops / pydoc sentences, deploykit/testing/realnets.py); it is
@@ -11,6 +12,8 @@ rounds (bench/_common.interleaved_medians) so machine noise hits them alike; med
 speed-ups are from that one run. The OpenVINO audit line says how many layers really ran int8.
 For the CNN, OpenVINO's ``overflow_fix`` modes (``--overflow``: convolutions split into two
 halves that cannot saturate on CPUs without VNNI) are timed as separate runners.
+``--canonical``: time that canonical model (e.g. what ``deploykit build --accuracy-target``
+shipped, float layers included, against the FP32 model written beside it) instead of calibrating.
 Scratch files go to a temporary folder.
 """
 
@@ -52,6 +55,19 @@ def canonical_for(net: str, n_calib: int, workdir: Path):  # type: ignore[no-unt
     return write_canonical(result, fp32, workdir, net), sample, result.recipe
 
 
+def shipped(path: Path, net: str):  # type: ignore[no-untyped-def]
+    """A canonical model written by a build (its FP32 reference beside it) and sample inputs."""
+    from deploykit.quantize import load_canonical
+    from deploykit.quantize.recipes import META_RECIPE
+    from deploykit.testing import realnets
+
+    canonical = load_canonical(path)
+    sample = ({"input": realnets.photo_crops(8, split="eval")} if net == "cnn"
+              else realnets.sentences_feeds(8, split="eval"))
+    meta = {p.key: p.value for p in canonical.model.metadata_props}
+    return canonical, sample, f"{meta.get(META_RECIPE, '?')} (shipped: {path})"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nets", default="encoder,cnn", help="comma-separated: cnn, encoder")
@@ -59,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", default="1,8", help="batch sizes")
     ap.add_argument("--rounds", type=int, default=10, help="interleaved rounds")
     ap.add_argument("--per-round", type=int, default=10, help="timed calls per runner per round")
+    ap.add_argument("--canonical", type=Path, help="time this canonical .qdq.onnx (one net) instead of calibrating")
     ap.add_argument("--overflow", default="first_layer,all,none",
                     help="OpenVINO overflow_fix modes timed for the CNN (the encoder has no convolutions)")
     args = ap.parse_args(argv)
@@ -73,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     for net in [n.strip() for n in args.nets.split(",") if n.strip()]:
         with tempfile.TemporaryDirectory(prefix="deploykit-speed-") as tmp:
             work = Path(tmp)
-            canonical, sample, recipe = canonical_for(net, args.calib, work)
+            if args.canonical:
+                canonical, sample, recipe = shipped(args.canonical, net)
+            else:
+                canonical, sample, recipe = canonical_for(net, args.calib, work)
             runners = {}
             for name in ("onnxruntime", "openvino"):
                 cls = registry.backends[name]

@@ -239,14 +239,21 @@ class SearchResult:
     metrics: dict[str, float]
     tried: list[dict[str, Any]]  # every prefix evaluated: size, metric
     int8_mac_share: float
+    #: the prune-back trials after the prefix met the target: layer, its MACs, the metric with it
+    #: int8 again, and whether it went back to int8
+    pruned: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"target": str(self.target), "met": self.met, "float_layers": self.float_layers,
                 "measured": self.measured, "metrics": self.metrics, "tried": self.tried,
-                "int8_mac_share": self.int8_mac_share}
+                "int8_mac_share": self.int8_mac_share, "pruned": self.pruned}
 
 
 RANK_SAMPLES = 128
+#: prune-back: at most this many float layers tried back in int8, largest MACs first ...
+PRUNE_TRIALS = 8
+#: ... of those holding at least this share of the model's MACs (smaller ones gain little)
+PRUNE_MIN_SHARE = 0.005
 
 #: Runs a canonical model (a variant) the way one target would and returns its first output
 #: over the evaluation data, in order: the search judges prefixes by what the artifacts compute.
@@ -254,7 +261,8 @@ Judge = Callable[[onnx.ModelProto], np.ndarray]
 
 
 def search_float_layers(q: Quantized, data: EvalData, target: AccuracyTarget, analysis: Analysis | None = None,
-                        rank_samples: int = RANK_SAMPLES, judges: Mapping[str, Judge] | None = None) -> SearchResult:
+                        rank_samples: int = RANK_SAMPLES, judges: Mapping[str, Judge] | None = None,
+                        prune: int = PRUNE_TRIALS) -> SearchResult:
     """Fewest float layers meeting ``target``: layers ranked by sensitivity per MAC (the recovery
     keeping a layer float buys, divided by the compute it moves to float), prefixes of that
     ranking tried by doubling (1, 2, 4, ...) then bisected between the last miss and the first
@@ -266,7 +274,13 @@ def search_float_layers(q: Quantized, data: EvalData, target: AccuracyTarget, an
     With judges a prefix meets the target only when it meets it on every judge (the worst one
     counts; a judge that raises is dropped with a message): the runtimes' integer kernels round, and on CPUs without VNNI saturate, on their
     own, so the canonical semantics alone can pass a prefix that the artifacts then fail.
-    Without judges, prefixes are judged on the canonical semantics (onnxruntime, exact Q/DQ)."""
+    Without judges, prefixes are judged on the canonical semantics (onnxruntime, exact Q/DQ).
+
+    Prune-back: the prefix found is the fewest layers of the ranking, not the fewest float MACs
+    (the metric is not monotonic in the prefix, and the ranking comes from fewer samples). So
+    once a prefix meets the target, its float layers are tried back in int8 one at a time,
+    largest MACs first (up to ``prune`` of them, each holding at least PRUNE_MIN_SHARE of the
+    MACs); a layer goes back to int8 when the target still holds, judged like the prefixes."""
     from deploykit.progress import echo
     from deploykit.quantize.islands import layer_macs
 
@@ -283,8 +297,9 @@ def search_float_layers(q: Quantized, data: EvalData, target: AccuracyTarget, an
     per_judge: dict[int, dict[str, float]] = {}  # prefix size -> judge -> the target's metric
     active = dict(judges or {})
 
-    def judged(k: int, names: Sequence[str]) -> dict[str, float]:
-        model = q.variant(names[:k])
+    def judged(floats: Sequence[str]) -> tuple[dict[str, float], dict[str, float]]:
+        """(metrics on the worst judge, each judge's value of the target's metric) with ``floats`` float."""
+        model = q.variant(floats)
         measured = {}
         for name, judge in list(active.items()):
             try:
@@ -294,19 +309,25 @@ def search_float_layers(q: Quantized, data: EvalData, target: AccuracyTarget, an
                      "judging without it (its own check still judges the shipped model)")
                 del active[name]
         if not measured:
-            return metrics(data, run_model(model, data))
-        per_judge[k] = {name: m[metric] for name, m in measured.items()}
+            return metrics(data, run_model(model, data)), {}
         worse = max if metric == "accuracy_drop" else min
-        return measured[worse(measured, key=lambda name: measured[name][metric])]
+        return measured[worse(measured, key=lambda name: measured[name][metric])], \
+            {name: m[metric] for name, m in measured.items()}
+
+    def judged_prefix(k: int, names: Sequence[str]) -> dict[str, float]:
+        worst, each = judged(names[:k])
+        if each:
+            per_judge[k] = each
+        return worst
 
     if analysis is None:
-        cache[0] = judged(0, [])
+        cache[0] = judged_prefix(0, [])
         if target.met(cache[0][metric]):
             return SearchResult(target, True, [], cache[0][metric], cache[0],
                                 [{"float_layers": 0, metric: cache[0][metric], **_judges_of(per_judge, 0)}], 1.0)
         analysis = analyze(q, data.head(rank_samples), both=False)
     else:
-        cache[0] = judged(0, []) if judges else analysis.baseline
+        cache[0] = judged_prefix(0, []) if judges else analysis.baseline
     baseline = cache[0]
     rank_base = analysis.baseline
 
@@ -321,7 +342,7 @@ def search_float_layers(q: Quantized, data: EvalData, target: AccuracyTarget, an
 
     def evaluate(k: int) -> dict[str, float]:
         if k not in cache:
-            cache[k] = judged(k, names)
+            cache[k] = judged_prefix(k, names)
             on = ", ".join(f"{j} {v:.4f}" for j, v in per_judge.get(k, {}).items())
             echo(f"accuracy target {target}: {k} float layer(s) -> {metric} {cache[k][metric]:.4f}"
                  + (f" (worst of: {on})" if on else ""))
@@ -353,10 +374,24 @@ def search_float_layers(q: Quantized, data: EvalData, target: AccuracyTarget, an
         chosen, met = best_k, False
     else:
         chosen, met = hit, True
-    floats = names[:chosen]
+    floats, chosen_metrics = names[:chosen], cache[chosen]
     tried = [{"float_layers": k, metric: cache[k][metric], **_judges_of(per_judge, k)} for k in sorted(cache)]
+    pruned: list[dict[str, Any]] = []
+    if met and prune > 0:
+        candidates = [n for n in sorted(floats, key=lambda n: -macs.get(n, 0)) if macs.get(n, 0) >= PRUNE_MIN_SHARE * total]
+        for name in candidates[:prune]:
+            trial = [f for f in floats if f != name]
+            got, each = judged(trial)
+            back = target.met(got[metric])
+            pruned.append({"layer": name, "macs": int(macs.get(name, 0)), metric: got[metric], "int8": back,
+                           **({"judges": each} if each else {})})
+            on = ", ".join(f"{j} {v:.4f}" for j, v in each.items())
+            echo(f"accuracy target {target}: {name} ({macs.get(name, 0) / total:.1%} of MACs) back in int8 -> "
+                 f"{metric} {got[metric]:.4f}{f' (worst of: {on})' if on else ''}: {'kept int8' if back else 'stays float'}")
+            if back:
+                floats, chosen_metrics = trial, got
     share = 1.0 - sum(macs.get(n, 0) for n in floats) / total
-    return SearchResult(target, met, floats, cache[chosen][metric], cache[chosen], tried, share)
+    return SearchResult(target, met, list(floats), chosen_metrics[metric], chosen_metrics, tried, share, pruned)
 
 
 def _judges_of(per_judge: Mapping[int, Mapping[str, float]], k: int) -> dict[str, Any]:

@@ -95,7 +95,8 @@ def cli(verbose: bool) -> None:
               "[calibration] recipe, else auto: bias_correction for CNNs, smoothquant:0.9 for transformers].")
 @click.option("--accuracy-target", "accuracy_target", metavar="METRIC=VALUE", help="Keep the fewest layers float "
               "(by sensitivity per MAC) that meet top1_agreement=0.95, cosine=0.998 or accuracy_drop=0.01 on the "
-              "evaluation data; checked on every target; exit 1 (shipping the best found) when not met.")
+              "evaluation data, then tries those layers back in int8 (largest MACs first) while the target holds; "
+              "judged on every target's artifact; exit 1 (shipping the best found) when not met.")
 @click.option("--requantize", is_flag=True, help="MODEL is already quantized (QDQ): calibrate its float reference "
               "again instead of keeping its scales. Without it a canonical model is lowered as given, another "
               "quantizer's model is made canonical where that is exact, else refused naming the node and why.")
@@ -411,6 +412,7 @@ def inspect(model: Path, run_lint: bool, tensorrt: bool, as_json: bool) -> None:
 
     from deploykit.canonical import META_TABLE, lint
     from deploykit.modelinfo import describe, render_text
+    from deploykit.quantize.saturation import META_SATURATION
     from deploykit.tables import escape
 
     if not model.is_file():
@@ -419,7 +421,7 @@ def inspect(model: Path, run_lint: bool, tensorrt: bool, as_json: bool) -> None:
         m = onnx.load(str(model))
     except Exception as exc:
         raise ConfigError(f"{model}: not a valid ONNX model ({type(exc).__name__})") from None
-    info = describe(m, model, meta_skip=(META_TABLE,))
+    info = describe(m, model, meta_skip=(META_TABLE, META_SATURATION))  # long per-tensor / per-layer JSON
     violations = lint(m, tensorrt_only=tensorrt) if run_lint else []
     if run_lint:
         info["lint"] = [{"rule": v.rule, "node": v.node, "message": v.message, "tensorrt": v.tensorrt} for v in violations]

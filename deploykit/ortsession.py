@@ -12,7 +12,10 @@ as their intra-op thread count when it is set; unset, onnxruntime chooses as bef
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
+
+import onnx
 
 
 def threads() -> int:
@@ -32,3 +35,20 @@ def session_options() -> Any:
     if threads():
         opts.intra_op_num_threads = threads()
     return opts
+
+
+def exposing(model: onnx.ModelProto, tensors: Sequence[str]) -> Any:
+    """An onnxruntime session on ``model`` with graph optimizations off (every tensor exists,
+    Q/DQ simulated in float exactly as the canonical model defines them) and ``tensors``
+    exposed as outputs after the model's own."""
+    import onnxruntime as ort
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for t in tensors:
+        if t not in have:
+            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
+    opts = session_options()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])

@@ -131,6 +131,26 @@ def test_search_judges_every_target_and_the_worst_counts(mlp_files):
     assert all(t["top1_agreement"] == t["judges"]["all_int8"] <= t["judges"]["exact"] for t in worst.tried)
 
 
+def test_prune_back_returns_float_layers_the_target_does_not_need(mlp_files):
+    """A ranking that puts a layer the target does not need first (as a small, noisy ranking set
+    can): the prefix search floats fc1 and fc2; the prune-back tries them back in int8, largest
+    MACs first, and returns fc1, leaving fc2, the layer that needs it."""
+    q, data = _setup(mlp_files)
+    goal = an.AccuracyTarget("top1_agreement", 0.97)
+    sensitivity = lambda name, macs, top1, sqnr: an.LayerSensitivity(  # noqa: E731
+        name, "Gemm", macs, {"top1_agreement": top1, "sqnr": sqnr}, {})
+    misranked = an.Analysis("top1_agreement", 200, {"top1_agreement": 0.9, "sqnr": 10.0},
+                            [sensitivity("fc1", 384, 0.99, 30.0), sensitivity("fc2", 576, 0.95, 20.0),
+                             sensitivity("fc3", 240, 0.9, 10.0)])
+    greedy = an.search_float_layers(q, data, goal, analysis=misranked, prune=0)
+    assert greedy.met and greedy.float_layers == ["fc1", "fc2"] and greedy.pruned == []
+    found = an.search_float_layers(q, data, goal, analysis=misranked)
+    assert found.met and found.float_layers == ["fc2"] and found.measured >= 0.97
+    assert [(p["layer"], p["int8"]) for p in found.pruned] == [("fc2", False), ("fc1", True)]
+    assert found.int8_mac_share == pytest.approx(1 - 576 / 1200) and found.int8_mac_share > greedy.int8_mac_share
+    assert found.to_json()["pruned"][1]["top1_agreement"] >= 0.97
+
+
 def test_analyze_cli_writes_table_json_and_plot(mlp_files, tmp_path, capsys):
     model, calib, evals = mlp_files
     out = tmp_path / "an"

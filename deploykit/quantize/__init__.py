@@ -52,6 +52,10 @@ class QuantizeResult:
     #: same function as the source): :func:`requantize` places on this one.
     calibrated: onnx.ModelProto | None = field(default=None, repr=False, compare=False)
     recipe_summary: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    #: int16 pair-sum saturation of each dense Conv on the calibration data (CPUs without VNNI,
+    #: deploykit/quantize/saturation.py): {"profile", "samples", "relative_error": {conv: error}};
+    #: written into every placement of the same activation profile.
+    saturation: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
 
 def quantize(fp32: onnx.ModelProto, calib: DataSource, method: str = "minmax", percentile: float = 99.99,
@@ -91,10 +95,29 @@ def quantize(fp32: onnx.ModelProto, calib: DataSource, method: str = "minmax", p
                               recipe_summary=summary)
     placed = requantize(observed, fp32, activations=activations, float_layers=float_layers)
     post = [s for s in steps if s.name not in recipes.PRE_STEPS]
-    if not post:
-        return placed
-    edits = recipes.post_placement(fp32, placed.model, post, calib, batch_size, placed.float_layers)
-    return requantize(dataclasses.replace(placed, edits=edits, recipe_summary={**summary, **edits.summary}), fp32)
+    if post:
+        edits = recipes.post_placement(fp32, placed.model, post, calib, batch_size, placed.float_layers)
+        placed = requantize(dataclasses.replace(placed, edits=edits, recipe_summary={**summary, **edits.summary}), fp32)
+    return _with_saturation(placed, calib, batch_size)
+
+
+def _with_saturation(result: QuantizeResult, calib: DataSource, batch_size: int) -> QuantizeResult:
+    """``result`` with its dense convolutions' int16 pair-sum saturation measured on the first
+    calibration samples and recorded in its model's metadata."""
+    from deploykit.quantize import saturation
+
+    convs = saturation.dense_convs(result.model)
+    if not convs:
+        return result
+    inputs = {i.name for i in result.model.graph.input}
+    batches = ({k: v for k, v in b.feeds.items() if k in inputs} for b in calib.batches(batch_size))
+    errors = saturation.measure(result.model, batches)
+    samples = min(saturation.SAMPLES, result.samples)
+    log.debug("int16 pair-sum saturation on %d calibration samples: %d of %d dense convs above 1%%", samples,
+              sum(e > 0.01 for e in errors.values()), len(convs))
+    record = {"profile": result.activations, "samples": samples, "relative_error": errors}
+    saturation.record(result.model, errors, result.activations, samples)
+    return dataclasses.replace(result, saturation=record)
 
 
 def requantize(result: QuantizeResult, fp32: onnx.ModelProto, *, activations: str | None = None,
@@ -149,13 +172,17 @@ def requantize(result: QuantizeResult, fp32: onnx.ModelProto, *, activations: st
             next(p for p in qdq.metadata_props if p.key == key).value = value
         else:
             qdq.metadata_props.add(key=key, value=value)
+    if result.saturation and result.saturation.get("profile") == activations:  # measured on this profile's grid
+        from deploykit.quantize import saturation
+
+        saturation.record(qdq, result.saturation["relative_error"], activations, int(result.saturation["samples"]))
     qdq.producer_name, qdq.producer_version = "deploykit", __version__
     violations = rules.lint(qdq)
     if violations:  # a bug in placement, never the user's fault: say so
         raise DeploykitError("internal error: the canonical model breaks its contract:\n" + rules.format_violations(violations))
     return QuantizeResult(qdq, table, method, result.samples, result.data_hash, result.random_data,
                           activations, floats, percentile, result.source_hash, result.stats, result.recipe,
-                          result.edits, result.calibrated, result.recipe_summary)
+                          result.edits, result.calibrated, result.recipe_summary, result.saturation)
 
 
 def _check_profile(activations: str) -> None:

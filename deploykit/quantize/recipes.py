@@ -42,7 +42,7 @@ from onnx import helper, numpy_helper
 
 from deploykit.data import DataSource
 from deploykit.errors import ConfigError
-from deploykit.ortsession import session_options
+from deploykit.ortsession import exposing
 
 log = logging.getLogger("deploykit")
 
@@ -164,22 +164,6 @@ def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
     return default
 
 
-def _session(model: onnx.ModelProto, tensors: Sequence[str]) -> Any:
-    """An onnxruntime session (no graph optimizations: every tensor exists, Q/DQ simulated in
-    float as the canonical model defines them) with ``tensors`` exposed as outputs."""
-    import onnxruntime as ort
-
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for t in tensors:
-        if t not in have:
-            m.graph.output.append(helper.make_empty_tensor_value_info(t))
-    opts = session_options()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-
-
 def _batches(data: DataSource, batch_size: int, inputs: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
     for batch in data.batches(batch_size):
         yield {k: v for k, v in batch.feeds.items() if k in inputs}
@@ -264,7 +248,7 @@ def _weighted_matmuls(g: _Graph) -> dict[str, list[onnx.NodeProto]]:
 def channel_absmax(model: onnx.ModelProto, tensors: Sequence[str], data: DataSource,
                    batch_size: int = 8) -> dict[str, np.ndarray]:
     """max |x| per last-axis channel of each tensor over the data (one streaming pass)."""
-    sess = _session(model, tensors)
+    sess = exposing(model, tensors)
     inputs = _model_inputs(model)
     out: dict[str, np.ndarray] = {}
     with _progress(data.limit, "smoothquant: channel ranges") as bar:
@@ -438,7 +422,7 @@ def bias_correction(fp32: onnx.ModelProto, qdq: onnx.ModelProto, data: DataSourc
     if not layers:
         return {}
     tensors = list(dict.fromkeys(t for _, raw, deq, _, _ in layers.values() for t in (raw, deq)))
-    sess = _session(qdq, tensors)
+    sess = exposing(qdq, tensors)
     inputs = _model_inputs(qdq)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = defaultdict(int)
@@ -505,7 +489,7 @@ def adaround(fp32: onnx.ModelProto, qdq: onnx.ModelProto, data: DataSource, iter
     # inputs as the int8 model sees them (after its DQ), outputs as the FP32 model computes them
     in_names = list(dict.fromkeys(n.input[0] for n, _ in layers))
     out_names = list(dict.fromkeys(n.output[0] for n, _ in layers))
-    s_q, s_f = _session(qdq, in_names), _session(fp32, out_names)
+    s_q, s_f = exposing(qdq, in_names), exposing(fp32, out_names)
     inputs = _model_inputs(fp32)
     xs: dict[str, list[np.ndarray]] = defaultdict(list)
     ys: dict[str, list[np.ndarray]] = defaultdict(list)

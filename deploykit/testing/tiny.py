@@ -34,3 +34,23 @@ def tiny_classifier(path: Path | str, size: int = 8, classes: int = 4, opset: in
     model.ir_version = ir_version or (8 if opset >= 18 else 3)
     onnx.save(model, str(path))
     return Path(path)
+
+
+def pair_saturating_net(channels: int = 8, size: int = 12) -> onnx.ModelProto:
+    """``x`` [N, 4, size, size] -> Conv "hot" -> Relu -> Conv "cool" -> ``y``, shaped for the int16
+    pair sums of u8 x s8 kernels without VNNI (deploykit/quantize/saturation.py): "hot" has
+    positive weights on every input channel, so with inputs near the top of their range two
+    adjacent channels' products add up past 32,767; "cool" alternates the sign of adjacent input
+    channels' weights, so no pair of its products can."""
+    rng = np.random.default_rng(0)
+    hot = rng.uniform(0.5, 1.0, (channels, 4, 3, 3)).astype(np.float32)
+    cool = rng.uniform(0.5, 1.0, (4, channels, 1, 1)).astype(np.float32) / channels
+    cool[:, 1::2] *= -1
+    nodes = [helper.make_node("Conv", ["x", "w_hot"], ["h"], name="hot", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w_cool"], ["y"], name="cool")]
+    graph = helper.make_graph(nodes, "pair_saturating_net",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, size, size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, size, size])],
+                              [numpy_helper.from_array(hot, "w_hot"), numpy_helper.from_array(cool, "w_cool")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])

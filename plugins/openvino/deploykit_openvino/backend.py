@@ -29,7 +29,8 @@ from deploykit.canonical import model_float_layers, model_profile
 from deploykit.cpu import u8s8_saturates
 from deploykit.errors import BackendUnavailable, ConfigError, LoweringError
 from deploykit.fileio import atomic_output, remove
-from deploykit_openvino.overflow import MODES, check_split, merge_halves, select, split_convs
+from deploykit.quantize import saturation
+from deploykit_openvino.overflow import MODES, THRESHOLD, check_split, merge_halves, select, split_convs
 
 INSTALL_HINT = "pip install 'deploykit[openvino]'"
 #: Virtual devices that name real ones after a colon ("AUTO:GPU,CPU").
@@ -56,15 +57,18 @@ def missing_devices(device: str, available: list[str]) -> list[str]:
     return [d for d in names if d not in listed]
 
 
-def overflow_mode(target: Target) -> str:
-    """The target's ``overflow_fix``, with ``auto`` resolved: first_layer for a CPU device when
-    this machine's CPU saturates u8 x s8 pair sums (no VNNI; a remote device's CPU is not known
-    here: set the option for it), else none."""
+def overflow_mode(target: Target, model: Any = None) -> str:
+    """The target's ``overflow_fix``, with ``auto`` resolved for a CPU device when this machine's
+    CPU saturates u8 x s8 pair sums (no VNNI; a remote device's CPU is not known here: set the
+    option for it): saturating when ``model`` carries the calibration's saturation record, else
+    first_layer; none elsewhere."""
     mode = str(target.options.get("overflow_fix", "auto"))
     if mode != "auto":
         return mode
     local_cpu = device_name(target).startswith("CPU") and not target.device.address
-    return "first_layer" if local_cpu and u8s8_saturates() else "none"
+    if not (local_cpu and u8s8_saturates()):
+        return "none"
+    return "saturating" if model is not None and saturation.recorded(model) is not None else "first_layer"
 
 
 def _with_split_check(scales: CheckResult, problems: list[str]) -> CheckResult:
@@ -126,10 +130,16 @@ class OpenVINOBackend(Backend):
                                       ("f32", "bf16", "f16", "default")),
         "overflow_fix": Option(str, "auto", "split convolutions' int8 weights into two halves that cannot saturate "
                                             "the int16 pair sums of CPUs without VNNI (exact, same scales; twice "
-                                            "those layers' int8 compute): first_layer (convs reading the model "
-                                            "input), all (every non-depthwise conv), none; auto: first_layer on a "
-                                            "CPU device of a local CPU without VNNI, else none",
+                                            "those layers' int8 compute): saturating (the convs whose pair sums "
+                                            "saturate on the calibration data, recorded in the canonical model), "
+                                            "first_layer (convs reading the model input), all (every "
+                                            "non-depthwise conv), none; auto: on a CPU device of a local CPU "
+                                            "without VNNI saturating (first_layer for a model without the record), "
+                                            "else none",
                                MODES),
+        "overflow_threshold": Option((float, int), THRESHOLD, "overflow_fix saturating: split a conv whose recorded "
+                                                       "saturation error (relative to its output, on the "
+                                                       "calibration data) is above this"),
     }
 
     # -- availability --------------------------------------------------------------------
@@ -176,7 +186,8 @@ class OpenVINOBackend(Backend):
         ov = _ov()
         core = ov.Core()
         dest = Path(dest)
-        split = select(canonical.model, overflow_mode(target))
+        mode = overflow_mode(target, canonical.model)
+        split = select(canonical.model, mode, float(target.options.get("overflow_threshold", THRESHOLD)))
         lowered = split_convs(canonical.model, split) if split else canonical.model
         bin_dest = dest.with_suffix(".bin")
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -219,7 +230,7 @@ class OpenVINOBackend(Backend):
         metadata = {"openvino": ov.get_version(), "device": device_name(target),
                     "config": compile_config(target.options), "compress_to_fp16": False,
                     "fake_quantize": sum(op.get_type_name() == "FakeQuantize" for op in saved.get_ordered_ops()),
-                    "overflow_fix": overflow_mode(target), "split_convs": split,
+                    "overflow_fix": mode, "split_convs": split,
                     **audit_meta}
         return Artifact(self.name, dest, (dest, bin_dest), metadata, tuple(checks))
 

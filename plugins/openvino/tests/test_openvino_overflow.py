@@ -108,3 +108,49 @@ def test_a_split_conv_is_int8_only_when_both_halves_are():
             ("pw/split_a", "Convolution", "u8"), ("pw/split_b", "Convolution", "u8"), ("fc", "FullyConnected", "u8")]
     assert merge_halves(rows) == [("stem", "Convolution(split in 2)", "f32"), ("pw", "Convolution(split in 2)", "u8"),
                                   ("fc", "FullyConnected", "u8")]
+
+
+@pytest.fixture(scope="module")
+def hot_cool(tmp_path_factory):
+    """deploykit.testing.tiny.pair_saturating_net, calibrated: "hot" saturates, "cool" cannot."""
+    from deploykit.testing.tiny import pair_saturating_net
+
+    tmp = tmp_path_factory.mktemp("hot_cool")
+    fp32 = normalise(pair_saturating_net())
+    x = np.random.default_rng(1).uniform(-1, 1, (32, 4, 12, 12)).astype(np.float32)
+    np.savez(tmp / "calib.npz", x=x)
+    result = quantize(fp32, ArraySource(tmp / "calib.npz", input_specs(fp32)), "minmax", activations="asymmetric")
+    return write_canonical(result, fp32, tmp), x, tmp
+
+
+def test_saturating_splits_only_the_convs_the_record_names(hot_cool):
+    from deploykit_openvino.overflow import saturating_convs, select
+
+    canonical, _, _ = hot_cool
+    assert saturating_convs(canonical.model) == ["hot"]
+    assert select(canonical.model, "saturating", threshold=1.0) == []
+    # without the record (an adopted model, an older canonical model) auto keeps NNCF's choice
+    assert overflow_mode(make_target(OpenVINOBackend), onnx.ModelProto()) in ("first_layer", "none")
+
+
+@pytest.mark.skipif(not u8s8_saturates(), reason="this CPU has VNNI: its int8 kernels do not saturate")
+def test_saturating_split_is_as_exact_as_splitting_every_conv_at_half_the_cost(hot_cool):
+    """On this non-VNNI CPU: unsplit, "hot" departs from the canonical model; auto resolves to
+    the record's choice, splits "hot" alone and matches the canonical model as closely as
+    splitting both convolutions."""
+    canonical, x, tmp = hot_cool
+    backend = OpenVINOBackend()
+    assert overflow_mode(make_target(OpenVINOBackend), canonical.model) == "saturating"
+    want = run_canonical(canonical.path, {"x": x})[0]
+    step = canonical.calibration.scale("y")
+    off = {}
+    for mode in ("none", "auto", "all"):
+        target = make_target(OpenVINOBackend, overflow_fix=mode)
+        artifact = backend.lower(canonical, target, tmp / f"{mode}.xml")
+        assert artifact.metadata["split_convs"] == {"none": [], "auto": ["hot"], "all": ["hot", "cool"]}[mode]
+        assert {c.name: c for c in artifact.checks}["scales_match"].status == "pass"
+        with backend.load(artifact, target) as runner:
+            off[mode] = np.abs(runner.run({"x": x})[0] - want) / step
+    assert off["none"].max() > 4, f"expected saturation unsplit, got {off['none'].max():.2f} steps at most"
+    # rounding differences carried through "cool" only: a step or two, the same with "cool" split or not
+    assert off["auto"].max() <= 2 and off["auto"].max() <= off["all"].max() + 0.01, {k: float(v.max()) for k, v in off.items()}
