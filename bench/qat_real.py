@@ -14,8 +14,9 @@ semantics (graph optimisations off: what the canonical model means, before any b
 deploykit PTQ (minmax, symmetric and asymmetric activations, the build's default recipe);
 onnxruntime.quantization (QDQ, per-channel, uint8 and int8 symmetric activations); NNCF
 (default preset; the transformer model type for the encoder); deploykit QAT (``prepare`` with
-the same calibration, ``distill`` on the unlabeled training inputs within ``--budget``
-seconds, ``export``; symmetric activations, the profile every backend lowers). ``--lower``
+the same calibration and the build's recipe, ``distill`` on the unlabeled training inputs
+within ``--budget`` wall seconds and ``--cpu-budget`` CPU seconds, ``export``; asymmetric
+activations by default, which onnxruntime, OpenVINO, TFLite and Core ML lower). ``--lower``
 then builds the exported model with ``deploykit build`` as given and reports each target's
 agreement with FP32 and whether every scale was kept (``scales_match``). Scratch files go
 to ``--work`` (default: a temporary folder). Needs the ``realnets``, ``bench`` and ``qat`` extras.
@@ -79,7 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train", type=int, default=2000, help="unlabeled training inputs for distill")
     ap.add_argument("--calib", type=int, default=128, help="calibration inputs (the first of the training ones)")
     ap.add_argument("--eval", type=int, default=500)
-    ap.add_argument("--budget", type=float, default=900.0, help="seconds of distillation at most")
+    ap.add_argument("--budget", type=float, default=900.0, help="wall seconds of distillation at most")
+    ap.add_argument("--cpu-budget", type=float, default=None,
+                    help="CPU seconds of distillation at most (this process, all threads; 2 cores x 15 min = 1800): "
+                         "on a shared machine a wall budget buys fewer steps than idle cores would")
+    ap.add_argument("--warmup", type=float, default=0.0, help="fraction of the run the learning rate rises over")
+    ap.add_argument("--loss", default=None, help="distill loss (default: kl for cnn, cosine for encoder)")
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-5)
@@ -152,8 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         f"prepare {t_prepare:.0f} s")
     t = time.monotonic()
     cpu = time.process_time()
-    qat.distill(prepared, s["train"], epochs=args.epochs, lr=args.lr, batch_size=args.batch, loss=s["loss"],
-                budget_s=args.budget, temperature=args.temperature)
+    qat.distill(prepared, s["train"], epochs=args.epochs, lr=args.lr, batch_size=args.batch,
+                loss=args.loss or s["loss"], budget_s=args.budget, cpu_budget_s=args.cpu_budget,
+                warmup=args.warmup, temperature=args.temperature)
     t_distill, c_distill = time.monotonic() - t, time.process_time() - cpu
     seen = len(prepared.history) * args.batch
     t, cpu = time.monotonic(), time.process_time()
