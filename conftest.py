@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,6 +30,16 @@ HEAVY_FIRST = (
     "tests/test_reliability.py",
 )
 
+#: test files that import the same heavy SDK run on the same worker: ``--dist loadfile`` hands
+#: out files one at a time, so the TFLite files and the Core ML files were spread over both
+#: workers and each worker imported TensorFlow (~9 s of CPU) and coremltools (+ sympy, ~3 s).
+#: A group is one work unit (see pytest_xdist_make_scheduler); it starts where its first file
+#: is in the run order.
+GROUPS = {
+    "plugins/tflite/tests/": "plugins/tflite/tests",
+    "plugins/coreml/tests/": "plugins/coreml/tests",
+}
+
 #: the math libraries' own thread pools: torch's intra-op pool and NumPy's BLAS read these when
 #: they start (onnxruntime, OpenVINO and LiteRT take their threads from the target's options)
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -40,6 +51,7 @@ def pytest_configure(config: pytest.Config) -> None:
     threads on two cores spent 4x the CPU on a small model's training steps (0.14 s instead of
     0.025 s per step). The workers are started after this hook and inherit the variables; a
     variable the caller set is kept."""
+    _import_without_assert_rewriting("hypothesis")
     if hasattr(config.option, "loadscopereorder"):
         config.option.loadscopereorder = False  # keep pytest_collection_modifyitems' order
     workers = len(config.getoption("tx", None) or [])
@@ -47,6 +59,29 @@ def pytest_configure(config: pytest.Config) -> None:
         per_worker = str(max(1, (os.cpu_count() or 1) // workers))
         for name in THREAD_VARIABLES:
             os.environ.setdefault(name, per_worker)
+
+
+def _import_without_assert_rewriting(name: str) -> None:
+    """Import a plugin's package as Python does, not through pytest's assertion rewriter. pytest
+    rewrites the asserts of every module of a distribution that provides a pytest plugin
+    (hypothesis: its 100-odd modules) and caches the result as bytecode, which it cannot write
+    when PYTHONDONTWRITEBYTECODE is set: it then re-parses and rewrites them in every process
+    that imports the package (the controller at its terminal summary, every worker collecting
+    test_properties.py), 2-2.5 s of CPU each instead of 0.4 s. Only the package's own
+    internal asserts are affected, never a test's."""
+    import importlib
+    import importlib.util
+    import sys
+
+    if name in sys.modules or importlib.util.find_spec(name) is None:
+        return
+    rewriters = [finder for finder in sys.meta_path if type(finder).__name__ == "AssertionRewritingHook"]
+    for finder in rewriters:
+        sys.meta_path.remove(finder)
+    try:
+        importlib.import_module(name)
+    finally:
+        sys.meta_path[:0] = rewriters
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -60,3 +95,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             return len(rank)
 
     items.sort(key=key)
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: without it, pytest never calls this
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadfile`` with the files of a GROUPS entry in one work unit (pytest-xdist's own
+    LoadFileScheduling, the unit of work widened from a file to a group)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class GroupedFileScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return next((group for prefix, group in GROUPS.items() if path.startswith(prefix)), path)
+
+    return GroupedFileScheduling(config, log)

@@ -51,6 +51,18 @@ def _activation_scales(model: onnx.ModelProto) -> list[float]:
     return sorted(float(g.params(n).scale.reshape(-1)[0]) for n in model.graph.node if n.op_type == "QuantizeLinear")
 
 
+def _teacher_export_from_the_suite_cache(prepared: qat.Prepared, tmp_path) -> None:
+    """The FP32 teacher's ONNX export is an input of a test that checks the QDQ export, not what
+    it checks (test_untrained_export_is_the_ptq_canonical_model checks export makes and keeps
+    it): taken from the suite's export cache into ``Prepared.teacher_onnx``, where export looks
+    for it first, as it would after an earlier export of the same teacher."""
+    from deploykit.testing import cache
+
+    path = cache.export_onnx(prepared.teacher, prepared.example_inputs, tmp_path / "teacher.onnx", prepared.input_names,
+                             dynamic_sequence=prepared.dynamic_sequence)
+    prepared.teacher_onnx = (qat._teacher_key(prepared), path.read_bytes())
+
+
 def test_untrained_export_is_the_ptq_canonical_model(prepared, digits, tmp_path):
     _, d, _ = digits
     path = qat.export(prepared, tmp_path / "digits.qdq.onnx")
@@ -175,6 +187,7 @@ def test_concat_and_residual_add_share_the_canonical_scales(tmp_path):
     module = models.mobilenet_cnn(3, 10, 8).eval()
     x = np.random.default_rng(0).standard_normal((32, 3, 16, 16)).astype(np.float32)
     prepared = qat.prepare(module, (torch.from_numpy(x[:2]),), x)
+    _teacher_export_from_the_suite_cache(prepared, tmp_path)
     exported = onnx.load(str(qat.export(prepared, tmp_path / "mobile.qdq.onnx")))
     assert lint(exported) == []
     g = QdqGraph(exported)
@@ -204,6 +217,7 @@ def test_attention_encoder_exports_canonically(tmp_path):
     names = list(feeds)
     example = tuple(torch.from_numpy(feeds[k][:2]) for k in names)
     prepared = qat.prepare(module, example, feeds, input_names=names)
+    _teacher_export_from_the_suite_cache(prepared, tmp_path)
     exported = onnx.load(str(qat.export(prepared, tmp_path / "encoder.qdq.onnx")))
     assert lint(exported) == []
     assert {p.key: p.value for p in exported.metadata_props}["deploykit.recipe"] == "smoothquant:0.9"  # auto

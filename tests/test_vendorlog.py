@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from deploykit.testing import skip_unless_installed
 from deploykit.vendorlog import is_noise
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,7 +109,8 @@ def test_verbose_passes_everything():
 def test_tflite_build_stderr_has_nothing_from_tensorflow(tmp_path):
     """A real TFLite build (TensorFlow imported, converter and LiteRT run) in a real subprocess:
     stderr holds deploykit's own lines and nothing from TensorFlow."""
-    pytest.importorskip("tensorflow", reason="the TFLite backend needs tensorflow (pip install -e '.[tflite]')")
+    # found, not imported (pytest.importorskip would import TensorFlow here, ~10 s of CPU): the build imports it
+    skip_unless_installed("tensorflow", reason="the TFLite backend needs it (pip install -e '.[tflite]')")
     samples = ROOT / "deploykit" / "samples"
     env = {k: v for k, v in os.environ.items() if k not in ("DEPLOYKIT_VERBOSE", "TF_CPP_MIN_LOG_LEVEL")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "plugins" / "tflite"), env.get("PYTHONPATH", "")])

@@ -8,10 +8,11 @@ from deploykit.testing.fixtures import (
     eval_feeds,
     export_kind,
     exported_onnx,
+    imported_by_plugins,
     make_canonical,
     make_target,
     skip_unless_installed,
 )
 
-__all__ = ["KINDS", "canonical_from_onnx", "eval_feeds", "export_kind", "exported_onnx", "make_canonical", "make_target",
+__all__ = ["KINDS", "canonical_from_onnx", "eval_feeds", "export_kind", "exported_onnx", "imported_by_plugins", "make_canonical", "make_target",
            "skip_unless_installed"]

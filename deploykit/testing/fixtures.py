@@ -26,6 +26,40 @@ def skip_unless_installed(*modules: str, reason: str = "") -> None:
         pytest.skip(f"{', '.join(missing)} not installed" + (f": {reason}" if reason else ""), allow_module_level=True)
 
 
+#: the built-in backend plugins (their packages)
+PLUGIN_PACKAGES = ("deploykit_onnxruntime", "deploykit_openvino", "deploykit_tflite", "deploykit_coreml",
+                   "deploykit_tensorrt")
+
+_IMPORTED_BY: dict[str, frozenset[str]] = {}
+
+
+def imported_by_plugins() -> dict[str, frozenset[str]]:
+    """What importing each built-in plugin package loads: the plugins imported one after the
+    other in one fresh Python process (PYTHONPATH: this process's sys.path; nothing else from
+    the environment); per plugin, the top-level names in ``sys.modules`` right after its import
+    (the earlier plugins' included). A plugin imports its vendor SDK only when a target uses it:
+    each plugin's tests check its SDK is not there. One process for all of them, once per test
+    process: each fresh Python pays ~1.5 s of CPU importing onnx."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if not _IMPORTED_BY:
+        code = ("import importlib, json, sys\nout = {}\n"
+                f"for name in {PLUGIN_PACKAGES!r}:\n"
+                "    importlib.import_module(name)\n"
+                "    out[name] = sorted({m.split('.')[0] for m, v in sys.modules.items() if v is not None})\n"
+                "print(json.dumps(out))\n")
+        env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "PATH": "/usr/bin:/bin"}
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                              check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"importing the plugins failed:\n{proc.stderr}")
+        _IMPORTED_BY.update({name: frozenset(mods) for name, mods in json.loads(proc.stdout).items()})
+    return dict(_IMPORTED_BY)
+
+
 def make_target(backend: type[Backend], name: str | None = None, device: str = "local",
                 batch_sizes: tuple[int, ...] = (1,), thresholds: dict[str, float] | None = None,
                 warmup: int = 2, runs: int = 10, **options: Any) -> Target:
@@ -88,61 +122,45 @@ def _module(kind: str, seed: int) -> Any:
     return module
 
 
-def _export_cache(kind: str, seed: int) -> Path:
-    """Where the ONNX export of a test model kind lives on this machine. torch's exporter takes
-    seconds to a minute per model and the suite exports every kind in every process, so the
-    exported bytes are kept, keyed by everything they are made from: the source of the model
-    definitions, of the exporter wrapper and of this module, and the versions of the packages
-    that build or export the weights. Change any of them and the export runs again."""
-    import hashlib
-    import os
-    from importlib import metadata
+def exported_onnx(kind: str, path: Path | str, seed: int = 0, exporter: str = "dynamo") -> Path:
+    """Write the ONNX export of a test model kind (dynamic batch; ``exporter``: "dynamo", what
+    ``deploykit build`` uses, or "legacy", torch's TorchScript exporter with batch and sequence
+    dynamic, as older pipelines export encoders) to ``path``.
 
+    torch's exporter takes seconds to a minute per model and the suite exports every kind in
+    every process, so the bytes are kept on this machine (:mod:`deploykit.testing.cache`),
+    keyed by everything they are made from: the source of the model definitions, of the
+    exporter wrappers and of this module, and the versions of the packages that build or
+    export the weights. Change any of them and the export runs again."""
     from deploykit import model as model_module
-    from deploykit.testing import models
+    from deploykit.testing import cache, models
 
-    sources = [Path(m.__file__).read_bytes() for m in (models, model_module) if m.__file__]
-    sources.append(Path(__file__).read_bytes())
-    versions = []
-    for package in ("torch", "onnx", "onnxscript", "transformers", "numpy", "scikit-learn"):
-        try:
-            versions.append(f"{package}={metadata.version(package)}")
-        except metadata.PackageNotFoundError:
-            versions.append(f"{package}=none")
-    key = hashlib.sha256(b"\0".join([*sources, repr((kind, seed, versions)).encode()])).hexdigest()[:16]
-    root = Path(os.environ.get("DEPLOYKIT_CACHE", Path.home() / ".cache" / "deploykit"))
-    return root / "exports" / f"{kind}-{seed}-{key}.onnx"
-
-
-def exported_onnx(kind: str, path: Path | str, seed: int = 0) -> Path:
-    """Write the ONNX export of a test model kind (dynamic batch) to ``path``: exported once
-    per machine (:func:`_export_cache`), copied after that."""
-    import os
-    import tempfile
-
-    if (kind, seed) in _EXPORTED:
+    if (kind, seed) in _EXPORTED and exporter == "dynamo":
         Path(path).write_bytes(_EXPORTED[(kind, seed)][0])
         return Path(path)
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; one of {KINDS}")
-    cache = _export_cache(kind, seed)
-    if not cache.is_file():
-        import torch
+    if exporter not in ("dynamo", "legacy"):
+        raise ValueError(f"unknown exporter {exporter!r}; 'dynamo' or 'legacy'")
 
-        from deploykit.testing import models
+    def make(out: Path) -> None:
+        import torch
 
         module = _module(kind, seed)
         feeds = eval_feeds(kind, 2, seed=seed)
         example = tuple(torch.from_numpy(v) for v in feeds.values())
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{cache.stem}.", suffix=".onnx", dir=cache.parent)
-        os.close(fd)
-        try:
-            models.export_onnx(module, example, tmp, list(feeds), dynamic_sequence=kind == "bert")
-            os.replace(tmp, cache)  # atomic: a concurrent identical export simply wins or loses
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-    Path(path).write_bytes(cache.read_bytes())
+        if exporter == "legacy":
+            models.export_legacy(module, example, out, list(feeds))
+        else:
+            models.export_onnx(module, example, out, list(feeds), dynamic_sequence=kind == "bert")
+
+    sources = [Path(m.__file__).read_bytes() for m in (models, model_module, cache) if m.__file__]
+    sources.append(Path(__file__).read_bytes())
+    key = [*sources, repr((kind, seed, exporter)).encode(), cache.versions((*cache.EXPORT_PACKAGES, "scikit-learn"))]
+    stem = f"{kind}-{seed}" if exporter == "dynamo" else f"{kind}-{seed}-{exporter}"
+    entry = cache.cached_file("exports", stem, key, ".onnx", make)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(entry.read_bytes())
     return Path(path)
 
 

@@ -15,21 +15,15 @@ import numpy as np
 import onnx
 import pytest
 
-from deploykit.errors import BackendUnavailable
-from deploykit_coreml import sdk
-
-try:  # imported as the plugin imports it: without coremltools' TensorFlow/torch front ends
-    sdk.coremltools()
-except BackendUnavailable as exc:
-    pytest.skip(f"the Core ML backend needs coremltools: {exc}", allow_module_level=True)
 from deploykit.testing import skip_unless_installed
 
+skip_unless_installed("coremltools", reason="the Core ML backend needs it (pip install 'deploykit[coreml]')")
 skip_unless_installed("torch", reason="the test models need torch (pip install torch==2.13.0)")
 skip_unless_installed("transformers", reason="the test encoder is transformers' BertModel (pip install transformers)")
 
 from deploykit.errors import ConfigError  # noqa: E402
-from deploykit.testing import canonical_from_onnx, make_canonical, make_target  # noqa: E402
-from deploykit.testing.models import bert_encoder, bert_inputs, export_legacy  # noqa: E402
+from deploykit.testing import canonical_from_onnx, exported_onnx, make_canonical, make_target  # noqa: E402
+from deploykit.testing.models import bert_inputs  # noqa: E402
 from deploykit_coreml import CoreMLBackend, lowering, verify  # noqa: E402
 
 FP32 = {"minimum_deployment_target": "iOS17", "compute_precision": "fp32", "compute_units": "ALL",
@@ -46,15 +40,9 @@ def _mil_reference():
 @pytest.fixture(scope="module")
 def canonicals(tmp_path_factory):
     """The test encoder through both exporters (same weights), calibrated on padded batches."""
-    import torch
-
     work = tmp_path_factory.mktemp("coreml-encoders")
     dynamo = make_canonical("bert", work / "dynamo")
-    torch.manual_seed(0)
-    module = bert_encoder()
-    example = bert_inputs(2, seed=0)
-    legacy_onnx = export_legacy(module, tuple(torch.from_numpy(v) for v in example.values()),
-                                work / "legacy" / "bert.onnx", list(example))
+    legacy_onnx = exported_onnx("bert", work / "legacy" / "bert.onnx", exporter="legacy")
     legacy = canonical_from_onnx(legacy_onnx, bert_inputs(64, seed=0), work / "legacy", "bert")
     return {"dynamo": dynamo, "legacy": legacy}
 

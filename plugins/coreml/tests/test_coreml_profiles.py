@@ -11,15 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deploykit.errors import BackendUnavailable
-from deploykit_coreml import sdk
-
-try:  # imported as the plugin imports it: without coremltools' TensorFlow/torch front ends
-    sdk.coremltools()
-except BackendUnavailable as exc:
-    pytest.skip(f"the Core ML backend needs coremltools: {exc}", allow_module_level=True)
 from deploykit.testing import skip_unless_installed
 
+skip_unless_installed("coremltools", reason="the Core ML backend needs it (pip install 'deploykit[coreml]')")
 skip_unless_installed("torch", reason="the test models need torch (pip install torch==2.13.0)")
 
 from deploykit.canonical import ASYMMETRIC, QdqGraph  # noqa: E402

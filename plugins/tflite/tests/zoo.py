@@ -46,13 +46,13 @@ def make_zoo_canonical(workdir: Path, seed: int = 0) -> CanonicalModel:
 
     from deploykit import data, model
     from deploykit.quantize import quantize, write_canonical
-    from deploykit.testing import models
+    from deploykit.testing import cache
 
     torch.manual_seed(seed)
     module = op_zoo_cnn().eval()
     rng = np.random.default_rng(seed)
     example = rng.random((2, 3, 16, 16), dtype=np.float32)
-    path = models.export_onnx(module, (torch.from_numpy(example),), Path(workdir) / "zoo.onnx", ["x"])
+    path = cache.export_onnx(module, (torch.from_numpy(example),), Path(workdir) / "zoo.onnx", ["x"])
     fp32 = model.normalise(model.load_onnx(path), str(path))
     calib = {"x": rng.random((32, 3, 16, 16), dtype=np.float32)}
     source = data.open_source(lambda: [calib], model.input_specs(fp32))
@@ -92,12 +92,12 @@ def make_canonical_from(module, workdir: Path, stem: str, shape=(3, 16, 16), see
 
     from deploykit import data, model
     from deploykit.quantize import quantize, write_canonical
-    from deploykit.testing import models
+    from deploykit.testing import cache
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     example = rng.random((2, *shape), dtype=np.float32)
-    path = models.export_onnx(module.eval(), (torch.from_numpy(example),), Path(workdir) / f"{stem}.onnx", ["x"])
+    path = cache.export_onnx(module.eval(), (torch.from_numpy(example),), Path(workdir) / f"{stem}.onnx", ["x"])
     fp32 = model.normalise(model.load_onnx(path), str(path))
     calib = {"x": rng.random((32, *shape), dtype=np.float32)}
     source = data.open_source(lambda: [calib], model.input_specs(fp32))
