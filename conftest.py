@@ -61,6 +61,20 @@ def pytest_configure(config: pytest.Config) -> None:
             os.environ.setdefault(name, per_worker)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Everything alive when a test starts (the SDKs imported so far, the module fixtures) is
+    moved out of the garbage collector's reach (``gc.freeze()``), so a full collection scans
+    only what the current test made. A worker that has imported torch, TensorFlow and
+    coremltools holds ~600,000 objects and a full ``gc.collect()`` takes 0.3-0.5 s of CPU:
+    coremltools runs one at the end of every conversion and pytest five at the end of the
+    session, besides Python's own full collections. ``test_coreml.py`` alone: 30.6 -> 26.3 CPU s,
+    maximum RSS 398 -> 406 MB (what was frozen and later becomes cyclic garbage stays)."""
+    import gc
+
+    gc.freeze()
+
+
 def _import_without_assert_rewriting(name: str) -> None:
     """Import a plugin's package as Python does, not through pytest's assertion rewriter. pytest
     rewrites the asserts of every module of a distribution that provides a pytest plugin

@@ -55,6 +55,16 @@ def run_exact(model: Any, feeds: Feeds, size: int = 16) -> np.ndarray:
     return np.concatenate([session.run(None, {k: b[k] for k in names})[0] for b in batches(feeds, size)])
 
 
+def heldout_kl(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Mean KL divergence of the candidate's softmax from the reference's (nats per input)."""
+    def log_softmax(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64) - x.max(-1, keepdims=True)
+        return np.asarray(x - np.log(np.exp(x).sum(-1, keepdims=True)))
+
+    p, q = log_softmax(reference), log_softmax(candidate)
+    return float((np.exp(p) * (p - q)).sum(-1).mean())
+
+
 def setup(net: str, n_train: int, n_calib: int, n_eval: int) -> dict[str, Any]:
     from deploykit.testing import realnets
 
@@ -119,7 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     reference = run_exact(fp32, s["eval"])
     rows: list[dict[str, Any]] = []
 
+    divergence: list[float] = []  # the last evaluate()'s held-out KL (classifiers): steadier than agreement
+
+    def evaluate(model: Any) -> float:
+        out = run_exact(model, s["eval"])
+        if args.net == "cnn":
+            divergence[:] = [heldout_kl(reference, out)]
+        return float(score(reference, out))
+
     def row(name: str, value: float, seconds: float, note: str = "") -> None:
+        if divergence:
+            note = f"held-out KL {divergence[0]:.4f}" + (f"; {note}" if note else "")
         rows.append({"row": name, metric: value, "seconds": round(seconds, 1), "note": note})
         print(f"{name:58s} {metric} {value:.4f}  ({seconds:.0f} s){'  ' + note if note else ''}", flush=True)
 
@@ -128,22 +148,22 @@ def main(argv: list[str] | None = None) -> int:
     t = time.monotonic()
     calib_src = data.open_source(lambda: [s["calib"]], modelmod.input_specs(fp32))
     ptq = quantize(fp32, calib_src, "minmax", activations="symmetric", recipe="auto")
-    row(f"deploykit PTQ minmax, symmetric, recipe {ptq.recipe}", score(reference, run_exact(ptq.model, s["eval"])),
+    row(f"deploykit PTQ minmax, symmetric, recipe {ptq.recipe}", evaluate(ptq.model),
         time.monotonic() - t)
     t = time.monotonic()
     asym = requantize(ptq, fp32, activations="asymmetric")
-    row(f"deploykit PTQ minmax, asymmetric, recipe {ptq.recipe}", score(reference, run_exact(asym.model, s["eval"])),
+    row(f"deploykit PTQ minmax, asymmetric, recipe {ptq.recipe}", evaluate(asym.model),
         time.monotonic() - t)
     if not args.no_anchors:
         for symmetric in (False, True):
             t = time.monotonic()
             path = ort_quantization(fp32_path, s["calib"], work, symmetric, matmul_only=s["transformer"])
             row(f"onnxruntime.quantization per-channel, {'int8 symmetric' if symmetric else 'uint8'}",
-                score(reference, run_exact(onnx.load(str(path)), s["eval"])), time.monotonic() - t)
+                evaluate(onnx.load(str(path))), time.monotonic() - t)
         t = time.monotonic()
         path = nncf_quantize(fp32_path, s["calib"], work, "performance", s["transformer"])
         row("NNCF default preset" + (", transformer" if s["transformer"] else ""),
-            score(reference, run_exact(onnx.load(str(path)), s["eval"])), time.monotonic() - t)
+            evaluate(onnx.load(str(path))), time.monotonic() - t)
 
     t = time.monotonic()
     example = tuple(torch.from_numpy(s["calib"][k][:2]) for k in s["names"])
@@ -154,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     t = time.monotonic()
     before = qat.export(prepared, work / "untrained.qdq.onnx")
     row(f"deploykit QAT export before training ({args.activations}, recipe {prepared.recipe})",
-        score(reference, run_exact(onnx.load(str(before)), s["eval"])), time.monotonic() - t,
+        evaluate(onnx.load(str(before))), time.monotonic() - t,
         f"prepare {t_prepare:.0f} s")
     t = time.monotonic()
     cpu = time.process_time()
@@ -166,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     t, cpu = time.monotonic(), time.process_time()
     path = qat.export(prepared, work / f"{args.net}_qat.qdq.onnx")
     t_export, c_export = time.monotonic() - t, time.process_time() - cpu
-    row(f"deploykit QAT: distill {len(prepared.history)} steps x {args.batch}", score(reference,
-        run_exact(onnx.load(str(path)), s["eval"])), t_prepare + t_distill + t_export,
+    row(f"deploykit QAT: distill {len(prepared.history)} steps x {args.batch}", evaluate(onnx.load(str(path))),
+        t_prepare + t_distill + t_export,
         f"prepare {t_prepare:.0f} s + distill {t_distill:.0f} s ({min(seen, args.train)} distinct inputs seen) "
         f"+ export {t_export:.0f} s wall; CPU {c_prepare:.0f} + {c_distill:.0f} + {c_export:.0f} s; load average "
         f"{os.getloadavg()[0]:.1f}; loss {np.mean(prepared.history[:10]):.4g} -> {np.mean(prepared.history[-10:]):.4g}")

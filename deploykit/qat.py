@@ -593,8 +593,8 @@ def _bias_correction(module: Any, batches: list[Feeds], names: Sequence[str]) ->
     over the calibration data records, for every conv/linear layer reading a fake-quantized
     input, the per-channel means of that input before (``x``) and after (``x_q``) its
     quantization; the layer's own error on its output mean, ``W_q * mean(x_q) - W * mean(x)``
-    (kernel taps summed, padding ignored, as there), is subtracted from its float bias (a zero
-    bias is added to a layer that has none). Returns the number of layers corrected."""
+    (kernel taps summed, padding ignored, as there), is subtracted from its float bias (a layer
+    without a bias gains one). Returns the number of layers corrected."""
     torch = _torch()
     ao = _ao()
     ops = _aten_sets()
@@ -639,6 +639,7 @@ def _bias_correction(module: Any, batches: list[Feeds], names: Sequence[str]) ->
     import operator
 
     changed = False
+    corrected = 0
     for i, (node, (raw, deq, weight_node, w_fq)) in enumerate(layers.items()):
         with torch.no_grad():
             w = operator.attrgetter(weight_node.target)(module).detach()
@@ -661,10 +662,11 @@ def _bias_correction(module: Any, batches: list[Feeds], names: Sequence[str]) ->
         else:
             with torch.no_grad():
                 operator.attrgetter(bias_node.target)(module).sub_(delta)
+        corrected += 1
     if changed:
         graph.lint()
         module.recompile()
-    return len(layers)
+    return corrected
 
 
 def _through(node: Any, ops: dict[str, frozenset[Any]], w: Any, m: Any) -> Any:

@@ -277,7 +277,7 @@ def test_smoothquant_recipe_starts_qat_at_the_smoothed_ptq_point():
     # the smoothed export (lint, placement) is test_attention_encoder_exports_canonically's: auto is its default
 
 
-def test_bias_correction_starts_qat_at_the_corrected_ptq_point():
+def test_bias_correction_starts_qat_at_the_corrected_ptq_point(tmp_path):
     """``prepare(recipe="auto")`` on a CNN applies the build's bias correction to the
     fake-quantized torch graph: a depthwise convolution without a bias whose weights all sit
     0.4 of a step above an int8 level (nearest rounding shifts every output the same way) and
@@ -319,6 +319,10 @@ def test_bias_correction_starts_qat_at_the_corrected_ptq_point():
     (shift_before, err_before), (shift_after, err_after) = shift_and_error(plain), shift_and_error(corrected)
     assert shift_after < 0.1 * shift_before, (shift_before, shift_after)
     assert err_after < 0.5 * err_before, (err_before, err_after)
+    exported = onnx.load(str(qat.export(corrected, tmp_path / "dw.qdq.onnx")))  # the gained bias exports
+    assert lint(exported) == []
+    (conv,) = [n for n in exported.graph.node if n.op_type == "Conv"]
+    assert len(conv.input) == 3 and conv.input[2]
     from deploykit.errors import ConfigError
 
     with pytest.raises(ConfigError, match="adaround"):
