@@ -175,6 +175,18 @@ def test_canonical_model_built_twice_gives_identical_artifacts(nncf_qdq, digits_
         assert scales.status == "pass"
 
 
+def test_a_quantized_model_built_without_calibration_data_has_no_random_data_warning(nncf_qdq, digits_files,
+                                                                                     tmp_path, capsys):
+    """No --calib: a quantized model keeps its own scales, so nothing was calibrated on random
+    data and neither the manifest nor the report may say so."""
+    result = build(nncf_qdq, BuildOptions(targets=["onnxruntime"], out_dir=tmp_path / "out",
+                                          eval=str(digits_files.eval), baseline=False))
+    assert [t.status for t in result.targets] == ["ok"]
+    calibration = result.manifest["calibration"]
+    assert calibration["random_data"] is False and calibration["warning"] == ""
+    assert "random data" not in (tmp_path / "out" / "report.md").read_text()
+
+
 def _unnumbered(path: Path) -> str:
     import re
 

@@ -30,7 +30,7 @@ from deploykit.cpu import u8s8_saturates
 from deploykit.errors import BackendUnavailable, ConfigError, LoweringError
 from deploykit.fileio import atomic_output, remove
 from deploykit.quantize import saturation
-from deploykit_openvino.overflow import MODES, THRESHOLD, check_split, merge_halves, select, split_convs
+from deploykit_openvino.overflow import MODES, THRESHOLD, check_split, merge_halves, select, split_layers
 
 INSTALL_HINT = "pip install 'deploykit[openvino]'"
 #: Virtual devices that name real ones after a colon ("AUTO:GPU,CPU").
@@ -188,7 +188,7 @@ class OpenVINOBackend(Backend):
         dest = Path(dest)
         mode = overflow_mode(target, canonical.model)
         split = select(canonical.model, mode, float(target.options.get("overflow_threshold", THRESHOLD)))
-        lowered = split_convs(canonical.model, split) if split else canonical.model
+        lowered = split_layers(canonical.model, split) if split else canonical.model
         bin_dest = dest.with_suffix(".bin")
         dest.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.stem}."))
@@ -230,7 +230,7 @@ class OpenVINOBackend(Backend):
         metadata = {"openvino": ov.get_version(), "device": device_name(target),
                     "config": compile_config(target.options), "compress_to_fp16": False,
                     "fake_quantize": sum(op.get_type_name() == "FakeQuantize" for op in saved.get_ordered_ops()),
-                    "overflow_fix": mode, "split_convs": split,
+                    "overflow_fix": mode, "split_layers": split,
                     **audit_meta}
         return Artifact(self.name, dest, (dest, bin_dest), metadata, tuple(checks))
 
