@@ -171,13 +171,20 @@ def _quantization_lines(q: dict[str, Any] | None) -> list[str]:
     return out
 
 
+def _calibration_line(manifest: dict[str, Any]) -> str:
+    cal = manifest["calibration"]
+    if (manifest.get("quantization") or {}).get("adoption"):  # built as given: nothing was calibrated here
+        return f"- calibration: none in this build; the quantized model's own scales ({cal['method']}) are kept"
+    return f"- calibration: {cal['method']} on {cal['samples']} samples of `{cal['data']}`"
+
+
 def markdown_report(manifest: dict[str, Any]) -> str:
     cal, ev, can = manifest["calibration"], manifest["evaluation"], manifest["canonical"]
     out = ["# deploykit build report", "",
            f"- model: `{manifest['model']['path']}` (sha256 `{manifest['model']['sha256'][:16]}…`)",
            f"- canonical model: `{can['path']}` ({can['qdq_nodes']} Q/DQ nodes, {can['tensors_in_table']} tensors "
            f"in the calibration table, lint: clean)",
-           f"- calibration: {cal['method']} on {cal['samples']} samples of `{cal['data']}`",
+           _calibration_line(manifest),
            *_quantization_lines(manifest.get("quantization")),
            f"- evaluation: `{ev['data']}`" + (f" ({ev['note']})" if ev["note"] else "")
            + (f"; FP32 accuracy {ev['fp32_accuracy'] * 100:.2f}%" if ev.get("fp32_accuracy") is not None else ""),
