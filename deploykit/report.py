@@ -168,6 +168,16 @@ def _quantization_lines(q: dict[str, Any] | None) -> list[str]:
     if floats:
         names = ", ".join(f"`{f['name']}`" for f in floats[:10]) + (f" and {len(floats) - 10} more" if len(floats) > 10 else "")
         out.append(f"- float layers ({len(floats)}): {names}; int8 share of MACs {q['int8_mac_share'] * 100:.1f}%")
+    search = q.get("accuracy_target")
+    if search:
+        line = (f"- accuracy target {search['target']}: {'met' if search['met'] else 'NOT met'}, {search['measured']:.4f} "
+                f"(worst of {', '.join(search.get('judged_on') or ['canonical'])}) with {len(search['float_layers'])} "
+                f"float layer(s); {len(search.get('tried') or [])} prefixes of the ranking judged")
+        pruned = search.get("pruned") or []
+        if pruned:
+            back = [f"`{p['layer']}`" for p in pruned if p["int8"]]
+            line += f"; prune-back: {len(back)} of {len(pruned)} tried back in int8" + (f" ({', '.join(back)})" if back else "")
+        out.append(line)
     return out
 
 
