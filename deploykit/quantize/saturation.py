@@ -3,8 +3,9 @@ measured on the calibration data.
 
 Without VNNI, int8 convolution and GEMM kernels (OpenVINO's, via oneDNN) multiply u8 activations
 by s8 weights with ``vpmaddubsw``: each pair of products of adjacent input channels (at one
-kernel tap; adjacent K of a MatMul) is added into a *saturating* int16 (deploykit/cpu.py). The u8 value is the canonical
-int8 activation shifted by 128 (zero point compensation is added after the sum). A pair sum
+kernel tap; adjacent K of a MatMul) is added into a *saturating* int16 (deploykit/cpu.py). The
+u8 value is the canonical int8 activation shifted by 128 (the zero point's compensation is added
+after the sums). A pair sum
 outside [-32768, 32767] is clipped, so the layer's int32 accumulator is off by the clipped
 amount. This module replays that arithmetic in NumPy on the canonical model's own int8
 activations and weights and reports, per quantized dense Conv and MatMul / Gemm with an int8
@@ -31,7 +32,7 @@ import onnx
 from deploykit.canonical import QdqGraph, attrs
 from deploykit.ortsession import exposing
 
-#: metadata key: JSON {"profile": activation profile, "samples": n, "relative_error": {conv: error}}
+#: metadata key: JSON {"profile": activation profile, "samples": n, "relative_error": {layer: error}}
 META_SATURATION = "deploykit.int16_saturation"
 #: calibration samples the replay runs on (its cost is about one int8 pass in NumPy per sample)
 SAMPLES = 16
@@ -181,7 +182,7 @@ def record(model: onnx.ModelProto, errors: Mapping[str, float], profile: str, sa
 
 
 def recorded(model: onnx.ModelProto) -> dict[str, float] | None:
-    """The per-Conv relative saturation error the model carries, or None when it carries none."""
+    """The per-layer relative saturation error the model carries, or None when it carries none."""
     meta = {p.key: p.value for p in model.metadata_props}
     if META_SATURATION not in meta:
         return None
