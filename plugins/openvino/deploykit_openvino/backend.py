@@ -84,6 +84,22 @@ def _with_split_check(scales: CheckResult, problems: list[str]) -> CheckResult:
                                details=details)
 
 
+def _saturation_check(model: Any, mode: str, split: list[str]) -> CheckResult:
+    """Info: this CPU saturates int16 pair sums; what the split covers and what the canonical
+    model's record says is left (the largest recorded error among the layers not split)."""
+    errors = saturation.recorded(model) or {}
+    left = {name: e for name, e in errors.items() if name not in split and e > 0}
+    worst = max(left, key=lambda n: left[n]) if left else ""
+    message = ("this CPU has no VNNI: OpenVINO's u8 x s8 kernels add pairs of products in a saturating int16, so "
+               f"outputs can depart from the canonical model (see the fidelity checks); overflow_fix {mode} split "
+               f"{len(split)} layer(s)")
+    if errors:
+        message += (f"; of the rest, the largest recorded saturation error is {left[worst]:.2%} ({worst})" if worst
+                    else "; no other layer saturates on the calibration data")
+    return CheckResult("int8_saturation", "info", 1.0, message=message + "; a CPU with VNNI computes them exactly",
+                       details={"split": list(split), "unsplit_errors": left})
+
+
 def compile_config(options: Mapping[str, Any]) -> dict[str, Any]:
     """OpenVINO properties from the target's options."""
     config: dict[str, Any] = {"PERFORMANCE_HINT": options.get("performance_hint", "latency").upper()}
@@ -210,11 +226,7 @@ class OpenVINOBackend(Backend):
             audit, audit_meta = self._audit(core, saved, canonical, target, lowered)
             checks.append(audit)
             if device_name(target).startswith("CPU") and u8s8_saturates():
-                checks.append(CheckResult(
-                    "int8_saturation", "info", 1.0,
-                    message="this CPU has no VNNI: OpenVINO's u8 x s8 kernels add pairs of products in a "
-                            "saturating int16, so outputs can depart from the canonical model (see the "
-                            "fidelity checks); a CPU with VNNI computes them exactly"))
+                checks.append(_saturation_check(canonical.model, mode, split))
             # the .bin first, the .xml last: a complete .xml means a complete pair
             remove(dest)
             with atomic_output(bin_dest) as tmp:

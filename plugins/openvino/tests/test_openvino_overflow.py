@@ -148,7 +148,11 @@ def test_saturating_split_is_as_exact_as_splitting_every_conv_at_half_the_cost(h
         target = make_target(OpenVINOBackend, overflow_fix=mode)
         artifact = backend.lower(canonical, target, tmp / f"{mode}.xml")
         assert artifact.metadata["split_layers"] == {"none": [], "auto": ["hot"], "all": ["hot", "cool"]}[mode]
-        assert {c.name: c for c in artifact.checks}["scales_match"].status == "pass"
+        checks = {c.name: c for c in artifact.checks}
+        assert checks["scales_match"].status == "pass"
+        # the info check says what the split covers and what the record says is left
+        assert f"split {len(artifact.metadata['split_layers'])} layer(s)" in checks["int8_saturation"].message
+        assert ("hot" in checks["int8_saturation"].details["unsplit_errors"]) == (mode == "none")
         with backend.load(artifact, target) as runner:
             off[mode] = np.abs(runner.run({"x": x})[0] - want) / step
     assert off["none"].max() > 4, f"expected saturation unsplit, got {off['none'].max():.2f} steps at most"
