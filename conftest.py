@@ -10,8 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent
 
-#: the test files that cost most, heaviest first (CPU seconds in a 2-worker run at load 7,
-#: 2026-12-07: 44, 34, 29, 22, 20, 19, 14, 12, 12, 11, 10, 10). With ``--dist loadfile`` a file
+#: the test files that cost most, heaviest first (CPU seconds in a 2-worker run at load 8-9,
+#: 2026-12-07 06:00: 44, 24, 23, 15, 14, 15, 11, 8, 10, 7, 8, 10). With ``--dist loadfile`` a file
 #: runs whole on one worker; xdist hands files out in order as workers free up, so these go
 #: first and the many light files fill in at the end, instead of a heavy file with few tests
 #: (xdist's default order is by test count) starting last on one worker while the other idles.
@@ -32,12 +32,17 @@ HEAVY_FIRST = (
 
 #: test files that import the same heavy SDK run on the same worker: ``--dist loadfile`` hands
 #: out files one at a time, so the TFLite files and the Core ML files were spread over both
-#: workers and each worker imported TensorFlow (~9 s of CPU) and coremltools (+ sympy, ~3 s).
+#: workers and each worker imported TensorFlow (~9 s of CPU) and coremltools (+ sympy, ~3 s)
+#: (2026-12-07, pytest-cpu plugin runs: after grouping one worker imports each).
 #: A group is one work unit (see pytest_xdist_make_scheduler); it starts where its first file
 #: is in the run order.
 GROUPS = {
     "plugins/tflite/tests/": "plugins/tflite/tests",
     "plugins/coreml/tests/": "plugins/coreml/tests",
+    # torch's dynamo exporter (onnxscript, its op registry) and transformers: QAT exports and the
+    # real networks' exports
+    "tests/test_qat.py": "torch exports",
+    "tests/test_realnets.py": "torch exports",
 }
 
 #: the math libraries' own thread pools: torch's intra-op pool and NumPy's BLAS read these when
@@ -59,6 +64,20 @@ def pytest_configure(config: pytest.Config) -> None:
         per_worker = str(max(1, (os.cpu_count() or 1) // workers))
         for name in THREAD_VARIABLES:
             os.environ.setdefault(name, per_worker)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Everything alive when a test starts (the SDKs imported so far, the module fixtures) is
+    moved out of the garbage collector's reach (``gc.freeze()``), so a full collection scans
+    only what the current test made. A worker that has imported torch, TensorFlow and
+    coremltools holds ~600,000 objects and a full ``gc.collect()`` takes 0.3-0.5 s of CPU:
+    coremltools runs one at the end of every conversion and pytest five at the end of the
+    session, besides Python's own full collections. ``test_coreml.py`` alone: 30.6 -> 26.3 CPU s,
+    maximum RSS 398 -> 406 MB (what was frozen and later becomes cyclic garbage stays)."""
+    import gc
+
+    gc.freeze()
 
 
 def _import_without_assert_rewriting(name: str) -> None:
@@ -97,6 +116,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=key)
 
 
+def work_unit(path: str) -> str:
+    """The xdist work unit of a test file (its path relative to the root): its GROUPS entry, else itself."""
+    return next((group for prefix, group in GROUPS.items() if path.startswith(prefix)), path)
+
+
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: without it, pytest never calls this
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """``--dist loadfile`` with the files of a GROUPS entry in one work unit (pytest-xdist's own
@@ -107,7 +131,6 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
     class GroupedFileScheduling(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            path = super()._split_scope(nodeid)
-            return next((group for prefix, group in GROUPS.items() if path.startswith(prefix)), path)
+            return work_unit(super()._split_scope(nodeid))
 
     return GroupedFileScheduling(config, log)

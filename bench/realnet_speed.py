@@ -10,7 +10,7 @@ the FP32 model in onnxruntime (default optimizations), and in OpenVINO with
 INFERENCE_PRECISION_HINT=f32 (the backend's ``fp32_runner``). The four runners alternate in
 rounds (bench/_common.interleaved_medians) so machine noise hits them alike; medians and the
 speed-ups are from that one run. The OpenVINO audit line says how many layers really ran int8.
-For the CNN, OpenVINO's ``overflow_fix`` modes (``--overflow``: convolutions split into two
+OpenVINO's ``overflow_fix`` modes (``--overflow``: convolutions and weighted MatMuls split into two
 halves that cannot saturate on CPUs without VNNI) are timed as separate runners.
 ``--canonical``: time that canonical model (e.g. what ``deploykit build --accuracy-target``
 shipped, float layers included, against the FP32 model written beside it) instead of calibrating.
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-round", type=int, default=10, help="timed calls per runner per round")
     ap.add_argument("--canonical", type=Path, help="time this canonical .qdq.onnx (one net) instead of calibrating")
     ap.add_argument("--overflow", default="first_layer,all,none",
-                    help="OpenVINO overflow_fix modes timed for the CNN (the encoder has no convolutions)")
+                    help="OpenVINO overflow_fix modes timed (splits convolutions and weighted MatMuls)")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
 
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in ("onnxruntime", "openvino"):
                 cls = registry.backends[name]
                 backend = cls()
-                modes = args.overflow.split(",") if name == "openvino" and net == "cnn" else [""]
+                modes = args.overflow.split(",") if name == "openvino" else [""]
                 for mode in modes:
                     target = make_target(cls, **({"overflow_fix": mode} if mode else {}))
                     label = f"{name} int8" + (f" [{mode}]" if mode else "")

@@ -218,7 +218,8 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
         with stage("adopting the quantized model"), out.step("calibration", calib_key) as step:
             taken = _adopt(raw, model, source_hash, calib_src, calib_cfg.batch_size, targets, registry, step.dir, events)
             step.payload.update(method=_meta(taken.model, "deploykit.calibration_method"), samples=taken.samples,
-                                data_hash=taken.data_hash, random_data=calib_src.is_random,
+                                # its own scales are kept: adoption never calibrates on random data
+                                data_hash=taken.data_hash, random_data=False,
                                 seconds=time.monotonic() - t0,
                                 quantization={"activations": taken.profile,
                                               "activations_reason": "fixed by the quantized model",

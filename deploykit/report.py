@@ -168,7 +168,24 @@ def _quantization_lines(q: dict[str, Any] | None) -> list[str]:
     if floats:
         names = ", ".join(f"`{f['name']}`" for f in floats[:10]) + (f" and {len(floats) - 10} more" if len(floats) > 10 else "")
         out.append(f"- float layers ({len(floats)}): {names}; int8 share of MACs {q['int8_mac_share'] * 100:.1f}%")
+    search = q.get("accuracy_target")
+    if search:
+        line = (f"- accuracy target {search['target']}: {'met' if search['met'] else 'NOT met'}, {search['measured']:.4f} "
+                f"(worst of {', '.join(search.get('judged_on') or ['canonical'])}) with {len(search['float_layers'])} "
+                f"float layer(s); {len(search.get('tried') or [])} prefixes of the ranking judged")
+        pruned = search.get("pruned") or []
+        if pruned:
+            back = [f"`{p['layer']}`" for p in pruned if p["int8"]]
+            line += f"; prune-back: {len(back)} of {len(pruned)} tried back in int8" + (f" ({', '.join(back)})" if back else "")
+        out.append(line)
     return out
+
+
+def _calibration_line(manifest: dict[str, Any]) -> str:
+    cal = manifest["calibration"]
+    if (manifest.get("quantization") or {}).get("adoption"):  # built as given: nothing was calibrated here
+        return f"- calibration: none in this build; the quantized model's own scales ({cal['method']}) are kept"
+    return f"- calibration: {cal['method']} on {cal['samples']} samples of `{cal['data']}`"
 
 
 def markdown_report(manifest: dict[str, Any]) -> str:
@@ -177,7 +194,7 @@ def markdown_report(manifest: dict[str, Any]) -> str:
            f"- model: `{manifest['model']['path']}` (sha256 `{manifest['model']['sha256'][:16]}…`)",
            f"- canonical model: `{can['path']}` ({can['qdq_nodes']} Q/DQ nodes, {can['tensors_in_table']} tensors "
            f"in the calibration table, lint: clean)",
-           f"- calibration: {cal['method']} on {cal['samples']} samples of `{cal['data']}`",
+           _calibration_line(manifest),
            *_quantization_lines(manifest.get("quantization")),
            f"- evaluation: `{ev['data']}`" + (f" ({ev['note']})" if ev["note"] else "")
            + (f"; FP32 accuracy {ev['fp32_accuracy'] * 100:.2f}%" if ev.get("fp32_accuracy") is not None else ""),

@@ -51,12 +51,26 @@ def ort_qdq(digits_files, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def nncf_qdq(digits_files, tmp_path_factory) -> Path:
-    nncf = pytest.importorskip("nncf", reason="NNCF is the anchor quantizer (pip install nncf)")
+    """The digits CNN as NNCF quantizes it: the input the adoption tests start from, kept in
+    the suite's cache (deploykit.testing.cache), keyed by the FP32 model, the calibration
+    samples, this file and the versions of NNCF and what it runs on (importing NNCF and
+    quantizing cost ~3 s of CPU)."""
+    from deploykit.testing import cache, skip_unless_installed
+
+    skip_unless_installed("nncf", reason="NNCF is the anchor quantizer (pip install nncf)")
     x = np.load(digits_files.calib)["x"][:64]
-    dataset = nncf.Dataset([x[i:i + 1] for i in range(len(x))], lambda a: {"x": a})
-    quantized = nncf.quantize(onnx.load(str(digits_files.model)), dataset, subset_size=64)
+
+    def make(out: Path) -> None:
+        import nncf
+
+        dataset = nncf.Dataset([x[i:i + 1] for i in range(len(x))], lambda a: {"x": a})
+        onnx.save(nncf.quantize(onnx.load(str(digits_files.model)), dataset, subset_size=64), str(out))
+
+    key = [digits_files.model.read_bytes(), x.tobytes(), Path(__file__).read_bytes(),
+           cache.versions(("nncf", "onnx", "onnxruntime", "openvino", "torch", "numpy"))]
+    entry = cache.cached_file("inputs", "digits-nncf", key, ".onnx", make)
     path = tmp_path_factory.mktemp("nncf") / "digits_nncf.onnx"
-    onnx.save(quantized, str(path))
+    path.write_bytes(entry.read_bytes())
     return path
 
 
@@ -159,6 +173,18 @@ def test_canonical_model_built_twice_gives_identical_artifacts(nncf_qdq, digits_
                 assert filecmp.cmp(fa, fb, shallow=False), fa.name
         scales = next(c for c in a.checks if c.name == "scales_match")
         assert scales.status == "pass"
+
+
+def test_a_quantized_model_built_without_calibration_data_has_no_random_data_warning(nncf_qdq, digits_files,
+                                                                                     tmp_path, capsys):
+    """No --calib: a quantized model keeps its own scales, so nothing was calibrated on random
+    data and neither the manifest nor the report may say so."""
+    result = build(nncf_qdq, BuildOptions(targets=["onnxruntime"], out_dir=tmp_path / "out",
+                                          eval=str(digits_files.eval), baseline=False))
+    assert [t.status for t in result.targets] == ["ok"]
+    calibration = result.manifest["calibration"]
+    assert calibration["random_data"] is False and calibration["warning"] == ""
+    assert "random data" not in (tmp_path / "out" / "report.md").read_text()
 
 
 def _unnumbered(path: Path) -> str:

@@ -189,6 +189,9 @@ def test_build_accuracy_target_met_and_checked_on_each_target(mlp_files, tmp_pat
     check = next(c for c in target["checks"] if c["name"] == "top1_agreement")
     assert check["threshold"] == 0.97  # the accuracy target is judged on the target's own artifact
     assert check["status"] == "pass" and code == 0
+    assert [(p["layer"], p["int8"]) for p in search["pruned"]] == [("fc2", False)]  # tried back in int8: needed
+    report = (out / "report.md").read_text()
+    assert "accuracy target top1_agreement=0.97: met" in report and "prune-back: 0 of 1 tried back in int8" in report
 
 
 def test_build_unmet_accuracy_target_ships_the_best_and_exits_1(tmp_path, capsys):

@@ -373,3 +373,18 @@ def test_negative_limit_is_refused(tmp_path):
     np.save(path, np.zeros((10, 4), np.float32))
     with pytest.raises(DataError, match="sample limit -5 must be >= 0"):
         list(open_source(path, ONE, limit=-5).batches(4))
+
+
+def test_digits_test_data_is_scikit_learns_file():
+    """deploykit.testing.models.digits reads the digits file scikit-learn ships, as its
+    load_digits does, without importing scikit-learn: all 1,797 images, 16 grey levels (plus
+    black), the per-class counts of that dataset, a 70/30 split that depends only on the seed."""
+    from deploykit.testing import models
+
+    d = models.digits()
+    x, y = np.concatenate([d.x_train, d.x_test]), np.concatenate([d.y_train, d.y_test])
+    assert d.x_train.shape == (1257, 1, 8, 8) and d.x_test.shape == (540, 1, 8, 8) and x.dtype == np.float32
+    assert np.bincount(y).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    assert np.array_equal(np.unique(x * 16), np.arange(17))
+    again, other = models.digits(), models.digits(seed=1)
+    assert np.array_equal(again.x_train, d.x_train) and not np.array_equal(other.x_train, d.x_train)

@@ -5,7 +5,6 @@ while the end-to-end figures only say "a little worse"."""
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import onnx
@@ -153,21 +152,6 @@ def test_default_thresholds_judge_the_per_layer_figure(canonical, batches, tmp_p
     artifact = backend.lower(canonical, target, tmp_path / "default.onnx")
     check, report = layers.layer_check(backend, artifact, canonical, target, batches)
     assert check.status == "pass", layers.table(report)
-
-
-@pytest.mark.skipif(sys.platform == "darwin", reason="off macOS only")
-def test_core_ml_layer_check_is_not_run_off_macos(canonical):
-    from deploykit.errors import BackendUnavailable
-    from deploykit_coreml import CoreMLBackend, sdk
-
-    try:
-        sdk.coremltools()
-    except BackendUnavailable as exc:
-        pytest.skip(str(exc))
-
-    target = make_target(CoreMLBackend, thresholds={"min_layer_within_one_step": 0.99})
-    check, report = layers.layer_check(CoreMLBackend(), None, canonical, target, [])
-    assert check.status == "not_run" and "needs macOS" in check.message and report is None
 
 
 @pytest.mark.slow

@@ -46,14 +46,14 @@ def test_html_report_renders_offline_in_headless_chromium(tmp_path, monkeypatch)
     assert not re.search(r"<script[^>]+src=", text), "the report must not load scripts from the network"
     assert "cdn" not in text.split("<script type=\"text/javascript\">")[0].lower()
 
-    dom = _headless(browser, "--dump-dom", page.as_uri()).stdout
+    # one browser run: the DOM after the page's scripts ran (stdout) and a screenshot of it
+    shot = tmp_path / "shot.png"
+    dom = _headless(browser, "--window-size=1280,1600", f"--screenshot={shot}", "--dump-dom", page.as_uri()).stdout
     status = re.search(r'<div id="dk-status" data-plots="(\d+)" data-rendered="(\d+)" data-errors="(\d+)"', dom)
     assert status, "the page's own check did not run (script error before load?)"
     plots, rendered, errors = map(int, status.groups())
     assert plots == 3 and rendered == plots and errors == 0, dom[dom.find('id="dk-errors"'):][:500]
 
-    shot = tmp_path / "shot.png"
-    _headless(browser, "--window-size=1280,1600", f"--screenshot={shot}", page.as_uri())
     from PIL import Image
 
     image = Image.open(shot).convert("L")

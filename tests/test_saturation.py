@@ -12,7 +12,7 @@ from deploykit.canonical import ASYMMETRIC, SYMMETRIC
 from deploykit.data import ArraySource
 from deploykit.model import input_specs, normalise
 from deploykit.quantize import quantize, requantize, saturation
-from deploykit.testing.tiny import pair_saturating_net
+from deploykit.testing.tiny import pair_saturating_mlp, pair_saturating_net
 
 
 def _brute_force(u8: np.ndarray, zero: int, w: np.ndarray, stride: int, pad: int) -> np.ndarray:
@@ -45,6 +45,28 @@ def test_replay_matches_a_brute_force_loop(stride, pad, channels):
     np.testing.assert_array_equal(got, want)
     # weights within [-64, 64] cannot saturate: 2 x 255 x 64 < 32,767
     assert not saturation.pair_sum_error(u8, 90, np.clip(w, -64, 64), node).any()
+
+
+def test_matmul_replay_matches_a_brute_force_loop():
+    rng = np.random.default_rng(3)
+    u8 = rng.integers(0, 256, (6, 7))  # odd K: the last one pairs with a zero weight
+    w = rng.integers(-127, 128, (7, 5))
+    w[:, 0] = 127
+    want = np.zeros((6, 5), np.int64)
+    for r, o, p in np.ndindex(6, 5, 4):
+        s = sum(int(u8[r, k]) * int(w[k, o]) for k in (2 * p, 2 * p + 1) if k < 7)
+        want[r, o] += min(max(s, -32768), 32767) - s
+    got = saturation.matmul_pair_error(u8, w)
+    assert np.abs(want).max() > 0
+    np.testing.assert_array_equal(got, want)
+
+
+def test_matmuls_are_recorded_too(tmp_path):
+    fp32 = normalise(pair_saturating_mlp())
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(1).uniform(-1, 1, (32, 16)).astype(np.float32))
+    result = quantize(fp32, ArraySource(tmp_path / "calib.npz", input_specs(fp32)), "minmax", activations=ASYMMETRIC)
+    errors = saturation.recorded(result.model)
+    assert errors is not None and errors["hot"] > 0.05 and errors["cool"] == 0.0, errors
 
 
 @pytest.fixture(scope="module")

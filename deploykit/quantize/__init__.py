@@ -52,7 +52,7 @@ class QuantizeResult:
     #: same function as the source): :func:`requantize` places on this one.
     calibrated: onnx.ModelProto | None = field(default=None, repr=False, compare=False)
     recipe_summary: Mapping[str, Any] = field(default_factory=dict, compare=False)
-    #: int16 pair-sum saturation of each dense Conv on the calibration data (CPUs without VNNI,
+    #: int16 pair-sum saturation of each dense Conv and weighted MatMul on the calibration data (CPUs without VNNI,
     #: deploykit/quantize/saturation.py): {"profile", "samples", "relative_error": {conv: error}};
     #: written into every placement of the same activation profile.
     saturation: Mapping[str, Any] = field(default_factory=dict, compare=False)
@@ -102,19 +102,19 @@ def quantize(fp32: onnx.ModelProto, calib: DataSource, method: str = "minmax", p
 
 
 def _with_saturation(result: QuantizeResult, calib: DataSource, batch_size: int) -> QuantizeResult:
-    """``result`` with its dense convolutions' int16 pair-sum saturation measured on the first
-    calibration samples and recorded in its model's metadata."""
+    """``result`` with the int16 pair-sum saturation of its dense convolutions and weighted
+    MatMuls measured on the first calibration samples and recorded in its model's metadata."""
     from deploykit.quantize import saturation
 
-    convs = saturation.dense_convs(result.model)
-    if not convs:
+    layers = saturation.paired_layers(result.model)
+    if not layers:
         return result
     inputs = {i.name for i in result.model.graph.input}
     batches = ({k: v for k, v in b.feeds.items() if k in inputs} for b in calib.batches(batch_size))
     errors = saturation.measure(result.model, batches)
     samples = min(saturation.SAMPLES, result.samples)
-    log.debug("int16 pair-sum saturation on %d calibration samples: %d of %d dense convs above 1%%", samples,
-              sum(e > 0.01 for e in errors.values()), len(convs))
+    log.debug("int16 pair-sum saturation on %d calibration samples: %d of %d layers above 1%%", samples,
+              sum(e > 0.01 for e in errors.values()), len(layers))
     record = {"profile": result.activations, "samples": samples, "relative_error": errors}
     saturation.record(result.model, errors, result.activations, samples)
     return dataclasses.replace(result, saturation=record)

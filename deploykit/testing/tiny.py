@@ -54,3 +54,20 @@ def pair_saturating_net(channels: int = 8, size: int = 12) -> onnx.ModelProto:
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, size, size])],
                               [numpy_helper.from_array(hot, "w_hot"), numpy_helper.from_array(cool, "w_cool")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def pair_saturating_mlp(features: int = 16, hidden: int = 8) -> onnx.ModelProto:
+    """``x`` [N, features] -> MatMul "hot" -> Relu -> MatMul "cool" -> ``y``: the MatMul (fully
+    connected) counterpart of :func:`pair_saturating_net`, pairs along K."""
+    rng = np.random.default_rng(0)
+    hot = rng.uniform(0.5, 1.0, (features, hidden)).astype(np.float32)
+    cool = rng.uniform(0.5, 1.0, (hidden, 4)).astype(np.float32) / hidden
+    cool[1::2] *= -1
+    nodes = [helper.make_node("MatMul", ["x", "w_hot"], ["h"], name="hot"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w_cool"], ["y"], name="cool")]
+    graph = helper.make_graph(nodes, "pair_saturating_mlp",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                              [numpy_helper.from_array(hot, "w_hot"), numpy_helper.from_array(cool, "w_cool")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])

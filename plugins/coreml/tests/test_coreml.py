@@ -434,6 +434,16 @@ def test_importing_the_plugin_does_not_import_coremltools():
     assert "coremltools" not in imported_by_plugins()["deploykit_coreml"], "SDK imported eagerly"
 
 
+@pytest.mark.skipif(ON_MACOS, reason="off macOS only")
+def test_core_ml_layer_check_is_not_run_off_macos(canonicals):
+    """The per-layer check (deploykit/layers.py) needs the Core ML runtime: off macOS it is not run, and says why."""
+    from deploykit import layers
+
+    target = make_target(CoreMLBackend, thresholds={"min_layer_within_one_step": 0.99})
+    check, report = layers.layer_check(CoreMLBackend(), None, canonicals["mobilenet"], target, [])
+    assert check.status == "not_run" and "needs macOS" in check.message and report is None
+
+
 @pytest.mark.slow
 def test_conformance(canonicals, workdir):
     from deploykit.testing.conformance import run_conformance

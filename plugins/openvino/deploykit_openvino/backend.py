@@ -30,7 +30,7 @@ from deploykit.cpu import u8s8_saturates
 from deploykit.errors import BackendUnavailable, ConfigError, LoweringError
 from deploykit.fileio import atomic_output, remove
 from deploykit.quantize import saturation
-from deploykit_openvino.overflow import MODES, THRESHOLD, check_split, merge_halves, select, split_convs
+from deploykit_openvino.overflow import MODES, THRESHOLD, check_split, merge_halves, select, split_layers
 
 INSTALL_HINT = "pip install 'deploykit[openvino]'"
 #: Virtual devices that name real ones after a colon ("AUTO:GPU,CPU").
@@ -82,6 +82,22 @@ def _with_split_check(scales: CheckResult, problems: list[str]) -> CheckResult:
     return dataclasses.replace(scales, status="fail", value=float(len(details["mismatches"])),
                                message=f"{scales.message}; split convolutions: {'; '.join(problems[:3])}",
                                details=details)
+
+
+def _saturation_check(model: Any, mode: str, split: list[str]) -> CheckResult:
+    """Info: this CPU saturates int16 pair sums; what the split covers and what the canonical
+    model's record says is left (the largest recorded error among the layers not split)."""
+    errors = saturation.recorded(model) or {}
+    left = {name: e for name, e in errors.items() if name not in split and e > 0}
+    worst = max(left, key=lambda n: left[n]) if left else ""
+    message = ("this CPU has no VNNI: OpenVINO's u8 x s8 kernels add pairs of products in a saturating int16, so "
+               f"outputs can depart from the canonical model (see the fidelity checks); overflow_fix {mode} split "
+               f"{len(split)} layer(s)")
+    if errors:
+        message += (f"; of the rest, the largest recorded saturation error is {left[worst]:.2%} ({worst})" if worst
+                    else "; no other layer saturates on the calibration data")
+    return CheckResult("int8_saturation", "info", 1.0, message=message + "; a CPU with VNNI computes them exactly",
+                       details={"split": list(split), "unsplit_errors": left})
 
 
 def compile_config(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -188,7 +204,7 @@ class OpenVINOBackend(Backend):
         dest = Path(dest)
         mode = overflow_mode(target, canonical.model)
         split = select(canonical.model, mode, float(target.options.get("overflow_threshold", THRESHOLD)))
-        lowered = split_convs(canonical.model, split) if split else canonical.model
+        lowered = split_layers(canonical.model, split) if split else canonical.model
         bin_dest = dest.with_suffix(".bin")
         dest.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.stem}."))
@@ -210,11 +226,7 @@ class OpenVINOBackend(Backend):
             audit, audit_meta = self._audit(core, saved, canonical, target, lowered)
             checks.append(audit)
             if device_name(target).startswith("CPU") and u8s8_saturates():
-                checks.append(CheckResult(
-                    "int8_saturation", "info", 1.0,
-                    message="this CPU has no VNNI: OpenVINO's u8 x s8 kernels add pairs of products in a "
-                            "saturating int16, so outputs can depart from the canonical model (see the "
-                            "fidelity checks); a CPU with VNNI computes them exactly"))
+                checks.append(_saturation_check(canonical.model, mode, split))
             # the .bin first, the .xml last: a complete .xml means a complete pair
             remove(dest)
             with atomic_output(bin_dest) as tmp:
@@ -230,7 +242,7 @@ class OpenVINOBackend(Backend):
         metadata = {"openvino": ov.get_version(), "device": device_name(target),
                     "config": compile_config(target.options), "compress_to_fp16": False,
                     "fake_quantize": sum(op.get_type_name() == "FakeQuantize" for op in saved.get_ordered_ops()),
-                    "overflow_fix": mode, "split_convs": split,
+                    "overflow_fix": mode, "split_layers": split,
                     **audit_meta}
         return Artifact(self.name, dest, (dest, bin_dest), metadata, tuple(checks))
 

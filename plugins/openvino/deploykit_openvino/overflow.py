@@ -1,24 +1,28 @@
-"""The overflow fix for CPUs without VNNI, done exactly: a convolution's int8 weights split in
-two halves that cannot saturate.
+"""The overflow fix for CPUs without VNNI, done exactly: a layer's int8 weights split in two
+halves that cannot saturate.
 
-Without VNNI, OpenVINO's int8 convolutions multiply u8 activations by s8 weights with
+Without VNNI, OpenVINO's int8 convolutions and fully connected layers (MatMul / Gemm with a
+weight) multiply u8 activations by s8 weights with
 ``vpmaddubsw``, which adds each pair of products into a saturating int16: 2 x 255 x 127 =
 64,770 > 32,767 (deploykit/cpu.py). NNCF's answer (``OverflowFix.FIRST_LAYER``, its default) is
 to quantize the first convolution's weights to 7 bits, which changes the model. Here the
 canonical int8 weights ``q`` are split instead, per element, into ``a = q - floor(q / 2)`` and
 ``b = floor(q / 2)``: both within [-64, 64], so 2 x 255 x 64 = 32,640 fits an int16 and neither
-half saturates, and ``a + b = q`` exactly. The convolution becomes two int8 convolutions on the
+half saturates, and ``a + b = q`` exactly. The layer becomes two int8 layers of its type on the
 same quantized input with the canonical weight scales (the bias on the first), summed in float:
 the canonical model's value, computed without saturation, at twice that layer's int8 compute.
 
-Which convolutions to split (``overflow_fix``): ``saturating`` splits those whose int16 pair
-sums the canonical model's calibration record says saturate (deploykit/quantize/saturation.py:
-relative output error above ``overflow_threshold``), ``first_layer`` those reading the model
-input (NNCF's choice, for a model without the record), ``all`` every dense one.
+Which layers to split (``overflow_fix``): ``saturating`` those whose int16 pair sums the
+canonical model's calibration record says saturate (deploykit/quantize/saturation.py: relative
+output error above ``overflow_threshold``), ``first_layer`` the convolutions reading the model
+input (NNCF's choice, for a model without the record), ``all`` every dense convolution and
+weighted MatMul / Gemm.
 
-Measured on EfficientNet-Lite0 on an AVX2 CPU without VNNI (docs/performance.md): splitting only
-the stem convolution took OpenVINO's top-1 agreement with FP32 from 69.7% to 81.6%; splitting the
-16 of 33 dense convolutions whose recorded error is above 1% matches splitting all 33.
+Measured on an AVX2 CPU without VNNI (docs/performance.md): on EfficientNet-Lite0 splitting only
+the stem convolution took OpenVINO's top-1 agreement with FP32 from 69.7% to 81.6%, and splitting
+the 16 of 33 dense convolutions whose recorded error is above 1% matches splitting all 33; on
+all-MiniLM-L6-v2 splitting the weighted MatMuls took the embedding cosine from 0.9953 to the
+canonical model's 0.9971.
 """
 
 from __future__ import annotations
@@ -57,34 +61,34 @@ def first_layer_convs(model: onnx.ModelProto) -> list[str]:
     return out
 
 
-def dense_convs(model: onnx.ModelProto) -> list[str]:
-    """Every quantized Conv that is not depthwise (group 1)."""
-    g = QdqGraph(model)
-    return [n.name for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1
-            and g.weight(n.input[1]) is not None and attrs(n).get("group", 1) == 1]
+def paired_layers(model: onnx.ModelProto) -> list[str]:
+    """Every layer whose int8 kernels add pairs of products: quantized Convs that are not
+    depthwise (group 1) and MatMul / Gemm with an int8 weight (deploykit.quantize.saturation)."""
+    return [node.name for node, _ in saturation.paired_layers(model)]
 
 
-def saturating_convs(model: onnx.ModelProto, threshold: float = THRESHOLD) -> list[str]:
-    """Quantized dense Convs whose recorded int16 pair-sum saturation (relative error of their
-    output on the calibration data) is above ``threshold``, in graph order."""
+def saturating_layers(model: onnx.ModelProto, threshold: float = THRESHOLD) -> list[str]:
+    """Paired layers whose recorded int16 pair-sum saturation (relative error of their output
+    on the calibration data) is above ``threshold``, in graph order."""
     errors = saturation.recorded(model) or {}
-    return [name for name in dense_convs(model) if errors.get(name, 0.0) > threshold]
+    return [name for name in paired_layers(model) if errors.get(name, 0.0) > threshold]
 
 
 def select(model: onnx.ModelProto, mode: str, threshold: float = THRESHOLD) -> list[str]:
-    """The Conv nodes ``mode`` (``saturating``, ``first_layer``, ``all`` or ``none``) splits."""
+    """The layers ``mode`` (``saturating``, ``first_layer``, ``all`` or ``none``) splits."""
     if mode == "saturating":
-        return saturating_convs(model, threshold)
+        return saturating_layers(model, threshold)
     if mode == "first_layer":
         return first_layer_convs(model)
     if mode == "all":
-        return dense_convs(model)
+        return paired_layers(model)
     return []
 
 
-def split_convs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` with each named Conv computed as two convolutions on weight halves
-    (same scales, zero point 0, same axis) whose sum is the canonical weight; nothing else changes."""
+def split_layers(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` with each named layer (Conv, MatMul, Gemm) computed as two layers of
+    its type on weight halves (same scales, zero point 0, same axis) whose sum is the canonical
+    weight, the bias on the first; nothing else changes."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     if not names:
@@ -106,11 +110,11 @@ def split_convs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
             axis = {"axis": attrs(dq)["axis"]} if "axis" in attrs(dq) else {}
             half_dq = helper.make_node("DequantizeLinear", [weight.name, *dq.input[1:]],
                                        [f"{dq.output[0]}{SUFFIX}_{tag}"], name=f"{dq.name}{SUFFIX}_{tag}", **axis)
-            conv = helper.make_node("Conv", [node.input[0], half_dq.output[0], *(node.input[2:] if tag == "a" else [])],
+            half = helper.make_node(node.op_type, [node.input[0], half_dq.output[0], *(node.input[2:] if tag == "a" else [])],
                                     [f"{node.output[0]}{SUFFIX}_{tag}"], name=f"{node.name}{SUFFIX}_{tag}")
-            conv.attribute.extend(node.attribute)
-            nodes += [half_dq, conv]
-            summed.append(conv.output[0])
+            half.attribute.extend(node.attribute)
+            nodes += [half_dq, half]
+            summed.append(half.output[0])
         nodes.append(helper.make_node("Add", summed, [node.output[0]], name=f"{SUM_PREFIX}{node.name}"))
     read = {i for n in nodes for i in n.input} | {o.name for o in out.graph.output}
     nodes = [n for n in nodes if any(o in read for o in n.output)]  # the whole weights' DQs nobody reads now

@@ -19,7 +19,7 @@ from deploykit.reference import run_canonical  # noqa: E402
 from deploykit.testing import make_target  # noqa: E402
 from deploykit_openvino import OpenVINOBackend  # noqa: E402
 from deploykit_openvino.backend import overflow_mode  # noqa: E402
-from deploykit_openvino.overflow import check_split, dense_convs, first_layer_convs, split_convs  # noqa: E402
+from deploykit_openvino.overflow import check_split, first_layer_convs, paired_layers, split_layers  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +46,12 @@ def stem_net(tmp_path_factory):
 def test_selection(stem_net):
     canonical, _, _ = stem_net
     assert first_layer_convs(canonical.model) == ["stem"]
-    assert dense_convs(canonical.model) == ["stem", "pw"]
+    assert paired_layers(canonical.model) == ["stem", "pw"]
 
 
 def test_split_is_exact_and_checked(stem_net):
     canonical, x, tmp = stem_net
-    split = split_convs(canonical.model, ["stem", "pw"])
+    split = split_layers(canonical.model, ["stem", "pw"])
     assert check_split(canonical.model, split, ["stem", "pw"]) == []
     path = tmp / "split.onnx"
     onnx.save(split, str(path))
@@ -78,7 +78,7 @@ def test_lowered_split_keeps_scales_runs_int8_and_matches_the_canonical_model(st
     audit = checks["int8_fraction"]
     assert audit.value == 1.0 and audit.details["compute_layers"] == 2, audit.message  # one row per canonical conv
     assert audit.message == "2 of 2 compute layers run in int8"  # a split conv is int8 only if both halves are
-    assert artifact.metadata["split_convs"] == (["stem"] if mode == "first_layer" else ["stem", "pw"])
+    assert artifact.metadata["split_layers"] == (["stem"] if mode == "first_layer" else ["stem", "pw"])
     with backend.load(artifact, target) as runner:
         got = runner.run({"x": x})[0]
     off = np.abs(got - run_canonical(canonical.path, {"x": x})[0]) / canonical.calibration.scale("y")
@@ -93,7 +93,7 @@ def test_without_the_split_this_cpu_saturates(stem_net):
     backend = OpenVINOBackend()
     target = make_target(OpenVINOBackend, overflow_fix="none")
     artifact = backend.lower(canonical, target, tmp / "none.xml")
-    assert artifact.metadata["split_convs"] == []
+    assert artifact.metadata["split_layers"] == []
     with backend.load(artifact, target) as runner:
         got = runner.run({"x": x})[0]
     off = np.abs(got - run_canonical(canonical.path, {"x": x})[0]) / canonical.calibration.scale("y")
@@ -124,10 +124,10 @@ def hot_cool(tmp_path_factory):
 
 
 def test_saturating_splits_only_the_convs_the_record_names(hot_cool):
-    from deploykit_openvino.overflow import saturating_convs, select
+    from deploykit_openvino.overflow import saturating_layers, select
 
     canonical, _, _ = hot_cool
-    assert saturating_convs(canonical.model) == ["hot"]
+    assert saturating_layers(canonical.model) == ["hot"]
     assert select(canonical.model, "saturating", threshold=1.0) == []
     # without the record (an adopted model, an older canonical model) auto keeps NNCF's choice
     assert overflow_mode(make_target(OpenVINOBackend), onnx.ModelProto()) in ("first_layer", "none")
@@ -147,10 +147,42 @@ def test_saturating_split_is_as_exact_as_splitting_every_conv_at_half_the_cost(h
     for mode in ("none", "auto", "all"):
         target = make_target(OpenVINOBackend, overflow_fix=mode)
         artifact = backend.lower(canonical, target, tmp / f"{mode}.xml")
-        assert artifact.metadata["split_convs"] == {"none": [], "auto": ["hot"], "all": ["hot", "cool"]}[mode]
-        assert {c.name: c for c in artifact.checks}["scales_match"].status == "pass"
+        assert artifact.metadata["split_layers"] == {"none": [], "auto": ["hot"], "all": ["hot", "cool"]}[mode]
+        checks = {c.name: c for c in artifact.checks}
+        assert checks["scales_match"].status == "pass"
+        # the info check says what the split covers and what the record says is left
+        assert f"split {len(artifact.metadata['split_layers'])} layer(s)" in checks["int8_saturation"].message
+        assert ("hot" in checks["int8_saturation"].details["unsplit_errors"]) == (mode == "none")
         with backend.load(artifact, target) as runner:
             off[mode] = np.abs(runner.run({"x": x})[0] - want) / step
     assert off["none"].max() > 4, f"expected saturation unsplit, got {off['none'].max():.2f} steps at most"
     # rounding differences carried through "cool" only: a step or two, the same with "cool" split or not
     assert off["auto"].max() <= 2 and off["auto"].max() <= off["all"].max() + 0.01, {k: float(v.max()) for k, v in off.items()}
+
+
+@pytest.mark.skipif(not u8s8_saturates(), reason="this CPU has VNNI: its int8 kernels do not saturate")
+def test_a_saturating_matmul_is_split_and_then_exact(tmp_path):
+    """OpenVINO's int8 fully connected layers pair K the same way: "hot" saturates unsplit and
+    matches the canonical model split; "cool" (alternating signs) is left alone."""
+    from deploykit.testing.tiny import pair_saturating_mlp
+
+    fp32 = normalise(pair_saturating_mlp())
+    x = np.random.default_rng(1).uniform(-1, 1, (64, 16)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    result = quantize(fp32, ArraySource(tmp_path / "calib.npz", input_specs(fp32)), "minmax", activations="asymmetric")
+    canonical = write_canonical(result, fp32, tmp_path)
+    backend = OpenVINOBackend()
+    want = run_canonical(canonical.path, {"x": x})[0]
+    step = canonical.calibration.scale("y")
+    off = {}
+    for mode in ("none", "auto"):
+        target = make_target(OpenVINOBackend, overflow_fix=mode)
+        artifact = backend.lower(canonical, target, tmp_path / f"{mode}.xml")
+        assert artifact.metadata["split_layers"] == {"none": [], "auto": ["hot"]}[mode]
+        checks = {c.name: c for c in artifact.checks}
+        assert checks["scales_match"].status == "pass", checks["scales_match"].message
+        assert checks["int8_fraction"].value == 1.0, checks["int8_fraction"].message
+        with backend.load(artifact, target) as runner:
+            off[mode] = np.abs(runner.run({"x": x})[0] - want) / step
+    assert off["none"].max() > 4, f"expected saturation unsplit, got {off['none'].max():.2f} steps at most"
+    assert off["auto"].max() <= 2, f"{off['auto'].max():.2f} steps off the canonical model split"
