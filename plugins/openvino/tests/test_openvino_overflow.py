@@ -37,7 +37,11 @@ def stem_net(tmp_path_factory):
         [numpy_helper.from_array(rng.normal(0, 1, (16, 3, 3, 3)).astype(np.float32), "w"),
          numpy_helper.from_array(rng.normal(0, 0.2, (8, 16, 1, 1)).astype(np.float32), "w2")])
     fp32 = normalise(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
-    x = rng.normal(0, 1, (64, 3, 16, 16)).astype(np.float32)
+    return _calibrated(fp32, rng.normal(0, 1, (64, 3, 16, 16)).astype(np.float32), tmp)
+
+
+def _calibrated(fp32, x: np.ndarray, tmp):
+    """``fp32`` calibrated on ``x`` (minmax, asymmetric) and written as a canonical model in ``tmp``."""
     np.savez(tmp / "calib.npz", x=x)
     result = quantize(fp32, ArraySource(tmp / "calib.npz", input_specs(fp32)), "minmax", activations="asymmetric")
     return write_canonical(result, fp32, tmp), x, tmp
@@ -117,10 +121,7 @@ def hot_cool(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("hot_cool")
     fp32 = normalise(pair_saturating_net())
-    x = np.random.default_rng(1).uniform(-1, 1, (32, 4, 12, 12)).astype(np.float32)
-    np.savez(tmp / "calib.npz", x=x)
-    result = quantize(fp32, ArraySource(tmp / "calib.npz", input_specs(fp32)), "minmax", activations="asymmetric")
-    return write_canonical(result, fp32, tmp), x, tmp
+    return _calibrated(fp32, np.random.default_rng(1).uniform(-1, 1, (32, 4, 12, 12)).astype(np.float32), tmp)
 
 
 def test_saturating_splits_only_the_convs_the_record_names(hot_cool):
