@@ -952,6 +952,7 @@ def export(prepared: Prepared, path: Path | str, *, source_hash: str = "") -> Pa
     from deploykit.data import open_source
     from deploykit.fileio import atomic_output, sha256
     from deploykit.model import export_torch, input_specs
+    from deploykit.quantize import saturation
     from deploykit.quantize.adopt import NotCanonical, adopt
     from deploykit.quantize.recipes import META_RECIPE
 
@@ -979,6 +980,10 @@ def export(prepared: Prepared, path: Path | str, *, source_hash: str = "") -> Pa
         except NotCanonical as exc:
             raise DeploykitError(f"internal error: the QAT export is not canonical: {exc}") from None
         _set_meta(taken.model, META_RECIPE, prepared.recipe)  # the float rewrites training started from
+        # the int16 saturation record a PTQ build writes: OpenVINO's overflow_fix (auto) splits the
+        # layers it names on CPUs without VNNI; without it an adopted export gets first_layer only
+        if calib is not None:  # always: open_source returns None only for no data spec
+            saturation.measure_and_record(taken.model, calib, 8, prepared.activations)
         fp32_path = path.with_name(f"{stem}.fp32.onnx")
         key = _teacher_key(prepared)
         if prepared.teacher_onnx is None or prepared.teacher_onnx[0] != key:

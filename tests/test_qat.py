@@ -18,7 +18,7 @@ skip_unless_installed("torchao", reason="QAT needs torchao (pip install 'deployk
 from deploykit import data, model as modelmod, qat  # noqa: E402
 from deploykit.canonical import CalibrationTable, QdqGraph, lint  # noqa: E402
 from deploykit.pipeline import BuildOptions, build  # noqa: E402
-from deploykit.quantize import quantize  # noqa: E402
+from deploykit.quantize import quantize, saturation  # noqa: E402
 from deploykit.testing import models  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -90,6 +90,10 @@ def test_untrained_export_is_the_ptq_canonical_model(prepared, digits, tmp_path)
     # every tensor the model leaves float has a range in the table (TFLite quantizes more)
     table = CalibrationTable.from_model(exported)
     assert len(table) > len(_activation_scales(exported))
+    # the int16 saturation record a PTQ build writes (OpenVINO's overflow_fix reads it), on the same layers
+    record, ptq_record = saturation.recorded(exported), saturation.recorded(ptq)
+    assert record is not None and ptq_record is not None and len(record) == len(ptq_record) > 0
+    assert set(record) == {node.name for node, _ in saturation.paired_layers(exported)}
 
 
 def test_the_teacher_export_is_reused_only_for_the_same_teacher(prepared):

@@ -106,17 +106,12 @@ def _with_saturation(result: QuantizeResult, calib: DataSource, batch_size: int)
     MatMuls measured on the first calibration samples and recorded in its model's metadata."""
     from deploykit.quantize import saturation
 
-    layers = saturation.paired_layers(result.model)
-    if not layers:
+    record = saturation.measure_and_record(result.model, calib, batch_size, result.activations)
+    if not record:
         return result
-    inputs = {i.name for i in result.model.graph.input}
-    batches = ({k: v for k, v in b.feeds.items() if k in inputs} for b in calib.batches(batch_size))
-    errors = saturation.measure(result.model, batches)
-    samples = min(saturation.SAMPLES, result.samples)
-    log.debug("int16 pair-sum saturation on %d calibration samples: %d of %d layers above 1%%", samples,
-              sum(e > 0.01 for e in errors.values()), len(layers))
-    record = {"profile": result.activations, "samples": samples, "relative_error": errors}
-    saturation.record(result.model, errors, result.activations, samples)
+    errors = record["relative_error"]
+    log.debug("int16 pair-sum saturation on %d calibration samples: %d of %d layers above 1%%", record["samples"],
+              sum(e > 0.01 for e in errors.values()), len(errors))
     return dataclasses.replace(result, saturation=record)
 
 

@@ -24,12 +24,14 @@ took OpenVINO's embedding cosine with FP32 from 0.9953 to the canonical model's 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import onnx
 
 from deploykit.canonical import QdqGraph, attrs
+from deploykit.data import DataSource
 from deploykit.ortsession import exposing
 
 #: metadata key: JSON {"profile": activation profile, "samples": n, "relative_error": {layer: error}}
@@ -168,6 +170,29 @@ def measure(model: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarray]],
             tallies[node.name].error2 += float((error ** 2).sum())
             tallies[node.name].exact2 += float((y.astype(np.float64) ** 2).sum())
     return {name: t.relative for name, t in tallies.items()}
+
+
+def measure_and_record(model: onnx.ModelProto, calib: DataSource, batch_size: int, profile: str) -> dict[str, Any]:
+    """:func:`measure` on the first :data:`SAMPLES` samples of ``calib`` (its feeds for the
+    model's inputs), written into ``model``'s metadata by :func:`record` (in place). Returns the
+    record ({"profile", "samples", "relative_error"}), empty when the model has no layer to measure."""
+    if not paired_layers(model):
+        return {}
+    inputs = {i.name for i in model.graph.input}
+    seen = 0
+
+    def batches() -> Iterator[dict[str, np.ndarray]]:
+        nonlocal seen
+        for batch in calib.batches(batch_size):
+            if seen >= SAMPLES:
+                return
+            feeds = {k: v for k, v in batch.feeds.items() if k in inputs}
+            seen += min(SAMPLES - seen, len(next(iter(feeds.values()))))
+            yield feeds
+
+    errors = measure(model, batches())
+    record(model, errors, profile, seen)
+    return {"profile": profile, "samples": seen, "relative_error": errors}
 
 
 def record(model: onnx.ModelProto, errors: Mapping[str, float], profile: str, samples: int) -> None:
