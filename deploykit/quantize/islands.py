@@ -17,7 +17,7 @@ import onnx
 
 from deploykit.canonical import COMPUTE_OPS, attrs
 from deploykit.errors import ConfigError
-from deploykit.ortsession import session_options
+from deploykit.ortsession import exposing
 
 
 def resolve_keep_float(model: onnx.ModelProto, patterns: Iterable[str], where: str = "--keep-float") -> list[str]:
@@ -99,19 +99,11 @@ def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
 def _observed_shapes(model: onnx.ModelProto, example: Mapping[str, np.ndarray]) -> dict[str, list[int]] | None:
     """Shapes of the compute nodes' tensors in one onnxruntime run on the first sample of
     ``example``; None when the model does not run on it (the caller falls back to inference)."""
-    import onnxruntime as ort
-
     constants = {i.name for i in model.graph.initializer}
     wanted = {t for n in model.graph.node if n.op_type in COMPUTE_OPS
               for t in (n.input[0], n.input[1] if len(n.input) > 1 else "", n.output[0]) if t and t not in constants}
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    outputs = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in sorted(wanted - outputs))
     try:
-        opts = session_options()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every node's tensors
-        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        sess = exposing(model, sorted(wanted))  # optimizations off: every node's tensors kept
         names = {i.name for i in sess.get_inputs()}
         got = sess.run(None, {k: np.asarray(v)[:1] for k, v in example.items() if k in names})
     except Exception:  # noqa: BLE001 -- best effort: shape inference is the fallback

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from deploykit.data import Batch
-from deploykit.ortsession import session_options
+from deploykit.ortsession import exposing
 
 HIST_BINS = 2048  # docs/toolchain-facts.md: onnxruntime's 128-bin entropy path collapses to minmax
 QUANT_LEVELS = 128  # |x| maps onto 128 levels of symmetric int8 (0..127)
@@ -54,19 +54,8 @@ class Observer:
     """Runs the FP32 model in onnxruntime with every float tensor exposed as an output."""
 
     def __init__(self, model: onnx.ModelProto, tensors: list[str] | None = None) -> None:
-        import onnxruntime as ort
-
         self.tensors = tensors if tensors is not None else float_tensors(model)
-        augmented = onnx.ModelProto()
-        augmented.CopyFrom(model)
-        existing = {o.name for o in augmented.graph.output}
-        for name in self.tensors:
-            if name not in existing:
-                augmented.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-        opts = session_options()
-        # no fusion: every tensor of the normalised model must still exist
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        self.session = ort.InferenceSession(augmented.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        self.session = exposing(model, self.tensors)  # no fusion: every tensor of the normalised model exists
         self.stats = {name: TensorStats() for name in self.tensors}
         self.samples = 0
         self._hashers: dict[str, "hashlib._Hash"] = {}
