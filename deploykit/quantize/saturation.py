@@ -139,6 +139,21 @@ def measure(model: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarray]],
     if not layers:
         return {}
     g = QdqGraph(model)
+    fixed = []  # per layer, what no batch changes: the activation's u8 view and grid, the int8 weight, one step
+    for node, dq in layers:
+        p = g.params(dq)
+        shift = 128 if p.dtype == onnx.TensorProto.INT8 else 0  # the kernel's u8 view of the activation
+        zero = int(np.asarray(p.zero_point).reshape(-1)[0]) + shift
+        scale = float(np.asarray(p.scale).reshape(-1)[0])
+        weight = g.weight(node.input[1])
+        assert weight is not None
+        q, wp = weight
+        if node.op_type == "Conv":
+            steps = scale * np.broadcast_to(wp.scale.reshape(-1), (q.shape[0],))  # one accumulator step, per output
+        else:  # MatMul [.., K] x [K, N]; Gemm with transB: [N, K]
+            q = q.T if node.op_type == "Gemm" and attrs(node).get("transB", 0) else q
+            steps = scale * np.broadcast_to(wp.scale.reshape(-1), (q.shape[1],))
+        fixed.append((node, dq, zero, scale, q, steps))
     session = exposing(model, [t for node, dq in layers for t in (dq.output[0], node.output[0])])
     inputs = [i.name for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
@@ -150,25 +165,14 @@ def measure(model: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarray]],
         take = min(samples - seen, len(next(iter(feeds.values()))))
         got = dict(zip(outputs, session.run(None, {k: v[:take] for k, v in feeds.items() if k in inputs})))
         seen += take
-        for node, dq in layers:
-            p = g.params(dq)
-            shift = 128 if p.dtype == onnx.TensorProto.INT8 else 0  # the kernel's u8 view of the activation
-            zero = int(np.asarray(p.zero_point).reshape(-1)[0]) + shift
-            scale = float(np.asarray(p.scale).reshape(-1)[0])
-            weight = g.weight(node.input[1])
-            assert weight is not None
-            q, wp = weight
+        for node, dq, zero, scale, q, steps in fixed:
             u8 = np.round(got[dq.output[0]] / scale).astype(np.int32) + zero
-            y = got[node.output[0]]
             if node.op_type == "Conv":
-                steps = scale * np.broadcast_to(wp.scale.reshape(-1), (q.shape[0],))  # one accumulator step, per output
                 error = pair_sum_error(u8, zero, q, node) * steps[None, :, None, None]
-            else:  # MatMul [.., K] x [K, N]; Gemm with transB: [N, K]
-                w = q.T if node.op_type == "Gemm" and attrs(node).get("transB", 0) else q
-                steps = scale * np.broadcast_to(wp.scale.reshape(-1), (w.shape[1],))
-                error = matmul_pair_error(u8.reshape(-1, w.shape[0]), w) * steps[None, :]
+            else:
+                error = matmul_pair_error(u8.reshape(-1, q.shape[0]), q) * steps[None, :]
             tallies[node.name].error2 += float((error ** 2).sum())
-            tallies[node.name].exact2 += float((y.astype(np.float64) ** 2).sum())
+            tallies[node.name].exact2 += float((got[node.output[0]].astype(np.float64) ** 2).sum())
     return {name: t.relative for name, t in tallies.items()}
 
 
