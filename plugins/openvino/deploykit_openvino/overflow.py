@@ -34,13 +34,13 @@ from onnx import helper, numpy_helper
 from deploykit.canonical import QdqGraph, attrs
 from deploykit.quantize import saturation
 
-#: ``overflow_fix`` values: which convolutions are split
+#: ``overflow_fix`` values: which layers (dense convs, weighted MatMul / Gemm) are split
 MODES = ("auto", "saturating", "first_layer", "all", "none")
 #: default ``overflow_threshold``: a relative output error about an int8 layer's own rounding error
 THRESHOLD = 0.01
 #: suffix of the halves: ``node/split_a`` and ``node/split_b`` map back to ``node`` in the
 #: precision audit (it strips "/..." suffixes); their float sum is named apart (SUM_PREFIX), so
-#: the audit does not take that elementwise Add for the convolution
+#: the audit does not take that elementwise Add for the split layer
 SUFFIX = "/split"
 SUM_PREFIX = "deploykit_split_sum_"
 
@@ -128,8 +128,8 @@ def split_layers(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 
 
 def check_split(canonical: onnx.ModelProto, lowered: onnx.ModelProto, names: list[str]) -> list[str]:
-    """Mismatches between each split Conv's halves and its canonical weight (values, scales,
-    zero points, axis): empty when every split computes the canonical convolution."""
+    """Mismatches between each split layer's halves and its canonical weight (values, scales,
+    zero points, axis): empty when every split computes the canonical layer."""
     gc, gl = QdqGraph(canonical), QdqGraph(lowered)
     nodes = {n.name: n for n in canonical.graph.node}
     problems = []
