@@ -641,14 +641,14 @@ def _bias_correction(module: Any, batches: list[Feeds], names: Sequence[str]) ->
     changed = False
     corrected = 0
     for i, (node, (raw, deq, weight_node, w_fq)) in enumerate(layers.items()):
+        bias_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if bias_node is not None and not _is_weight(bias_node):
+            continue
         with torch.no_grad():
             w = operator.attrgetter(weight_node.target)(module).detach()
             wq = w_fq(w).detach()
             m, m_q = sums[raw] / counts[raw], sums[deq] / counts[deq]
             delta = (_through(node, ops, wq, m_q) - _through(node, ops, w, m)).to(torch.float32)
-        bias_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        if bias_node is not None and not _is_weight(bias_node):
-            continue
         if bias_node is None:
             attr = f"_deploykit_corrected_bias_{i}"
             module.register_parameter(attr, torch.nn.Parameter(-delta))
