@@ -91,6 +91,15 @@ def asymmetric_params(lo: float, hi: float) -> tuple[float, int]:
     return scale, zp
 
 
+def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
+    """Set ``key`` in the model's metadata (in place): replaced where it exists, else added last."""
+    for prop in model.metadata_props:
+        if prop.key == key:
+            prop.value = value
+            return
+    model.metadata_props.add(key=key, value=value)
+
+
 def model_profile(model: onnx.ModelProto) -> str:
     """The activation profile a canonical model declares (``symmetric`` when it says nothing)."""
     meta = {p.key: p.value for p in model.metadata_props}

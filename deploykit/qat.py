@@ -883,14 +883,6 @@ def distill(prepared: Prepared, data: Any, *, steps: int | None = None, epochs: 
     return prepared
 
 
-def _set_meta(model: Any, key: str, value: str) -> None:
-    for prop in model.metadata_props:
-        if prop.key == key:
-            prop.value = value
-            return
-    model.metadata_props.add(key=key, value=value)
-
-
 def _first(out: Any) -> Any:
     if isinstance(out, (tuple, list)):
         return out[0]
@@ -979,7 +971,7 @@ def export(prepared: Prepared, path: Path | str, *, source_hash: str = "") -> Pa
                           data_hash=prepared.data_hash, where="the QAT export")
         except NotCanonical as exc:
             raise DeploykitError(f"internal error: the QAT export is not canonical: {exc}") from None
-        _set_meta(taken.model, META_RECIPE, prepared.recipe)  # the float rewrites training started from
+        rules.set_metadata(taken.model, META_RECIPE, prepared.recipe)  # the float rewrites training started from
         # the int16 saturation record a PTQ build writes: OpenVINO's overflow_fix (auto) splits the
         # layers it names on CPUs without VNNI; without it an adopted export gets first_layer only
         if calib is not None:  # always: open_source returns None only for no data spec

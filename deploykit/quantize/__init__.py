@@ -161,12 +161,8 @@ def requantize(result: QuantizeResult, fp32: onnx.ModelProto, *, activations: st
         rules.META_FLOAT_LAYERS: json.dumps(list(floats)),
         META_RECIPE: result.recipe,
     }
-    existing = {p.key for p in qdq.metadata_props}
     for key, value in meta.items():
-        if key in existing:
-            next(p for p in qdq.metadata_props if p.key == key).value = value
-        else:
-            qdq.metadata_props.add(key=key, value=value)
+        rules.set_metadata(qdq, key, value)
     if result.saturation and result.saturation.get("profile") == activations:  # measured on this profile's grid
         from deploykit.quantize import saturation
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from deploykit.canonical import QdqGraph, attrs
+from deploykit.canonical import QdqGraph, attrs, set_metadata
 from deploykit.data import DataSource
 from deploykit.ortsession import exposing
 
@@ -203,11 +203,7 @@ def record(model: onnx.ModelProto, errors: Mapping[str, float], profile: str, sa
     """Write ``errors`` into ``model``'s metadata (in place)."""
     value = json.dumps({"profile": profile, "samples": samples,
                         "relative_error": {k: round(v, 6) for k, v in errors.items()}})
-    for p in model.metadata_props:
-        if p.key == META_SATURATION:
-            p.value = value
-            return
-    model.metadata_props.add(key=META_SATURATION, value=value)
+    set_metadata(model, META_SATURATION, value)
 
 
 def recorded(model: onnx.ModelProto) -> dict[str, float] | None:
