@@ -77,6 +77,15 @@ def test_sentences_come_from_disjoint_halves():
     assert len(s) == 2000 and set(s) <= set(calib)
 
 
+def test_train_sentences_add_docstrings_and_never_hold_an_evaluation_sentence():
+    calib, evals = realnets._all_sentences()
+    train = realnets.sentences(5000, seed=0, split="train")
+    assert len(set(train)) == 5000  # distinct: the pool is larger than the calibration half
+    assert set(calib) < set(realnets._train_sentences()) and not set(train) & set(evals)
+    with pytest.raises(ValueError, match="'train'"):
+        realnets.sentences(1, split="test")  # type: ignore[arg-type]
+
+
 def test_sentence_feeds_use_the_models_tokenizer():
     _need("encoder")
     feeds = realnets.sentences_feeds(5, seq_len=24, seed=0, split="eval")

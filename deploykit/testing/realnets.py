@@ -66,6 +66,8 @@ PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycl
           "coins.png", "moon.png", "clock_motion.png", "brick.png", "grass.png", "gravel.png")
 
 Split = Literal["calib", "eval"]
+# Sentences have a third split: "train", the calibration half plus the standard library's docstrings.
+SentenceSplit = Literal["calib", "eval", "train"]
 Exporter = Literal["dynamo", "legacy"]
 
 
@@ -306,26 +308,69 @@ def photo_crops(n: int, seed: int = 0, split: Split = "calib") -> np.ndarray:
 # --------------------------------------------------------------------------- sentences
 
 
+def _split_sentences(texts: list[str]) -> list[str]:
+    """The distinct prose sentences of ``texts`` (6 to 60 words, no interpreter prompts), sorted."""
+    text = re.sub(r"\s+", " ", " ".join(texts))
+    sents = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text)]
+    return sorted({s for s in sents if 6 <= len(s.split()) <= 60 and not s.startswith((">>>", "..."))})
+
+
 @lru_cache(maxsize=1)
 def _all_sentences() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Sentences of Python's language reference (``pydoc_data.topics``), split by a fixed shuffle
     into a calibration half and an evaluation half."""
     from pydoc_data.topics import topics
 
-    text = re.sub(r"\s+", " ", " ".join(topics[k] for k in sorted(topics)))
-    sents = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text)]
-    sents = sorted({s for s in sents if 6 <= len(s.split()) <= 60 and not s.startswith((">>>", "..."))})
+    sents = _split_sentences([topics[k] for k in sorted(topics)])
     order = np.random.default_rng(12345).permutation(len(sents))
     half = len(sents) // 2
     return tuple(sents[i] for i in order[:half]), tuple(sents[i] for i in order[half:])
 
 
-def sentences(n: int, seed: int = 0, split: Split = "calib") -> list[str]:
-    """``n`` sentences from one half (``split``), in ``seed``'s order; repeats only when ``n``
-    exceeds the half (about 1,450 sentences)."""
-    if split not in ("calib", "eval"):
-        raise ValueError(f"split must be 'calib' or 'eval', not {split!r}")
-    pool = _all_sentences()[0 if split == "calib" else 1]
+# Standard-library modules whose docstrings (module, public classes, functions and methods)
+# give the "train" split its sentences beyond the language reference's calibration half.
+_DOCSTRING_MODULES = (
+    "abc argparse array ast asyncio base64 bisect calendar cmd codecs collections configparser contextlib copy csv "
+    "dataclasses datetime decimal difflib doctest email enum fnmatch fractions ftplib functools glob gzip hashlib heapq "
+    "hmac html.parser http.client http.server imaplib inspect io ipaddress itertools json logging mailbox math mimetypes "
+    "multiprocessing numbers operator optparse os pathlib pdb pickle pprint queue random re sched selectors shlex shutil "
+    "signal smtplib socket socketserver sqlite3 ssl statistics string struct subprocess tarfile tempfile textwrap "
+    "threading timeit tokenize trace traceback typing unittest urllib.parse urllib.request uuid warnings weakref "
+    "xml.dom.minidom xml.etree.ElementTree zipfile").split()
+
+
+@lru_cache(maxsize=1)
+def _train_sentences() -> tuple[str, ...]:
+    """The calibration half plus the distinct sentences of the standard library's docstrings that
+    are not in the evaluation half (about 5,900 in all): distillation needs more distinct
+    sentences than the language reference's half holds, and none of the held-out ones."""
+    import importlib
+    import inspect
+
+    docs: list[str] = []
+    for name in _DOCSTRING_MODULES:
+        module = importlib.import_module(name)
+        docs.append(inspect.getdoc(module) or "")
+        for key, value in sorted(vars(module).items()):
+            if key.startswith("_") or getattr(value, "__module__", None) != module.__name__:
+                continue
+            if inspect.isclass(value) or inspect.isfunction(value):
+                docs.append(inspect.getdoc(value) or "")
+            if inspect.isclass(value):
+                docs.extend(inspect.getdoc(f) or "" for k, f in sorted(vars(value).items())
+                            if not k.startswith("_") and inspect.isfunction(f))
+    calib, evals = _all_sentences()
+    taken = set(calib) | set(evals)
+    return calib + tuple(s for s in _split_sentences(docs) if s not in taken)
+
+
+def sentences(n: int, seed: int = 0, split: SentenceSplit = "calib") -> list[str]:
+    """``n`` sentences from one split, in ``seed``'s order: the calibration or the evaluation half
+    of the language reference (about 1,450 sentences each), or "train" (see ``_train_sentences``);
+    repeats only when ``n`` exceeds the split."""
+    if split not in ("calib", "eval", "train"):
+        raise ValueError(f"split must be 'calib', 'eval' or 'train', not {split!r}")
+    pool = _train_sentences() if split == "train" else _all_sentences()[0 if split == "calib" else 1]
     rng = np.random.default_rng(seed)
     picks: list[str] = []
     while len(picks) < n:
@@ -354,8 +399,9 @@ def tokenize(texts: list[str], seq_len: int = 64) -> dict[str, np.ndarray]:
     }
 
 
-def sentences_feeds(n: int, seq_len: int = 64, seed: int = 0, split: Split = "calib") -> dict[str, np.ndarray]:
-    """Tokenised feeds for ``n`` sentences of one half (see ``sentences``)."""
+def sentences_feeds(n: int, seq_len: int = 64, seed: int = 0,
+                    split: SentenceSplit = "calib") -> dict[str, np.ndarray]:
+    """Tokenised feeds for ``n`` sentences of one split (see ``sentences``)."""
     _require("encoder")
     return tokenize(sentences(n, seed, split), seq_len)
 
