@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import onnx
 
+from deploykit import ortsession
 from deploykit.data import DataSource
 from deploykit.errors import ConfigError
-from deploykit.ortsession import session_options
 
 TARGET_METRICS = ("top1_agreement", "cosine", "accuracy_drop")
 
@@ -63,14 +63,6 @@ def parse_accuracy_target(text: str) -> AccuracyTarget:
 # --------------------------------------------------------------------------- evaluation
 
 
-def _session(model: onnx.ModelProto) -> Any:
-    import onnxruntime as ort
-
-    opts = session_options()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # exact Q/DQ semantics
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-
-
 @dataclass
 class EvalData:
     """Evaluation batches kept as the source yields them, FP32 outputs and labels computed once."""
@@ -100,7 +92,7 @@ class EvalData:
 
 
 def prepare_eval(fp32: onnx.ModelProto, source: DataSource, batch_size: int = 32, task: str = "auto") -> EvalData:
-    sess = _session(fp32)
+    sess = ortsession.session(fp32, exact=True)
     names = [i.name for i in sess.get_inputs()]
     outs, labels = [], []
     for batch in source.batches(batch_size):
@@ -115,7 +107,7 @@ def prepare_eval(fp32: onnx.ModelProto, source: DataSource, batch_size: int = 32
 
 
 def run_model(model: onnx.ModelProto, data: EvalData, progress: Callable[[int], None] | None = None) -> np.ndarray:
-    sess = _session(model)
+    sess = ortsession.session(model, exact=True)
     names = [i.name for i in sess.get_inputs()]
     outs = []
     for batch in data.source.batches(data.batch_size):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import onnx
@@ -37,18 +38,27 @@ def session_options() -> Any:
     return opts
 
 
+def session(model: onnx.ModelProto | Path | str, *, exact: bool) -> Any:
+    """An onnxruntime CPU session on a model or a model file, with :func:`session_options`.
+    ``exact`` turns graph optimizations off: Q/DQ pairs then run as the canonical model defines
+    them (quantize, round, dequantize in float) instead of being fused into int8 kernels."""
+    import onnxruntime as ort
+
+    opts = session_options()
+    if exact:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+
+
 def exposing(model: onnx.ModelProto, tensors: Sequence[str]) -> Any:
     """An onnxruntime session on ``model`` with graph optimizations off (every tensor exists,
     Q/DQ simulated in float exactly as the canonical model defines them) and ``tensors``
     exposed as outputs after the model's own."""
-    import onnxruntime as ort
-
     m = onnx.ModelProto()
     m.CopyFrom(model)
     have = {o.name for o in m.graph.output}
     for t in tensors:
         if t not in have:
             m.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
-    opts = session_options()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return session(m, exact=True)

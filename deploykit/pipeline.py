@@ -193,7 +193,7 @@ def _build_in(model: Any, options: BuildOptions, registry: Registry, executor: E
     signals.checkpoint()  # between stages: a safe point to stop
     with stage("checking the data against the model"):
         eval_batch = fixed_batch or (max(t.batch_sizes[0] for t in targets) if targets else 1)
-        session = _ort_session_from_model(fp32)
+        session = ortsession.session(fp32, exact=False)
         _try_first_batch(session, calib_src, calib_cfg.batch_size if not fixed_batch else fixed_batch)
         eval_batches, labels = data.collect_batches(eval_src, eval_batch)
         first_output = _try_first_batch(session, eval_src, eval_batch) if eval_src is not calib_src else \
@@ -473,12 +473,8 @@ def _judge_on(judge: Callable[[Any, Any], np.ndarray], data: Any) -> Callable[[A
 def _latency_cost(all_int8: Any, chosen: Any, source: Any, rounds: int = 15) -> dict[str, Any]:
     """Batch-1 latency of the all-int8 and the chosen canonical model in onnxruntime (default
     optimizations, interleaved rounds, medians): what the float layers cost."""
-    import onnxruntime as ort
-
     feeds = {k: v[:1] for k, v in next(iter(source.batches(1))).feeds.items()}
-    opts = ortsession.session_options()
-    sessions = {name: ort.InferenceSession(m.model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-                for name, m in (("all_int8", all_int8), ("chosen", chosen))}
+    sessions = {name: ortsession.session(m.model, exact=False) for name, m in (("all_int8", all_int8), ("chosen", chosen))}
     times: dict[str, list[float]] = {k: [] for k in sessions}
     for _ in range(rounds):
         for name, sess in sessions.items():
@@ -495,11 +491,7 @@ def compare_profiles(other: "onnx.ModelProto", chosen_profile: str, batches: lis
     """Measure the other activation profile's canonical model (placed from the same statistics)
     and the chosen one against FP32: what the choice cost or saved."""
     other_profile = SYMMETRIC if chosen_profile == ASYMMETRIC else ASYMMETRIC
-    import onnxruntime as ort
-
-    opts = ortsession.session_options()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # exact Q/DQ, as the reference
-    session = ort.InferenceSession(other.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    session = ortsession.session(other, exact=True)  # exact Q/DQ, as the reference
     with bar(len(batches), f"canonical model, {other_profile} activations", "batch") as b:
         outs = []
         for feeds in batches:
@@ -599,13 +591,6 @@ def _source_key(src: Any) -> Any:
         return [str(path.resolve()), st.st_size, st.st_mtime_ns]
     except OSError:
         return str(src)
-
-
-def _ort_session_from_model(model: "onnx.ModelProto") -> Any:
-    import onnxruntime as ort
-
-    opts = ortsession.session_options()
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 def _try_first_batch(session: Any, src: data.DataSource, batch_size: int) -> np.ndarray:

@@ -10,26 +10,17 @@ never uses them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 
 from deploykit.backend import Runner
-from deploykit.ortsession import session_options
-
-
-def session(path: Path | str, *, exact: bool) -> Any:
-    """An onnxruntime CPU session; ``exact`` turns graph optimizations off (canonical semantics)."""
-    import onnxruntime as ort
-
-    opts = session_options()
-    if exact:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+from deploykit.ortsession import session
 
 
 class ReferenceRunner(Runner):
-    """A Runner over :func:`session`: FP32 with optimizations, canonical QDQ without."""
+    """A Runner over :func:`deploykit.ortsession.session`: FP32 with optimizations, canonical QDQ
+    without."""
 
     def __init__(self, path: Path | str, *, exact: bool) -> None:
         self.session = session(path, exact=exact)

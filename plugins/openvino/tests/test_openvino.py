@@ -19,7 +19,8 @@ from deploykit.backend import CanonicalModel, precision_audit  # noqa: E402
 from deploykit.canonical import COMPUTE_OPS, CalibrationTable  # noqa: E402
 from deploykit.cpu import u8s8_saturates  # noqa: E402
 from deploykit.errors import BackendUnavailable, ConfigError, LoweringError  # noqa: E402
-from deploykit.reference import run_canonical, session  # noqa: E402
+from deploykit.ortsession import session  # noqa: E402
+from deploykit.reference import run_canonical  # noqa: E402
 from deploykit.targets import Device, Target  # noqa: E402
 from deploykit.testing import eval_feeds, imported_by_plugins, make_canonical, make_target  # noqa: E402
 from deploykit_openvino import OpenVINOBackend  # noqa: E402
