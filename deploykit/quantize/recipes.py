@@ -18,9 +18,10 @@ A recipe is a comma-separated list of steps, recorded in the model's metadata
   data: the mean per-channel difference between each quantized layer's output in the
   canonical model and in the FP32 model is subtracted from that layer's (float) bias.
 - ``adaround[:ITERATIONS]`` (default 300): learned weight rounding (Nagel et al. 2020), layer by
-  layer on the calibration data with torch on the CPU: each int8 weight rounds up or down as
-  a soft rounding variable minimising the layer's output error (quantized input, FP32 output
-  target) decides; kept for a layer only where it lowers that layer's error.
+  layer on the calibration data with torch on the CPU: each FP32 weight rounds down or up on
+  the canonical grid as a soft rounding variable minimising the layer's output error
+  (quantized input with the upstream layers' rounding learned, FP32 output target) decides;
+  kept for a layer only where it lowers that layer's error.
 
 ``cle`` and ``smoothquant`` rewrite the FP32 model before calibration (``pre_calibration``;
 the model's function is unchanged). ``bias_correction`` and ``adaround`` compute ``Edits`` on
@@ -471,26 +472,85 @@ def _int8_weight(g: _Graph, node: onnx.NodeProto) -> tuple[str, np.ndarray, np.n
 
 def adaround(fp32: onnx.ModelProto, qdq: onnx.ModelProto, data: DataSource, iterations: int = DEFAULT_ADAROUND_ITERATIONS,
              samples: int = 64, batch_size: int = 8, float_layers: Iterable[str] = ()) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Learned rounding of each int8 layer's weights (kept only where it lowers the error)."""
+    """Learned rounding of each int8 layer's weights (kept only where it lowers the error).
+
+    Each layer rounds its FP32 weight (``fp32``'s node of the same name) up or down on the
+    canonical model's grid, to reproduce the FP32 model's output from the input the int8 model
+    gives it (Nagel et al. 2020's asymmetric reconstruction). Layers go in waves: a layer learns
+    once every int8 layer upstream of it has its rounding, from inputs computed with those
+    roundings; inputs taken from the nearest-rounded model would make every layer compensate
+    upstream errors its predecessors already compensate.
+    """
     try:
         import torch
     except ImportError:
         raise ConfigError("recipe adaround needs torch: pip install torch==2.13.0") from None
     g = _Graph(qdq)
+    g32 = _Graph(fp32)
+    ref_nodes = {n.name: n for n in fp32.graph.node}
     skip = set(float_layers)
-    layers = []
-    for n in qdq.graph.node:
-        if n.name in skip or n.op_type not in _COMPUTE or n.name not in set(quantized_compute_nodes(qdq)):
-            continue
-        w = _int8_weight(g, n)
-        if w is None or g.producer.get(n.input[0]) is None and n.input[0] not in _model_inputs(qdq):
-            continue
-        layers.append((n, w))
-    # inputs as the int8 model sees them (after its DQ), outputs as the FP32 model computes them
-    in_names = list(dict.fromkeys(n.input[0] for n, _ in layers))
-    out_names = list(dict.fromkeys(n.output[0] for n, _ in layers))
-    s_q, s_f = exposing(qdq, in_names), exposing(fp32, out_names)
+    quantized = set(quantized_compute_nodes(qdq))
     inputs = _model_inputs(fp32)
+    layers: list[tuple[onnx.NodeProto, tuple[str, np.ndarray, np.ndarray, int], np.ndarray]] = []
+    for n in qdq.graph.node:
+        if n.name in skip or n.op_type not in _COMPUTE or n.name not in quantized:
+            continue
+        w8 = _int8_weight(g, n)
+        ref = ref_nodes.get(n.name)
+        w = g32.const(ref.input[1]) if ref is not None and len(ref.input) > 1 else None
+        if w8 is None or w is None or w.shape != w8[1].shape:
+            continue
+        if g.producer.get(n.input[0]) is None and n.input[0] not in inputs:
+            continue
+        layers.append((n, w8, w.astype(np.float32)))
+    torch.manual_seed(0)
+    new: dict[str, np.ndarray] = {}
+    seen = 0
+    pending = [n.name for n, _, _ in layers]
+    upstream = {n.name: _upstream_nodes(g, n.input[0]) for n, _, _ in layers}
+    by_name = {n.name: (n, w8, w) for n, w8, w in layers}
+    with _progress(len(layers), "adaround: layers") as bar:
+        while pending:
+            wave = [name for name in pending if not upstream[name] & (set(pending) - {name})]
+            pending = [name for name in pending if name not in wave]
+            current = apply_edits(qdq, Edits(int8_weights=new), skip) if new else qdq
+            wave_nodes = [by_name[name][0] for name in wave]
+            xs, ys, seen = _layer_io(current, fp32, wave_nodes, data, batch_size, samples, inputs)
+            for node in wave_nodes:
+                _, (_, q, scale, axis), w = by_name[node.name]
+                x = torch.from_numpy(xs[node.input[0]])
+                y = torch.from_numpy(ys[node.output[0]])
+                rounded = _adaround_layer(torch, node, x, y, w, scale, axis, _bias(g, fp32, node), iterations)
+                if rounded is not None:
+                    new[node.name] = rounded
+                bar.update(1)
+    return new, {"layers": len(layers), "kept": len(new), "iterations": iterations, "samples": seen}
+
+
+def _upstream_nodes(g: _Graph, tensor: str) -> set[str]:
+    """Names of every node ``tensor`` depends on."""
+    out: set[str] = set()
+    stack = [tensor]
+    visited: set[str] = set()
+    while stack:
+        t = stack.pop()
+        if t in visited:
+            continue
+        visited.add(t)
+        p = g.producer.get(t)
+        if p is not None and p.name not in out:
+            out.add(p.name)
+            stack.extend(p.input)
+    return out
+
+
+def _layer_io(qdq: onnx.ModelProto, fp32: onnx.ModelProto, nodes: Sequence[onnx.NodeProto], data: DataSource,
+              batch_size: int, samples: int, inputs: Sequence[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
+    """Each node's input as ``qdq`` computes it (after its DequantizeLinear) and its output as
+    ``fp32`` does, on the first ``samples`` samples."""
+    in_names = list(dict.fromkeys(n.input[0] for n in nodes))
+    out_names = list(dict.fromkeys(n.output[0] for n in nodes))
+    s_q, s_f = exposing(qdq, in_names), exposing(fp32, out_names)
     xs: dict[str, list[np.ndarray]] = defaultdict(list)
     ys: dict[str, list[np.ndarray]] = defaultdict(list)
     seen = 0
@@ -502,21 +562,8 @@ def adaround(fp32: onnx.ModelProto, qdq: onnx.ModelProto, data: DataSource, iter
         for t, v in zip(out_names, s_f.run(out_names, feeds)):
             ys[t].append(v)
         seen += len(next(iter(feeds.values())))
-    torch.manual_seed(0)
-    new: dict[str, np.ndarray] = {}
-    kept = 0
-    with _progress(len(layers), "adaround: layers") as bar:
-        for node, (_, q, scale, axis) in layers:
-            x = torch.from_numpy(np.concatenate(xs[node.input[0]])[:samples])
-            y = torch.from_numpy(np.concatenate(ys[node.output[0]])[:samples])
-            w_float = q.astype(np.float32) * _bcast(scale, axis, q.ndim)
-            bias = _bias(g, fp32, node)
-            rounded = _adaround_layer(torch, node, x, y, w_float, scale, axis, bias, iterations)
-            if rounded is not None:
-                new[node.name] = rounded
-                kept += 1
-            bar.update(1)
-    return new, {"layers": len(layers), "kept": kept, "iterations": iterations, "samples": min(seen, samples)}
+    return ({t: np.concatenate(v)[:samples] for t, v in xs.items()}, {t: np.concatenate(v)[:samples] for t, v in ys.items()},
+            min(seen, samples))
 
 
 def _bcast(scale: np.ndarray, axis: int, ndim: int) -> np.ndarray:
