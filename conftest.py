@@ -57,7 +57,9 @@ def pytest_configure(config: pytest.Config) -> None:
     the cores for torch and BLAS, not every core: two workers each running two spinning OpenMP
     threads on two cores spent 4x the CPU on a small model's training steps (0.14 s instead of
     0.025 s per step). The workers are started after this hook and inherit the variables; a
-    variable the caller set is kept."""
+    variable the caller set is kept. Also: hypothesis is imported without assertion rewriting
+    (:func:`_import_without_assert_rewriting`), and xdist's loadscope reordering is turned off
+    so the workers take the files in the order pytest_collection_modifyitems gives them."""
     _import_without_assert_rewriting("hypothesis")
     if hasattr(config.option, "loadscopereorder"):
         config.option.loadscopereorder = False  # keep pytest_collection_modifyitems' order

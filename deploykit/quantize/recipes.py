@@ -18,12 +18,20 @@ A recipe is a comma-separated list of steps, recorded in the model's metadata
   data: the mean per-channel difference between each quantized layer's output in the
   canonical model and in the FP32 model is subtracted from that layer's (float) bias.
 - ``adaround[:ITERATIONS]`` (default 300): learned weight rounding (Nagel et al. 2020), layer by
-  layer on the calibration data with torch on the CPU: each int8 weight rounds up or down as
-  a soft rounding variable minimising the layer's output error (quantized input, FP32 output
-  target) decides; kept for a layer only where it lowers that layer's error.
+  layer on the calibration data with torch on the CPU: each FP32 weight rounds down or up on
+  the canonical grid as a soft rounding variable minimising the layer's output error
+  (quantized input with the upstream layers' rounding learned, FP32 output target) decides;
+  kept for a layer only where it lowers that layer's error.
+- ``gptq[:DAMPING]`` (default 0.01): GPTQ (Frantar et al. 2023) on every int8 MatMul / Gemm,
+  in NumPy: the weight's input rows are rounded one at a time on the canonical grid and each
+  row's rounding error is pushed onto the rows not yet rounded through the inverse Hessian
+  ``(X^T X + damping * mean(diag) * I)^-1`` of the layer's quantized input ``X``; so the
+  rounding errors cancel in the layer's output instead of adding up. Same waves, samples and
+  keep-only-improvements rule as ``adaround``; seconds per layer, no torch. The two choose
+  the same int8 weights: a recipe takes one of them.
 
 ``cle`` and ``smoothquant`` rewrite the FP32 model before calibration (``pre_calibration``;
-the model's function is unchanged). ``bias_correction`` and ``adaround`` compute ``Edits`` on
+the model's function is unchanged). ``bias_correction``, ``adaround`` and ``gptq`` compute ``Edits`` on
 a placed canonical model (``post_placement``); ``apply_edits`` applies them again to any model
 placed from the same statistics (another set of float layers), skipping float layers.
 """
@@ -47,10 +55,11 @@ from deploykit.ortsession import exposing
 log = logging.getLogger("deploykit")
 
 META_RECIPE = "deploykit.recipe"
-STEPS = ("cle", "smoothquant", "bias_correction", "adaround")
+STEPS = ("cle", "smoothquant", "bias_correction", "adaround", "gptq")
 PRE_STEPS = ("cle", "smoothquant")
 DEFAULT_ALPHA = 0.5
 DEFAULT_ADAROUND_ITERATIONS = 300
+DEFAULT_GPTQ_DAMPING = 0.01
 LAMBDA = 10.0  # relative to the layer's nearest-rounding error: weaker left the soft rounding undecided (measured 0.01, 1, 10)
 #: Recipes measured best on real pretrained networks (docs/recipes.md): bias correction on a
 #: depthwise CNN, SmoothQuant at 0.9 on a sentence encoder (all-MiniLM-L6-v2, alpha 0.65 / 0.8 /
@@ -65,7 +74,7 @@ _COMPUTE = ("Conv", "Gemm", "MatMul")
 @dataclass(frozen=True)
 class Step:
     name: str
-    value: float | None = None  # smoothquant alpha, adaround iterations
+    value: float | None = None  # smoothquant alpha, adaround iterations, gptq damping
 
     def __str__(self) -> str:
         if self.value is None:
@@ -86,7 +95,7 @@ def parse_recipe(spec: str | None) -> tuple[Step, ...]:
         name = name.strip().lower().replace("-", "_")
         if name not in STEPS:
             raise ConfigError(f"unknown recipe step '{item}' in '{spec}'; use {', '.join(STEPS)} "
-                              "(comma-separated; smoothquant:ALPHA, adaround:ITERATIONS), auto or none")
+                              "(comma-separated; smoothquant:ALPHA, adaround:ITERATIONS, gptq:DAMPING), auto or none")
         value: float | None = None
         if arg:
             try:
@@ -97,11 +106,15 @@ def parse_recipe(spec: str | None) -> tuple[Step, ...]:
                 raise ConfigError(f"recipe step '{item}': alpha must be within [0, 1]")
             if name == "adaround" and (value < 1 or value != int(value)):
                 raise ConfigError(f"recipe step '{item}': iterations must be a positive integer")
-            if name not in ("smoothquant", "adaround"):
+            if name == "gptq" and not 0.0 < value <= 1.0:
+                raise ConfigError(f"recipe step '{item}': damping must be within (0, 1]")
+            if name not in ("smoothquant", "adaround", "gptq"):
                 raise ConfigError(f"recipe step '{item}': {name} takes no argument")
         if any(s.name == name for s in steps):
             raise ConfigError(f"recipe '{spec}' names {name} twice")
         steps.append(Step(name, value))
+    if {"adaround", "gptq"} <= {s.name for s in steps}:
+        raise ConfigError(f"recipe '{spec}' names adaround and gptq: both choose the int8 weights, use one")
     # pre-calibration rewrites run first, in the order given; then the post-placement edits
     return tuple(sorted(steps, key=lambda s: (s.name not in PRE_STEPS, steps.index(s))))
 
@@ -344,7 +357,7 @@ def _safe(name: str) -> str:
 
 @dataclass
 class Edits:
-    """What ``bias_correction`` and ``adaround`` changed, by compute node name."""
+    """What ``bias_correction``, ``adaround`` and ``gptq`` changed, by compute node name."""
 
     bias_delta: dict[str, np.ndarray] = field(default_factory=dict)  # subtract from the float bias
     int8_weights: dict[str, np.ndarray] = field(default_factory=dict)  # replace the node's int8 weight
@@ -471,26 +484,113 @@ def _int8_weight(g: _Graph, node: onnx.NodeProto) -> tuple[str, np.ndarray, np.n
 
 def adaround(fp32: onnx.ModelProto, qdq: onnx.ModelProto, data: DataSource, iterations: int = DEFAULT_ADAROUND_ITERATIONS,
              samples: int = 64, batch_size: int = 8, float_layers: Iterable[str] = ()) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Learned rounding of each int8 layer's weights (kept only where it lowers the error)."""
+    """Learned rounding of each int8 layer's weights (kept only where it lowers the error).
+
+    Each layer rounds its FP32 weight (``fp32``'s node of the same name) up or down on the
+    canonical model's grid, to reproduce the FP32 model's output from the input the int8 model
+    gives it (Nagel et al. 2020's asymmetric reconstruction), in waves (:func:`_round_in_waves`).
+    """
     try:
         import torch
     except ImportError:
         raise ConfigError("recipe adaround needs torch: pip install torch==2.13.0") from None
+    torch.manual_seed(0)
+
+    def round_layer(node: onnx.NodeProto, x: np.ndarray, y: np.ndarray, w: np.ndarray, scale: np.ndarray, axis: int,
+                    bias: np.ndarray | None) -> np.ndarray | None:
+        return _adaround_layer(torch, node, torch.from_numpy(x), torch.from_numpy(y), w, scale, axis, bias, iterations)
+
+    new, info = _round_in_waves(fp32, qdq, data, round_layer, "adaround", _COMPUTE, samples, batch_size, float_layers)
+    return new, {**info, "iterations": iterations}
+
+
+def gptq(fp32: onnx.ModelProto, qdq: onnx.ModelProto, data: DataSource, damping: float = DEFAULT_GPTQ_DAMPING,
+         samples: int = 64, batch_size: int = 8, float_layers: Iterable[str] = ()) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """GPTQ rounding of each int8 MatMul / Gemm weight (kept only where it lowers the error), in
+    waves (:func:`_round_in_waves`)."""
+
+    def round_layer(node: onnx.NodeProto, x: np.ndarray, y: np.ndarray, w: np.ndarray, scale: np.ndarray, axis: int,
+                    bias: np.ndarray | None) -> np.ndarray | None:
+        return _gptq_layer(node, x, y, w, scale, axis, bias, damping)
+
+    new, info = _round_in_waves(fp32, qdq, data, round_layer, "gptq", ("Gemm", "MatMul"), samples, batch_size, float_layers)
+    return new, {**info, "damping": damping}
+
+
+def _round_in_waves(fp32: onnx.ModelProto, qdq: onnx.ModelProto, data: DataSource, round_layer: Any, desc: str,
+                    ops: Sequence[str], samples: int, batch_size: int,
+                    float_layers: Iterable[str]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """New int8 weights, by node, for the int8 ``ops`` layers ``round_layer`` improves.
+
+    ``round_layer(node, x, y, w, scale, axis, bias)`` gets the layer's input as the int8 model
+    computes it (after its DequantizeLinear), the FP32 model's output of the layer, its FP32
+    weight (``fp32``'s node of the same name) and its int8 grid; it returns the int8 weight or
+    None. Layers go in waves: a layer is rounded once every int8 layer upstream of it has its
+    rounding, from inputs computed with those roundings; inputs taken from the nearest-rounded
+    model would make every layer compensate upstream errors its predecessors already compensate.
+    """
     g = _Graph(qdq)
+    g32 = _Graph(fp32)
+    ref_nodes = {n.name: n for n in fp32.graph.node}
     skip = set(float_layers)
-    layers = []
-    for n in qdq.graph.node:
-        if n.name in skip or n.op_type not in _COMPUTE or n.name not in set(quantized_compute_nodes(qdq)):
-            continue
-        w = _int8_weight(g, n)
-        if w is None or g.producer.get(n.input[0]) is None and n.input[0] not in _model_inputs(qdq):
-            continue
-        layers.append((n, w))
-    # inputs as the int8 model sees them (after its DQ), outputs as the FP32 model computes them
-    in_names = list(dict.fromkeys(n.input[0] for n, _ in layers))
-    out_names = list(dict.fromkeys(n.output[0] for n, _ in layers))
-    s_q, s_f = exposing(qdq, in_names), exposing(fp32, out_names)
+    quantized = set(quantized_compute_nodes(qdq))
     inputs = _model_inputs(fp32)
+    layers: dict[str, tuple[onnx.NodeProto, tuple[str, np.ndarray, np.ndarray, int], np.ndarray]] = {}
+    for n in qdq.graph.node:
+        if n.name in skip or n.op_type not in ops or n.name not in quantized:
+            continue
+        w8 = _int8_weight(g, n)
+        ref = ref_nodes.get(n.name)
+        w = g32.const(ref.input[1]) if ref is not None and len(ref.input) > 1 else None
+        if w8 is None or w is None or w.shape != w8[1].shape:
+            continue
+        if g.producer.get(n.input[0]) is None and n.input[0] not in inputs:
+            continue
+        layers[n.name] = (n, w8, w.astype(np.float32))
+    new: dict[str, np.ndarray] = {}
+    seen = 0
+    pending = list(layers)
+    upstream = {name: _upstream_nodes(g, n.input[0]) for name, (n, _, _) in layers.items()}
+    with _progress(len(layers), f"{desc}: layers") as bar:
+        while pending:
+            wave = [name for name in pending if not upstream[name] & (set(pending) - {name})]
+            pending = [name for name in pending if name not in wave]
+            current = apply_edits(qdq, Edits(int8_weights=new), skip) if new else qdq
+            nodes = [layers[name][0] for name in wave]
+            xs, ys, seen = _layer_io(current, fp32, nodes, data, batch_size, samples, inputs)
+            for node in nodes:
+                _, (_, _, scale, axis), w = layers[node.name]
+                rounded = round_layer(node, xs[node.input[0]], ys[node.output[0]], w, scale, axis, _bias(g, fp32, node))
+                if rounded is not None:
+                    new[node.name] = rounded
+                bar.update(1)
+    return new, {"layers": len(layers), "kept": len(new), "samples": seen}
+
+
+def _upstream_nodes(g: _Graph, tensor: str) -> set[str]:
+    """Names of every node ``tensor`` depends on."""
+    out: set[str] = set()
+    stack = [tensor]
+    visited: set[str] = set()
+    while stack:
+        t = stack.pop()
+        if t in visited:
+            continue
+        visited.add(t)
+        p = g.producer.get(t)
+        if p is not None and p.name not in out:
+            out.add(p.name)
+            stack.extend(p.input)
+    return out
+
+
+def _layer_io(qdq: onnx.ModelProto, fp32: onnx.ModelProto, nodes: Sequence[onnx.NodeProto], data: DataSource,
+              batch_size: int, samples: int, inputs: Sequence[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
+    """Each node's input as ``qdq`` computes it (after its DequantizeLinear) and its output as
+    ``fp32`` does, on the first ``samples`` samples."""
+    in_names = list(dict.fromkeys(n.input[0] for n in nodes))
+    out_names = list(dict.fromkeys(n.output[0] for n in nodes))
+    s_q, s_f = exposing(qdq, in_names), exposing(fp32, out_names)
     xs: dict[str, list[np.ndarray]] = defaultdict(list)
     ys: dict[str, list[np.ndarray]] = defaultdict(list)
     seen = 0
@@ -502,21 +602,8 @@ def adaround(fp32: onnx.ModelProto, qdq: onnx.ModelProto, data: DataSource, iter
         for t, v in zip(out_names, s_f.run(out_names, feeds)):
             ys[t].append(v)
         seen += len(next(iter(feeds.values())))
-    torch.manual_seed(0)
-    new: dict[str, np.ndarray] = {}
-    kept = 0
-    with _progress(len(layers), "adaround: layers") as bar:
-        for node, (_, q, scale, axis) in layers:
-            x = torch.from_numpy(np.concatenate(xs[node.input[0]])[:samples])
-            y = torch.from_numpy(np.concatenate(ys[node.output[0]])[:samples])
-            w_float = q.astype(np.float32) * _bcast(scale, axis, q.ndim)
-            bias = _bias(g, fp32, node)
-            rounded = _adaround_layer(torch, node, x, y, w_float, scale, axis, bias, iterations)
-            if rounded is not None:
-                new[node.name] = rounded
-                kept += 1
-            bar.update(1)
-    return new, {"layers": len(layers), "kept": kept, "iterations": iterations, "samples": min(seen, samples)}
+    return ({t: np.concatenate(v)[:samples] for t, v in xs.items()}, {t: np.concatenate(v)[:samples] for t, v in ys.items()},
+            min(seen, samples))
 
 
 def _bcast(scale: np.ndarray, axis: int, ndim: int) -> np.ndarray:
@@ -600,6 +687,45 @@ def _adaround_layer(torch: Any, node: onnx.NodeProto, x: Any, y: Any, w: np.ndar
     return np.asarray(torch.clamp(base + hard, -127, 127).numpy(), dtype=np.int8)
 
 
+def _gptq_layer(node: onnx.NodeProto, x: np.ndarray, y: np.ndarray, w: np.ndarray, scale: np.ndarray, axis: int,
+                bias: np.ndarray | None, damping: float) -> np.ndarray | None:
+    """GPTQ on one MatMul / Gemm: the int8 weight, or None when it does not lower the layer's
+    output error (against the FP32 output ``y``) below nearest rounding's."""
+    trans_b = node.op_type == "Gemm" and bool(_attr(node, "transB", 0))
+    if w.ndim != 2 or (node.op_type == "Gemm" and (_attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0)):
+        return None
+    wk = (w.T if trans_b else w).astype(np.float64)  # [K, N]: input rows, output columns
+    out_axis = (1 - axis) if trans_b else axis
+    if np.ndim(scale) == 1 and out_axis != 1:
+        return None  # a scale per input row: GPTQ's error feedback across rows would change the grid
+    s = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (wk.shape[1],)) if np.ndim(scale) else \
+        np.full(wk.shape[1], float(scale))
+    xk = x.reshape(-1, wk.shape[0]).astype(np.float64)
+    h = xk.T @ xk
+    dead = np.diag(h) == 0  # an input row never used: its weight cannot matter
+    h[dead, dead] = 1.0
+    h += damping * float(np.mean(np.diag(h))) * np.eye(len(h))
+    try:
+        u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper factor of H^-1: row k's error feedback
+    except np.linalg.LinAlgError:
+        return None
+    work = wk.copy()
+    q = np.zeros_like(wk)
+    for k in range(wk.shape[0]):
+        q[k] = np.clip(np.round(work[k] / s), -127, 127)
+        err = (work[k] - q[k] * s) / u[k, k]
+        work[k + 1:] -= np.outer(u[k, k + 1:], err)
+    yk = y.reshape(-1, wk.shape[1]).astype(np.float64)
+    b = 0.0 if bias is None else np.asarray(bias, np.float64)
+
+    def error(levels: np.ndarray) -> float:
+        return float(((xk @ (levels * s) + b - yk) ** 2).mean())
+
+    if not error(q) < error(np.clip(np.round(wk / s), -127, 127)):
+        return None
+    return np.asarray(q.T if trans_b else q, dtype=np.int8)
+
+
 def post_placement(fp32: onnx.ModelProto, qdq: onnx.ModelProto, steps: Sequence[Step], data: DataSource,
                    batch_size: int = 8, float_layers: Iterable[str] = (), adaround_samples: int = 64) -> Edits:
     """Run the post-placement steps on a placed canonical model; returns the edits (not applied)."""
@@ -607,12 +733,17 @@ def post_placement(fp32: onnx.ModelProto, qdq: onnx.ModelProto, steps: Sequence[
     floats = tuple(float_layers)
     current = qdq
     for step in steps:
-        if step.name == "adaround":
-            iters = int(step.value or DEFAULT_ADAROUND_ITERATIONS)
-            new, info = adaround(fp32, current, data, iterations=iters, samples=adaround_samples, batch_size=batch_size,
+        if step.name in ("adaround", "gptq"):
+            if step.name == "adaround":
+                iters = int(step.value or DEFAULT_ADAROUND_ITERATIONS)
+                new, info = adaround(fp32, current, data, iterations=iters, samples=adaround_samples,
+                                     batch_size=batch_size, float_layers=floats)
+            else:
+                damping = DEFAULT_GPTQ_DAMPING if step.value is None else float(step.value)
+                new, info = gptq(fp32, current, data, damping=damping, samples=adaround_samples, batch_size=batch_size,
                                  float_layers=floats)
             edits.int8_weights.update(new)
-            edits.summary["adaround"] = info
+            edits.summary[step.name] = info
             current = apply_edits(current, Edits(int8_weights=new), floats)
         elif step.name == "bias_correction":
             deltas = bias_correction(fp32, current, data, batch_size)

@@ -43,7 +43,7 @@ def _ov():
     return require("openvino", INSTALL_HINT)
 
 
-def device_name(target) -> str:
+def device_name(target: Target) -> str:
     """The OpenVINO device string: option ``device_name``, else the device kind upper-cased ("cpu" -> "CPU")."""
     return target.options.get("device_name") or target.device.kind.upper()
 
@@ -57,18 +57,18 @@ def missing_devices(device: str, available: list[str]) -> list[str]:
     return [d for d in names if d not in listed]
 
 
-def overflow_mode(target: Target, model: Any = None) -> str:
+def overflow_mode(target: Target, record: Mapping[str, float] | None = None) -> str:
     """The target's ``overflow_fix``, with ``auto`` resolved for a CPU device when this machine's
     CPU saturates u8 x s8 pair sums (no VNNI; a remote device's CPU is not known here: set the
-    option for it): saturating when ``model`` carries the calibration's saturation record, else
-    first_layer; none elsewhere."""
+    option for it): saturating when the canonical model carries the calibration's saturation
+    ``record`` (:func:`deploykit.quantize.saturation.recorded`), else first_layer; none elsewhere."""
     mode = str(target.options.get("overflow_fix", "auto"))
     if mode != "auto":
         return mode
     local_cpu = device_name(target).startswith("CPU") and not target.device.address
     if not (local_cpu and u8s8_saturates()):
         return "none"
-    return "saturating" if model is not None and saturation.recorded(model) is not None else "first_layer"
+    return "saturating" if record is not None else "first_layer"
 
 
 def _with_split_check(scales: CheckResult, problems: list[str]) -> CheckResult:
@@ -84,10 +84,10 @@ def _with_split_check(scales: CheckResult, problems: list[str]) -> CheckResult:
                                details=details)
 
 
-def _saturation_check(model: Any, mode: str, split: list[str]) -> CheckResult:
+def _saturation_check(record: Mapping[str, float] | None, mode: str, split: list[str]) -> CheckResult:
     """Info: this CPU saturates int16 pair sums; what the split covers and what the canonical
-    model's record says is left (the largest recorded error among the layers not split)."""
-    errors = saturation.recorded(model) or {}
+    model's saturation ``record`` says is left (the largest recorded error among the layers not split)."""
+    errors = record or {}
     left = {name: e for name, e in errors.items() if name not in split and e > 0}
     worst = max(left, key=lambda n: left[n]) if left else ""
     message = ("this CPU has no VNNI: OpenVINO's u8 x s8 kernels add pairs of products in a saturating int16, so "
@@ -202,8 +202,9 @@ class OpenVINOBackend(Backend):
         ov = _ov()
         core = ov.Core()
         dest = Path(dest)
-        mode = overflow_mode(target, canonical.model)
-        split = select(canonical.model, mode, float(target.options.get("overflow_threshold", THRESHOLD)))
+        record = saturation.recorded(canonical.model)
+        mode = overflow_mode(target, record)
+        split = select(canonical.model, mode, record, float(target.options.get("overflow_threshold", THRESHOLD)))
         lowered = split_layers(canonical.model, split) if split else canonical.model
         bin_dest = dest.with_suffix(".bin")
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -226,7 +227,7 @@ class OpenVINOBackend(Backend):
             audit, audit_meta = self._audit(core, saved, canonical, target, lowered)
             checks.append(audit)
             if device_name(target).startswith("CPU") and u8s8_saturates():
-                checks.append(_saturation_check(canonical.model, mode, split))
+                checks.append(_saturation_check(record, mode, split))
             # the .bin first, the .xml last: a complete .xml means a complete pair
             remove(dest)
             with atomic_output(bin_dest) as tmp:
@@ -298,7 +299,7 @@ class OpenVINOBackend(Backend):
         return OpenVINORunner(core, read_onnx(core, Path(canonical.fp32_path)), device, config)
 
 
-    def layer_runner(self, artifact: Artifact, canonical: CanonicalModel, target, cut: Any) -> Any:
+    def layer_runner(self, artifact: Artifact, canonical: CanonicalModel, target: Target, cut: Any) -> Any:
         """The saved IR itself cut at every canonical int8 tensor (deploykit_openvino.layers),
         compiled with the target's configuration: what the artifact computes for each layer
         from the canonical inputs."""

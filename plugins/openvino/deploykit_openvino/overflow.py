@@ -27,6 +27,8 @@ canonical model's 0.9971.
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -67,17 +69,21 @@ def paired_layers(model: onnx.ModelProto) -> list[str]:
     return [node.name for node, _ in saturation.paired_layers(model)]
 
 
-def saturating_layers(model: onnx.ModelProto, threshold: float = THRESHOLD) -> list[str]:
-    """Paired layers whose recorded int16 pair-sum saturation (relative error of their output
-    on the calibration data) is above ``threshold``, in graph order."""
-    errors = saturation.recorded(model) or {}
+def saturating_layers(model: onnx.ModelProto, record: Mapping[str, float] | None,
+                      threshold: float = THRESHOLD) -> list[str]:
+    """Paired layers whose int16 pair-sum saturation in ``record`` (the model's
+    :func:`deploykit.quantize.saturation.recorded`: relative error of their output on the
+    calibration data) is above ``threshold``, in graph order."""
+    errors = record or {}
     return [name for name in paired_layers(model) if errors.get(name, 0.0) > threshold]
 
 
-def select(model: onnx.ModelProto, mode: str, threshold: float = THRESHOLD) -> list[str]:
-    """The layers ``mode`` (``saturating``, ``first_layer``, ``all`` or ``none``) splits."""
+def select(model: onnx.ModelProto, mode: str, record: Mapping[str, float] | None = None,
+           threshold: float = THRESHOLD) -> list[str]:
+    """The layers ``mode`` (``saturating``, ``first_layer``, ``all`` or ``none``) splits;
+    ``saturating`` reads the model's saturation ``record``."""
     if mode == "saturating":
-        return saturating_layers(model, threshold)
+        return saturating_layers(model, record, threshold)
     if mode == "first_layer":
         return first_layer_convs(model)
     if mode == "all":

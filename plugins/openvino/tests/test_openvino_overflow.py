@@ -14,7 +14,7 @@ pytest.importorskip("openvino", reason="pip install 'deploykit[openvino]'")
 from deploykit.cpu import u8s8_saturates  # noqa: E402
 from deploykit.data import ArraySource  # noqa: E402
 from deploykit.model import input_specs, normalise  # noqa: E402
-from deploykit.quantize import quantize, write_canonical  # noqa: E402
+from deploykit.quantize import quantize, saturation, write_canonical  # noqa: E402
 from deploykit.reference import run_canonical  # noqa: E402
 from deploykit.testing import make_target  # noqa: E402
 from deploykit_openvino import OpenVINOBackend  # noqa: E402
@@ -128,10 +128,12 @@ def test_saturating_splits_only_the_convs_the_record_names(hot_cool):
     from deploykit_openvino.overflow import saturating_layers, select
 
     canonical, _, _ = hot_cool
-    assert saturating_layers(canonical.model) == ["hot"]
-    assert select(canonical.model, "saturating", threshold=1.0) == []
+    record = saturation.recorded(canonical.model)
+    assert saturating_layers(canonical.model, record) == ["hot"]
+    assert select(canonical.model, "saturating", record, threshold=1.0) == []
     # without the record (an adopted model, an older canonical model) auto keeps NNCF's choice
-    assert overflow_mode(make_target(OpenVINOBackend), onnx.ModelProto()) == ("first_layer" if u8s8_saturates() else "none")
+    assert saturation.recorded(onnx.ModelProto()) is None
+    assert overflow_mode(make_target(OpenVINOBackend), None) == ("first_layer" if u8s8_saturates() else "none")
 
 
 @pytest.mark.skipif(not u8s8_saturates(), reason="this CPU has VNNI: its int8 kernels do not saturate")
@@ -141,7 +143,7 @@ def test_saturating_split_is_as_exact_as_splitting_every_conv_at_half_the_cost(h
     splitting both convolutions."""
     canonical, x, tmp = hot_cool
     backend = OpenVINOBackend()
-    assert overflow_mode(make_target(OpenVINOBackend), canonical.model) == "saturating"
+    assert overflow_mode(make_target(OpenVINOBackend), saturation.recorded(canonical.model)) == "saturating"
     want = run_canonical(canonical.path, {"x": x})[0]
     step = canonical.calibration.scale("y")
     off = {}
