@@ -40,9 +40,11 @@ GROUPS = {
     "plugins/tflite/tests/": "plugins/tflite/tests",
     "plugins/coreml/tests/": "plugins/coreml/tests",
     # torch's dynamo exporter (onnxscript, its op registry) and transformers: QAT exports and the
-    # real networks' exports
+    # real networks' exports; AdaRound trains with torch.optim, whose import loads torch._dynamo
+    # (~1.7 s of CPU): the only other reason the second worker imported it (cpu plugin, 12:20)
     "tests/test_qat.py": "torch exports",
     "tests/test_realnets.py": "torch exports",
+    "tests/test_recipes.py": "torch exports",
 }
 
 #: the math libraries' own thread pools: torch's intra-op pool and NumPy's BLAS read these when

@@ -75,11 +75,9 @@ def nncf_qdq(digits_files, tmp_path_factory) -> Path:
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
+    from deploykit.ortsession import session
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # exact Q/DQ
-    return np.asarray(ort.InferenceSession(model.SerializeToString(), opts).run(None, {"x": x})[0])
+    return np.asarray(session(model, exact=True).run(None, {"x": x})[0])  # exact Q/DQ
 
 
 def _source(files, model: onnx.ModelProto):

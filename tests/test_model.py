@@ -8,20 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from deploykit.canonical import OPSET
 from deploykit.errors import ModelError
 from deploykit.model import input_specs, load_onnx, normalise, unique_node_names
+from deploykit.ortsession import session
 
 
 def _run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)
+    return session(model, exact=True).run(None, feeds)
 
 
 def _opset(model: onnx.ModelProto) -> int:

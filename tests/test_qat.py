@@ -15,7 +15,7 @@ from deploykit.testing import skip_unless_installed
 skip_unless_installed("torch", reason="QAT needs torch (pip install 'deploykit[qat]')")
 skip_unless_installed("torchao", reason="QAT needs torchao (pip install 'deploykit[qat]')")
 
-from deploykit import data, model as modelmod, qat  # noqa: E402
+from deploykit import data, model as modelmod, ortsession, qat  # noqa: E402
 from deploykit.canonical import CalibrationTable, QdqGraph, lint  # noqa: E402
 from deploykit.pipeline import BuildOptions, build  # noqa: E402
 from deploykit.quantize import quantize, saturation  # noqa: E402
@@ -39,11 +39,7 @@ def prepared(digits):
 
 
 def _ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # exact Q/DQ
-    return np.asarray(ort.InferenceSession(model.SerializeToString(), opts).run(None, {"x": x})[0])
+    return np.asarray(ortsession.session(model, exact=True).run(None, {"x": x})[0])  # exact Q/DQ
 
 
 def _activation_scales(model: onnx.ModelProto) -> list[float]:
@@ -233,11 +229,7 @@ def test_attention_encoder_exports_canonically(tmp_path):
     for op in ("LayerNormalization", "Softmax"):
         for node in (n for n in exported.graph.node if n.op_type == op):
             assert g.dq_feeding(node.input[0]) is None, node.name
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    got = ort.InferenceSession(exported.SerializeToString(), opts).run(None, feeds)[0]
+    got = ortsession.session(exported, exact=True).run(None, feeds)[0]
     with torch.no_grad():
         want = prepared.teacher(*(torch.from_numpy(feeds[k]) for k in names)).numpy()
     cosine = np.sum(got * want, -1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))

@@ -12,6 +12,7 @@ from onnx import TensorProto
 
 from deploykit import canonical
 from deploykit.canonical import COMPUTE_OPS, INT8_MAX, META_RANDOM, REQUIRED_METADATA, QdqGraph, weight_axis
+from deploykit.ortsession import session
 from deploykit.quantize import load_canonical, quantize
 from deploykit.quantize.observe import (
     HIST_BINS,
@@ -38,10 +39,7 @@ def canonicals(tmp_path_factory):
 
 
 def _session(path_or_model) -> ort.InferenceSession:
-    src = path_or_model if isinstance(path_or_model, str) else path_or_model.SerializeToString()
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+    return session(path_or_model, exact=False)
 
 
 # ------------------------------------------------------------------------------ contract

@@ -102,13 +102,14 @@ def test_efficientnet_lite0_export_matches_torch(tmp_path, monkeypatch):
     _need("cnn")
     _need("photos")
     import onnx
-    import onnxruntime as ort
     import torch
+
+    from deploykit.ortsession import session
 
     path = realnets.efficientnet_lite0()
     assert path == realnets.efficientnet_lite0()  # cached
     x = realnets.photo_crops(4, seed=0, split="eval")
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = session(path, exact=False)
     assert [i.name for i in sess.get_inputs()] == ["input"] and sess.get_outputs()[0].name == "logits"
     got = sess.run(None, {"input": x})[0]
     with torch.no_grad():
@@ -130,12 +131,13 @@ def test_efficientnet_lite0_export_matches_torch(tmp_path, monkeypatch):
 def test_minilm_export_matches_sentence_transformers(exporter):
     _need("encoder")
     import onnx
-    import onnxruntime as ort
+
+    from deploykit.ortsession import session
 
     path = realnets.minilm(exporter)
     model = onnx.load(str(path))
     assert model.opset_import[0].version == 18 or any(o.version == 18 for o in model.opset_import)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = session(path, exact=False)
     texts = realnets.sentences(6, seed=2, split="eval")
     for seq_len in (16, 48):  # dynamic sequence and batch
         feeds = realnets.tokenize(texts[: 3 if seq_len == 16 else 6], seq_len)

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from deploykit.data import ArraySource
 from deploykit.errors import ConfigError
 from deploykit.model import input_specs, normalise
+from deploykit.ortsession import session
 from deploykit.quantize import quantize, recipes
 
 
@@ -32,10 +32,7 @@ def _source(tmp_path: Path, model: onnx.ModelProto, x: np.ndarray, name: str = "
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # exact Q/DQ semantics
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return sess.run(None, {"x": x.astype(np.float32)})[0]
+    return session(model, exact=True).run(None, {"x": x.astype(np.float32)})[0]  # exact Q/DQ semantics
 
 
 def _err(ref: np.ndarray, got: np.ndarray) -> float:

@@ -22,6 +22,7 @@ skip_unless_installed("torch", reason="the test models need torch (pip install t
 skip_unless_installed("transformers", reason="the test encoder is transformers' BertModel (pip install transformers)")
 
 from deploykit.errors import ConfigError  # noqa: E402
+from deploykit.ortsession import exposing  # noqa: E402
 from deploykit.testing import canonical_from_onnx, exported_onnx, make_canonical, make_target  # noqa: E402
 from deploykit.testing.models import bert_inputs  # noqa: E402
 from deploykit_coreml import CoreMLBackend, lowering, verify  # noqa: E402
@@ -128,14 +129,6 @@ def test_dynamic_batch_and_sequence_are_ranges(export, packages):
     assert list(packages[export].metadata["dynamic_dims"].values()) == [{"range": [1, 64]}]
 
 
-def _expose(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    have = {o.name for o in out.graph.output}
-    out.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in have)
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("export", ["dynamo", "legacy"])
 @pytest.mark.parametrize("seq", [7, 16, 40])
@@ -143,8 +136,6 @@ def test_layer_by_layer_in_the_mil_interpreter(export, seq, canonicals, fp32_pro
     """Every int8 tensor within one step of onnxruntime's (float-simulated QDQ, no optimisations),
     every integer and boolean tensor (positions, the attention mask) exactly equal, and the
     pooled embedding with cosine > 0.9999, at sequence lengths other than the calibration's."""
-    import onnxruntime as ort
-
     canonical = canonicals[export]
     lowered, mlmodel = fp32_programs[export]
     feeds = bert_inputs(4, seq=seq, seed=5)
@@ -161,8 +152,7 @@ def test_layer_by_layer_in_the_mil_interpreter(export, seq, canonicals, fp32_pro
     exact_types = (onnx.TensorProto.BOOL, onnx.TensorProto.INT64, onnx.TensorProto.INT32)
     exact = {t: lowering.mil_identifier(t) for t, kind in types.items() if kind in exact_types}
     exact = {t: m for t, m in exact.items() if m in probe and np.ndim(probe[m]) > 0 and np.size(probe[m]) > 1}
-    session = ort.InferenceSession(_expose(model, [*q_outputs, *exact]).SerializeToString(),
-                                   _no_optimisations(), ["CPUExecutionProvider"])
+    session = exposing(model, [*q_outputs, *exact])  # no optimisations: Q/DQ simulated in float
     names = [o.name for o in session.get_outputs()]
     want = dict(zip(names, session.run(None, feeds)))
 
@@ -182,14 +172,6 @@ def test_layer_by_layer_in_the_mil_interpreter(export, seq, canonicals, fp32_pro
     reference = want[canonical.model.graph.output[0].name]
     cosine = (got * reference).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(reference, axis=-1))
     assert cosine.min() > 0.9999
-
-
-def _no_optimisations():
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return options
 
 
 @pytest.mark.slow

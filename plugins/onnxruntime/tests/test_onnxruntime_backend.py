@@ -10,6 +10,7 @@ import pytest
 from deploykit.canonical import QdqGraph
 from deploykit.checks import compare
 from deploykit.errors import ConfigError
+from deploykit.ortsession import session
 from deploykit.reference import run_canonical
 from deploykit.testing import eval_feeds, make_canonical, make_target
 from deploykit.testing.conformance import run_conformance
@@ -33,9 +34,7 @@ def test_lowering_is_lossless(kind, activations, canonicals, tmp_path):
     plain = make_target(OnnxRuntimeBackend, activations=activations, threads=1, graph_optimization_level="disable")
     artifact = backend.lower(canonical, plain, tmp_path / "m.onnx")
     assert {c.name: c.status for c in artifact.checks} == {"scales_match": "pass"}
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    want = ort.InferenceSession(str(canonical.path), opts, providers=["CPUExecutionProvider"]).run(None, feeds)
+    want = session(canonical.path, exact=True).run(None, feeds)
     assert compare(want, backend.load(artifact, plain).run(feeds))["max_abs_error"] == 0.0
     # With every fusion on, onnxruntime's integer kernels (e.g. uint8 pooling) round on their
     # own; stay within a hair of the canonical model.

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 from deploykit.canonical import QdqGraph
 from deploykit.checks import compare
+from deploykit.ortsession import session
 from deploykit.testing import eval_feeds, make_canonical, make_target, skip_unless_installed
 from deploykit_onnxruntime import OnnxRuntimeBackend
 
@@ -17,9 +17,7 @@ skip_unless_installed("torch", reason="the test models are exported from torch (
 
 
 def _plain(path, feeds):
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]).run(None, feeds)
+    return session(path, exact=True).run(None, feeds)
 
 
 @pytest.mark.parametrize("kind", ["resnet", "mobilenet", "encoder"])

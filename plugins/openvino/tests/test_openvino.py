@@ -247,7 +247,7 @@ def test_digits_top1_agreement_and_fidelity(lowered, backend, target):
     n = len(feeds["x"])
     assert n > 300
     got = np.concatenate([runner.run({"x": feeds["x"][i:i + 64]})[0] for i in range(0, n, 64)])
-    fp32 = ort.InferenceSession(str(canonical.fp32_path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    fp32 = session(canonical.fp32_path, exact=False).run(None, feeds)[0]
     qdq = run_canonical(canonical.path, feeds)[0]
     agreement = float((got.argmax(1) == fp32.argmax(1)).mean())
     fidelity_rel_l2, fidelity_max_abs = rel_l2(got, qdq), float(np.abs(got - qdq).max())

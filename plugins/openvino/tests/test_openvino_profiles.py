@@ -19,11 +19,9 @@ from deploykit_openvino.verify import verify_scales  # noqa: E402
 
 
 def _plain(path, feeds):
-    import onnxruntime as ort
+    from deploykit.ortsession import session
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]).run(None, feeds)
+    return session(path, exact=True).run(None, feeds)
 
 
 @pytest.mark.parametrize("kind", ["resnet", "encoder"])
