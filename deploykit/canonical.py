@@ -340,7 +340,8 @@ RULES = {
     "metadata": "metadata records version, calibration method, data and source hashes, calibration table",
     "profile": "metadata names a known activation profile (symmetric or asymmetric)",
     "zero-point": "weight zero points are 0; activation zero points are 0 in the symmetric profile, and on "
-                  "both inputs of an activation x activation MatMul in both",
+                  "both inputs of an activation x activation MatMul in both, except -128 on a never-negative "
+                  "one (softmax probabilities, [0, max] in 256 steps) in the asymmetric profile",
     "dq-input-type": "DequantizeLinear inputs are int8 (no int32 bias DQ, no uint8)",
     "activation-per-tensor": "activation Q/DQ are per-tensor",
     "qdq-pair": "every activation DequantizeLinear is fed by a QuantizeLinear with the same scale and zero point",
@@ -445,9 +446,11 @@ def lint(model: onnx.ModelProto, tensorrt_only: bool = False) -> list[Violation]
         elif node.op_type in COMPUTE_OPS:
             sources = [g.activation_source(i) for i in node.input[:2]]
             if node.op_type == "MatMul" and len(sources) == 2 and all(sources):
-                if any(np.any(src[1].zero_point != 0) for src in sources if src):
-                    out.append(Violation("zero-point", name, "an input of an activation x activation MatMul "
-                                                            "has a zero point (it must be 0 in every profile)"))
+                allowed = {0, INT8_MIN} if profile == ASYMMETRIC else {0}  # -128: a non-negative operand's full grid
+                if any(int(src[1].zero_point.reshape(-1)[0]) not in allowed for src in sources if src):
+                    out.append(Violation("zero-point", name, "an input of an activation x activation MatMul has a "
+                                                            "zero point (0, or -128 for a never-negative operand in "
+                                                            "the asymmetric profile)"))
             for idx in range(min(2, len(node.input))):
                 if not g.dq_feeding(node.input[idx]):
                     out.append(Violation("compute-inputs-quantized", name,

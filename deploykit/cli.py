@@ -92,7 +92,7 @@ def cli(verbose: bool) -> None:
               "[default: targets.toml [quantization] keep_float].")
 @click.option("--recipe", metavar="STEPS", help="Accuracy-recovering PTQ, comma-separated: bias_correction, "
               "smoothquant[:ALPHA], cle, adaround[:ITERATIONS], gptq[:DAMPING]; 'none' for plain calibration [default: targets.toml "
-              "[calibration] recipe, else auto: bias_correction for CNNs, smoothquant:0.9 for transformers].")
+              "[calibration] recipe, else auto: bias_correction for CNNs, smoothquant:0.9,gptq for transformers].")
 @click.option("--accuracy-target", "accuracy_target", metavar="METRIC=VALUE", help="Keep the fewest layers float "
               "(by sensitivity per MAC) that meet top1_agreement=0.95, cosine=0.998 or accuracy_drop=0.01 on the "
               "evaluation data, then tries those layers back in int8 (largest MACs first) while the target holds; "

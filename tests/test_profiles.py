@@ -106,14 +106,24 @@ def test_post_relu_tensors_get_zero_point_minus_128(asym):
     assert g  # graph indexed fine
 
 
-def test_attention_matmul_inputs_stay_symmetric(asym):
+def test_attention_matmul_inputs_are_symmetric_but_the_probabilities_use_the_full_grid(asym):
     m = asym["encoder"].model
     g = QdqGraph(m)
+    producer = {o: n for n in m.graph.node for o in n.output}
     act_x_act = [n for n in m.graph.node if n.op_type == "MatMul"
                  and all(g.activation_source(i) for i in n.input[:2])]
-    assert act_x_act
+    assert len(act_x_act) == 4  # QK^T and PV in each of two layers
+    probabilities = 0
     for n in act_x_act:
-        assert all(int(g.activation_source(i)[1].zero_point) == 0 for i in n.input[:2])
+        for i in n.input[:2]:
+            source, params = g.activation_source(i)
+            if producer[source].op_type == "Softmax":  # never negative: [0, max] in 256 steps
+                probabilities += 1
+                assert int(params.zero_point) == -128
+                assert np.isclose(float(params.scale), asym["encoder"].table[source].max / 255, rtol=1e-6)
+            else:  # Q, K, V: signed, symmetric
+                assert int(params.zero_point) == 0
+    assert probabilities == 2
 
 
 def test_concat_and_pooling_groups_share_scale_and_zero_point(asym):
@@ -289,6 +299,13 @@ def test_lint_attention_zero_point(asym):
     q = g.producer[dq.input[0]]
     for node in (q, dq):
         node.input[2] = zp_name
+    assert ("zero-point", mm.name) in {(v.rule, v.node) for v in lint(m)}
+    # -128 (a never-negative operand on its full grid) is the one other zero point, in the asymmetric profile only
+    m.graph.initializer.append(numpy_helper.from_array(np.array(-128, np.int8), f"{zp_name}_full"))
+    for node in (q, dq):
+        node.input[2] = f"{zp_name}_full"
+    assert ("zero-point", mm.name) not in {(v.rule, v.node) for v in lint(m)}
+    next(p for p in m.metadata_props if p.key == META_PROFILE).value = SYMMETRIC
     assert ("zero-point", mm.name) in {(v.rule, v.node) for v in lint(m)}
 
 

@@ -37,7 +37,7 @@ def test_the_plugin_declares_both_profiles():
     assert set(CoreMLBackend.activation_profiles) == {"symmetric", ASYMMETRIC}
 
 
-@pytest.mark.parametrize("kind", ["resnet", "mobilenet"])
+@pytest.mark.parametrize("kind", ["resnet", "mobilenet", "encoder"])  # encoder: softmax probabilities at zp -128
 def test_asymmetric_zero_points_are_stored_and_computed(kind, tmp_path):
     canonical = make_canonical(kind, tmp_path, activations=ASYMMETRIC)
     g = QdqGraph(canonical.model)

@@ -30,6 +30,7 @@ from deploykit.cpu import u8s8_saturates
 from deploykit.errors import BackendUnavailable, ConfigError, LoweringError
 from deploykit.fileio import atomic_output, remove
 from deploykit.quantize import saturation
+from deploykit_openvino.attention import uint8_operands
 from deploykit_openvino.overflow import MODES, THRESHOLD, check_split, merge_halves, select, split_layers
 
 INSTALL_HINT = "pip install 'deploykit[openvino]'"
@@ -206,15 +207,16 @@ class OpenVINOBackend(Backend):
         mode = overflow_mode(target, record)
         split = select(canonical.model, mode, record, float(target.options.get("overflow_threshold", THRESHOLD)))
         lowered = split_layers(canonical.model, split) if split else canonical.model
+        read, recoded = uint8_operands(lowered)  # the IR reads this; checks compare with ``lowered`` (same grid)
         bin_dest = dest.with_suffix(".bin")
         dest.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.stem}."))
         try:
-            if split:
+            if split or recoded:
                 import onnx
 
-                onnx.save(lowered, str(stage / "split.onnx"))
-                model = read_onnx(core, stage / "split.onnx", lowered)
+                onnx.save(read, str(stage / "lowered.onnx"))
+                model = read_onnx(core, stage / "lowered.onnx", read)
             else:
                 model = read_onnx(core, canonical.path, canonical.model)
             # FP32 weights stay FP32 (save_model compresses to fp16 by default); int8 weights stay int8.
@@ -243,7 +245,7 @@ class OpenVINOBackend(Backend):
         metadata = {"openvino": ov.get_version(), "device": device_name(target),
                     "config": compile_config(target.options), "compress_to_fp16": False,
                     "fake_quantize": sum(op.get_type_name() == "FakeQuantize" for op in saved.get_ordered_ops()),
-                    "overflow_fix": mode, "split_layers": split,
+                    "overflow_fix": mode, "split_layers": split, "uint8_operands": recoded,
                     **audit_meta}
         return Artifact(self.name, dest, (dest, bin_dest), metadata, tuple(checks))
 

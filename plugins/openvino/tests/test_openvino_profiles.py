@@ -32,6 +32,9 @@ def test_asymmetric_lowering_keeps_zero_points(kind, tmp_path):
     checks = {c.name: c for c in artifact.checks}
     assert checks["scales_match"].status == "pass", checks["scales_match"].message
     assert checks["int8_fraction"].value == 1.0, checks["int8_fraction"].message  # attention included
+    # the softmax probabilities (zero point -128, [0, max] in 256 steps) read as uint8 with zero point 0, the same
+    # grid: with a zero point OpenVINO would run those MatMuls in f32
+    assert len(artifact.metadata["uint8_operands"]) == (2 if kind == "encoder" else 0)
     assert artifact.metadata["activation_profile"] == "asymmetric"
     feeds = eval_feeds(kind, 32)
     # OpenVINO's integer kernels round on their own (the random-weight test encoder: 9.3% rel-L2, as symmetric)
