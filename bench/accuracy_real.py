@@ -204,7 +204,7 @@ def bench_net(net: str, n_calib: int, n_eval: int, use_nncf: bool, root: Path, c
             result = requantize(observed, fp32, method=method, activations=profile)
         else:  # a recipe rewrites the graph or the weights: its own calibration
             result = quantize(fp32, source, method, batch_size=16, activations=profile, recipe=recipe)
-        d = work / f"dk_{method}_{profile}_{recipe.replace(':', '')}"
+        d = work / f"dk_{method}_{profile}_{recipe.replace(':', '').replace(',', '_')}"
         d.mkdir(exist_ok=True)
         canonical = write_canonical(result, fp32, d)
         values: dict[str, float | None] = {}
@@ -251,6 +251,21 @@ DEFAULT_CONFIGS = [("minmax", "asymmetric"), ("minmax", "symmetric"), ("entropy"
                    ("minmax", "asymmetric", "auto")]  # auto: the default recipe of each kind of network
 
 
+def parse_configs(spec: str) -> list[tuple[str, ...]]:
+    """``method:profile[:recipe],...``; a recipe's own commas stay in it (a piece that does not
+    start with a calibration method continues the previous row's recipe):
+    ``minmax:asymmetric:smoothquant:0.9,gptq,minmax:asymmetric:auto`` is two rows."""
+    from deploykit.quantize.observe import METHODS
+
+    rows: list[list[str]] = []
+    for piece in spec.split(","):
+        if rows and piece.split(":", 1)[0] not in METHODS and len(rows[-1]) == 3:
+            rows[-1][2] += "," + piece
+        else:
+            rows.append(piece.split(":", 2))
+    return [tuple(r) for r in rows]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nets", default="cnn,encoder", help="comma-separated: cnn, encoder")
@@ -258,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval", type=int, default=512, help="held-out evaluation samples")
     ap.add_argument("--no-nncf", action="store_true", help="skip the NNCF anchors")
     ap.add_argument("--configs", default="", help="deploykit rows as method:profile[:recipe],... e.g. "
-                    "minmax:asymmetric:bias_correction, minmax:asymmetric:smoothquant:0.9 (default: six, plus the "
+                    "minmax:asymmetric:bias_correction, minmax:asymmetric:smoothquant:0.9,gptq (default: six, plus the "
                     "default recipe of each net)")
     ap.add_argument("--overflow", default="none,all", help="OpenVINO overflow_fix modes measured as extra columns "
                     "of the CNN's deploykit rows, besides the default (auto); empty: none")
@@ -270,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"missing packages {missing}: {realnets.INSTALL_HINT}", file=sys.stderr)
         return 2
-    configs = [tuple(c.split(":", 2)) for c in args.configs.split(",")] if args.configs else DEFAULT_CONFIGS
+    configs = parse_configs(args.configs) if args.configs else DEFAULT_CONFIGS
     print(f"load average {os.getloadavg()[0]:.1f}; calib {args.calib}, eval {args.eval}", flush=True)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="deploykit-accuracy-") as tmp, warnings.catch_warnings():

@@ -568,6 +568,9 @@ def prepare(model: Any, example_inputs: tuple[Any, ...], calib: Any, *, method: 
     return result
 
 
+_QAT_STEPS = ("smoothquant", "bias_correction")  # the recipe steps prepare applies
+
+
 def _is_auto(spec: str | None) -> bool:
     return spec is not None and spec.strip().lower() == "auto"
 
@@ -585,9 +588,11 @@ def _recipe_steps(spec: str | None, module: Any) -> tuple[Any, ...]:
         linears = sum(1 for t in targets if t == torch.ops.aten.linear.default)
         transformer = linears >= 2 and torch.ops.aten.layer_norm.default in targets
         spec = recipes.DEFAULT_TRANSFORMER if transformer else recipes.DEFAULT_CNN
+        # the build's weight rounding (gptq) is what training does here: auto keeps the float rewrites
+        spec = recipes.format_recipe([s for s in recipes.parse_recipe(spec) if s.name in _QAT_STEPS])
     steps = recipes.parse_recipe(spec)
     for step in steps:
-        if step.name not in ("smoothquant", "bias_correction"):
+        if step.name not in _QAT_STEPS:
             raise ConfigError(f"qat.prepare: recipe step '{step}' is not applied by QAT (training adjusts the "
                               f"weights themselves); use smoothquant[:ALPHA], bias_correction, auto or none")
     return tuple(recipes.Step(s.name, recipes.DEFAULT_ALPHA if s.name == "smoothquant" and s.value is None

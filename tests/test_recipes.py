@@ -65,7 +65,7 @@ def test_auto_recipe_picks_by_network_kind():
                   helper.make_node("LayerNormalization", ["h", "g", "b"], ["n"], name="ln", axis=-1),
                   helper.make_node("MatMul", ["n", "w2"], ["y"], name="m2")],
                  {"w1": np.ones((8, 8)), "w2": np.ones((8, 8)), "g": np.ones(8), "b": np.zeros(8)}, [1, 4, 8], [1, 4, 8])
-    assert recipes.resolve_auto("auto", enc) == recipes.DEFAULT_TRANSFORMER == "smoothquant:0.9"
+    assert recipes.resolve_auto("auto", enc) == recipes.DEFAULT_TRANSFORMER == "smoothquant:0.9,gptq"
     assert recipes.resolve_auto("cle", enc) == "cle"
 
 

@@ -65,9 +65,10 @@ LAMBDA = 10.0  # relative to the layer's nearest-rounding error: weaker left the
 #: depthwise CNN, SmoothQuant at 0.9 on a sentence encoder (all-MiniLM-L6-v2, alpha 0.65 / 0.8 /
 #: 0.9 / 0.95 / 1.0: embedding cosine with FP32 0.9907 / 0.9966 / 0.9971 / 0.9968 / 0.9956; the
 #: smaller activation steps also make the canonical model less sensitive to a runtime's float
-#: order: TFLite's cosine with it 0.9962 / 0.9985 / 0.9990 / 0.9991 / 0.9992).
+#: order: TFLite's cosine with it 0.9962 / 0.9985 / 0.9990 / 0.9991 / 0.9992), then GPTQ on the
+#: weights SmoothQuant made harder (MiniLM: 0.9971 -> 0.9978; docs/performance.md).
 DEFAULT_CNN = "bias_correction"
-DEFAULT_TRANSFORMER = "smoothquant:0.9"
+DEFAULT_TRANSFORMER = "smoothquant:0.9,gptq"
 _COMPUTE = ("Conv", "Gemm", "MatMul")
 
 
@@ -551,13 +552,14 @@ def _round_in_waves(fp32: onnx.ModelProto, qdq: onnx.ModelProto, data: DataSourc
     seen = 0
     pending = list(layers)
     upstream = {name: _upstream_nodes(g, n.input[0]) for name, (n, _, _) in layers.items()}
+    reference = exposing(fp32, list(dict.fromkeys(n.output[0] for n, _, _ in layers.values()))) if layers else None
     with _progress(len(layers), f"{desc}: layers") as bar:
         while pending:
             wave = [name for name in pending if not upstream[name] & (set(pending) - {name})]
             pending = [name for name in pending if name not in wave]
             current = apply_edits(qdq, Edits(int8_weights=new), skip) if new else qdq
             nodes = [layers[name][0] for name in wave]
-            xs, ys, seen = _layer_io(current, fp32, nodes, data, batch_size, samples, inputs)
+            xs, ys, seen = _layer_io(current, reference, nodes, data, batch_size, samples, inputs)
             for node in nodes:
                 _, (_, _, scale, axis), w = layers[node.name]
                 rounded = round_layer(node, xs[node.input[0]], ys[node.output[0]], w, scale, axis, _bias(g, fp32, node))
@@ -584,13 +586,13 @@ def _upstream_nodes(g: _Graph, tensor: str) -> set[str]:
     return out
 
 
-def _layer_io(qdq: onnx.ModelProto, fp32: onnx.ModelProto, nodes: Sequence[onnx.NodeProto], data: DataSource,
+def _layer_io(qdq: onnx.ModelProto, reference: Any, nodes: Sequence[onnx.NodeProto], data: DataSource,
               batch_size: int, samples: int, inputs: Sequence[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
     """Each node's input as ``qdq`` computes it (after its DequantizeLinear) and its output as
-    ``fp32`` does, on the first ``samples`` samples."""
+    the FP32 model's session ``reference`` (exposing it) does, on the first ``samples`` samples."""
     in_names = list(dict.fromkeys(n.input[0] for n in nodes))
     out_names = list(dict.fromkeys(n.output[0] for n in nodes))
-    s_q, s_f = exposing(qdq, in_names), exposing(fp32, out_names)
+    s_q, s_f = exposing(qdq, in_names), reference
     xs: dict[str, list[np.ndarray]] = defaultdict(list)
     ys: dict[str, list[np.ndarray]] = defaultdict(list)
     seen = 0
