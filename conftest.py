@@ -39,11 +39,13 @@ HEAVY_FIRST = (
 GROUPS = {
     "plugins/tflite/tests/": "plugins/tflite/tests",
     "plugins/coreml/tests/": "plugins/coreml/tests",
-    # torch's dynamo exporter (onnxscript, its op registry) and transformers: QAT exports and the
-    # real networks' exports; AdaRound trains with torch.optim, whose import loads torch._dynamo
-    # (~1.7 s of CPU): the only other reason the second worker imported it (cpu plugin, 12:20)
+    # torch's dynamo exporter (onnxscript, its op registry: ~4 s of CPU to load) and transformers:
+    # QAT exports, the real networks' exports and the Python API's build from a torch module;
+    # AdaRound trains with torch.optim, whose import loads torch._dynamo (~1.7 s). Whichever
+    # worker drew test_build.py or test_recipes.py loaded them again (cpu plugin, 12:20 and 13:07).
     "tests/test_qat.py": "torch exports",
     "tests/test_realnets.py": "torch exports",
+    "tests/test_build.py": "torch exports",
     "tests/test_recipes.py": "torch exports",
 }
 

@@ -498,6 +498,8 @@ def prepare(model: Any, example_inputs: tuple[Any, ...], calib: Any, *, method: 
         raise ConfigError(f"qat: unknown calibration method '{method}'; use one of {', '.join(METHODS)}")
     if activations not in rules.PROFILES:
         raise ConfigError(f"qat: unknown activation profile '{activations}'; use one of {', '.join(rules.PROFILES)}")
+    if not _is_auto(recipe):
+        _recipe_steps(recipe, None)  # a step QAT does not apply is refused before the export, not after
     started = time.monotonic()
     example_inputs = tuple(example_inputs)
     teacher = copy.deepcopy(model).eval()
@@ -569,14 +571,19 @@ def prepare(model: Any, example_inputs: tuple[Any, ...], calib: Any, *, method: 
 _QAT_STEPS = ("smoothquant", "bias_correction")  # the recipe steps prepare applies
 
 
+def _is_auto(spec: str | None) -> bool:
+    return spec is not None and spec.strip().lower() == "auto"
+
+
 def _recipe_steps(spec: str | None, module: Any) -> tuple[Any, ...]:
     """The recipe steps ``prepare`` applies (``auto`` resolved as a build's
     :func:`deploykit.quantize.recipes.resolve_auto` does: a transformer, linear layers and
-    LayerNorm, takes SmoothQuant; any other network bias correction)."""
+    LayerNorm, takes SmoothQuant; any other network bias correction). ``module`` (the exported
+    graph) is read only for ``auto``."""
     from deploykit.quantize import recipes
 
     torch = _torch()
-    if spec is not None and spec.strip().lower() == "auto":
+    if _is_auto(spec):
         targets = [n.target for n in module.graph.nodes if n.op == "call_function"]
         linears = sum(1 for t in targets if t == torch.ops.aten.linear.default)
         transformer = linears >= 2 and torch.ops.aten.layer_norm.default in targets
