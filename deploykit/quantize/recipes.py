@@ -694,7 +694,8 @@ def _gptq_layer(node: onnx.NodeProto, x: np.ndarray, y: np.ndarray, w: np.ndarra
     """GPTQ on one MatMul / Gemm: the int8 weight, or None when it does not lower the layer's
     output error (against the FP32 output ``y``) below nearest rounding's."""
     trans_b = node.op_type == "Gemm" and bool(_attr(node, "transB", 0))
-    if w.ndim != 2 or (node.op_type == "Gemm" and (_attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0)):
+    if w.ndim != 2 or (node.op_type == "Gemm" and (_attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0
+                                                    or _attr(node, "beta", 1.0) != 1.0)):
         return None
     wk = (w.T if trans_b else w).astype(np.float64)  # [K, N]: input rows, output columns
     out_axis = (1 - axis) if trans_b else axis
