@@ -10,11 +10,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent
 
-#: the test files that cost most, heaviest first (CPU seconds in a 2-worker run at load 8-9,
-#: 2026-12-07 06:00: 44, 24, 23, 15, 14, 15, 11, 8, 10, 7, 8, 10). With ``--dist loadfile`` a file
-#: runs whole on one worker; xdist hands files out in order as workers free up, so these go
-#: first and the many light files fill in at the end, instead of a heavy file with few tests
-#: (xdist's default order is by test count) starting last on one worker while the other idles.
+#: the test files that cost most, heaviest first (CPU seconds in a 2-worker run at load 5-10,
+#: 2026-12-07 13:19: 48, 28, 23, 12, 13, 13, 11, 11, 10, 9, 8, 8, 8, 7, 7, 6, 5; a GROUPS unit
+#: starts where its first file is). With ``--dist loadfile`` a file runs whole on one worker;
+#: xdist hands files out in order as workers free up, so these go first and the many light files
+#: fill in at the end, instead of a heavy file with few tests (xdist's default order is by test
+#: count) starting last on one worker while the other idles (test_openvino.py, 11 s, was last).
 HEAVY_FIRST = (
     "tests/test_qat.py",
     "plugins/coreml/tests/test_coreml.py",
@@ -22,12 +23,17 @@ HEAVY_FIRST = (
     "tests/test_build.py",
     "plugins/tflite/tests/test_tflite.py",
     "tests/test_agent.py",
+    "plugins/openvino/tests/test_openvino.py",
+    "tests/test_realnets.py",
     "tests/test_matrix.py",
-    "tests/test_adopt.py",
+    "tests/test_plugins.py",
     "tests/test_vendorlog.py",
     "tests/test_jobs.py",
     "tests/test_ray_executor.py",
     "tests/test_reliability.py",
+    "tests/test_adopt.py",
+    "tests/test_properties.py",
+    "tests/test_quantize.py",
 )
 
 #: test files that import the same heavy SDK run on the same worker: ``--dist loadfile`` hands

@@ -99,7 +99,9 @@ def _observer_classes() -> tuple[type, type]:
     class ActivationObserver(ao.ObserverBase):  # type: ignore[misc,name-defined]
         """Exact min/max (pass "ranges"), then a 2048-bin |x| histogram over [0, absmax]
         (pass "histograms"); the scale comes from the calibration method, as in a PTQ build.
-        ``force_symmetric``: both inputs of an activation x activation matmul keep zero point 0."""
+        ``force_symmetric``: an input of an activation x activation matmul keeps zero point 0,
+        except, in the asymmetric profile, one that was never negative on the calibration data
+        (softmax probabilities): zero point -128, [0, max] in 256 steps, as place.build_table."""
 
         def __init__(self, dtype: Any = torch.int8, qscheme: Any = torch.per_tensor_symmetric, quant_min: int = -128,
                      quant_max: int = 127, is_dynamic: bool = False, method: str = "minmax",
@@ -108,7 +110,7 @@ def _observer_classes() -> tuple[type, type]:
             super().__init__(dtype=dtype, is_dynamic=is_dynamic)
             self.qscheme, self.quant_min, self.quant_max = qscheme, quant_min, quant_max
             self.method, self.percentile = method, percentile
-            self.profile = rules.SYMMETRIC if force_symmetric else profile
+            self.profile, self.force_symmetric = profile, force_symmetric
             self.stats = TensorStats()
             self.phase = "ranges"
             self.final: tuple[float, int] | None = None
@@ -139,7 +141,8 @@ def _observer_classes() -> tuple[type, type]:
                 return self.final
             method = self.method if self.phase == "done" else "minmax"
             amax = METHODS[method](self.stats, percentile=self.percentile)
-            if self.profile == rules.SYMMETRIC:
+            never_negative = bool(np.isfinite(self.stats.min) and self.stats.min >= 0.0)
+            if self.profile == rules.SYMMETRIC or (self.force_symmetric and not never_negative):
                 return rules.activation_scale(amax), 0
             lo = max(float(self.stats.min), -amax) if np.isfinite(self.stats.min) else 0.0
             hi = min(float(self.stats.max), amax) if np.isfinite(self.stats.max) else 0.0
@@ -256,7 +259,9 @@ def _quantizer_class() -> type:
             return self.weight_specs[axis]
 
         def _act_spec(self, obs: type, method: str, percentile: float, profile: str, symmetric: bool) -> Any:
-            scheme = torch.per_tensor_symmetric if profile == rules.SYMMETRIC or symmetric else torch.per_tensor_affine
+            # an attention operand in the asymmetric profile is affine too (its zero point may be -128;
+            # torch's LearnableFakeQuantize zeroes a symmetric one), its zero point frozen in prepare()
+            scheme = torch.per_tensor_symmetric if profile == rules.SYMMETRIC else torch.per_tensor_affine
             # learnable scales (LSQ, gradients scaled by 1/sqrt(numel * 127)), or fixed after calibration
             ctr, extra = (ao.LearnableFakeQuantize, {"use_grad_scaling": True}) if self.learn else (ao.FakeQuantize, {})
             return QuantizationSpec(dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=scheme, is_dynamic=False,
@@ -301,7 +306,7 @@ def _quantizer_class() -> type:
                     if _is_weight(b):
                         wrap[node] = [(a, "act")]
                         weights[node] = (b, self._weight_axis(node, b))
-                    else:  # activation x activation (attention): both, zero point 0
+                    else:  # activation x activation (attention): both, zero point 0 (or -128, see the observer)
                         wrap[node] = [(a, "sym"), (b, "sym")]
                 elif t in self.ops["pool"] and _rank(node.args[0]) == 4:
                     if t.__name__.startswith("mean") and not _spatial_mean(node):
@@ -548,7 +553,7 @@ def prepare(model: Any, example_inputs: tuple[Any, ...], calib: Any, *, method: 
         if isinstance(fq, ao.LearnableFakeQuantize):
             fq._initialize_or_update_qparams(scale, zp)
             fq.enable_range_learning()
-            if fq.qscheme == torch.per_tensor_symmetric:
+            if fq.qscheme == torch.per_tensor_symmetric or obs.force_symmetric:  # 0 or -128 stays
                 fq.zero_point.requires_grad_(False)
         else:
             fq.scale.resize_(scale.shape).copy_(scale)

@@ -236,6 +236,43 @@ def test_attention_encoder_exports_canonically(tmp_path):
     assert cosine.mean() > 0.99
 
 
+def _attention_zero_points(model: onnx.ModelProto) -> list[tuple[str, int]]:
+    """(producer op of the float operand, zero point) for both inputs of every activation x activation MatMul."""
+    g = QdqGraph(model)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    out = []
+    for node in model.graph.node:
+        sources = [g.activation_source(i) for i in node.input[:2]]
+        if node.op_type == "MatMul" and all(sources):
+            out += [(producer[src[0]].op_type, int(src[1].zero_point)) for src in sources if src]
+    return out
+
+
+def test_asymmetric_encoder_puts_the_softmax_probabilities_on_the_full_grid_as_ptq_does(tmp_path):
+    """Asymmetric profile: like a PTQ build (deploykit.quantize.place), the never-negative
+    probabilities operand of each PV matmul gets zero point -128 and Q, K, V keep 0; the zero
+    points stay put while the scales train (learn_scales), so the trained export still lints."""
+    import torch
+
+    torch.manual_seed(0)
+    module = models.tiny_encoder().eval()
+    feeds = models.encoder_inputs(32)
+    names = list(feeds)
+    example = tuple(torch.from_numpy(feeds[k][:2]) for k in names)
+    prepared = qat.prepare(module, example, feeds, input_names=names, activations="asymmetric", recipe="none",
+                           learn_scales=True)
+    _teacher_export_from_the_suite_cache(prepared, tmp_path)
+    qat.distill(prepared, feeds, steps=3, lr=1e-3, loss="cosine")
+    exported = onnx.load(str(qat.export(prepared, tmp_path / "encoder.qdq.onnx")))
+    assert lint(exported) == []
+    fp32 = modelmod.normalise(onnx.load(str(tmp_path / "encoder.fp32.onnx")))
+    ptq = quantize(fp32, data.open_source(lambda: [feeds], modelmod.input_specs(fp32)), "minmax",
+                   activations="asymmetric").model
+    want = sorted(_attention_zero_points(ptq))
+    assert want.count(("Softmax", -128)) == 2 and len(want) == 8  # QK^T and PV in each of two layers
+    assert sorted(_attention_zero_points(exported)) == want
+
+
 def test_smoothquant_recipe_starts_qat_at_the_smoothed_ptq_point():
     """``prepare(recipe=...)`` applies the build's SmoothQuant to the float torch graph before the
     fake quantization: the function is unchanged (fake quantization off), an encoder whose
