@@ -62,3 +62,31 @@ def test_declared_float_layers_stay_float(tmp_path):
     got = backend.load(artifact, target).run(feeds)[0]
     want = run_canonical(canonical.path, feeds)[0]
     assert np.abs(got - want).max() <= 0.05 * np.abs(want).max(), np.abs(got - want).max()
+
+
+def test_asymmetric_encoder_keeps_the_softmax_probabilities_full_grid(tmp_path):
+    """The asymmetric profile puts attention's softmax probabilities on zero point -128 ([0, max]
+    in 256 steps): the flatbuffer keeps that zero point and every canonical scale, and the
+    embeddings stay those of the canonical model."""
+    canonical = make_canonical("encoder", tmp_path, activations=ASYMMETRIC)
+    g = QdqGraph(canonical.model)
+    producer = {o: n for n in canonical.model.graph.node for o in n.output}
+    probabilities = [n for n in canonical.model.graph.node if n.op_type == "QuantizeLinear"
+                     and producer[n.input[0]].op_type == "Softmax"]
+    assert probabilities and all(int(g.params(n).zero_point) == -128 for n in probabilities)
+    backend, target = TFLiteBackend(), make_target(TFLiteBackend, threads=2)
+    artifact = backend.lower(canonical, target, tmp_path / "encoder.tflite")
+    checks = {c.name: c for c in artifact.checks}
+    assert checks["scales_match"].status == "pass", checks["scales_match"].message  # scales AND zero points
+    from ai_edge_litert.interpreter import Interpreter
+
+    stored = {(float(np.float32(t["quantization_parameters"]["scales"][0])), int(t["quantization_parameters"]["zero_points"][0]))
+              for t in Interpreter(model_path=str(artifact.path)).get_tensor_details()
+              if t["dtype"] == np.int8 and len(t["quantization_parameters"]["scales"]) == 1}
+    for q in probabilities:
+        assert (float(np.float32(g.params(q).scale.reshape(-1)[0])), -128) in stored, q.name
+    feeds = eval_feeds("encoder", 16)
+    want = run_canonical(canonical.path, feeds)[0]
+    got = backend.load(artifact, target).run(feeds)[0]
+    cosine = (want * got).sum(1) / np.linalg.norm(want, axis=1) / np.linalg.norm(got, axis=1)
+    assert cosine.min() >= 0.999, cosine.min()
