@@ -1,8 +1,8 @@
 """A function run in a child process forked from this one, for tests that need a real separate
 process (a signal it receives, a server they kill, an exit code) but not a fresh interpreter.
 
-Why: a fresh ``python -m deploykit.cli`` spends ~1.5 s of CPU before it does anything, ~1.2 s of
-it importing (``import onnx`` alone ~1 s: ml_dtypes registering its ufunc loops). A child forked
+Why: a fresh ``python -m deploykit.cli build`` spends its first ~0.8 s of CPU importing (~1.9 s with
+ml_dtypes 0.7.0, see pyproject.toml), and an agent or a build imports more. A child forked
 from a test process that has already imported deploykit starts in milliseconds. It is still a
 process of its own: its own pid, signals, file descriptors, exit status; what it changes in
 modules, the environment or the working directory stays in the child.
