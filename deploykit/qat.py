@@ -466,11 +466,15 @@ class Prepared:
         return (p for p in self.module.parameters() if p.requires_grad)
 
     def scale_parameters(self) -> list[Any]:
-        """The learned activation scales (and zero points) alone (empty without ``learn_scales``)."""
+        """The learned activation scales and zero points (``learn_scales``) and SmoothQuant factors
+        (``learn_smoothing``): what trains at ``distill``'s ``scale_lr``; empty without either."""
         torch = _torch()
-        return [t for fq in _fake_quants(self.module) for t in (getattr(fq, "scale", None),
-                                                                 getattr(fq, "zero_point", None))
-                if isinstance(t, torch.nn.Parameter) and t.requires_grad]
+        quant = [t for fq in _fake_quants(self.module) for t in (getattr(fq, "scale", None),
+                                                                  getattr(fq, "zero_point", None))
+                 if isinstance(t, torch.nn.Parameter) and t.requires_grad]
+        smoothing = [p for name, p in self.module.named_parameters()
+                     if name.startswith(_SMOOTH_PREFIX) and p.requires_grad]
+        return quant + smoothing
 
     def __call__(self, *inputs: Any) -> Any:
         return self.module(*inputs)
@@ -479,7 +483,7 @@ class Prepared:
 def prepare(model: Any, example_inputs: tuple[Any, ...], calib: Any, *, method: str = "minmax",
             percentile: float = 99.99, activations: str = rules.SYMMETRIC, batch_size: int = 8,
             input_names: Sequence[str] | None = None, dynamic_sequence: bool = False,
-            learn_scales: bool = False, recipe: str | None = "auto") -> Prepared:
+            learn_scales: bool = False, learn_smoothing: bool = False, recipe: str | None = "auto") -> Prepared:
     """Insert the canonical fake quantization into ``model`` and calibrate it on ``calib``.
 
     ``example_inputs``: a tuple of tensors (as for torch.export). ``calib``: unlabeled samples
@@ -489,6 +493,11 @@ def prepare(model: Any, example_inputs: tuple[Any, ...], calib: Any, *, method: 
     activation profile (symmetric lowers to every backend). ``dynamic_sequence``: dimension 1
     of every input is dynamic too (token sequences). ``learn_scales``: activation scales are
     trained too (LSQ), starting from the calibrated ones; else they stay as calibrated.
+    ``learn_smoothing``: SmoothQuant's per-channel factors (the ``x / s`` before each smoothed
+    activation's fake quantization) train too, starting from the recipe's; the weights take
+    the inverse through their own training. A learned equivalent transformation: it moves
+    range between each input channel and its weights where the quantization noise is smaller.
+    Exported as the float multiply the canonical model already carries for SmoothQuant.
     ``recipe``: the build's float rewrites applied before the fake quantization, so training
     starts where a PTQ build with that recipe ends: ``smoothquant[:ALPHA]``; ``auto`` (the
     default) is the build's choice, ``smoothquant:0.9`` for a transformer (linear layers and
@@ -523,7 +532,7 @@ def prepare(model: Any, example_inputs: tuple[Any, ...], calib: Any, *, method: 
     for step in steps:  # the float rewrites of the build's recipe, before the fake quantization
         if step.name == "smoothquant":
             assert step.value is not None
-            smoothed = _smooth_quant(module, batches, names, step.value)
+            smoothed = _smooth_quant(module, batches, names, step.value, learn=learn_smoothing)
             log.debug("qat.prepare: smoothquant:%g on %d activation tensors", step.value, smoothed)
     with _quiet():
         prepared = prepare_qat_pt2e(module, _quantizer_class()(method, percentile, activations, learn_scales))
@@ -701,12 +710,17 @@ def _through(node: Any, ops: dict[str, frozenset[Any]], w: Any, m: Any) -> Any:
     return (per_out * m.reshape(groups, cin_g)[idx]).sum(1)
 
 
-def _smooth_quant(module: Any, batches: list[Feeds], names: Sequence[str], alpha: float) -> int:
+_SMOOTH_PREFIX = "_deploykit_smooth_inv_"  # the module attributes holding 1 / s of each smoothed tensor
+
+
+def _smooth_quant(module: Any, batches: list[Feeds], names: Sequence[str], alpha: float,
+                  learn: bool = False) -> int:
     """SmoothQuant on the float torch graph, as deploykit.quantize.recipes.smooth_quant does on
     the ONNX model: for the linear layers reading one activation ``x`` (the query, key and value
     projections share one), ``x / s`` (a multiply inserted before them: the tensor the fake
     quantization then sees) and ``W * s`` along the input channels, with the recipe's factors
-    from the calibration data. The function is unchanged; returns the number of tensors smoothed."""
+    from the calibration data. The function is unchanged; returns the number of tensors smoothed.
+    ``learn``: the factors are parameters (trained by ``distill``), else buffers."""
     import operator
 
     from deploykit.quantize.recipes import smoothing_factors
@@ -745,8 +759,12 @@ def _smooth_quant(module: Any, batches: list[Feeds], names: Sequence[str], alpha
         with torch.no_grad():
             for w in weights:
                 w.mul_(s)  # [out, in]: input channel k times s_k
-        attr = f"_deploykit_smooth_inv_{i}"
-        module.register_buffer(attr, (1.0 / s).to(torch.float32))
+        attr = f"{_SMOOTH_PREFIX}{i}"
+        inverse = (1.0 / s).to(torch.float32)
+        if learn:
+            module.register_parameter(attr, torch.nn.Parameter(inverse))
+        else:
+            module.register_buffer(attr, inverse)
         with graph.inserting_after(x):
             inv = graph.get_attr(attr)
         with graph.inserting_after(inv):
