@@ -324,6 +324,43 @@ def test_smoothquant_recipe_starts_qat_at_the_smoothed_ptq_point(tmp_path):
     assert cosine.min() > 0.9999, cosine.min()  # the learned factors are in the export
 
 
+def test_gptq_recipe_starts_qat_at_gptqs_rounding():
+    """``prepare(recipe="...,gptq")`` rounds every linear weight as the build's GPTQ step does, on
+    the fake-quantized graph: the float weights are stored on their int8 grid (fake quantization
+    leaves them as they are: the scale, amax / 127, did not move) and the encoder's output is
+    closer to FP32 than with nearest rounding."""
+    import operator
+
+    import torch
+
+    torch.manual_seed(0)
+    module = models.tiny_encoder().eval()
+    feeds = models.encoder_inputs(64)
+    names = list(feeds)
+    example = tuple(torch.from_numpy(feeds[k][:2]) for k in names)
+    inputs = tuple(torch.from_numpy(feeds[k]) for k in names)
+
+    def error(prepared: qat.Prepared) -> float:
+        with torch.no_grad():
+            got, want = prepared(*inputs), prepared.teacher(*inputs)
+        return float((1 - torch.nn.functional.cosine_similarity(got, want, dim=-1)).mean())
+
+    nearest = qat.prepare(module, example, feeds, input_names=names, recipe="smoothquant:0.9")
+    rounded = qat.prepare(module, example, feeds, input_names=names, recipe="smoothquant:0.9,gptq")
+    assert rounded.recipe == "smoothquant:0.9,gptq"
+    layers = qat._quantized_layers(rounded.module, ("linear",))
+    assert len(layers) == 8  # per layer: qkv, proj, ff1, ff2
+    moved = 0
+    for node, (_, _, weight_node, w_fq) in layers.items():
+        w = operator.attrgetter(weight_node.target)(rounded.module).detach()
+        w0 = operator.attrgetter(weight_node.target)(nearest.module).detach()
+        with torch.no_grad():
+            assert torch.allclose(w_fq(w), w, rtol=0, atol=1e-7), node.name  # on the grid, same scale
+            moved += int(not torch.equal(w_fq(w), w_fq(w0)))  # not nearest rounding's levels
+    assert moved == len(layers)
+    assert error(rounded) < 0.9 * error(nearest), (error(rounded), error(nearest))
+
+
 def test_bias_correction_starts_qat_at_the_corrected_ptq_point(tmp_path):
     """``prepare(recipe="auto")`` on a CNN applies the build's bias correction to the
     fake-quantized torch graph: a depthwise convolution without a bias whose weights all sit
