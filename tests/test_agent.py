@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +27,7 @@ from deploykit.jobs import LocalExecutor  # noqa: E402
 from deploykit.pipeline import BuildOptions, build  # noqa: E402
 from deploykit.remote import AgentExecutor, DeviceRouter, check_job_json, safe_name  # noqa: E402
 from deploykit.targets import load_targets  # noqa: E402
+from deploykit.testing.forked import Forked  # noqa: E402
 
 SAMPLES = Path(deploykit.__file__).parent / "samples"
 TOKEN = "agent-test-token-0123456789"
@@ -42,7 +42,7 @@ class Agent:
     port: int
     folder: Path
     log: Path
-    proc: subprocess.Popen | None = None
+    proc: Forked | None = None
     max_upload_mb: float = 64.0
 
     @property
@@ -50,10 +50,16 @@ class Agent:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> Agent:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "deploykit.cli", "agent", "--port", str(self.port), "--folder", str(self.folder),
-             "--max-upload-mb", str(self.max_upload_mb)],
-            env={**ENV, "DEPLOYKIT_AGENT_TOKEN": TOKEN}, stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"))
+        """``deploykit agent`` in a process of its own (forked from this one: no interpreter start-up)."""
+        args = ["agent", "--port", str(self.port), "--folder", str(self.folder), "--max-upload-mb",
+                str(self.max_upload_mb)]
+
+        def agent() -> int:
+            from deploykit.cli import main
+
+            return main(args)
+
+        self.proc = Forked(agent, env={**ENV, "DEPLOYKIT_AGENT_TOKEN": TOKEN}, stderr=self.log)
         return self
 
     def wait_ready(self, timeout: float = 120.0) -> Agent:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -18,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from deploykit.errors import ConfigError, DataError, ModelError, OutputDirError
 from deploykit.outdir import OutDir, check_name, strict_json
+from deploykit.testing.forked import run_forked
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -353,6 +355,11 @@ def tiny(tmp_path, monkeypatch):
     return tmp_path
 
 
+#: the build the signal tests interrupt
+BUILD_ARGS = ["build", "m.onnx", "-t", "onnxruntime", "--calib", "c.npz", "--out", "out", "--method", "minmax",
+              "--no-baseline"]
+
+
 def run_cli(*args: str, capsys) -> tuple[int, str, str]:
     from deploykit.cli import main
 
@@ -516,48 +523,48 @@ def test_rerun_after_interrupt_keeps_calibration_and_publishes_everything(tiny, 
 
 
 def test_sigterm_during_a_build_exits_143_and_the_rerun_completes(tiny, capsys):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "plugins" / "onnxruntime")]))
-    script = textwrap.dedent("""
-        import os, signal, sys
+    def build_that_gets_sigterm() -> int:  # in a process of its own (forked: no interpreter start-up)
         import deploykit.pipeline as p
+        from deploykit.cli import main
+
         real = p._reference_outputs
+
         def slow(*a, **k):
             os.kill(os.getpid(), signal.SIGTERM)  # arrives while signals are deferred
             return real(*a, **k)
+
         p._reference_outputs = slow
-        from deploykit.cli import main
-        sys.exit(main(sys.argv[1:]))
-    """)
-    args = ["build", "m.onnx", "-t", "onnxruntime", "--calib", "c.npz", "--out", "out", "--method", "minmax",
-            "--no-baseline"]
-    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=tiny, env=env, capture_output=True, text=True)
+        return main(BUILD_ARGS)
+
+    proc = run_forked(build_that_gets_sigterm, cwd=tiny)
     assert proc.returncode == 143, proc.stderr
     assert "Traceback" not in proc.stderr and "terminated" in proc.stderr
-    # the rerun needs no signal: in this process (a CLI process costs ~1.5 s of CPU to start)
+    # the rerun needs no signal: in this process
     code, _, err = run_cli("-t", "onnxruntime", "--calib", "c.npz", "--out", "out", capsys=capsys)
     assert code == 0, err
     assert json.loads((tiny / "out" / "manifest.json").read_text())["files"] == files_under(tiny / "out")
 
 
 def test_ctrl_c_during_a_target_waits_for_it_and_the_rerun_keeps_it(tiny, capsys):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "plugins" / "onnxruntime")]))
-    script = textwrap.dedent("""
-        import os, signal, sys, time
-        # as deploykit.cli.main does before anything starts a thread (numpy's BLAS pool would)
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    def build_that_gets_ctrl_c() -> int:  # in a process of its own (forked: no interpreter start-up)
+        import time
+
         import deploykit.pipeline as p
+        from deploykit.cli import main
+
+        # as deploykit.cli.main does before anything starts a thread (a forked child has only this one)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         real = p._build_target
+
         def target(*a, **k):
             os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C mid-target
             time.sleep(0.5)  # native work: no Python-level interrupt may land here
             return real(*a, **k)
+
         p._build_target = target
-        from deploykit.cli import main
-        sys.exit(main(sys.argv[1:]))
-    """)
-    args = ["build", "m.onnx", "-t", "onnxruntime", "--calib", "c.npz", "--out", "out", "--method", "minmax",
-            "--no-baseline"]
-    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=tiny, env=env, capture_output=True, text=True)
+        return main(BUILD_ARGS)
+
+    proc = run_forked(build_that_gets_ctrl_c, cwd=tiny)
     assert proc.returncode == 130, proc.stderr
     assert "Traceback" not in proc.stderr
     code, _, err = run_cli("-t", "onnxruntime", "--calib", "c.npz", "--out", "out", capsys=capsys)  # as above
