@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
-from deploykit.backend import Runner
 from deploykit.results import CheckResult, LatencyStats
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: importing deploykit.checks does not import onnx (~1.2 s of CPU)
     import onnx
+
+    from deploykit.backend import Runner
 
 
 def measure_latency(runner: Runner, feeds: Mapping[str, np.ndarray], warmup: int = 10, runs: int = 100) -> LatencyStats:

@@ -7,7 +7,9 @@ basic graph optimisations, which use only ONNX ops), shapes inferred, node names
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import importlib
 import io
 import os
 import re
@@ -82,6 +84,7 @@ def export_torch(module: Any, example_inputs: tuple[Any, ...], path: Path | str,
         dynamic = tuple({**(d or {}), 1: sequence} for d in (dynamic or (None,) * len(example_inputs)))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    list_torchlib_ops_once()
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress lines
             torch.onnx.export(module.eval(), tuple(example_inputs), str(path), dynamo=True, opset_version=OPSET,
@@ -89,6 +92,30 @@ def export_torch(module: Any, example_inputs: tuple[Any, ...], path: Path | str,
     except Exception as exc:
         raise ModelError(f"torch export of {type(module).__name__} failed: {type(exc).__name__}: {exc}") from None
     return path
+
+
+#: the onnxscript module torch 2.13's dynamo exporter takes its torchlib op list from
+#: (torch/onnx/_internal/_lazy_import.py: ``onnxscript_apis``)
+TORCHLIB_APIS = "onnxscript._framework_apis.torch_2_11"
+
+
+def list_torchlib_ops_once() -> None:
+    """Make onnxscript's list of torchlib ops once per process, not in every dynamo export.
+
+    ``torch.onnx.export(dynamo=True)`` builds its ONNX op registry anew on every call from
+    ``get_torchlib_ops()``, and onnxscript 0.7 makes that list by parsing the Python source of
+    each of its ~560 torchlib functions to read their domain: ~0.65 s of CPU in every export
+    after the first (a QAT export exports twice: the fake-quantized model and its FP32 teacher).
+    The list depends only on the installed onnxscript; torch reads it and builds its own
+    registry from it (nothing mutates it), so every export still gets a fresh registry. Without
+    that module (another onnxscript or torch) nothing changes."""
+    try:
+        apis = importlib.import_module(TORCHLIB_APIS)
+    except ImportError:
+        return
+    listed = getattr(apis, "get_torchlib_ops", None)
+    if callable(listed) and not hasattr(listed, "cache_info"):
+        setattr(apis, "get_torchlib_ops", functools.cache(listed))  # noqa: B010 (a module attribute mypy cannot see)
 
 
 def model_hash(model: onnx.ModelProto) -> str:

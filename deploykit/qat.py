@@ -1054,7 +1054,7 @@ def export(prepared: Prepared, path: Path | str, *, source_hash: str = "") -> Pa
 
     from deploykit.data import open_source
     from deploykit.fileio import atomic_output, sha256
-    from deploykit.model import export_torch, input_specs
+    from deploykit.model import export_torch, input_specs, list_torchlib_ops_once
     from deploykit.quantize import saturation
     from deploykit.quantize.adopt import NotCanonical, adopt
     from deploykit.quantize.recipes import META_RECIPE
@@ -1068,6 +1068,7 @@ def export(prepared: Prepared, path: Path | str, *, source_hash: str = "") -> Pa
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="deploykit-qat-") as tmp:
         raw_path = Path(tmp) / "qat.onnx"
+        list_torchlib_ops_once()
         with _quiet():
             module = copy.deepcopy(prepared.module)
             converted = convert_pt2e(module)
