@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--learn-scales", action="store_true", help="prepare(learn_scales=True): LSQ activation scales")
+    ap.add_argument("--learn-smoothing", action="store_true",
+                    help="prepare(learn_smoothing=True): SmoothQuant's per-channel factors train too")
+    ap.add_argument("--scale-lr", type=float, default=None, help="distill(scale_lr=...): default 10 x --lr")
     ap.add_argument("--activations", choices=["symmetric", "asymmetric"], default="asymmetric",
                     help="QAT's activation profile (asymmetric lowers to onnxruntime, OpenVINO, TFLite, Core ML)")
     ap.add_argument("--recipe", default="auto", help="prepare(recipe=...): the build's float rewrites first")
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     example = tuple(torch.from_numpy(s["calib"][k][:2]) for k in s["names"])
     cpu = time.process_time()  # CPU seconds of this process (both cores): the budget on a shared machine
     prepared = qat.prepare(s["module"], example, s["calib"], input_names=s["names"], learn_scales=args.learn_scales,
-                           activations=args.activations, recipe=args.recipe)
+                           learn_smoothing=args.learn_smoothing, activations=args.activations, recipe=args.recipe)
     t_prepare, c_prepare = time.monotonic() - t, time.process_time() - cpu
     t = time.monotonic()
     before = qat.export(prepared, work / "untrained.qdq.onnx")
@@ -184,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu = time.process_time()
     qat.distill(prepared, s["train"], epochs=args.epochs, lr=args.lr, batch_size=args.batch,
                 loss=args.loss or s["loss"], budget_s=args.budget, cpu_budget_s=args.cpu_budget,
-                warmup=args.warmup, temperature=args.temperature)
+                warmup=args.warmup, temperature=args.temperature, scale_lr=args.scale_lr)
     t_distill, c_distill = time.monotonic() - t, time.process_time() - cpu
     seen = len(prepared.history) * args.batch
     t, cpu = time.monotonic(), time.process_time()

@@ -466,11 +466,15 @@ class Prepared:
         return (p for p in self.module.parameters() if p.requires_grad)
 
     def scale_parameters(self) -> list[Any]:
-        """The learned activation scales (and zero points) alone (empty without ``learn_scales``)."""
+        """The learned activation scales and zero points (``learn_scales``) and SmoothQuant factors
+        (``learn_smoothing``): what trains at ``distill``'s ``scale_lr``; empty without either."""
         torch = _torch()
-        return [t for fq in _fake_quants(self.module) for t in (getattr(fq, "scale", None),
-                                                                 getattr(fq, "zero_point", None))
-                if isinstance(t, torch.nn.Parameter) and t.requires_grad]
+        quant = [t for fq in _fake_quants(self.module) for t in (getattr(fq, "scale", None),
+                                                                  getattr(fq, "zero_point", None))
+                 if isinstance(t, torch.nn.Parameter) and t.requires_grad]
+        smoothing = [p for name, p in self.module.named_parameters()
+                     if name.startswith(_SMOOTH_PREFIX) and p.requires_grad]
+        return quant + smoothing
 
     def __call__(self, *inputs: Any) -> Any:
         return self.module(*inputs)
@@ -479,7 +483,7 @@ class Prepared:
 def prepare(model: Any, example_inputs: tuple[Any, ...], calib: Any, *, method: str = "minmax",
             percentile: float = 99.99, activations: str = rules.SYMMETRIC, batch_size: int = 8,
             input_names: Sequence[str] | None = None, dynamic_sequence: bool = False,
-            learn_scales: bool = False, recipe: str | None = "auto") -> Prepared:
+            learn_scales: bool = False, learn_smoothing: bool = False, recipe: str | None = "auto") -> Prepared:
     """Insert the canonical fake quantization into ``model`` and calibrate it on ``calib``.
 
     ``example_inputs``: a tuple of tensors (as for torch.export). ``calib``: unlabeled samples
@@ -489,8 +493,14 @@ def prepare(model: Any, example_inputs: tuple[Any, ...], calib: Any, *, method: 
     activation profile (symmetric lowers to every backend). ``dynamic_sequence``: dimension 1
     of every input is dynamic too (token sequences). ``learn_scales``: activation scales are
     trained too (LSQ), starting from the calibrated ones; else they stay as calibrated.
+    ``learn_smoothing``: SmoothQuant's per-channel factors (the ``x / s`` before each smoothed
+    activation's fake quantization) train too, starting from the recipe's; the weights take
+    the inverse through their own training. A learned equivalent transformation: it moves
+    range between each input channel and its weights where the quantization noise is smaller.
+    Exported as the float multiply the canonical model already carries for SmoothQuant.
     ``recipe``: the build's float rewrites applied before the fake quantization, so training
-    starts where a PTQ build with that recipe ends: ``smoothquant[:ALPHA]``; ``auto`` (the
+    starts where a PTQ build with that recipe ends: ``smoothquant[:ALPHA]``, ``bias_correction``
+    and ``gptq[:DAMPING]`` (the weights start from GPTQ's rounding, then train); ``auto`` (the
     default) is the build's choice, ``smoothquant:0.9`` for a transformer (linear layers and
     LayerNorm), nothing for other networks; ``none``.
     """
@@ -523,7 +533,7 @@ def prepare(model: Any, example_inputs: tuple[Any, ...], calib: Any, *, method: 
     for step in steps:  # the float rewrites of the build's recipe, before the fake quantization
         if step.name == "smoothquant":
             assert step.value is not None
-            smoothed = _smooth_quant(module, batches, names, step.value)
+            smoothed = _smooth_quant(module, batches, names, step.value, learn=learn_smoothing)
             log.debug("qat.prepare: smoothquant:%g on %d activation tensors", step.value, smoothed)
     with _quiet():
         prepared = prepare_qat_pt2e(module, _quantizer_class()(method, percentile, activations, learn_scales))
@@ -560,6 +570,13 @@ def prepare(model: Any, example_inputs: tuple[Any, ...], calib: Any, *, method: 
             fq.zero_point.resize_(zp.shape).copy_(zp)
             fq.disable_observer()
     prepared.apply(ao.enable_fake_quant)
+    gptq = next((step for step in steps if step.name == "gptq"), None)
+    if gptq is not None:  # after placement and scales, as a build
+        from deploykit.quantize.recipes import DEFAULT_GPTQ_DAMPING
+
+        damping = DEFAULT_GPTQ_DAMPING if gptq.value is None else float(gptq.value)
+        rounded = _gptq(prepared, batches, names, damping)
+        log.debug("qat.prepare: gptq:%g on %d linear layers", damping, rounded)
     if any(step.name == "bias_correction" for step in steps):  # after placement and scales, as a build
         corrected = _bias_correction(prepared, batches, names)
         log.debug("qat.prepare: bias_correction on %d layers", corrected)
@@ -573,7 +590,7 @@ def prepare(model: Any, example_inputs: tuple[Any, ...], calib: Any, *, method: 
     return result
 
 
-_QAT_STEPS = ("smoothquant", "bias_correction")  # the recipe steps prepare applies
+_QAT_STEPS = ("smoothquant", "bias_correction", "gptq")  # the recipe steps prepare applies
 
 
 def _is_auto(spec: str | None) -> bool:
@@ -594,14 +611,96 @@ def _recipe_steps(spec: str | None, module: Any) -> tuple[Any, ...]:
         transformer = linears >= 2 and torch.ops.aten.layer_norm.default in targets
         spec = recipes.DEFAULT_TRANSFORMER if transformer else recipes.DEFAULT_CNN
         # the build's weight rounding (gptq) is what training does here: auto keeps the float rewrites
-        spec = recipes.format_recipe([s for s in recipes.parse_recipe(spec) if s.name in _QAT_STEPS])
+        spec = recipes.format_recipe([s for s in recipes.parse_recipe(spec) if s.name in _QAT_STEPS
+                                      and s.name != "gptq"])
     steps = recipes.parse_recipe(spec)
     for step in steps:
         if step.name not in _QAT_STEPS:
             raise ConfigError(f"qat.prepare: recipe step '{step}' is not applied by QAT (training adjusts the "
-                              f"weights themselves); use smoothquant[:ALPHA], bias_correction, auto or none")
+                              f"weights themselves); use smoothquant[:ALPHA], bias_correction, gptq[:DAMPING], auto "
+                              f"or none")
     return tuple(recipes.Step(s.name, recipes.DEFAULT_ALPHA if s.name == "smoothquant" and s.value is None
                               else s.value) for s in steps)
+
+
+def _quantized_layers(module: Any, kinds: Sequence[str] = ("conv", "linear")) -> dict[Any, tuple[Any, Any, Any, Any]]:
+    """The conv / linear nodes of the prepared graph reading a fake-quantized input and a
+    fake-quantized weight: node -> (raw input x, its fake quantization x_q, weight node, the
+    weight's fake quantizer)."""
+    ao = _ao()
+    ops = _aten_sets()
+    fake_quant = {name: m for name, m in module.named_modules() if isinstance(m, ao.FakeQuantizeBase)}
+    targets = frozenset().union(*(ops[k] for k in kinds))
+
+    def quantizer(node: Any) -> Any:
+        return fake_quant.get(node.target) if getattr(node, "op", None) == "call_module" else None
+
+    layers: dict[Any, tuple[Any, Any, Any, Any]] = {}
+    for node in module.graph.nodes:
+        if node.op != "call_function" or node.target not in targets:
+            continue
+        x_q, w_q = node.args[0], node.args[1]
+        if "transpose" in str(node.target) or quantizer(x_q) is None or quantizer(w_q) is None \
+                or not _is_weight(w_q.args[0]):
+            continue
+        layers[node] = (x_q.args[0], x_q, w_q.args[0], quantizer(w_q))
+    return layers
+
+
+def _gptq(module: Any, batches: list[Feeds], names: Sequence[str], damping: float) -> int:
+    """GPTQ on the fake-quantized torch graph, as :func:`deploykit.quantize.recipes.gptq` does on
+    the canonical model: one pass over the calibration data records, for every linear layer, the
+    Gram matrix of its fake-quantized input; each weight is then rounded by
+    :func:`deploykit.quantize.recipes.gptq_levels` on its per-channel grid and stored as those
+    levels times their scales, so training starts from GPTQ's rounding (kept only where it
+    lowers the layer's output error below nearest rounding's). The largest weight of each
+    channel keeps its level (+-127), so the channel's scale, amax / 127, stays where it was.
+    Returns the number of layers rounded."""
+    import operator
+
+    from deploykit.quantize.recipes import gptq_levels
+
+    torch = _torch()
+    layers = _quantized_layers(module, ("linear",))
+    grams: dict[Any, Any] = {}
+    inputs = {deq for _, deq, _, _ in layers.values()}
+
+    class Record(torch.fx.Interpreter):  # type: ignore[misc,name-defined]
+        def run_node(self, n: Any) -> Any:
+            out = super().run_node(n)
+            if n in inputs:
+                x = out.detach().reshape(-1, out.shape[-1]).to(torch.float64)
+                grams[n] = x.T @ x + grams[n] if n in grams else x.T @ x
+            return out
+
+    with torch.no_grad(), _quiet():
+        for feeds in batches:
+            Record(module).run(*_to_torch(feeds, names))
+    rounded = 0
+    for _, deq, weight_node, _ in layers.values():
+        weight = operator.attrgetter(weight_node.target)(module)
+        w = weight.detach().to(torch.float64)  # [out N, in K]
+        amax = w.abs().amax(1)
+        s = torch.where(amax > 0, amax / 127, torch.ones_like(amax)).numpy()
+        wk, h = w.T.numpy(), grams[deq].numpy()
+        q = gptq_levels(wk, s, h, damping)
+        if q is None:
+            continue
+        top = np.argmax(np.abs(wk), axis=0)  # per channel: the weight that sets amax keeps +-127
+        cols = np.arange(wk.shape[1])
+        q[top, cols] = np.clip(np.round(wk[top, cols] / s), -127, 127)
+        nearest = np.clip(np.round(wk / s), -127, 127)
+
+        def error(levels: np.ndarray) -> float:
+            d = levels * s - wk  # the output error x @ d, its energy through the Gram matrix
+            return float(np.einsum("kn,kj,jn->", d, h, d))
+
+        if not error(q) < error(nearest):
+            continue
+        with torch.no_grad():
+            weight.copy_(torch.from_numpy((q * s).T).to(weight.dtype))
+        rounded += 1
+    return rounded
 
 
 def _bias_correction(module: Any, batches: list[Feeds], names: Sequence[str]) -> int:
@@ -613,23 +712,9 @@ def _bias_correction(module: Any, batches: list[Feeds], names: Sequence[str]) ->
     (kernel taps summed, padding ignored, as there), is subtracted from its float bias (a layer
     without a bias gains one). Returns the number of layers corrected."""
     torch = _torch()
-    ao = _ao()
     ops = _aten_sets()
     graph = module.graph
-    fake_quant = {name: m for name, m in module.named_modules() if isinstance(m, ao.FakeQuantizeBase)}
-
-    def quantizer(node: Any) -> Any:
-        return fake_quant.get(node.target) if getattr(node, "op", None) == "call_module" else None
-
-    layers: dict[Any, tuple[Any, Any, Any, Any]] = {}  # layer -> (raw x, x_q, weight, weight fake quant)
-    for node in graph.nodes:
-        if node.op != "call_function" or not (node.target in ops["conv"] or node.target in ops["linear"]):
-            continue
-        x_q, w_q = node.args[0], node.args[1]
-        if "transpose" in str(node.target) or quantizer(x_q) is None or quantizer(w_q) is None \
-                or not _is_weight(w_q.args[0]):
-            continue
-        layers[node] = (x_q.args[0], x_q, w_q.args[0], quantizer(w_q))
+    layers = _quantized_layers(module)
     if not layers:
         return 0
     axis = {node: 1 if node.target in ops["conv"] else -1 for node in layers}
@@ -701,12 +786,17 @@ def _through(node: Any, ops: dict[str, frozenset[Any]], w: Any, m: Any) -> Any:
     return (per_out * m.reshape(groups, cin_g)[idx]).sum(1)
 
 
-def _smooth_quant(module: Any, batches: list[Feeds], names: Sequence[str], alpha: float) -> int:
+_SMOOTH_PREFIX = "_deploykit_smooth_inv_"  # the module attributes holding 1 / s of each smoothed tensor
+
+
+def _smooth_quant(module: Any, batches: list[Feeds], names: Sequence[str], alpha: float,
+                  learn: bool = False) -> int:
     """SmoothQuant on the float torch graph, as deploykit.quantize.recipes.smooth_quant does on
     the ONNX model: for the linear layers reading one activation ``x`` (the query, key and value
     projections share one), ``x / s`` (a multiply inserted before them: the tensor the fake
     quantization then sees) and ``W * s`` along the input channels, with the recipe's factors
-    from the calibration data. The function is unchanged; returns the number of tensors smoothed."""
+    from the calibration data. The function is unchanged; returns the number of tensors smoothed.
+    ``learn``: the factors are parameters (trained by ``distill``), else buffers."""
     import operator
 
     from deploykit.quantize.recipes import smoothing_factors
@@ -745,8 +835,12 @@ def _smooth_quant(module: Any, batches: list[Feeds], names: Sequence[str], alpha
         with torch.no_grad():
             for w in weights:
                 w.mul_(s)  # [out, in]: input channel k times s_k
-        attr = f"_deploykit_smooth_inv_{i}"
-        module.register_buffer(attr, (1.0 / s).to(torch.float32))
+        attr = f"{_SMOOTH_PREFIX}{i}"
+        inverse = (1.0 / s).to(torch.float32)
+        if learn:
+            module.register_parameter(attr, torch.nn.Parameter(inverse))
+        else:
+            module.register_buffer(attr, inverse)
         with graph.inserting_after(x):
             inv = graph.get_attr(attr)
         with graph.inserting_after(inv):

@@ -273,11 +273,12 @@ def test_asymmetric_encoder_puts_the_softmax_probabilities_on_the_full_grid_as_p
     assert sorted(_attention_zero_points(exported)) == want
 
 
-def test_smoothquant_recipe_starts_qat_at_the_smoothed_ptq_point():
+def test_smoothquant_recipe_starts_qat_at_the_smoothed_ptq_point(tmp_path):
     """``prepare(recipe=...)`` applies the build's SmoothQuant to the float torch graph before the
     fake quantization: the function is unchanged (fake quantization off), an encoder whose
     LayerNorm outputs carry outlier channels (as real BERT-family encoders do) quantizes much
-    closer to FP32 than without it."""
+    closer to FP32 than without it. With ``learn_smoothing`` the factors train with the scales
+    and the export computes what trained."""
     import torch
     from torchao.quantization.pt2e import disable_fake_quant, enable_fake_quant
 
@@ -298,7 +299,7 @@ def test_smoothquant_recipe_starts_qat_at_the_smoothed_ptq_point():
         return float((1 - torch.nn.functional.cosine_similarity(got, want, dim=-1)).mean())
 
     plain = qat.prepare(module, example, feeds, input_names=names, recipe="none")
-    smoothed = qat.prepare(module, example, feeds, input_names=names, recipe="auto")
+    smoothed = qat.prepare(module, example, feeds, input_names=names, recipe="auto", learn_smoothing=True)
     assert (plain.recipe, smoothed.recipe) == ("none", "smoothquant:0.9")  # auto: a transformer
     muls = [n for n in smoothed.module.graph.nodes if n.target == torch.ops.aten.mul.Tensor
             and any("smooth_inv" in str(a) for a in n.args)]
@@ -308,6 +309,56 @@ def test_smoothquant_recipe_starts_qat_at_the_smoothed_ptq_point():
     smoothed.module.apply(enable_fake_quant)
     assert error(smoothed) < 0.5 * error(plain), (error(smoothed), error(plain))
     # the smoothed export (lint, placement) is test_attention_encoder_exports_canonically's: auto is its default
+    factors = smoothed.scale_parameters()
+    assert len(factors) == 8 and not plain.scale_parameters()  # one 1/s per smoothed tensor; plain learns none
+    start = [f.detach().clone() for f in factors]
+    qat.distill(smoothed, feeds, steps=4, lr=1e-3, loss="cosine")
+    assert all(not torch.equal(f, s) for f, s in zip(factors, start))  # trained at scale_lr
+    _teacher_export_from_the_suite_cache(smoothed, tmp_path)
+    exported = onnx.load(str(qat.export(smoothed, tmp_path / "encoder.qdq.onnx")))
+    assert lint(exported) == []
+    got = ortsession.session(exported, exact=True).run(None, feeds)[0]
+    with torch.no_grad():
+        trained = smoothed(*inputs).numpy()
+    cosine = np.sum(got * trained, -1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(trained, axis=-1))
+    assert cosine.min() > 0.9999, cosine.min()  # the learned factors are in the export
+
+
+def test_gptq_recipe_starts_qat_at_gptqs_rounding():
+    """``prepare(recipe="...,gptq")`` rounds every linear weight as the build's GPTQ step does, on
+    the fake-quantized graph: the float weights are stored on their int8 grid (fake quantization
+    leaves them as they are: the scale, amax / 127, did not move) and the encoder's output is
+    closer to FP32 than with nearest rounding."""
+    import operator
+
+    import torch
+
+    torch.manual_seed(0)
+    module = models.tiny_encoder().eval()
+    feeds = models.encoder_inputs(64)
+    names = list(feeds)
+    example = tuple(torch.from_numpy(feeds[k][:2]) for k in names)
+    inputs = tuple(torch.from_numpy(feeds[k]) for k in names)
+
+    def error(prepared: qat.Prepared) -> float:
+        with torch.no_grad():
+            got, want = prepared(*inputs), prepared.teacher(*inputs)
+        return float((1 - torch.nn.functional.cosine_similarity(got, want, dim=-1)).mean())
+
+    nearest = qat.prepare(module, example, feeds, input_names=names, recipe="smoothquant:0.9")
+    rounded = qat.prepare(module, example, feeds, input_names=names, recipe="smoothquant:0.9,gptq")
+    assert rounded.recipe == "smoothquant:0.9,gptq"
+    layers = qat._quantized_layers(rounded.module, ("linear",))
+    assert len(layers) == 8  # per layer: qkv, proj, ff1, ff2
+    moved = 0
+    for node, (_, _, weight_node, w_fq) in layers.items():
+        w = operator.attrgetter(weight_node.target)(rounded.module).detach()
+        w0 = operator.attrgetter(weight_node.target)(nearest.module).detach()
+        with torch.no_grad():
+            assert torch.allclose(w_fq(w), w, rtol=0, atol=1e-7), node.name  # on the grid, same scale
+            moved += int(not torch.equal(w_fq(w), w_fq(w0)))  # not nearest rounding's levels
+    assert moved == len(layers)
+    assert error(rounded) < 0.9 * error(nearest), (error(rounded), error(nearest))
 
 
 def test_bias_correction_starts_qat_at_the_corrected_ptq_point(tmp_path):

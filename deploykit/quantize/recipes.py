@@ -689,6 +689,30 @@ def _adaround_layer(torch: Any, node: onnx.NodeProto, x: Any, y: Any, w: np.ndar
     return np.asarray(torch.clamp(base + hard, -127, 127).numpy(), dtype=np.int8)
 
 
+def gptq_levels(wk: np.ndarray, s: np.ndarray, h: np.ndarray, damping: float) -> np.ndarray | None:
+    """GPTQ's rounding of one weight ``wk`` [K inputs, N outputs] on the grid of its per-output
+    scales ``s`` [N], given the Gram matrix ``h`` = X^T X [K, K] of the layer's input: each
+    input row is rounded in turn and its rounding error pushed onto the rows not yet rounded,
+    weighted by the inverse Gram matrix, so the errors cancel in the layer's output. Returns
+    the int8 levels [K, N] (float64), or None when the damped Gram matrix is not invertible.
+    Shared by the build's ``gptq`` step and ``qat.prepare``'s."""
+    h = np.array(h, dtype=np.float64)
+    dead = np.diag(h) == 0  # an input row never used: its weight cannot matter
+    h[dead, dead] = 1.0
+    h += damping * float(np.mean(np.diag(h))) * np.eye(len(h))
+    try:
+        u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper factor of H^-1: row k's error feedback
+    except np.linalg.LinAlgError:
+        return None
+    work = np.array(wk, dtype=np.float64)
+    q = np.zeros_like(work)
+    for k in range(work.shape[0]):
+        q[k] = np.clip(np.round(work[k] / s), -127, 127)
+        err = (work[k] - q[k] * s) / u[k, k]
+        work[k + 1:] -= np.outer(u[k, k + 1:], err)
+    return q
+
+
 def _gptq_layer(node: onnx.NodeProto, x: np.ndarray, y: np.ndarray, w: np.ndarray, scale: np.ndarray, axis: int,
                 bias: np.ndarray | None, damping: float) -> np.ndarray | None:
     """GPTQ on one MatMul / Gemm: the int8 weight, or None when it does not lower the layer's
@@ -704,20 +728,9 @@ def _gptq_layer(node: onnx.NodeProto, x: np.ndarray, y: np.ndarray, w: np.ndarra
     s = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (wk.shape[1],)) if np.ndim(scale) else \
         np.full(wk.shape[1], float(scale))
     xk = x.reshape(-1, wk.shape[0]).astype(np.float64)
-    h = xk.T @ xk
-    dead = np.diag(h) == 0  # an input row never used: its weight cannot matter
-    h[dead, dead] = 1.0
-    h += damping * float(np.mean(np.diag(h))) * np.eye(len(h))
-    try:
-        u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper factor of H^-1: row k's error feedback
-    except np.linalg.LinAlgError:
+    q = gptq_levels(wk, s, xk.T @ xk, damping)
+    if q is None:
         return None
-    work = wk.copy()
-    q = np.zeros_like(wk)
-    for k in range(wk.shape[0]):
-        q[k] = np.clip(np.round(work[k] / s), -127, 127)
-        err = (work[k] - q[k] * s) / u[k, k]
-        work[k + 1:] -= np.outer(u[k, k + 1:], err)
     yk = y.reshape(-1, wk.shape[1]).astype(np.float64)
     b = 0.0 if bias is None else np.asarray(bias, np.float64)
 
