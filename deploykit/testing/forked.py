@@ -12,7 +12,8 @@ environment, what importing a module loads, or a variable read when a library st
 threads) must start a new interpreter with :mod:`subprocess`. The child has only the forking
 thread: thread pools of the parent (onnxruntime's, BLAS's) are started again on first use, so
 the child must not use torch after the parent used its OpenMP pool (libgomp is not fork-safe).
-POSIX only.
+On Linux the child gets SIGKILL when the thread that forked it ends (PR_SET_PDEATHSIG): fork
+from a thread that outlives the child (a test's main thread). POSIX only.
 """
 
 from __future__ import annotations
