@@ -693,7 +693,7 @@ def _gptq(module: Any, batches: list[Feeds], names: Sequence[str], damping: floa
 
         def error(levels: np.ndarray) -> float:
             d = levels * s - wk  # the output error x @ d, its energy through the Gram matrix
-            return float(np.einsum("kn,kj,jn->", d, h, d))
+            return float(np.sum(d * (h @ d)))  # trace(d^T H d), through BLAS
 
         if not error(q) < error(nearest):
             continue
