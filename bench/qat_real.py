@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipe", default="auto", help="prepare(recipe=...): the build's float rewrites first")
     ap.add_argument("--temperature", type=float, default=1.0, help="distill's KL temperature (cnn)")
     ap.add_argument("--no-anchors", action="store_true", help="skip onnxruntime.quantization and NNCF")
+    ap.add_argument("--no-ptq", action="store_true", help="skip deploykit's own PTQ rows too (QAT rows only)")
     ap.add_argument("--lower", default="", help="comma-separated targets to build the QAT export for")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
@@ -152,15 +153,16 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{args.net}: {args.train} training / {args.calib} calibration / {args.eval} evaluation inputs; "
           f"setup {time.monotonic() - t0:.0f} s; load average {os.getloadavg()[0]:.1f}", flush=True)
-    t = time.monotonic()
-    calib_src = data.open_source(lambda: [s["calib"]], modelmod.input_specs(fp32))
-    ptq = quantize(fp32, calib_src, "minmax", activations="symmetric", recipe="auto")
-    row(f"deploykit PTQ minmax, symmetric, recipe {ptq.recipe}", evaluate(ptq.model),
-        time.monotonic() - t)
-    t = time.monotonic()
-    asym = requantize(ptq, fp32, activations="asymmetric")
-    row(f"deploykit PTQ minmax, asymmetric, recipe {ptq.recipe}", evaluate(asym.model),
-        time.monotonic() - t)
+    if not args.no_ptq:
+        t = time.monotonic()
+        calib_src = data.open_source(lambda: [s["calib"]], modelmod.input_specs(fp32))
+        ptq = quantize(fp32, calib_src, "minmax", activations="symmetric", recipe="auto")
+        row(f"deploykit PTQ minmax, symmetric, recipe {ptq.recipe}", evaluate(ptq.model),
+            time.monotonic() - t)
+        t = time.monotonic()
+        asym = requantize(ptq, fp32, activations="asymmetric")
+        row(f"deploykit PTQ minmax, asymmetric, recipe {ptq.recipe}", evaluate(asym.model),
+            time.monotonic() - t)
     if not args.no_anchors:
         for symmetric in (False, True):
             t = time.monotonic()
