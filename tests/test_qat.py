@@ -220,7 +220,7 @@ def test_attention_encoder_exports_canonically(tmp_path):
     _teacher_export_from_the_suite_cache(prepared, tmp_path)
     exported = onnx.load(str(qat.export(prepared, tmp_path / "encoder.qdq.onnx")))
     assert lint(exported) == []
-    assert {p.key: p.value for p in exported.metadata_props}["deploykit.recipe"] == "smoothquant:0.9"  # auto
+    assert {p.key: p.value for p in exported.metadata_props}["deploykit.recipe"] == "smoothquant:0.7"  # auto
     g = QdqGraph(exported)
     matmuls = [n for n in exported.graph.node if n.op_type == "MatMul"]
     attention = [n for n in matmuls if all(g.activation_source(i) for i in n.input[:2])]
@@ -300,7 +300,7 @@ def test_smoothquant_recipe_starts_qat_at_the_smoothed_ptq_point(tmp_path):
 
     plain = qat.prepare(module, example, feeds, input_names=names, recipe="none")
     smoothed = qat.prepare(module, example, feeds, input_names=names, recipe="auto", learn_smoothing=True)
-    assert (plain.recipe, smoothed.recipe) == ("none", "smoothquant:0.9")  # auto: a transformer
+    assert (plain.recipe, smoothed.recipe) == ("none", "smoothquant:0.7")  # auto: a transformer, QAT's alpha
     muls = [n for n in smoothed.module.graph.nodes if n.target == torch.ops.aten.mul.Tensor
             and any("smooth_inv" in str(a) for a in n.args)]
     assert len(muls) == 8  # per layer: the inputs of qkv, proj, ff1 and ff2
