@@ -273,6 +273,31 @@ def test_asymmetric_encoder_puts_the_softmax_probabilities_on_the_full_grid_as_p
     assert sorted(_attention_zero_points(exported)) == want
 
 
+class _EncoderCase:
+    """The tiny encoder (seed 0), 64 token inputs, and its error to the FP32 teacher."""
+
+    def __init__(self) -> None:
+        import torch
+
+        torch.manual_seed(0)
+        self.module = models.tiny_encoder().eval()
+        self.feeds = models.encoder_inputs(64)
+        self.names = list(self.feeds)
+        self.example = tuple(torch.from_numpy(self.feeds[k][:2]) for k in self.names)
+        self.inputs = tuple(torch.from_numpy(self.feeds[k]) for k in self.names)
+
+    def prepare(self, **kwargs: object) -> qat.Prepared:
+        return qat.prepare(self.module, self.example, self.feeds, input_names=self.names, **kwargs)
+
+    def error(self, prepared: qat.Prepared) -> float:
+        """Mean cosine distance of ``prepared``'s output from its FP32 teacher's."""
+        import torch
+
+        with torch.no_grad():
+            got, want = prepared(*self.inputs), prepared.teacher(*self.inputs)
+        return float((1 - torch.nn.functional.cosine_similarity(got, want, dim=-1)).mean())
+
+
 def test_smoothquant_recipe_starts_qat_at_the_smoothed_ptq_point(tmp_path):
     """``prepare(recipe=...)`` applies the build's SmoothQuant to the float torch graph before the
     fake quantization: the function is unchanged (fake quantization off), an encoder whose
@@ -282,24 +307,14 @@ def test_smoothquant_recipe_starts_qat_at_the_smoothed_ptq_point(tmp_path):
     import torch
     from torchao.quantization.pt2e import disable_fake_quant, enable_fake_quant
 
-    torch.manual_seed(0)
-    module = models.tiny_encoder().eval()
+    case = _EncoderCase()
     with torch.no_grad():
-        for layer in module.layers:
+        for layer in case.module.layers:
             layer.ln1.weight[[3, 17]] *= 40.0  # a few outlier channels feeding the linears
             layer.ln2.weight[[5]] *= 40.0
-    feeds = models.encoder_inputs(64)
-    names = list(feeds)
-    example = tuple(torch.from_numpy(feeds[k][:2]) for k in names)
-    inputs = tuple(torch.from_numpy(feeds[k]) for k in names)
-
-    def error(prepared: qat.Prepared) -> float:
-        with torch.no_grad():
-            got, want = prepared(*inputs), prepared.teacher(*inputs)
-        return float((1 - torch.nn.functional.cosine_similarity(got, want, dim=-1)).mean())
-
-    plain = qat.prepare(module, example, feeds, input_names=names, recipe="none")
-    smoothed = qat.prepare(module, example, feeds, input_names=names, recipe="auto", learn_smoothing=True)
+    feeds, inputs, error = case.feeds, case.inputs, case.error
+    plain = case.prepare(recipe="none")
+    smoothed = case.prepare(recipe="auto", learn_smoothing=True)
     assert (plain.recipe, smoothed.recipe) == ("none", "smoothquant:0.7")  # auto: a transformer, QAT's alpha
     muls = [n for n in smoothed.module.graph.nodes if n.target == torch.ops.aten.mul.Tensor
             and any("smooth_inv" in str(a) for a in n.args)]
@@ -333,20 +348,10 @@ def test_gptq_recipe_starts_qat_at_gptqs_rounding():
 
     import torch
 
-    torch.manual_seed(0)
-    module = models.tiny_encoder().eval()
-    feeds = models.encoder_inputs(64)
-    names = list(feeds)
-    example = tuple(torch.from_numpy(feeds[k][:2]) for k in names)
-    inputs = tuple(torch.from_numpy(feeds[k]) for k in names)
-
-    def error(prepared: qat.Prepared) -> float:
-        with torch.no_grad():
-            got, want = prepared(*inputs), prepared.teacher(*inputs)
-        return float((1 - torch.nn.functional.cosine_similarity(got, want, dim=-1)).mean())
-
-    nearest = qat.prepare(module, example, feeds, input_names=names, recipe="smoothquant:0.9")
-    rounded = qat.prepare(module, example, feeds, input_names=names, recipe="smoothquant:0.9,gptq")
+    case = _EncoderCase()
+    error = case.error
+    nearest = case.prepare(recipe="smoothquant:0.9")
+    rounded = case.prepare(recipe="smoothquant:0.9,gptq")
     assert rounded.recipe == "smoothquant:0.9,gptq"
     layers = qat._quantized_layers(rounded.module, ("linear",))
     assert len(layers) == 8  # per layer: qkv, proj, ff1, ff2
