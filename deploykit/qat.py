@@ -632,6 +632,25 @@ def _recipe_steps(spec: str | None, module: Any) -> tuple[Any, ...]:
                               else s.value) for s in steps)
 
 
+def _record(module: Any, batches: list[Feeds], names: Sequence[str], nodes: Any,
+            seen: Callable[[Any, Any], None]) -> None:
+    """Run the graph of ``module`` over the calibration ``batches`` (no gradients) and call
+    ``seen(node, value)`` with the value of each of ``nodes`` as it is computed: what the
+    recipe steps on the torch graph (SmoothQuant, GPTQ, bias correction) measure."""
+    torch = _torch()
+
+    class Record(torch.fx.Interpreter):  # type: ignore[misc,name-defined]
+        def run_node(self, n: Any) -> Any:
+            out = super().run_node(n)
+            if n in nodes:
+                seen(n, out.detach())
+            return out
+
+    with torch.no_grad(), _quiet():
+        for feeds in batches:
+            Record(module).run(*_to_torch(feeds, names))
+
+
 def _quantized_layers(module: Any, kinds: Sequence[str] = ("conv", "linear")) -> dict[Any, tuple[Any, Any, Any, Any]]:
     """The conv / linear nodes of the prepared graph reading a fake-quantized input and a
     fake-quantized weight: node -> (raw input x, its fake quantization x_q, weight node, the
@@ -674,17 +693,11 @@ def _gptq(module: Any, batches: list[Feeds], names: Sequence[str], damping: floa
     grams: dict[Any, Any] = {}
     inputs = {deq for _, deq, _, _ in layers.values()}
 
-    class Record(torch.fx.Interpreter):  # type: ignore[misc,name-defined]
-        def run_node(self, n: Any) -> Any:
-            out = super().run_node(n)
-            if n in inputs:
-                x = out.detach().reshape(-1, out.shape[-1]).to(torch.float64)
-                grams[n] = x.T @ x + grams[n] if n in grams else x.T @ x
-            return out
+    def gram(n: Any, out: Any) -> None:
+        x = out.reshape(-1, out.shape[-1]).to(torch.float64)
+        grams[n] = x.T @ x + grams[n] if n in grams else x.T @ x
 
-    with torch.no_grad(), _quiet():
-        for feeds in batches:
-            Record(module).run(*_to_torch(feeds, names))
+    _record(module, batches, names, inputs, gram)
     rounded = 0
     for _, deq, weight_node, _ in layers.values():
         weight = operator.attrgetter(weight_node.target)(module)
@@ -733,20 +746,14 @@ def _bias_correction(module: Any, batches: list[Feeds], names: Sequence[str]) ->
     sums: dict[Any, Any] = {}
     counts: dict[Any, int] = {}
 
-    class Record(torch.fx.Interpreter):  # type: ignore[misc,name-defined]
-        def run_node(self, n: Any) -> Any:
-            out = super().run_node(n)
-            if n in watched:
-                axis = watched[n] % out.dim()
-                dims = [d for d in range(out.dim()) if d != axis]
-                total = out.detach().sum(dim=dims, dtype=torch.float64)
-                sums[n] = total + sums[n] if n in sums else total
-                counts[n] = counts.get(n, 0) + out.numel() // out.shape[axis]
-            return out
+    def mean(n: Any, out: Any) -> None:
+        axis = watched[n] % out.dim()
+        dims = [d for d in range(out.dim()) if d != axis]
+        total = out.sum(dim=dims, dtype=torch.float64)
+        sums[n] = total + sums[n] if n in sums else total
+        counts[n] = counts.get(n, 0) + out.numel() // out.shape[axis]
 
-    with torch.no_grad(), _quiet():
-        for feeds in batches:
-            Record(module).run(*_to_torch(feeds, names))
+    _record(module, batches, names, watched, mean)
     import operator
 
     changed = False
@@ -826,17 +833,11 @@ def _smooth_quant(module: Any, batches: list[Feeds], names: Sequence[str], alpha
         return 0
     xmax: dict[Any, Any] = {}
 
-    class Record(torch.fx.Interpreter):  # type: ignore[misc,name-defined]
-        def run_node(self, n: Any) -> Any:
-            out = super().run_node(n)
-            if n in readers:
-                m = out.detach().abs().reshape(-1, out.shape[-1]).amax(0)
-                xmax[n] = m if n not in xmax else torch.maximum(xmax[n], m)
-            return out
+    def amax(n: Any, out: Any) -> None:
+        m = out.abs().reshape(-1, out.shape[-1]).amax(0)
+        xmax[n] = m if n not in xmax else torch.maximum(xmax[n], m)
 
-    with torch.no_grad(), _quiet():
-        for feeds in batches:
-            Record(module).run(*_to_torch(feeds, names))
+    _record(module, batches, names, readers, amax)
     for i, (x, linears) in enumerate(readers.items()):
         weights = [operator.attrgetter(n.args[1].target)(module) for n in linears]
         wmax = torch.stack([w.detach().abs().amax(0) for w in weights]).amax(0)
