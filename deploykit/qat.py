@@ -99,18 +99,17 @@ def _observer_classes() -> tuple[type, type]:
     class ActivationObserver(ao.ObserverBase):  # type: ignore[misc,name-defined]
         """Exact min/max (pass "ranges"), then a 2048-bin |x| histogram over [0, absmax]
         (pass "histograms"); the scale comes from the calibration method, as in a PTQ build.
-        ``force_symmetric``: an input of an activation x activation matmul keeps zero point 0,
-        except, in the asymmetric profile, one that was never negative on the calibration data
-        (softmax probabilities): zero point -128, [0, max] in 256 steps, as place.build_table."""
+        ``matmul_operand``: an input of an activation x activation matmul, whose zero point the
+        contract decides (canonical.zero_centred), as place.build_table does."""
 
         def __init__(self, dtype: Any = torch.int8, qscheme: Any = torch.per_tensor_symmetric, quant_min: int = -128,
                      quant_max: int = 127, is_dynamic: bool = False, method: str = "minmax",
-                     percentile: float = 99.99, profile: str = rules.SYMMETRIC, force_symmetric: bool = False,
+                     percentile: float = 99.99, profile: str = rules.SYMMETRIC, matmul_operand: bool = False,
                      **_: Any) -> None:
             super().__init__(dtype=dtype, is_dynamic=is_dynamic)
             self.qscheme, self.quant_min, self.quant_max = qscheme, quant_min, quant_max
             self.method, self.percentile = method, percentile
-            self.profile, self.force_symmetric = profile, force_symmetric
+            self.profile, self.matmul_operand = profile, matmul_operand
             self.stats = TensorStats()
             self.phase = "ranges"
             self.final: tuple[float, int] | None = None
@@ -141,8 +140,7 @@ def _observer_classes() -> tuple[type, type]:
                 return self.final
             method = self.method if self.phase == "done" else "minmax"
             amax = METHODS[method](self.stats, percentile=self.percentile)
-            never_negative = bool(np.isfinite(self.stats.min) and self.stats.min >= 0.0)
-            if self.profile == rules.SYMMETRIC or (self.force_symmetric and not never_negative):
+            if rules.zero_centred(self.profile, self.matmul_operand, self.stats.min):
                 return rules.activation_scale(amax), 0
             lo = max(float(self.stats.min), -amax) if np.isfinite(self.stats.min) else 0.0
             hi = min(float(self.stats.max), amax) if np.isfinite(self.stats.max) else 0.0
@@ -245,7 +243,7 @@ def _quantizer_class() -> type:
             self.ops = _aten_sets()
             self.learn = learn_scales
             self.act = self._act_spec(act_obs, method, percentile, activations, False)
-            self.act_sym = self._act_spec(act_obs, method, percentile, activations, True)
+            self.act_matmul = self._act_spec(act_obs, method, percentile, activations, True)
             self.w_obs = w_obs
             self.weight_specs: dict[int, Any] = {}
 
@@ -258,7 +256,7 @@ def _quantizer_class() -> type:
                         qscheme=torch.per_channel_symmetric, ch_axis=axis))
             return self.weight_specs[axis]
 
-        def _act_spec(self, obs: type, method: str, percentile: float, profile: str, symmetric: bool) -> Any:
+        def _act_spec(self, obs: type, method: str, percentile: float, profile: str, matmul_operand: bool) -> Any:
             # an attention operand in the asymmetric profile is affine too (its zero point may be -128;
             # torch's LearnableFakeQuantize zeroes a symmetric one), its zero point frozen in prepare()
             scheme = torch.per_tensor_symmetric if profile == rules.SYMMETRIC else torch.per_tensor_affine
@@ -268,7 +266,7 @@ def _quantizer_class() -> type:
                                     observer_or_fake_quant_ctr=ctr.with_args(
                                         observer=obs, quant_min=-128, quant_max=127, dtype=torch.int8, qscheme=scheme,
                                         method=method, percentile=percentile, profile=profile,
-                                        force_symmetric=symmetric, **extra))
+                                        matmul_operand=matmul_operand, **extra))
 
         def _weight_axis(self, node: Any, weight: Any) -> int:
             rank = _rank(weight) or 2
@@ -307,7 +305,7 @@ def _quantizer_class() -> type:
                         wrap[node] = [(a, "act")]
                         weights[node] = (b, self._weight_axis(node, b))
                     else:  # activation x activation (attention): both, zero point 0 (or -128, see the observer)
-                        wrap[node] = [(a, "sym"), (b, "sym")]
+                        wrap[node] = [(a, "matmul"), (b, "matmul")]
                 elif t in self.ops["pool"] and _rank(node.args[0]) == 4:
                     if t.__name__.startswith("mean") and not _spatial_mean(node):
                         continue
@@ -327,9 +325,10 @@ def _quantizer_class() -> type:
                         wrap[node] = [(x, "act") for x in node.args[0] if hasattr(x, "op") and not _is_weight(x)]
                         changed = True
             group_of = self._groups(graph)
-            # one fake quantizer per shared-scale group, on its first edge; zero point 0 for the
-            # whole group when any member feeds an activation x activation matmul
-            symmetric = {group_of(x) for edges in wrap.values() for x, kind in edges if kind == "sym"}
+            # one fake quantizer per shared-scale group, on its first edge; the matmul operand's
+            # zero-point rule (canonical.zero_centred) for the whole group when any member feeds an
+            # activation x activation matmul
+            matmul_groups = {group_of(x) for edges in wrap.values() for x, kind in edges if kind == "matmul"}
             first: dict[Any, tuple[Any, Any]] = {}  # group root -> the edge holding its fake quantizer
             for node in graph.nodes:
                 if node not in wrap and node not in weights:
@@ -341,7 +340,7 @@ def _quantizer_class() -> type:
                         qmap[x] = SharedQuantizationSpec(first[root])
                     else:
                         first[root] = (x, node)
-                        qmap[x] = self.act_sym if root in symmetric else self.act
+                        qmap[x] = self.act_matmul if root in matmul_groups else self.act
                 if node in weights:
                     w, axis = weights[node]
                     qmap[w] = self._weight_spec(axis)
@@ -564,7 +563,7 @@ def prepare(model: Any, example_inputs: tuple[Any, ...], calib: Any, *, method: 
         if isinstance(fq, ao.LearnableFakeQuantize):
             fq._initialize_or_update_qparams(scale, zp)
             fq.enable_range_learning()
-            if fq.qscheme == torch.per_tensor_symmetric or obs.force_symmetric:  # 0 or -128 stays
+            if fq.qscheme == torch.per_tensor_symmetric or obs.matmul_operand:  # 0 or -128 stays
                 fq.zero_point.requires_grad_(False)
         else:
             fq.scale.resize_(scale.shape).copy_(scale)

@@ -24,6 +24,7 @@ from deploykit.canonical import (
     lint,
     model_float_layers,
     model_profile,
+    zero_centred,
 )
 from deploykit.errors import ConfigError
 from deploykit.quantize import quantize, requantize
@@ -74,6 +75,17 @@ def test_asymmetric_params_cover_the_range_and_hold_zero_exactly(lo, hi):
 def test_post_relu_range_uses_all_256_levels():
     scale, zp = asymmetric_params(0.0, 6.0)
     assert zp == -128 and scale == pytest.approx(6 / 255)
+
+
+@pytest.mark.parametrize("profile,matmul_operand,observed_min,centred", [
+    (SYMMETRIC, False, 0.0, True), (SYMMETRIC, True, 0.0, True),          # symmetric: always zero point 0
+    (ASYMMETRIC, False, -1.0, False), (ASYMMETRIC, False, 0.0, False),    # an ordinary activation: its own
+    (ASYMMETRIC, True, -0.01, True),                                      # attention's Q, K, V: zero point 0
+    (ASYMMETRIC, True, 0.0, False),                                       # softmax probabilities: -128
+    (ASYMMETRIC, True, float("nan"), True), (ASYMMETRIC, True, float("inf"), True),  # never observed
+])
+def test_zero_centred_is_the_one_rule_for_attention_operands(profile, matmul_operand, observed_min, centred):
+    assert zero_centred(profile, matmul_operand, observed_min) is centred
 
 
 def test_table_json_keeps_zero_points_and_reads_the_old_format():

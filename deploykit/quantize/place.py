@@ -25,6 +25,7 @@ from deploykit.canonical import (
     attrs,
     preserves_scale,
     weight_axis,
+    zero_centred,
 )
 from deploykit.quantize.observe import TensorStats
 
@@ -72,7 +73,8 @@ def build_table(model: onnx.ModelProto, stats: Mapping[str, TensorStats], amax: 
     b_operands = matmul_b_operands(model)
     for group in shared_scale_groups(model, set(amax)):
         top = max(amax[t] for t in group)
-        if profile == SYMMETRIC or (group & b_operands and not _non_negative(group, stats)):
+        observed_min = min((float(stats[t].min) for t in group if t in stats), default=float("nan"))
+        if zero_centred(profile, bool(group & b_operands), observed_min):
             scale, zp = activation_scale(top), 0
         else:
             lo = min(max(float(stats[t].min), -amax[t]) for t in group)
@@ -84,20 +86,14 @@ def build_table(model: onnx.ModelProto, stats: Mapping[str, TensorStats], amax: 
     return table
 
 
-def _non_negative(group: AbstractSet[str], stats: Mapping[str, TensorStats]) -> bool:
-    seen = [float(stats[t].min) for t in group if t in stats]
-    return bool(seen) and all(np.isfinite(m) and m >= 0.0 for m in seen)
-
-
 def matmul_b_operands(model: onnx.ModelProto) -> set[str]:
     """Both inputs of every activation x activation MatMul (attention's QK^T and PV).
 
     They keep zero point 0 in the asymmetric profile too, except an operand that is never
-    negative (attention's softmax probabilities): zero point -128, so [0, max] gets all 256
-    steps instead of 128 (all-MiniLM-L6-v2: embedding cosine 0.99777 -> 0.99821). OpenVINO's
-    CPU plugin runs an activation x activation MatMul in f32 when either operand has a zero
-    point (measured: 8 of 12 int8 -> 12 of 12), so its lowering re-encodes such an operand as
-    uint8 with zero point 0, the same grid (deploykit_openvino.backend).
+    negative (canonical.zero_centred). OpenVINO's CPU plugin runs an activation x activation
+    MatMul in f32 when either operand has a zero point (measured: 8 of 12 int8 -> 12 of 12), so
+    its lowering re-encodes a -128 operand as uint8 with zero point 0, the same grid
+    (deploykit_openvino.backend).
     """
     inits = {i.name for i in model.graph.initializer}
     return {i for n in model.graph.node for i in n.input[:2]
