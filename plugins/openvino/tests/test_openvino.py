@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from deploykit.reference import run_canonical  # noqa: E402
 from deploykit.targets import Device, Target  # noqa: E402
 from deploykit.testing import eval_feeds, imported_by_plugins, make_canonical, make_target  # noqa: E402
 from deploykit_openvino import OpenVINOBackend  # noqa: E402
+from deploykit_openvino.backend import compile_config  # noqa: E402
 from deploykit_openvino.verify import runtime_layers, verify_scales  # noqa: E402
 
 CNNS = ("resnet", "mobilenet", "digits")
@@ -218,6 +220,21 @@ def skip_exactness_without_vnni(artifact) -> None:
 
 
 @pytest.mark.slow
+def test_snippets_disable_runs_each_op_alone(lowered, backend, target):
+    canonical, artifact = lowered("encoder")
+    assert compile_config({"snippets": "disable"})["SNIPPETS_MODE"] == "DISABLE"
+    assert "SNIPPETS_MODE" not in compile_config({"snippets": "default"})
+    runner = backend.load(artifact, replace(target, options={**target.options, "snippets": "disable"}))
+    feeds = eval_feeds("encoder", 1)
+    out = runner.run(feeds)[0]
+    layers = {op.get_rt_info()["layerType"].astype(str)
+              for op in runner.compiled_models()[0].get_runtime_model().get_ordered_ops()}
+    assert "Subgraph" not in layers  # no fused subgraph left: the option reached the CPU plugin
+    if not u8s8_saturates():
+        np.testing.assert_allclose(out, session(canonical.path, exact=True).run(None, feeds)[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["resnet", "mobilenet", "encoder"])
 def test_runner_matches_canonical_in_onnxruntime_at_any_batch(lowered, backend, target, kind):
     canonical, artifact = lowered(kind)
@@ -235,6 +252,15 @@ def test_runner_matches_canonical_in_onnxruntime_at_any_batch(lowered, backend, 
         part = {k: v[:batch] for k, v in feeds.items()}
         out = runner.run(part)[0]
         assert out.shape[0] == batch
+        if kind == "encoder" and not np.allclose(out, got[0][:batch], rtol=1e-4, atol=1e-4):
+            # OpenVINO 2026.4 on an AVX-512 + AMX Xeon: this encoder's fused attention (snippets) is
+            # wrong at batch 1 (relative L2 0.94 from the canonical model); the option's workaround
+            # must compute it exactly, then the upstream defect is reported as such, not hidden
+            plain = backend.load(artifact, replace(target, options={**target.options, "snippets": "disable"}))
+            np.testing.assert_allclose(plain.run(part)[0], reference.run(None, part)[0], rtol=1e-4, atol=1e-4)
+            pytest.xfail(f"OpenVINO {backend.probe(target).versions.get('openvino')}: fused attention "
+                         f"(snippets) departs from the canonical model at batch {batch} on this CPU; "
+                         f"snippets='disable' computes it exactly")
         np.testing.assert_allclose(out, got[0][:batch], rtol=1e-4, atol=1e-4)
     skip_exactness_without_vnni(artifact)
 
