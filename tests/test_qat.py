@@ -224,7 +224,7 @@ def test_attention_encoder_exports_canonically(tmp_path):
     _teacher_export_from_the_suite_cache(prepared, tmp_path)
     exported = onnx.load(str(qat.export(prepared, tmp_path / "encoder.qdq.onnx")))
     assert lint(exported) == []
-    assert {p.key: p.value for p in exported.metadata_props}["deploykit.recipe"] == "smoothquant:0.7"  # auto
+    assert {p.key: p.value for p in exported.metadata_props}["deploykit.recipe"] == "smoothquant:0.8"  # auto
     g = QdqGraph(exported)
     matmuls = [n for n in exported.graph.node if n.op_type == "MatMul"]
     attention = [n for n in matmuls if all(g.activation_source(i) for i in n.input[:2])]
@@ -319,7 +319,7 @@ def test_smoothquant_recipe_starts_qat_at_the_smoothed_ptq_point(tmp_path):
     feeds, inputs, error = case.feeds, case.inputs, case.error
     plain = case.prepare(recipe="none")
     smoothed = case.prepare(recipe="auto", learn_smoothing=True)
-    assert (plain.recipe, smoothed.recipe) == ("none", "smoothquant:0.7")  # auto: a transformer, QAT's alpha
+    assert (plain.recipe, smoothed.recipe) == ("none", "smoothquant:0.8")  # auto: a transformer, QAT's alpha
     muls = [n for n in smoothed.module.graph.nodes if n.target == torch.ops.aten.mul.Tensor
             and any("smooth_inv" in str(a) for a in n.args)]
     assert len(muls) == 8  # per layer: the inputs of qkv, proj, ff1 and ff2
