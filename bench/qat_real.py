@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--activations", choices=["symmetric", "asymmetric"], default="asymmetric",
                     help="QAT's activation profile (asymmetric lowers to onnxruntime, OpenVINO, TFLite, Core ML)")
     ap.add_argument("--recipe", default="auto", help="prepare(recipe=...): the build's float rewrites first")
+    ap.add_argument("--keep-float", default="", help="comma-separated submodules QAT keeps float, such as _conv_stem "
+                                                     "(prepare(keep_float=...): float islands the export declares)")
     ap.add_argument("--temperature", type=float, default=1.0, help="distill's KL temperature (cnn)")
     ap.add_argument("--no-anchors", action="store_true", help="skip onnxruntime.quantization and NNCF")
     ap.add_argument("--no-ptq", action="store_true", help="skip deploykit's own PTQ rows too (QAT rows only)")
@@ -203,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     example = tuple(torch.from_numpy(s["calib"][k][:2]) for k in s["names"])
     cpu = time.process_time()  # CPU seconds of this process (both cores): the budget on a shared machine
     prepared = qat.prepare(s["module"], example, s["calib"], input_names=s["names"], learn_scales=args.learn_scales,
-                           learn_smoothing=args.learn_smoothing, activations=args.activations, recipe=args.recipe)
+                           learn_smoothing=args.learn_smoothing, activations=args.activations, recipe=args.recipe,
+                           keep_float=[x.strip() for x in args.keep_float.split(",") if x.strip()])
     t_prepare, c_prepare = time.monotonic() - t, time.process_time() - cpu
     t = time.monotonic()
     before = qat.export(prepared, work / "untrained.qdq.onnx")

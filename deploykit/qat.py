@@ -237,8 +237,9 @@ def _quantizer_class() -> type:
         """Annotates an exported torch graph so the converted model is deploykit's canonical model."""
 
         def __init__(self, method: str = "minmax", percentile: float = 99.99, activations: str = rules.SYMMETRIC,
-                     learn_scales: bool = False) -> None:
+                     learn_scales: bool = False, keep_float: Sequence[str] = ()) -> None:
             super().__init__()
+            self.keep_float = tuple(keep_float)
             act_obs, w_obs = _observer_classes()
             self.ops = _aten_sets()
             self.learn = learn_scales
@@ -294,6 +295,9 @@ def _quantizer_class() -> type:
                 if node.op != "call_function":
                     continue
                 t = node.target
+                if self.keep_float and (t in self.ops["conv"] or t in self.ops["linear"] or t in self.ops["matmul"]) \
+                        and _in_modules(node, self.keep_float):
+                    continue  # a float island: float input and weight; the export declares it (adopt)
                 if t in self.ops["conv"] or t in self.ops["linear"]:
                     x, w = node.args[0], node.args[1]
                     wrap[node] = [(x, "act")]
@@ -372,6 +376,13 @@ def _quantizer_class() -> type:
             pass
 
     return CanonicalQuantizer
+
+
+def _in_modules(node: Any, names: Sequence[str]) -> bool:
+    """Whether ``node`` of an exported graph was traced inside one of the modules ``names``
+    (qualified names, as ``model.named_modules()`` gives them) or a submodule of one."""
+    paths = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+    return any(path == name or path.startswith(name + ".") for path in paths for name in names)
 
 
 def _spatial_mean(node: Any) -> bool:
@@ -482,7 +493,8 @@ class Prepared:
 def prepare(model: Any, example_inputs: tuple[Any, ...], calib: Any, *, method: str = "minmax",
             percentile: float = 99.99, activations: str = rules.SYMMETRIC, batch_size: int = 8,
             input_names: Sequence[str] | None = None, dynamic_sequence: bool = False,
-            learn_scales: bool = False, learn_smoothing: bool = False, recipe: str | None = "auto") -> Prepared:
+            learn_scales: bool = False, learn_smoothing: bool = False, recipe: str | None = "auto",
+            keep_float: Sequence[str] = ()) -> Prepared:
     """Insert the canonical fake quantization into ``model`` and calibrate it on ``calib``.
 
     ``example_inputs``: a tuple of tensors (as for torch.export). ``calib``: unlabeled samples
@@ -502,7 +514,9 @@ def prepare(model: Any, example_inputs: tuple[Any, ...], calib: Any, *, method: 
     and ``gptq[:DAMPING]`` (the weights start from GPTQ's rounding, then train); ``auto`` (the
     default): ``smoothquant:0.8`` for a transformer (linear layers and LayerNorm; lower than the
     build's 0.9, :data:`QAT_SMOOTHQUANT_ALPHA` says why), the build's ``bias_correction`` for
-    other networks; ``none``.
+    other networks; ``none``. ``keep_float``: qualified names of submodules (as
+    ``model.named_modules()`` gives them) whose convolutions, linear layers and matmuls stay
+    float: float islands, as ``deploykit build --keep-float`` makes; the export declares them.
     """
     torch = _torch()
     ao = _ao()
@@ -515,6 +529,11 @@ def prepare(model: Any, example_inputs: tuple[Any, ...], calib: Any, *, method: 
         raise ConfigError(f"qat: unknown activation profile '{activations}'; use one of {', '.join(rules.PROFILES)}")
     if not _is_auto(recipe):
         _recipe_steps(recipe, None)  # a step QAT does not apply is refused before the export, not after
+    known = {name for name, _ in model.named_modules()}
+    unknown = [name for name in keep_float if name not in known or not name]
+    if unknown:
+        raise ConfigError(f"qat: keep_float names no submodule '{unknown[0]}'; use a name from "
+                          f"model.named_modules(), such as '{next((n for n in known if n), '')}'")
     started = time.monotonic()
     example_inputs = tuple(example_inputs)
     teacher = copy.deepcopy(model).eval()
@@ -536,7 +555,8 @@ def prepare(model: Any, example_inputs: tuple[Any, ...], calib: Any, *, method: 
             smoothed = _smooth_quant(module, batches, names, step.value, learn=learn_smoothing)
             log.debug("qat.prepare: smoothquant:%g on %d activation tensors", step.value, smoothed)
     with _quiet():
-        prepared = prepare_qat_pt2e(module, _quantizer_class()(method, percentile, activations, learn_scales))
+        prepared = prepare_qat_pt2e(module, _quantizer_class()(method, percentile, activations, learn_scales,
+                                                                     tuple(keep_float)))
     for p in prepared.parameters():
         p.requires_grad_(True)
     observers = _fake_quants(prepared)

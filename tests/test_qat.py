@@ -209,6 +209,28 @@ def test_export_refuses_a_name_without_qdq_suffix(prepared, tmp_path):
         qat.export(prepared, tmp_path / "model.onnx")
 
 
+def test_keep_float_exports_a_declared_float_island(digits, tmp_path):
+    import torch
+
+    from deploykit.canonical import model_float_layers
+    from deploykit.errors import ConfigError
+
+    module, d, _ = digits
+    stem = next(name for name, m in module.named_modules() if isinstance(m, torch.nn.Conv2d))
+    example, calib = (torch.from_numpy(d.x_train[:2]),), d.x_train[:64]
+    exported = onnx.load(str(qat.export(qat.prepare(module, example, calib, keep_float=[stem]),
+                                        tmp_path / "island.qdq.onnx")))
+    assert lint(exported) == []
+    floats = model_float_layers(exported)
+    convs = [n for n in exported.graph.node if n.op_type == "Conv"]
+    g = QdqGraph(exported)
+    assert floats == [convs[0].name]  # the first conv, and only it
+    assert g.dq_feeding(convs[0].input[0]) is None and g.dq_feeding(convs[0].input[1]) is None
+    assert all(g.dq_feeding(c.input[0]) is not None for c in convs[1:])
+    with pytest.raises(ConfigError, match="keep_float names no submodule 'nope'"):
+        qat.prepare(module, example, calib, keep_float=["nope"])
+
+
 def test_attention_encoder_exports_canonically(tmp_path):
     """A transformer encoder (attention matmuls, 3-D linears, LayerNorm, mask add): the export
     is canonical: both attention matmul inputs quantized with zero point 0, the linear weights
