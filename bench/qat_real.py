@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # the last evaluate()'s held-out KL and agreement where FP32's margin > 0.5 (classifiers):
     # steadier than agreement on every crop, where the eval set's near-ties weigh in
-    divergence: list[str] = []
+    fit_note: list[str] = []
     if args.net == "cnn":
         gap = margins(reference)
         print(f"FP32 on the {len(gap)} eval crops: logit margin (top-1 - top-2) <= 0.1 on {np.mean(gap <= 0.1):.1%}, "
@@ -168,13 +168,13 @@ def main(argv: list[str] | None = None) -> int:
         out = run_exact(model, s["eval"])
         if args.net == "cnn":
             share, agree = decided_agreement(reference, out, 0.5)
-            divergence[:] = [f"held-out KL {heldout_kl(reference, out):.4f}; agreement {agree:.1%} on the {share:.0%} "
+            fit_note[:] = [f"held-out KL {heldout_kl(reference, out):.4f}; agreement {agree:.1%} on the {share:.0%} "
                              f"of crops with FP32 margin > 0.5"]
         return float(score(reference, out))
 
     def row(name: str, value: float, seconds: float, note: str = "") -> None:
-        if divergence:
-            note = divergence[0] + (f"; {note}" if note else "")
+        if fit_note:
+            note = fit_note[0] + (f"; {note}" if note else "")
         rows.append({"row": name, metric: value, "seconds": round(seconds, 1), "note": note})
         print(f"{name:58s} {metric} {value:.4f}  ({seconds:.0f} s){'  ' + note if note else ''}", flush=True)
 
